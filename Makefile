@@ -1,0 +1,39 @@
+# The two README commands: `make demo` and `make test`. Both set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/fusionprune
+# torch first, pinned: on this platform torch==2.13.0 is a CPU wheel; an unpinned torch pulled
+# in by transformers would be a multi-GB CUDA build. GPU users: `make TORCH_SPEC=torch install`
+# or install their own torch into the venv first (an importable torch is kept as it is).
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.fusionprune-installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test test-fast assets clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,gguf]"
+	touch $(STAMP)
+
+assets: $(STAMP)
+	$(CLI) assets fetch minilm-l6 rotten-tomatoes
+
+demo: assets
+	$(CLI) finetune --model minilm-l6 --dataset rotten-tomatoes -o $(DEMO_DIR)/teacher \
+		--max-train-samples 3000 --epochs 1 --overwrite
+	$(CLI) evaluate --model $(DEMO_DIR)/teacher --dataset rotten-tomatoes --json
+
+test: assets
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses, layer map and trainer (issue 6)."""

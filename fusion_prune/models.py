@@ -1,0 +1,168 @@
+"""Load a model and its tokenizer from an asset name, a local folder, a GGUF file or a hub id.
+
+Local sources never touch the network (``local_files_only=True``) and ``trust_remote_code`` is
+always off: a model folder is data, not code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusion_prune import assets
+from fusion_prune.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a local folder (maybe with a GGUF file in it) or a hub id."""
+
+    spec: str
+    location: str
+    local: bool
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        kw: dict = {"trust_remote_code": False}
+        if self.local:
+            kw["local_files_only"] = True
+        if self.gguf_file:
+            kw["gguf_file"] = self.gguf_file
+        return kw
+
+
+def resolve(spec: str | Path) -> ModelSource:
+    """Resolve ``spec`` without loading anything; fetches an asset on first use."""
+    spec = str(spec)
+    if spec in assets.ASSETS:
+        asset = assets.ASSETS[spec]
+        if asset.kind != "model":
+            raise BadInputError(f"The 'model' parameter names the {asset.kind} asset {spec!r}; expected a model.")
+        return ModelSource(spec, str(assets.fetch(spec)), local=True)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, str(path.parent), local=True, gguf_file=path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(spec, str(path), local=True)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(spec, str(path), local=True, gguf_file=ggufs[0].name)
+        raise BadInputError(
+            f"The model folder {spec!r} has no config.json (nor a single .gguf file); "
+            "expected a save_pretrained folder."
+        )
+    if spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") > 1:
+        raise BadInputError(f"The model path {spec!r} does not exist; expected a folder, an asset name or a hub id.")
+    return ModelSource(spec, spec, local=False)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load-time chatter (newly initialised heads are reported by us)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_error(spec: str, e: Exception) -> BadInputError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return BadInputError(f"Could not load the model {spec!r}: {first}")
+
+
+def load_config(spec: str | Path):
+    """The transformers config of ``spec``."""
+    from transformers import AutoConfig
+
+    src = resolve(spec)
+    try:
+        return AutoConfig.from_pretrained(src.location, **src.kwargs())
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(str(spec), e) from e
+
+
+def load_tokenizer(spec: str | Path):
+    """The tokenizer of ``spec``, with a pad token (decoders reuse their EOS token for padding)."""
+    from transformers import AutoTokenizer
+
+    src = resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.location, **src.kwargs())
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(str(spec), e) from e
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise BadInputError(f"The tokenizer of {str(spec)!r} has neither a pad nor an EOS token; expected one of them.")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def head_labels(config) -> list[str] | None:
+    """Class names of a trained sequence-classification head, or ``None`` if there is none."""
+    archs = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        return None
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label[i]) for i in range(len(id2label))]
+
+
+def load_classifier(spec: str | Path, labels: list[str] | None = None):
+    """Load ``spec`` as a sequence classifier for class names ``labels``.
+
+    Returns ``(model, tokenizer, head_trained)``. ``head_trained`` is True when ``spec`` already
+    has a classification head for exactly these labels; otherwise a new head is initialised
+    (with ``labels=None`` an existing head is kept as it is).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    src = resolve(spec)
+    config = load_config(spec)
+    tokenizer = load_tokenizer(spec)
+    existing = head_labels(config)
+    kw = src.kwargs()
+    head_trained = existing is not None and (labels is None or existing == list(labels))
+    if not head_trained:
+        if labels is None:
+            raise BadInputError(f"The model {str(spec)!r} has no classification head; expected labels to build one.")
+        kw.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+            ignore_mismatched_sizes=existing is not None,
+        )
+    try:
+        with _quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(src.location, dtype="float32", **kw)
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e)
+        if "Unrecognized configuration class" in msg or "does not support" in msg:
+            raise BadInputError(
+                f"The model {str(spec)!r} (model_type {getattr(config, 'model_type', '?')!r}) has no "
+                "sequence-classification class in transformers; expected an encoder or decoder family."
+            ) from e
+        raise _load_error(str(spec), e) from e
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not head_trained:
+        logging.getLogger("fusionprune").info("initialised a new %d-class head on %s", len(labels or []), spec)
+    return model, tokenizer, head_trained
+
+
+def load_base(spec: str | Path):
+    """Load ``spec`` with ``AutoModel`` (no head): ``(model, tokenizer)``."""
+    from transformers import AutoModel
+
+    src = resolve(spec)
+    try:
+        with _quiet_transformers():
+            model = AutoModel.from_pretrained(src.location, dtype="float32", **src.kwargs())
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(str(spec), e) from e
+    return model, load_tokenizer(spec)

@@ -1,0 +1,1 @@
+"""Layer-importance signals: registry and capture engine (issue 4)."""

@@ -1,0 +1,108 @@
+"""The command line through click's CliRunner, and once through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from fusion_prune.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_help_and_version(runner):
+    res = runner.invoke(main, ["--help"])
+    assert res.exit_code == 0 and "finetune" in res.output and "assets" in res.output
+    assert runner.invoke(main, ["--version"]).output.startswith("fusionprune, version")
+
+
+def test_assets_list_json(runner, isolated_home):
+    res = runner.invoke(main, ["assets", "list", "--json"])
+    assert res.exit_code == 0
+    rows = json.loads(res.output)
+    assert len(rows) == 9 and not any(r["fetched"] for r in rows)
+
+
+def test_unknown_asset_exits_2_with_one_line(runner, isolated_home):
+    res = runner.invoke(main, ["assets", "fetch", "minilm-l6", "nope"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Got 'nope'" in lines[0] and "'rotten-tomatoes'" in lines[0]
+    assert not (isolated_home / "assets").exists()  # nothing fetched before the names were checked
+
+
+def test_asset_path_unfetched_exits_2(runner, isolated_home):
+    res = runner.invoke(main, ["assets", "path", "bbc-news"])
+    assert res.exit_code == 2 and "not fetched yet" in res.stderr
+
+
+def test_finetune_then_evaluate(runner, tiny_base_model, sentiment_csv_dir, tmp_path):
+    out = tmp_path / "teacher"
+    args = ["finetune", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir), "-o", str(out),
+            "--epochs", "4", "--batch-size", "16", "--lr", "3e-3", "--max-length", "16"]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "test accuracy" in res.output and (out / "fusionprune_run.json").is_file()
+    res = runner.invoke(main, ["evaluate", "--model", str(out), "--dataset", str(sentiment_csv_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert m["accuracy"] >= 0.95 and 0 <= m["macro_f1"] <= 1 and m["max_length"] == 16 and m["split"] == "test"
+    # An existing output folder is refused, in one line, and left as it was.
+    before = sorted(p.name for p in out.iterdir())
+    res = runner.invoke(main, args)
+    assert res.exit_code == 2 and "already exists" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "{tmp}/missing.csv"], "does not exist"),
+    (["--dataset", "{data}", "--text-column", "body"], "text_column 'body' is not a column"),
+    (["--dataset", "{data}", "--split", "dev"], "Invalid value for '--split'"),
+])
+def test_evaluate_bad_input_exits_2(runner, tiny_base_model, sentiment_csv_dir, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, data=sentiment_csv_dir) for a in args]
+    res = runner.invoke(main, ["evaluate", "--model", str(tiny_base_model), *args])
+    assert res.exit_code == 2 and message in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_evaluate_model_without_head_exits_2(runner, tiny_base_model, sentiment_csv_dir):
+    res = runner.invoke(main, ["evaluate", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir)])
+    assert res.exit_code == 2 and "has no classification head" in res.stderr
+
+
+def test_real_console_script(isolated_home):
+    exe = shutil.which("fusionprune") or str((__import__("pathlib").Path(sys.executable).parent / "fusionprune"))
+    ok = subprocess.run([exe, "assets", "list"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "minilm-l6" in ok.stdout and str(isolated_home) in ok.stdout
+    bad = subprocess.run([exe, "assets", "path", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_finetune_under_accelerate_launch_with_two_cpu_processes(tiny_base_model, sentiment_csv_dir, tmp_path):
+    """`accelerate launch --multi_gpu` on a CPU-only machine runs two gloo processes (MULTI_CPU)."""
+    exe = __import__("pathlib").Path(sys.executable).parent / "accelerate"
+    out = tmp_path / "ddp"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "fusion_prune.cli", "finetune",
+         "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir), "-o", str(out),
+         "--epochs", "4", "--batch-size", "16", "--lr", "3e-3", "--max-length", "16"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((out / "fusionprune_run.json").read_text())
+    assert rec["num_processes"] == 2
+    # Each rank sees half of the 360 training rows: ceil(180 / 16) = 12 steps an epoch.
+    assert rec["train"]["steps"] == 48
+    assert rec["metrics"]["test"]["examples"] == 100  # gather_for_metrics drops the padding duplicates
+    assert rec["metrics"]["test"]["accuracy"] >= 0.9
+    assert proc.stdout.count("saved ") == 1

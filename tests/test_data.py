@@ -1,0 +1,156 @@
+"""Dataset specs: every file format, folders, save_to_disk, and every input error."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from fusion_prune.data import load_dataset
+from fusion_prune.errors import BadInputError
+
+from conftest import sentiment_frame
+
+
+def _check(ds, n_total):
+    assert ds.labels == ["neg", "pos"]
+    assert len(ds.train) + len(ds.validation) + len(ds.test) == n_total
+    for split in (ds.train, ds.validation, ds.test):
+        assert list(split.columns) == ["text", "label"]
+        assert set(split["label"]) <= {0, 1}
+        assert len(split) > 0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+def test_single_file_each_format(tmp_path, suffix):
+    df = sentiment_frame(100)
+    path = tmp_path / f"data{suffix}"
+    {".csv": lambda: df.to_csv(path, index=False),
+     ".tsv": lambda: df.to_csv(path, sep="\t", index=False),
+     ".json": lambda: df.to_json(path, orient="records"),
+     ".jsonl": lambda: df.to_json(path, orient="records", lines=True),
+     ".parquet": lambda: df.to_parquet(path)}[suffix]()
+    ds = load_dataset(str(path))
+    _check(ds, 100)
+    # A single file is split into test (20%) and validation (10% of the rest), stratified.
+    assert len(ds.test) == 20 and len(ds.validation) == 8
+    assert any("test:" in n for n in ds.notes) and any("validation:" in n for n in ds.notes)
+
+
+def test_json_lines_with_json_suffix(tmp_path):
+    path = tmp_path / "data.json"
+    sentiment_frame(50).to_json(path, orient="records", lines=True)
+    _check(load_dataset(str(path)), 50)
+
+
+def test_folder_train_test_carves_validation_from_train(tmp_path):
+    sentiment_frame(80, seed=1).to_csv(tmp_path / "train.csv", index=False)
+    sentiment_frame(20, seed=2).to_json(tmp_path / "test.jsonl", orient="records", lines=True)
+    ds = load_dataset(str(tmp_path))
+    _check(ds, 100)
+    assert len(ds.test) == 20 and len(ds.validation) == 8 and len(ds.train) == 72
+
+
+def test_folder_with_validation_split_is_used_as_is(tmp_path):
+    for name, n in (("train", 60), ("validation", 10), ("test", 30)):
+        sentiment_frame(n, seed=n).to_parquet(tmp_path / f"{name}.parquet")
+    ds = load_dataset(str(tmp_path))
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (60, 10, 30)
+    assert ds.notes == []
+
+
+def test_validation_carving_is_deterministic(tmp_path):
+    sentiment_frame(100).to_csv(tmp_path / "d.csv", index=False)
+    a, b = load_dataset(str(tmp_path / "d.csv")), load_dataset(str(tmp_path / "d.csv"))
+    pd.testing.assert_frame_equal(a.validation, b.validation)
+    c = load_dataset(str(tmp_path / "d.csv"), seed=1)
+    assert not a.validation.equals(c.validation)
+
+
+def test_save_to_disk_folder_with_classlabel(tmp_path):
+    import datasets
+
+    feats = datasets.Features({"sentence": datasets.Value("string"),
+                               "y": datasets.ClassLabel(names=["neg", "pos"])})
+    df = sentiment_frame(60)
+    rows = {"sentence": df["text"].tolist(), "y": [1 if v == "pos" else 0 for v in df["label"]]}
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=feats),
+                               "test": datasets.Dataset.from_dict(rows, features=feats).select(range(20))})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    ds = load_dataset(str(tmp_path / "saved"), text_column="sentence", label_column="y")
+    assert ds.labels == ["neg", "pos"]  # ClassLabel ids become their names
+    assert len(ds.test) == 20
+
+
+def test_custom_columns_and_numeric_labels(tmp_path):
+    df = pd.DataFrame({"body": [f"t{i}" for i in range(60)], "cls": [i % 3 * 5 for i in range(60)]})
+    df.to_csv(tmp_path / "d.csv", index=False)
+    ds = load_dataset(str(tmp_path / "d.csv"), text_column="body", label_column="cls")
+    assert ds.labels == ["0", "5", "10"]  # numeric names sort numerically
+    assert ds.label2id == {"0": 0, "5": 1, "10": 2}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_dataset(str(tmp_path / "nope.csv"))
+
+
+def test_missing_column_names_present_columns(tmp_path):
+    sentiment_frame(20).rename(columns={"text": "review"}).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(BadInputError, match=r"text_column 'text'.*expected one of \['review', 'label'\]"):
+        load_dataset(str(tmp_path / "d.csv"))
+    with pytest.raises(BadInputError, match=r"label_column 'stars'"):
+        load_dataset(str(tmp_path / "d.csv"), text_column="review", label_column="stars")
+
+
+def test_fewer_than_two_classes(tmp_path):
+    pd.DataFrame({"text": ["a", "b", "c", "d"], "label": ["x"] * 4}).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(BadInputError, match="expected at least 2"):
+        load_dataset(str(tmp_path / "d.csv"))
+
+
+def test_empty_split(tmp_path):
+    sentiment_frame(40).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"text": [], "label": []}).to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(BadInputError, match="'test' split .* is empty"):
+        load_dataset(str(tmp_path))
+
+
+def test_test_labels_unseen_in_train(tmp_path):
+    sentiment_frame(40).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"text": ["x", "y"], "label": ["pos", "mystery"]}).to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(BadInputError, match="labels never seen in train: 'mystery'"):
+        load_dataset(str(tmp_path))
+
+
+def test_unsupported_suffix_and_folder_without_train(tmp_path):
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(BadInputError, match="expected one of"):
+        load_dataset(str(tmp_path / "d.xlsx"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="no train"):
+        load_dataset(str(tmp_path / "empty"))
+
+
+def test_model_asset_is_not_a_dataset():
+    with pytest.raises(BadInputError, match="names the model asset 'minilm-l6'; expected a dataset"):
+        load_dataset("minilm-l6")
+
+
+def test_unreachable_hub_name_is_bad_input(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInputError, match="neither an asset"):
+        load_dataset("surely-not-a-dataset-xyz")
+
+
+def test_split_name_is_checked(tmp_path):
+    sentiment_frame(40).to_csv(tmp_path / "d.csv", index=False)
+    ds = load_dataset(str(tmp_path / "d.csv"))
+    with pytest.raises(BadInputError, match="'split' parameter must be one of"):
+        ds.split("dev")
+    assert json.dumps(ds.describe())  # serialisable for run records
