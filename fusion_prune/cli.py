@@ -173,5 +173,65 @@ def evaluate(model: str, dataset: str, text_column: str, label_column: str, spli
                    f"({res['examples']} examples, {res['eval_seconds']:.1f} s)")
 
 
+# --------------------------------------------------------------------------- surgery
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise BadInputError(f"The '--drop' option must be comma-separated layer indices such as 3,7. Got {text!r}.")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(model: str, as_json: bool) -> None:
+    """Family, depth, width, parameters and kept-layer history of MODEL."""
+    from fusion_prune.models import load_native
+    from fusion_prune.surgery import describe
+
+    net, _ = load_native(model)
+    d = {"model": model, **describe(net)}
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"{model}: {d['family']} {d['kind']} ({d['class']})")
+    click.echo(f"  layers      {d['layers']}")
+    click.echo(f"  hidden size {d['hidden_size']}")
+    click.echo(f"  parameters  {d['parameters']:,}")
+    hist = "never pruned" if not d["pruned"] else f"original layers {d['kept_layers']}"
+    click.echo(f"  kept layers {hist}")
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Asset name, local folder or hub id.")
+@click.option("--drop", required=True, help="Comma-separated current layer indices, e.g. 3,7.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
+    """Remove layers and save a folder that plain transformers loads (same class as the input)."""
+    from fusion_prune.models import load_native
+    from fusion_prune.surgery import check_layers, describe, drop_layers_, num_layers
+    from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+
+    layers = _parse_layers(drop)
+    if output.exists() and not overwrite:
+        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    net, tok = load_native(model)
+    before = describe(net)
+    check_layers(layers, num_layers(net), param="--drop")
+    drop_layers_(net, layers)  # the model was loaded for this command alone: no copy needed
+    after = describe(net)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        net.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        write_json_atomic(tmp / "fusionprune_prune.json", {"command": "prune", "model": model, "dropped": layers,
+                                                           "before": before, "after": after, "versions": versions()})
+    click.echo(f"saved {output}: {before['layers']} -> {after['layers']} layers, "
+               f"{before['parameters']:,} -> {after['parameters']:,} parameters, kept original {after['kept_layers']}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -65,11 +65,15 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_error(spec: str, e: Exception) -> BadInputError:
@@ -166,3 +170,27 @@ def load_base(spec: str | Path):
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(str(spec), e) from e
     return model, load_tokenizer(spec)
+
+
+def load_native(spec: str | Path):
+    """Load ``spec`` as the class its config names (``architectures[0]``), else ``AutoModel``.
+
+    Returns ``(model, tokenizer_or_None)``: a folder without tokenizer files is still a model.
+    """
+    import transformers
+
+    src = resolve(spec)
+    config = load_config(spec)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    cls = cls or transformers.AutoModel
+    try:
+        with _quiet_transformers():
+            model = cls.from_pretrained(src.location, dtype="float32", **src.kwargs())
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(str(spec), e) from e
+    try:
+        tok = load_tokenizer(spec)
+    except BadInputError:
+        tok = None
+    return model, tok

@@ -106,3 +106,59 @@ def test_finetune_under_accelerate_launch_with_two_cpu_processes(tiny_base_model
     assert rec["metrics"]["test"]["examples"] == 100  # gather_for_metrics drops the padding duplicates
     assert rec["metrics"]["test"]["accuracy"] >= 0.9
     assert proc.stdout.count("saved ") == 1
+
+
+# --------------------------------------------------------------------------- inspect / prune
+
+
+def test_prune_and_inspect_a_base_encoder(runner, tiny_base_model, tmp_path):
+    from transformers import AutoModel, BertModel
+
+    out = tmp_path / "pruned"
+    res = runner.invoke(main, ["prune", "--model", str(tiny_base_model), "--drop", "1", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "2 -> 1 layers" in res.output and "kept original [0]" in res.output
+    reloaded = AutoModel.from_pretrained(out)
+    assert type(reloaded) is BertModel and reloaded.config.num_hidden_layers == 1
+    assert (out / "tokenizer_config.json").is_file() and (out / "fusionprune_prune.json").is_file()
+    info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)
+    assert info["layers"] == 1 and info["kept_layers"] == [0] and info["pruned"] is True
+    assert info["family"] == "BERT" and info["class"] == "BertModel"
+
+
+def test_prune_keeps_the_classifier_class(runner, tiny_base_model, sentiment_csv_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    teacher = tmp_path / "teacher"
+    assert runner.invoke(main, ["finetune", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir),
+                                "-o", str(teacher), "--max-steps", "2"]).exit_code == 0
+    out = tmp_path / "student"
+    assert runner.invoke(main, ["prune", "--model", str(teacher), "--drop", "0", "-o", str(out)]).exit_code == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(model) is BertForSequenceClassification and model.config.id2label == {0: "neg", 1: "pos"}
+    res = runner.invoke(main, ["evaluate", "--model", str(out), "--dataset", str(sentiment_csv_dir), "--json"])
+    assert res.exit_code == 0 and 0 <= json.loads(res.stdout)["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("0,1", "would remove all 2 layers"),
+    ("5", "'--drop' parameter must hold indices in [0, 1]"),
+    ("1,x", "comma-separated layer indices"),
+    ("1,1", "must not repeat"),
+])
+def test_prune_bad_drop_exits_2_and_writes_nothing(runner, tiny_base_model, tmp_path, drop, message):
+    out = tmp_path / "never"
+    res = runner.invoke(main, ["prune", "--model", str(tiny_base_model), "--drop", drop, "-o", str(out)])
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_prune_refuses_albert(runner, tmp_path):
+    from transformers import AlbertConfig, AlbertModel
+
+    AlbertModel(AlbertConfig(vocab_size=30, embedding_size=8, hidden_size=16, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "albert")
+    res = runner.invoke(main, ["prune", "--model", str(tmp_path / "albert"), "--drop", "0", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "ALBERT shares one set of weights" in res.stderr
+    res = runner.invoke(main, ["inspect", str(tmp_path / "albert")])
+    assert res.exit_code == 2 and "Supported families" in res.stderr

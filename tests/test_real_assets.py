@@ -41,8 +41,8 @@ def test_dataset_asset(name):
 
 
 @pytest.mark.parametrize("name, family, layers, hidden, params", [
-    ("minilm-l6", "bert", 6, 384, 22_713_728),
-    ("mpnet-base", "mpnet", 12, 768, 109_486_978),
+    ("minilm-l6", "bert", 6, 384, 22_713_216),
+    ("mpnet-base", "mpnet", 12, 768, 109_486_464),
     ("smollm2-135m", "llama", 30, 576, 134_515_008),
 ])
 def test_model_asset_loads_as_classifier(name, family, layers, hidden, params):
