@@ -194,3 +194,21 @@ def load_native(spec: str | Path):
     except BadInputError:
         tok = None
     return model, tok
+
+
+@contextlib.contextmanager
+def attention_implementation(model, impl: str):
+    """Run a block with ``model`` switched to attention ``impl`` (e.g. ``"eager"``), then restore it.
+
+    Eager attention is what exposes attention probabilities and what FLOP counters can see (on
+    CPU, SDPA runs as one opaque kernel).
+    """
+    before = model.config._attn_implementation
+    if before == impl:
+        yield model
+        return
+    model.set_attn_implementation(impl)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
