@@ -233,5 +233,53 @@ def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
                f"{before['parameters']:,} -> {after['parameters']:,} parameters, kept original {after['kept_layers']}")
 
 
+# --------------------------------------------------------------------------- signals
+
+
+@main.command("signals")
+@click.option("--model", "-m", required=True, help="A classifier, or a model to which a head is added.")
+@_dataset_options
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Table: .parquet or .csv.")
+@click.option("--split", default="validation", show_default=True, type=click.Choice(["train", "validation", "test"]))
+@click.option("--samples", default=256, show_default=True, type=int, help="Calibration examples.")
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--max-length", default=128, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--extra", multiple=True, help="Opt-in extra signal (repeatable), e.g. activation_patching.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Heatmap PNG.")
+def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, output: Path, split: str,
+                samples: int, batch_size: int, max_length: int, seed: int, extra: tuple[str, ...],
+                plot: Path | None) -> None:
+    """The 12 layer-importance signals of MODEL on a calibration sample of DATASET."""
+    import warnings
+
+    from fusion_prune.data import load_dataset
+    from fusion_prune.models import load_classifier
+    from fusion_prune.report import plot_signals_heatmap, write_table
+    from signals import DEFAULT_SIGNALS, compute_signals, resolve_signals
+
+    if output.suffix.lower() not in (".parquet", ".csv"):
+        raise BadInputError(f"The '--output' option must end in .parquet or .csv. Got {output.name!r}.")
+    if samples < 1:
+        raise BadInputError(f"The '--samples' option must be a positive integer. Got {samples}.")
+    names = [*DEFAULT_SIGNALS, *extra]
+    resolve_signals(names)  # unknown names fail before anything is loaded
+    data = load_dataset(dataset, text_column, label_column)
+    net, tok, head_trained = load_classifier(model, data.labels)
+    if not head_trained:
+        click.echo(f"warning: {model} has no head trained for these labels; gradient and prediction-MI "
+                   "signals refer to an untrained head", err=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the warning above already said it
+        table = compute_signals(net, tok, data.split(split), names, batch_size=batch_size, max_length=max_length,
+                                max_samples=samples, seed=seed, head_trained=head_trained)
+    write_table(table, output)
+    click.echo(f"saved {output} ({len(table)} layers x {len(names)} signals)")
+    if plot is not None:
+        plot_signals_heatmap(table, plot, title=f"{model} on {dataset} ({split}, {min(samples, len(data.split(split)))} examples)")
+        click.echo(f"saved {plot}")
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,1 +1,143 @@
-"""Layer-importance signals: registry and capture engine (issue 4)."""
+"""Layer-importance signals: a registry and :func:`compute_signals`.
+
+A signal is a function from a :class:`~signals.capture.SignalContext` to one value per layer,
+registered with the statistics it ``needs`` and its rule when used alone to pick a layer to
+remove (``prune_lowest`` or ``prune_highest``). :func:`compute_signals` takes the union of the
+needs of the requested signals and runs **one** shared pass (:func:`signals.capture.capture`).
+
+Adding a signal is one decorated function::
+
+    @register_signal("act_intensity", family="activation", needs=("outputs",), rule="prune_lowest")
+    def act_intensity(ctx: SignalContext) -> np.ndarray:   # -> (n_layers,)
+        return ctx.norm_sum / ctx.tokens
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+from signals import capture  # the engine module (signals.capture.capture runs the pass)
+from signals.capture import NEEDS, SignalContext
+
+Rule = Literal["prune_lowest", "prune_highest"]
+SignalFn = Callable[[SignalContext], np.ndarray]
+
+#: The default 12-dimensional feature vector, in DESIGN.md order.
+DEFAULT_SIGNALS: tuple[str, ...] = (
+    "act_inhibition", "act_intensity", "act_energy", "mi_task", "mi_prediction", "grad_norm", "grad_fisher",
+    "grad_taylor", "weight_norm", "weight_entropy", "attn_entropy", "repr_angular",
+)
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    family: str
+    rule: Rule
+    needs: frozenset[str]
+    fn: SignalFn
+    default: bool
+    doc: str
+
+    def direction(self) -> int:
+        """+1 if a high value means important (prune lowest), -1 otherwise."""
+        return 1 if self.rule == "prune_lowest" else -1
+
+
+SIGNALS: dict[str, Signal] = {}
+
+
+def register_signal(name: str, family: str, needs: Sequence[str], rule: Rule,
+                    default: bool = False) -> Callable[[SignalFn], SignalFn]:
+    """Register ``fn(ctx) -> (n_layers,)`` as signal ``name``; duplicate names are rejected."""
+    if rule not in ("prune_lowest", "prune_highest"):
+        raise ValueError(f"rule must be 'prune_lowest' or 'prune_highest', got {rule!r}")
+    if set(needs) - NEEDS:
+        raise ValueError(f"unknown needs {sorted(set(needs) - NEEDS)}; expected a subset of {sorted(NEEDS)}")
+
+    def wrap(fn: SignalFn) -> SignalFn:
+        if name in SIGNALS:
+            raise ValueError(f"signal {name!r} is registered twice")
+        SIGNALS[name] = Signal(name, family, rule, frozenset(needs), fn, default, (fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def resolve_signals(names: Sequence[str] | None) -> list[Signal]:
+    """The requested signals (default: the 12), checked against the registry."""
+    from fusion_prune.errors import bad_choice
+
+    names = list(DEFAULT_SIGNALS if names is None else names)
+    for n in names:
+        if n not in SIGNALS:
+            raise bad_choice("signals", n, SIGNALS)
+    return [SIGNALS[n] for n in dict.fromkeys(names)]
+
+
+def compute_signals(model, tokenizer, data: pd.DataFrame, signals: Sequence[str] | None = None, *,
+                    batch_size: int = 16, max_length: int = 128, max_samples: int | None = 256, seed: int = 0,
+                    mi_cap: int = 2048, head_trained: bool = True, progress: bool = True) -> pd.DataFrame:
+    """One row per layer of ``model``: ``layer``, ``orig_layer`` and one column per signal.
+
+    ``data`` has columns ``text`` and ``label`` (class ids of the model's head; for a causal LM
+    they are used only by ``mi_task``). At most ``max_samples`` rows are used, drawn with
+    ``seed``. The model is handed back as it came (mode, attention implementation, flags).
+    """
+    from tqdm.auto import tqdm
+
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.finetune import make_loader, subsample
+
+    chosen = resolve_signals(signals)
+    if getattr(model, "config", None) is None or not _has_head(model):
+        raise BadInputError(
+            f"The 'model' parameter must have a classification or language-model head; got {type(model).__name__}. "
+            "Load it with fusion_prune.models.load_classifier."
+        )
+    if not head_trained:
+        warnings.warn("the classification head was never trained for these labels: gradient and prediction-MI "
+                      "signals refer to an untrained head", stacklevel=2)
+    df = subsample(data, max_samples, seed)
+    if len(df) == 0:
+        raise BadInputError("The 'data' parameter has no rows; expected at least one calibration example.")
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in make_loader(df, tokenizer, batch_size, max_length)]
+    needs = frozenset().union(*(s.needs for s in chosen))
+    bar = tqdm(total=len(batches), desc="signals", disable=not progress, dynamic_ncols=True)
+    try:
+        ctx = capture.capture(model, batches, needs, mi_cap=mi_cap, progress=bar.update)
+        return signals_frame(ctx, chosen)
+    finally:
+        bar.close()
+
+
+def signals_frame(ctx: SignalContext, chosen: Sequence[Signal]) -> pd.DataFrame:
+    """Evaluate ``chosen`` on a captured context: the (n_layers, 2 + len(chosen)) table."""
+    out = {"layer": np.arange(ctx.n_layers), "orig_layer": np.asarray(ctx.orig_layers)}
+    for s in chosen:
+        values = np.asarray(s.fn(ctx), dtype=np.float64)
+        if values.shape != (ctx.n_layers,):
+            raise RuntimeError(f"signal {s.name!r} returned shape {values.shape}, expected ({ctx.n_layers},)")
+        if not np.isfinite(values).all():
+            raise RuntimeError(f"signal {s.name!r} returned non-finite values {values.tolist()}")
+        out[s.name] = values
+    return pd.DataFrame(out)
+
+
+def _has_head(model) -> bool:
+    name = type(model).__name__
+    return name.endswith(("ForSequenceClassification", "ForCausalLM", "LMHeadModel"))
+
+
+# Importing the signal modules registers them (in DESIGN order).
+from signals import activation, information, gradient, weight, attention, representation, extra  # noqa: E402,F401
+
+__all__ = ["DEFAULT_SIGNALS", "SIGNALS", "Signal", "SignalContext", "compute_signals", "register_signal",
+           "resolve_signals", "signals_frame"]

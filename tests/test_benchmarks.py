@@ -35,3 +35,16 @@ def test_speed_flops_match_the_hand_formula(tiny_base_model, tmp_path, capsys):
     assert json.loads(out.read_text())["rows"][1]["depth"] == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("speedup/ideal: ") and float(last.split()[-1]) > 0
+
+
+def test_signals_cost_runs_all_modes(tiny_base_model, sentiment_csv_dir, tmp_path, capsys):
+    cost = _load("signals_cost")
+    out = tmp_path / "cost.json"
+    res = cost.main(["--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir), "--batches", "2",
+                     "--batch-size", "8", "--max-length", "16", "--out", str(out)])
+    assert set(res["modes"]) == {"plain", "fused", "separate"}
+    assert all(r["batches"] == 2 and r["seconds"] > 0 for r in res["modes"].values())
+    # Twelve passes cost more than the one shared pass.
+    assert res["separate/plain time"] > res["fused/plain time"]
+    assert json.loads(out.read_text())["fused/plain time"] == res["fused/plain time"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("signals/plain ratio: ")

@@ -162,3 +162,35 @@ def test_prune_refuses_albert(runner, tmp_path):
     assert res.exit_code == 2 and "ALBERT shares one set of weights" in res.stderr
     res = runner.invoke(main, ["inspect", str(tmp_path / "albert")])
     assert res.exit_code == 2 and "Supported families" in res.stderr
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_signals_command_writes_table_and_heatmap(runner, tiny_base_model, sentiment_csv_dir, tmp_path):
+    import pandas as pd
+
+    out, png = tmp_path / "sig.parquet", tmp_path / "sig.png"
+    res = runner.invoke(main, ["signals", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir),
+                               "-o", str(out), "--samples", "32", "--plot", str(png), "--extra", "activation_patching"])
+    assert res.exit_code == 0, res.output
+    assert "untrained head" in res.stderr  # a base encoder gets a fresh head: warned, not refused
+    t = pd.read_parquet(out)
+    assert list(t.columns[:3]) == ["layer", "orig_layer", "act_inhibition"] and t.columns[-1] == "activation_patching"
+    assert len(t) == 2 and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    csv = tmp_path / "sig.csv"
+    assert runner.invoke(main, ["signals", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir),
+                                "-o", str(csv), "--samples", "16"]).exit_code == 0
+    assert pd.read_csv(csv).shape == (2, 14)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "{tmp}/s.xlsx"], "must end in .parquet or .csv"),
+    (["-o", "{tmp}/s.csv", "--extra", "vibes"], "Got 'vibes'"),
+    (["-o", "{tmp}/s.csv", "--samples", "0"], "positive integer"),
+])
+def test_signals_bad_input(runner, tiny_base_model, sentiment_csv_dir, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    res = runner.invoke(main, ["signals", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir), *args])
+    assert res.exit_code == 2 and message in res.stderr
+    assert not list(tmp_path.glob("s.*"))

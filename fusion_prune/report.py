@@ -1,0 +1,81 @@
+"""Reports and plots. Figures are written through a temp file and a rename, never half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def normalise_columns(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Min-max normalise each column to [0, 1] across layers (a constant column becomes 0.5)."""
+    x = table[columns].astype(float)
+    lo, hi = x.min(), x.max()
+    span = (hi - lo).replace(0, np.nan)
+    return ((x - lo) / span).fillna(0.5)
+
+
+def plot_signals_heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
+    """Heatmap of layers (rows) x signals (columns), each signal min-max normalised across layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in table.columns if c not in ("layer", "orig_layer")]
+    norm = normalise_columns(table, columns)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(columns), 1.2 + 0.42 * len(table)))
+    im = ax.imshow(norm.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    labels = [f"{int(l)} (orig {int(o)})" if l != o else str(int(l))
+              for l, o in zip(table["layer"], table["orig_layer"])]
+    ax.set_yticks(range(len(table)), labels)
+    ax.set_ylabel("layer")
+    for i in range(len(table)):
+        for j, c in enumerate(columns):
+            v = table[c].iloc[i]
+            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=6.5,
+                    color="white" if norm.iloc[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.03, label="min-max across layers")
+    ax.set_title(title or "layer signals")
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a table as parquet or CSV (by suffix), atomically."""
+    from fusion_prune.errors import BadInputError
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise BadInputError(f"The output file {str(path)!r} must end in .parquet or .csv. Got {suffix!r}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        table.to_parquet(tmp, index=False) if suffix == ".parquet" else table.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

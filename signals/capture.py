@@ -1,0 +1,327 @@
+"""The one place that registers hooks: a shared pass that serves every signal.
+
+:func:`capture` runs one forward and one backward of the task loss per calibration batch and
+accumulates streaming, per-layer statistics into a :class:`SignalContext`:
+
+* ``outputs``: sums over real tokens of the layer output's activations, token L2 norms and
+  per-example energies (token-level statistics use the attention mask);
+* ``inputs``: the angular distance between each layer's input and output token vectors;
+* ``pooled``: mean-pooled layer outputs (a capped buffer, for mutual information), gold labels
+  and the model's own predictions;
+* ``attentions``: entropy of the attention rows (eager attention for this pass only);
+* ``grads``: the gradient of the mean calibration loss per layer parameter, and the per-batch
+  squared gradient norm (for the empirical Fisher).
+
+Nothing grows with the number of batches except the pooled buffer, capped at ``mi_cap`` rows.
+Every hook is removed in ``finally``; the model's train/eval mode, attention implementation,
+``requires_grad`` flags and ``.grad`` tensors are restored, also when a signal or the pass raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusion_prune.models import attention_implementation
+from fusion_prune.surgery import kept_layers, layer_list
+
+NEEDS = frozenset({"outputs", "inputs", "pooled", "attentions", "grads", "weights", "passes"})
+
+
+@dataclass
+class SignalContext:
+    """Per-layer statistics of one pass over the calibration batches; arrays are (n_layers,)."""
+
+    model: nn.Module
+    layers: nn.ModuleList
+    batches: list[dict[str, torch.Tensor]]
+    n_layers: int
+    orig_layers: list[int]
+    examples: int = 0
+    # outputs
+    act_sum: np.ndarray = None
+    act_elems: np.ndarray = None
+    norm_sum: np.ndarray = None
+    tokens: np.ndarray = None
+    energy_sum: np.ndarray = None
+    # inputs
+    angular_sum: np.ndarray = None
+    # attentions
+    attn_entropy_sum: np.ndarray = None
+    attn_rows: np.ndarray = None
+    # pooled
+    pooled: list[list[np.ndarray]] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    predictions: list[np.ndarray] = field(default_factory=list)
+    # grads
+    grad_sq_sum: np.ndarray = None
+    mean_grads: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("act_sum", "act_elems", "norm_sum", "tokens", "energy_sum", "angular_sum",
+                     "attn_entropy_sum", "attn_rows", "grad_sq_sum"):
+            setattr(self, name, np.zeros(self.n_layers, dtype=np.float64))
+        self.pooled = [[] for _ in range(self.n_layers)]
+
+    def layer_weights(self, layer: int) -> list[torch.Tensor]:
+        """The weight matrices (ndim >= 2) of one layer; biases and norm gains are left out."""
+        return [p.detach() for p in self.layers[layer].parameters() if p.ndim >= 2]
+
+    def pooled_array(self, layer: int) -> np.ndarray:
+        """Mean-pooled outputs of ``layer``, (N, hidden), N <= mi_cap."""
+        return np.concatenate(self.pooled[layer]) if self.pooled[layer] else np.zeros((0, 0))
+
+    def label_array(self, which: str) -> np.ndarray:
+        arr = self.labels if which == "labels" else self.predictions
+        return np.concatenate(arr) if arr else np.zeros(0, dtype=np.int64)
+
+
+def _hidden(x) -> torch.Tensor:
+    """The hidden states of a layer's input/output, which may be a tensor or a tuple."""
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return _hidden(args[0])
+    for key in ("hidden_states", "hidden_state", "x"):
+        if key in kwargs:
+            return kwargs[key]
+    raise RuntimeError("could not find the layer's input hidden states")
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Restore mode, requires_grad and .grad of every parameter, whatever happens inside."""
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, flag, g in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = g
+        model.train(was_training)
+
+
+def attention_modules(model: nn.Module, layers: nn.ModuleList) -> list[tuple[nn.Module, int]] | None:
+    """Per layer, the self-attention module whose output[index] is the attention probabilities.
+
+    transformers 5 declares it in ``_can_record_outputs``; asking the model for
+    ``output_attentions`` instead would install transformers' own capturing hooks on the model for
+    good. Families without the declaration (MPNet, DeBERTa-v2) return ``None``: for them
+    ``output_attentions=True`` is used, which installs nothing.
+    """
+    spec = (getattr(getattr(model, "base_model", model), "_can_record_outputs", None) or {}).get("attentions")
+    if spec is None:
+        return None
+    target = getattr(spec, "target_class", spec)
+    index = getattr(spec, "index", 1)
+    suffix = getattr(spec, "layer_name", None)
+    found = []
+    for layer in layers:
+        mods = [m for name, m in layer.named_modules() if isinstance(m, target)
+                and (suffix is None or ("." + name).endswith(suffix))]
+        if len(mods) != 1:
+            return None
+        found.append((mods[0], index))
+    return found
+
+
+def task_loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, predicted class (B,)) for a classifier or, for a causal LM, next-token loss.
+
+    For a causal LM the "prediction" is the next token predicted after the last real token.
+    """
+    logits = out.logits
+    if logits.ndim == 2:  # sequence classification: (B, C)
+        loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+        return loss, logits.argmax(-1)
+    # causal LM: (B, T, V); predict token t+1 from t, ignoring padding
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=-100)
+    last = mask.sum(1) - 1
+    return loss, logits[torch.arange(len(ids)), last].argmax(-1)
+
+
+def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs: Iterable[str],
+            mi_cap: int = 2048, progress: Callable | None = None) -> SignalContext:
+    """Run the shared pass over ``batches`` and return the accumulated :class:`SignalContext`.
+
+    Each batch holds ``input_ids`` and ``attention_mask`` (B, T) and ``labels`` (B,), already on
+    the model's device. ``needs`` selects what is recorded; "weights" and "passes" need no pass.
+    """
+    needs = set(needs)
+    unknown = needs - NEEDS
+    if unknown:
+        raise ValueError(f"unknown needs {sorted(unknown)}; expected a subset of {sorted(NEEDS)}")
+    batches = list(batches)
+    layers = layer_list(model)
+    n = len(layers)
+    ctx = SignalContext(model, layers, batches, n, kept_layers(model.config))
+    data_needs = needs & {"outputs", "inputs", "pooled", "attentions", "grads"}
+    if not data_needs:
+        return ctx
+    mask_now: dict[str, torch.Tensor] = {}
+    pooled_count = [0] * n
+
+    def layer_hook(idx: int):
+        def hook(module, args, kwargs, output):
+            with torch.no_grad():
+                h_out = _hidden(output).detach().float()
+                m = mask_now["mask"].to(h_out.dtype)  # (B, T)
+                m3 = m.unsqueeze(-1)
+                ntok = m.sum(1).clamp_min(1)  # (B,)
+                if "outputs" in needs:
+                    ctx.act_sum[idx] += float((h_out * m3).sum())
+                    ctx.act_elems[idx] += float(m.sum()) * h_out.shape[-1]
+                    sq = (h_out * h_out).sum(-1)  # (B, T) squared token norms
+                    ctx.norm_sum[idx] += float((sq.sqrt() * m).sum())
+                    ctx.tokens[idx] += float(m.sum())
+                    ctx.energy_sum[idx] += float(((sq * m).sum(1) / ntok).sum())
+                if "inputs" in needs:
+                    h_in = _layer_input(args, kwargs).detach().float()
+                    cos = nn.functional.cosine_similarity(h_in, h_out, dim=-1, eps=1e-8).clamp(-1.0, 1.0)
+                    ctx.angular_sum[idx] += float((torch.arccos(cos) / torch.pi * m).sum())
+                if "pooled" in needs and pooled_count[idx] < mi_cap:
+                    pooled = ((h_out * m3).sum(1) / ntok.unsqueeze(-1))[: mi_cap - pooled_count[idx]]
+                    ctx.pooled[idx].append(pooled.cpu().numpy())
+                    pooled_count[idx] += len(pooled)
+
+        return hook
+
+    handles: list = []
+    params_by_layer = [[p for p in layer.parameters()] for layer in layers]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_restored(model))
+        if "attentions" in needs:
+            stack.enter_context(attention_implementation(model, "eager"))
+        try:
+            model.eval()  # no dropout; gradients still flow
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if "grads" in needs:
+                for idx, ps in enumerate(params_by_layer):
+                    for p in ps:
+                        p.requires_grad_(True)
+                        handles.append(p.register_hook(_sq_norm_hook(ctx, idx, mask_now)))
+            if needs & {"outputs", "inputs", "pooled"}:
+                for idx, layer in enumerate(layers):
+                    handles.append(layer.register_forward_hook(layer_hook(idx), with_kwargs=True))
+            attn_mods = attention_modules(model, layers) if "attentions" in needs else None
+            if attn_mods is not None:
+                for idx, (mod, index) in enumerate(attn_mods):
+                    handles.append(mod.register_forward_hook(_attention_hook(ctx, idx, index, mask_now)))
+            ask_attentions = "attentions" in needs and attn_mods is None
+            total = 0
+            for batch in batches:
+                mask_now["mask"] = batch["attention_mask"]
+                mask_now["size"] = len(batch["input_ids"])
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                with torch.set_grad_enabled("grads" in needs):
+                    out = model(**inputs, output_attentions=True) if ask_attentions else model(**inputs)
+                    loss, pred = task_loss(model, out, batch)
+                if "grads" in needs:
+                    # Weight each batch by its size: the accumulated .grad is then the gradient of
+                    # the sum of example losses, divided by the example count at the end.
+                    (loss * len(pred)).backward()
+                if ask_attentions:
+                    if out.attentions is None or any(a is None for a in out.attentions):
+                        raise RuntimeError("the model returned no attention probabilities under eager attention")
+                    for idx, a in enumerate(out.attentions):
+                        _add_attention_entropy(ctx, idx, a, batch["attention_mask"])
+                if "pooled" in needs:
+                    ctx.labels.append(batch["labels"].cpu().numpy())
+                    ctx.predictions.append(pred.detach().cpu().numpy())
+                total += len(pred)
+                del out, loss
+                if progress is not None:
+                    progress(1)
+            ctx.examples = total
+            if "grads" in needs:
+                ctx.mean_grads = [[(p.grad.detach() / max(total, 1)) if p.grad is not None else torch.zeros_like(p)
+                                   for p in ps] for ps in params_by_layer]
+        finally:
+            for h in handles:
+                h.remove()
+    return ctx
+
+
+def _sq_norm_hook(ctx: SignalContext, idx: int, state: dict):
+    def hook(grad: torch.Tensor) -> None:
+        # grad is B * (gradient of this batch's mean loss); record B * ||g_batch||^2 so that the
+        # sum over batches divided by the example count is the example-weighted mean.
+        b = state["size"]
+        ctx.grad_sq_sum[idx] += float((grad.detach().float() ** 2).sum()) / b
+    return hook
+
+
+def _add_attention_entropy(ctx: SignalContext, idx: int, probs: torch.Tensor, mask: torch.Tensor) -> None:
+    """Add the entropies of the real query rows (all heads) of one layer's attention (B, H, T, T)."""
+    with torch.no_grad():
+        p = probs.detach().float()
+        m = mask.float()
+        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)  # (B, H, T)
+        ctx.attn_entropy_sum[idx] += float((ent * m[:, None, :]).sum())
+        ctx.attn_rows[idx] += float(m.sum()) * p.shape[1]
+
+
+def _attention_hook(ctx: SignalContext, idx: int, index: int, state: dict):
+    def hook(module, args, output):
+        probs = output[index] if isinstance(output, (tuple, list)) and len(output) > index else None
+        if probs is None:
+            raise RuntimeError(f"{type(module).__name__} returned no attention probabilities under eager attention")
+        _add_attention_entropy(ctx, idx, probs, state["mask"])
+    return hook
+
+
+# --------------------------------------------------------------------------- hooks for extra passes
+
+
+@contextlib.contextmanager
+def skip_layer(layer: nn.Module) -> Iterator[None]:
+    """Within the block, ``layer`` returns its input unchanged (activation patching)."""
+
+    def hook(module, args, kwargs, output):
+        h_in = _layer_input(args, kwargs)
+        if isinstance(output, tuple):
+            return (h_in,) + tuple(output[1:])
+        return h_in
+
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def scale_output(layer: nn.Module, alpha: float, keep: list | None = None) -> Iterator[None]:
+    """Within the block, ``layer``'s output hidden states are multiplied by ``alpha``.
+
+    If ``keep`` is a list, the scaled output tensor (which requires grad) is appended to it.
+    """
+
+    def hook(module, args, kwargs, output):
+        h = _hidden(output) * alpha
+        if keep is not None:
+            h.retain_grad()
+            keep.append(h)
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

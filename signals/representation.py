@@ -1,0 +1,15 @@
+"""Representation change across each layer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from signals import register_signal
+from signals.capture import SignalContext
+
+
+@register_signal("repr_angular", family="representation", needs=("inputs", "outputs"), rule="prune_lowest",
+                 default=True)
+def repr_angular(ctx: SignalContext) -> np.ndarray:
+    """Mean over real tokens of arccos(cos(h_in, h_out)) / pi (ShortGPT's Block Influence, Gromov n=1)."""
+    return ctx.angular_sum / np.maximum(ctx.tokens, 1)
