@@ -19,10 +19,11 @@ Adding a family is one :func:`register_architecture` call.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -88,12 +89,20 @@ def architecture_of(model_or_config) -> Architecture:
     return ARCHITECTURES[mt]
 
 
+def _layers_parent(model: nn.Module, arch: Architecture) -> tuple[nn.Module, str]:
+    """The module holding the layer list, and the list's attribute name on it."""
+    parent_path, _, attr = arch.layers_path.rpartition(".")
+    parent = getattr(model, "base_model", model)
+    for part in filter(None, parent_path.split(".")):
+        parent = getattr(parent, part)
+    return parent, attr
+
+
 def layer_list(model: nn.Module) -> nn.ModuleList:
     """The ``nn.ModuleList`` of transformer layers of ``model`` (base model or model with a head)."""
     arch = architecture_of(model)
-    mod = getattr(model, "base_model", model)
-    for part in arch.layers_path.split("."):
-        mod = getattr(mod, part)
+    parent, attr = _layers_parent(model, arch)
+    mod = getattr(parent, attr)
     if not isinstance(mod, nn.ModuleList):
         raise TypeError(f"{type(model).__name__}.{arch.layers_path} is a {type(mod).__name__}, not an nn.ModuleList")
     return mod
@@ -149,10 +158,7 @@ def drop_layers_(model: nn.Module, layers: Iterable[int]) -> nn.Module:
         for sub in layer.modules():
             if isinstance(getattr(sub, "layer_idx", None), int):
                 sub.layer_idx = new_idx
-    parent_path, _, attr = arch.layers_path.rpartition(".")
-    parent = getattr(model, "base_model", model)
-    for part in filter(None, parent_path.split(".")):
-        parent = getattr(parent, part)
+    parent, attr = _layers_parent(model, arch)
     setattr(parent, attr, new_layers)
 
     # The base model shares the config object with the head model, so one update serves both.
@@ -202,3 +208,33 @@ def describe(model: nn.Module) -> dict:
         "kept_layers": kept_layers(cfg),
         "pruned": getattr(cfg, KEPT_ATTR, None) is not None,
     }
+
+
+@contextlib.contextmanager
+def temporary_layers(model: nn.Module, modules: list[nn.Module], positions: list[int]) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s layer list is ``modules``; everything is put back after.
+
+    ``positions[i]`` is the current index whose per-layer config entries (``layer_types``)
+    ``modules[i]`` takes: some decoders pick each layer's attention mask by position from the
+    config, so the config must describe the temporary list too. Run without a KV cache.
+    """
+    arch = architecture_of(model)
+    if len(modules) != len(positions):
+        raise ValueError(f"{len(modules)} modules but {len(positions)} positions")
+    parent, attr = _layers_parent(model, arch)
+    config = model.config
+    saved = {name: getattr(config, name) for name in ("num_hidden_layers", *arch.per_layer_config)
+             if getattr(config, name, None) is not None}
+    original = getattr(parent, attr)
+    # Writing _modules directly swaps the child without touching anything else: exactly reversible.
+    parent._modules[attr] = nn.ModuleList(modules)
+    try:
+        config.num_hidden_layers = len(modules)
+        for name in arch.per_layer_config:
+            if name in saved:
+                setattr(config, name, [saved[name][p] for p in positions])
+        yield model
+    finally:
+        parent._modules[attr] = original
+        for name, value in saved.items():
+            setattr(config, name, value)

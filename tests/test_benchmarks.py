@@ -48,3 +48,11 @@ def test_signals_cost_runs_all_modes(tiny_base_model, sentiment_csv_dir, tmp_pat
     assert res["separate/plain time"] > res["fused/plain time"]
     assert json.loads(out.read_text())["fused/plain time"] == res["fused/plain time"]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("signals/plain ratio: ")
+
+
+def test_labels_cost_runs(tiny_base_model, sentiment_csv_dir, tmp_path, capsys):
+    res = _load("labels_cost").main(["--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir),
+                                     "--samples", "32", "--batch-size", "8", "--max-length", "16",
+                                     "--out", str(tmp_path / "l.json")])
+    assert res["identical_accuracies"] and res["ideal_ratio"] == pytest.approx(3 / 4)
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("labels cached/naive ratio: ")
