@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.fusionprune-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast assets clean
+.PHONY: install demo test test-fast assets clean fusion-rows fusion-bundle
 
 install: $(STAMP)
 
@@ -34,6 +34,25 @@ test: assets
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# Fusion training data: greedy states of minilm-l6 on the six public datasets (resumable: a
+# finished dataset is skipped, an interrupted one resumes from its .state folder), then the bundle.
+FUSION_DATA     := fusion_prune/fusion_data
+FUSION_DATASETS ?= rotten-tomatoes bbc-news election-tweets reuters-r8 reuters-r52 20newsgroups
+COLLECT_ARGS    ?= --min-layers 1 --finetune-steps 40 --max-train-samples 2000 --max-eval-samples 400 \
+                   --signal-samples 256 --max-length 128 --seed 0
+
+fusion-rows: $(STAMP)
+	mkdir -p $(FUSION_DATA)/rows
+	for d in $(FUSION_DATASETS); do \
+	  test -f $(FUSION_DATA)/rows/minilm-l6-$$d.parquet || \
+	  $(CLI) collect --model minilm-l6 --dataset $$d -o $(FUSION_DATA)/rows/minilm-l6-$$d.parquet $(COLLECT_ARGS) \
+	  || exit 1; \
+	done
+
+fusion-bundle: fusion-rows
+	$(CLI) fit-fusion --data '$(FUSION_DATA)/rows/*.parquet' --model-type rf \
+	  -o $(FUSION_DATA)/default-fusion.joblib --report benchmarks/results/fusion/lodo.json --overwrite
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -281,5 +281,123 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
+# --------------------------------------------------------------------------- fusion data
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="A classifier, or a model to fine-tune into one first.")
+@_dataset_options
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Rows: .parquet or .csv.")
+@click.option("--min-layers", default=1, show_default=True, type=int, help="Stop at this depth.")
+@click.option("--finetune-steps", default=50, show_default=True, type=int, help="Recovery steps after each drop.")
+@click.option("--max-train-samples", default=4000, show_default=True, type=int, help="Teacher fine-tuning cap.")
+@click.option("--max-eval-samples", default=500, show_default=True, type=int, help="Validation examples for labels.")
+@click.option("--signal-samples", default=256, show_default=True, type=int, help="Calibration examples for signals.")
+@click.option("--max-length", default=128, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def collect(model: str, dataset: str, text_column: str, label_column: str, output: Path, min_layers: int,
+            finetune_steps: int, max_train_samples: int, max_eval_samples: int, signal_samples: int,
+            max_length: int, seed: int, overwrite: bool) -> None:
+    """Greedy pruning states with signals and measured labels: the rows fit-fusion learns from.
+
+    Resumable: run the same command again after an interruption.
+    """
+    from fusion_prune.collect import CollectConfig, collect as run
+    from fusion_prune.data import load_dataset
+    from fusion_prune.finetune import FinetuneConfig
+
+    if output.suffix.lower() not in (".parquet", ".csv"):
+        raise BadInputError(f"The '--output' option must end in .parquet or .csv. Got {output.name!r}.")
+    if output.exists() and not overwrite:
+        raise BadInputError(f"The output file {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    cfg = CollectConfig(min_layers=min_layers, finetune_steps=finetune_steps, signal_samples=signal_samples,
+                        max_eval_samples=max_eval_samples, max_length=max_length, seed=seed,
+                        teacher=FinetuneConfig(epochs=2, lr=2e-4, max_train_samples=max_train_samples))
+    data = load_dataset(dataset, text_column, label_column)
+    rows = run(model, data, cfg, output, dataset_name=dataset)
+    click.echo(f"saved {output}: {rows['step'].nunique()} states, {len(rows)} rows")
+
+
+@main.command("fit-fusion")
+@click.option("--data", "data", multiple=True, required=True, help="Rows tables (repeatable; glob patterns allowed).")
+@click.option("--model-type", default="rf", show_default=True, type=click.Choice(["linear", "rf", "xgb"]))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle (.joblib).")
+@click.option("--feature-norm", default="auto", show_default=True,
+              type=click.Choice(["auto", "zscore", "rank", "minmax", "raw"]),
+              help="Per-state feature normalisation; auto: best leave-one-dataset-out regret.")
+@click.option("--target", default="auto", show_default=True,
+              type=click.Choice(["auto", "retention", "retention_z", "retention_rank"]))
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Leave-one-dataset-out report (JSON, with a plot beside it).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
+def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_norm: str, target: str,
+               report: Path | None, seed: int, overwrite: bool) -> None:
+    """Fit a fusion model on collected rows and save it as a bundle (joblib)."""
+    from fusion_prune import fusion as F
+
+    if output.exists() and not overwrite:
+        raise BadInputError(f"The output file {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    rows = F.read_rows(data)
+    F.check_columns(rows, list(F.DEFAULT_SIGNALS))
+    norms = list(F.NORMALISATIONS) if feature_norm == "auto" else [feature_norm]
+    targets = list(F.TARGETS) if target == "auto" else [target]
+    n_datasets = rows["dataset"].nunique()
+    cv: dict = {}
+    if n_datasets >= 2 and (len(norms) > 1 or len(targets) > 1 or report is not None):
+        grid = F.leave_one_dataset_out(rows, [model_type], norms, targets, seed=seed)
+        fus = grid[grid.method == f"fusion-{model_type}"]
+        means = fus.groupby(["feature_norm", "target"])[["regret", "spearman", "top1"]].mean().reset_index()
+        best = means.sort_values(["regret", "spearman"], ascending=[True, False]).iloc[0]
+        feature_norm, target = str(best.feature_norm), str(best.target)
+        cv = {"scheme": "leave-one-dataset-out", "selection": "lowest mean regret, then highest Spearman",
+              "grid": means.to_dict("records"), "chosen": {"feature_norm": feature_norm, "target": target}}
+    elif len(norms) > 1 or len(targets) > 1:
+        feature_norm, target = "zscore", "retention_z"
+        cv = {"scheme": "none: rows from one dataset", "chosen": {"feature_norm": feature_norm, "target": target}}
+    bundle = F.fit_bundle(rows, model_type, F.DEFAULT_SIGNALS, feature_norm, target, seed, cv)
+    bundle.save(output)
+    click.echo(f"saved {output}: {model_type}, features normalised by {feature_norm}, target {target}, "
+               f"{rows.groupby(F.STATE_KEYS).ngroups} states from {n_datasets} datasets")
+    if report is not None:
+        from fusion_prune.report import plot_lodo
+        from fusion_prune.utils import write_json_atomic
+
+        if n_datasets < 2:
+            raise BadInputError(f"The '--report' option needs rows from at least 2 datasets. Got {n_datasets}.")
+        table = F.leave_one_dataset_out(rows, list(F.FUSION_MODELS), [feature_norm], [target], seed=seed)
+        imp = {mt: F.importances(F.fit_bundle(rows, mt, F.DEFAULT_SIGNALS, feature_norm, target, seed))
+               for mt in F.FUSION_MODELS}
+        summary = table.groupby("method")[["spearman", "top1", "regret"]].mean()
+        write_json_atomic(report, {"feature_norm": feature_norm, "target": target, "selection": cv,
+                                   "per_dataset": table.to_dict("records"), "mean": summary.reset_index().to_dict("records"),
+                                   "importances": imp})
+        png = plot_lodo(table, report.with_suffix(".png"))
+        click.echo(f"saved {report} and {png}")
+        click.echo(summary.round(4).to_string())
+
+
+@main.command("evaluate-fusion")
+@click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
+              help="Bundle; default: the one shipped with fusionprune.")
+@click.option("--data", "data", multiple=True, required=True, help="Rows tables (repeatable; glob patterns allowed).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bool) -> None:
+    """How well a bundle picks layers on given rows, next to every single signal and consensus."""
+    from fusion_prune import fusion as F
+
+    rows = F.read_rows(data)
+    bundle = F.load_bundle(fusion_path)
+    res = F.evaluate_bundle(bundle, rows)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"{res['states']} states; higher Spearman and top-1, lower regret are better")
+    lines = [("fusion", res["fusion"]), ("consensus", res["consensus"]), *res["signals"].items()]
+    for name, m in lines:
+        click.echo(f"  {name:<15} spearman {m['spearman']:+.3f}  top1 {m['top1']:.3f}  regret {m['regret']:.4f}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

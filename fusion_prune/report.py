@@ -79,3 +79,24 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def plot_lodo(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Regret of each method on each held-out dataset (lower is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pivot = table.pivot_table(index="held_out", columns="method", values="regret", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(pivot), 3.6))
+    pivot.plot.bar(ax=ax, width=0.8)
+    ax.set_ylabel("regret (best drop-one accuracy - chosen)")
+    ax.set_xlabel("held-out dataset")
+    ax.set_title("leave-one-dataset-out: layer choice regret (lower is better)")
+    ax.legend(fontsize=7, ncols=2)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)

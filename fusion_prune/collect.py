@@ -1,0 +1,142 @@
+"""Collect fusion training rows: greedy pruning states with signals and measured labels.
+
+A *state* is (source model, dataset, step, current model). At each state the 12 signals of every
+layer are computed on a calibration sample of the train split and the drop-one labels on the
+validation split; the layer whose removal keeps the most validation accuracy is dropped, the
+model is fine-tuned for a few steps, and the next state follows, down to ``min_layers + 1``
+layers. One row per state x layer (DESIGN.md §4).
+
+The run is resumable state by state: after every state the rows so far and the current model are
+written (atomically) next to the output, and a second call with the same arguments continues.
+The test split is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from fusion_prune.data import TextDataset
+from fusion_prune.errors import BadInputError
+from fusion_prune.finetune import FinetuneConfig, make_accelerator, subsample, train
+from fusion_prune.labels import drop_one_labels
+from fusion_prune.report import write_table
+from fusion_prune.surgery import drop_layers_, num_layers
+from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+
+ROW_KEYS = ["source_model", "dataset", "step", "layer", "orig_layer", "n_layers", "acc_before", "acc_after_drop",
+            "loss_after_drop"]
+
+
+@dataclass
+class CollectConfig:
+    """How a trajectory is walked; the teacher settings apply only when no trained head exists."""
+
+    min_layers: int = 1
+    finetune_steps: int = 50
+    signal_samples: int = 256
+    max_eval_samples: int | None = 500
+    max_length: int = 128
+    batch_size: int = 32
+    lr: float = 1e-4
+    seed: int = 0
+    teacher: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=2, lr=2e-4,
+                                                                           max_train_samples=4000))
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_layers < 1:
+            raise BadInputError(f"The 'min_layers' parameter must be at least 1. Got {self.min_layers}.")
+        if self.finetune_steps < 0:
+            raise BadInputError(f"The 'finetune_steps' parameter must be >= 0. Got {self.finetune_steps}.")
+
+
+def _state_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".state")
+
+
+def collect(model_spec: str, data: TextDataset, cfg: CollectConfig, out: str | Path,
+            dataset_name: str | None = None) -> pd.DataFrame:
+    """Walk the greedy trajectory and write the rows table to ``out`` (parquet or CSV)."""
+    from fusion_prune.models import load_classifier
+    from signals import DEFAULT_SIGNALS, compute_signals
+
+    out = Path(out)
+    state_dir = _state_dir(out)
+    dataset_name = dataset_name or data.spec
+    meta = {"model": str(model_spec), "dataset": dataset_name, "config": asdict(cfg)}
+    meta["config"].pop("progress")
+    rows = pd.DataFrame()
+    progress_file = state_dir / "progress.json"
+    if progress_file.is_file():
+        saved = json.loads(progress_file.read_text())
+        if saved["meta"] != json.loads(json.dumps(meta, default=str)):
+            raise BadInputError(f"The state folder {str(state_dir)!r} belongs to a run with other arguments; "
+                                "expected the same arguments to resume (or delete it).")
+        rows = pd.read_parquet(state_dir / "rows.parquet")
+        model, tok, _ = load_classifier(str(state_dir / "model"), data.labels)
+        step = saved["next_step"]
+        _log(f"resuming {dataset_name} at step {step} ({len(rows)} rows)")
+    else:
+        model, tok, trained = load_classifier(model_spec, data.labels)
+        step = 0
+        if num_layers(model) <= cfg.min_layers:
+            raise BadInputError(f"The 'min_layers' parameter must be below the model's depth {num_layers(model)}. "
+                                f"Got {cfg.min_layers}.")
+        if not trained:
+            _log(f"{model_spec} has no head for {dataset_name}: fine-tuning a teacher first")
+            tcfg = FinetuneConfig(**{**asdict(cfg.teacher), "max_length": cfg.max_length, "seed": cfg.seed,
+                                     "progress": cfg.progress})
+            train(model, tok, data.train, tcfg, make_accelerator(tcfg.mixed_precision))
+    val = subsample(data.validation, cfg.max_eval_samples, cfg.seed)
+    while num_layers(model) > cfg.min_layers:
+        t0 = time.perf_counter()
+        n = num_layers(model)
+        sig = compute_signals(model, tok, data.train, DEFAULT_SIGNALS, batch_size=cfg.batch_size,
+                              max_length=cfg.max_length, max_samples=cfg.signal_samples, seed=cfg.seed + step,
+                              progress=False)
+        lab = drop_one_labels(model, tok, val, data.labels, batch_size=cfg.batch_size * 2,
+                              max_length=cfg.max_length)
+        state = lab.table.merge(sig, on=["layer", "orig_layer"])
+        state.insert(0, "n_layers", n)
+        state.insert(0, "step", step)
+        state.insert(0, "dataset", dataset_name)
+        state.insert(0, "source_model", str(model_spec))
+        state["acc_before"] = lab.acc_before
+        state = state[ROW_KEYS + list(DEFAULT_SIGNALS)]
+        best = int(state.sort_values(["acc_after_drop", "loss_after_drop"], ascending=[False, True]).iloc[0].layer)
+        rows = pd.concat([rows, state], ignore_index=True)
+        drop_layers_(model, [best])
+        if cfg.finetune_steps:
+            fcfg = FinetuneConfig(max_steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                  max_length=cfg.max_length, seed=cfg.seed + step + 1, warmup_ratio=0.0,
+                                  progress=False)
+            train(model, tok, data.train, fcfg, make_accelerator(fcfg.mixed_precision))
+        step += 1
+        _save_state(state_dir, model, tok, rows, meta, step)
+        _log(f"{dataset_name} step {step - 1}: {n} layers, acc {lab.acc_before:.3f}, dropped layer {best} "
+             f"(orig {state.orig_layer[state.layer == best].iloc[0]}), {time.perf_counter() - t0:.0f} s")
+    write_table(rows, out)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return rows
+
+
+def _save_state(state_dir: Path, model, tok, rows: pd.DataFrame, meta: dict, next_step: int) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(state_dir / "model", overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    write_table(rows, state_dir / "rows.parquet")
+    # Written last: progress.json names a step only once its model and rows are on disk.
+    write_json_atomic(state_dir / "progress.json", {"meta": meta, "next_step": next_step, "versions": versions()})
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(f"[fusionprune] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,85 @@
+"""Collection of fusion rows: columns, greedy choice, determinism and resume."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import fusion_prune.collect as C
+from fusion_prune.collect import ROW_KEYS, CollectConfig, collect
+from fusion_prune.data import load_dataset
+from fusion_prune.errors import BadInputError
+from fusion_prune.finetune import FinetuneConfig
+from signals import DEFAULT_SIGNALS
+
+
+@pytest.fixture(scope="module")
+def three_layer_model(tmp_path_factory):
+    import torch
+    from transformers import BertModel
+
+    from conftest import make_tokenizer, tiny_bert_config
+
+    folder = tmp_path_factory.mktemp("tiny3")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(layers=3)).save_pretrained(folder)
+    make_tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+def _cfg(**kw):
+    base = dict(min_layers=1, finetune_steps=3, signal_samples=32, max_eval_samples=40, max_length=16, batch_size=8,
+                lr=1e-3, teacher=FinetuneConfig(epochs=2, batch_size=16, lr=3e-3, max_length=16), progress=False)
+    base.update(kw)
+    return CollectConfig(**base)
+
+
+def test_rows_table(three_layer_model, sentiment_csv_dir, tmp_path):
+    data = load_dataset(str(sentiment_csv_dir))
+    rows = collect(str(three_layer_model), data, _cfg(), tmp_path / "rows.parquet", dataset_name="toy")
+    assert list(rows.columns) == ROW_KEYS + list(DEFAULT_SIGNALS)
+    assert pd.read_parquet(tmp_path / "rows.parquet").equals(rows)
+    # States at depth 3 and 2 (down to min_layers + 1), one row per layer.
+    assert rows.groupby("step").n_layers.first().tolist() == [3, 2] and len(rows) == 5
+    assert (rows.dataset == "toy").all() and rows[list(DEFAULT_SIGNALS)].notna().all().all()
+    # The next state's layers are the previous ones minus the best-measured layer.
+    s0 = rows[rows.step == 0]
+    best = s0.sort_values(["acc_after_drop", "loss_after_drop"], ascending=[False, True]).iloc[0].orig_layer
+    assert sorted(rows[rows.step == 1].orig_layer) == sorted(set(s0.orig_layer) - {best})
+    assert not (tmp_path / "rows.parquet.state").exists()  # the state folder is gone once done
+
+
+def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_path, monkeypatch):
+    data = load_dataset(str(sentiment_csv_dir))
+    full = collect(str(three_layer_model), data, _cfg(), tmp_path / "a.parquet")
+    real_train, calls = C.train, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # teacher, recovery after step 0, then stop during step 1's recovery
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(C, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collect(str(three_layer_model), data, _cfg(), tmp_path / "b.parquet")
+    assert not (tmp_path / "b.parquet").exists() and (tmp_path / "b.parquet.state" / "progress.json").is_file()
+    monkeypatch.setattr(C, "train", real_train)
+    resumed = collect(str(three_layer_model), data, _cfg(), tmp_path / "b.parquet")
+    pd.testing.assert_frame_equal(resumed, full)
+    # Other arguments cannot resume someone else's state.
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(C, "train", interrupted)
+        calls.clear()
+        collect(str(three_layer_model), data, _cfg(), tmp_path / "c.parquet")
+    monkeypatch.setattr(C, "train", real_train)
+    with pytest.raises(BadInputError, match="belongs to a run with other arguments"):
+        collect(str(three_layer_model), data, _cfg(seed=1), tmp_path / "c.parquet")
+
+
+def test_bad_min_layers(three_layer_model, sentiment_csv_dir, tmp_path):
+    with pytest.raises(BadInputError, match="'min_layers' parameter must be at least 1"):
+        _cfg(min_layers=0)
+    data = load_dataset(str(sentiment_csv_dir))
+    with pytest.raises(BadInputError, match="must be below the model's depth 3"):
+        collect(str(three_layer_model), data, _cfg(min_layers=3), tmp_path / "r.parquet")

@@ -1,0 +1,186 @@
+"""Fusion models: fitting, transfer across datasets, bundles and their errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from fusion_prune import fusion as F
+from fusion_prune.cli import main
+from fusion_prune.errors import BadInputError
+from fusion_prune.strategies import consensus_removability, signal_removability
+from signals import DEFAULT_SIGNALS
+
+
+def synthetic_rows(datasets=("a", "b", "c", "d"), states=6, seed=0) -> pd.DataFrame:
+    """States whose measured accuracy after a drop depends on two signals jointly.
+
+    Removing a layer hurts in proportion to grad_norm + attn_entropy (within the state); every
+    dataset has its own raw scale, which only per-state normalisation can see through.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d_i, d in enumerate(datasets):
+        scale = 10.0 ** d_i
+        for step in range(states):
+            n = 6 - step % 4
+            sig = {c: rng.normal(size=n) * scale + scale for c in DEFAULT_SIGNALS}
+            z = lambda x: (x - x.mean()) / x.std()
+            harm = z(sig["grad_norm"]) + z(sig["attn_entropy"])
+            acc = 0.8 - 0.05 * harm + rng.normal(scale=0.005, size=n)
+            for l in range(n):
+                rows.append({"source_model": "m", "dataset": d, "step": step, "layer": l, "orig_layer": l,
+                             "n_layers": n, "acc_before": 0.85, "acc_after_drop": acc[l], "loss_after_drop": 1 - acc[l],
+                             **{c: sig[c][l] for c in DEFAULT_SIGNALS}})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return synthetic_rows()
+
+
+def test_registry_has_the_three_models():
+    assert set(F.FUSION_MODELS) == {"linear", "rf", "xgb"}
+    with pytest.raises(ValueError, match="registered twice"):
+        F.register_fusion_model("rf")(lambda seed: None)
+
+
+@pytest.mark.parametrize("model_type", ["linear", "rf", "xgb"])
+def test_fusion_learns_a_two_signal_rule_and_transfers(rows, model_type):
+    train, held = rows[rows.dataset != "d"], rows[rows.dataset == "d"]
+    b = F.fit_bundle(train, model_type, feature_norm="zscore", target="retention_z")
+    fusion = F.choice_metrics(held, b.predict)
+    singles = F.baseline_metrics(held)["signals"]
+    assert fusion["spearman"] > 0.7 and fusion["regret"] < 0.02
+    assert fusion["regret"] < min(m["regret"] for m in singles.values())
+    assert fusion["spearman"] > max(m["spearman"] for m in singles.values())
+
+
+def test_metrics_by_hand():
+    state = pd.DataFrame({"source_model": "m", "dataset": "x", "step": 0, "layer": [0, 1, 2],
+                          "acc_before": 0.9, "acc_after_drop": [0.5, 0.8, 0.7]})
+    perfect = F.choice_metrics(state, lambda s: s["acc_after_drop"].to_numpy())
+    assert perfect == {"spearman": pytest.approx(1.0), "top1": 1.0, "regret": 0.0, "states": 1}
+    worst = F.choice_metrics(state, lambda s: -s["acc_after_drop"].to_numpy())
+    assert worst["top1"] == 0.0 and worst["regret"] == pytest.approx(0.3) and worst["spearman"] == pytest.approx(-1)
+
+
+def test_single_signal_rules_and_consensus_by_hand():
+    t = pd.DataFrame({c: [1.0, 2.0, 3.0] for c in DEFAULT_SIGNALS})
+    # prune_lowest: the lowest value is the most removable; prune_highest: the highest.
+    assert signal_removability(t, "act_energy").tolist() == [-1.0, -2.0, -3.0]
+    assert signal_removability(t, "attn_entropy").tolist() == [1.0, 2.0, 3.0]
+    # 10 signals say layer 0 is least important, 2 say layer 2 is: consensus importance
+    # = (10 * [0, .5, 1] + 2 * [1, .5, 0]) / 12
+    assert consensus_removability(t).tolist() == pytest.approx([-2 / 12, -0.5, -10 / 12])
+
+
+def test_per_state_normalisation_sees_through_scale(rows):
+    x, y = F.design_matrix(rows, DEFAULT_SIGNALS, "zscore", "retention_z")
+    assert x.shape == (len(rows), 12) and abs(x.mean()) < 1e-9
+    r, _ = F.design_matrix(rows, DEFAULT_SIGNALS, "rank", "retention")
+    assert r.min() == 0 and r.max() == 1
+
+
+def test_bundle_round_trip_and_prediction_api(rows, tmp_path):
+    b = F.fit_bundle(rows, "rf")
+    path = b.save(tmp_path / "f.joblib")
+    loaded = F.load_bundle(path)
+    state = rows[(rows.dataset == "a") & (rows.step == 0)]
+    np.testing.assert_allclose(loaded.predict(state), b.predict(state))
+    assert loaded.choose(state) == int(state.layer.iloc[np.argmax(b.predict(state))])
+    assert loaded.features == list(DEFAULT_SIGNALS) and loaded.sources[0]["states"] == 6
+    assert set(loaded.versions) == {"fusionprune", "scikit-learn", "xgboost"}
+
+
+def test_version_drift_warns(rows, tmp_path):
+    b = F.fit_bundle(rows, "linear")
+    b.versions["scikit-learn"] = "0.1"
+    b.save(tmp_path / "old.joblib")
+    with pytest.warns(UserWarning, match=r"scikit-learn 0.1 \(now"):
+        F.load_bundle(tmp_path / "old.joblib")
+
+
+def test_not_a_bundle_and_wrong_columns(rows, tmp_path):
+    (tmp_path / "junk.joblib").write_text("certainly not a pickle")
+    with pytest.raises(BadInputError, match="is not a fusionprune fusion bundle"):
+        F.load_bundle(tmp_path / "junk.joblib")
+    joblib.dump({"a": 1}, tmp_path / "dict.joblib")
+    with pytest.raises(BadInputError, match="not a fusionprune fusion bundle; it holds a dict"):
+        F.load_bundle(tmp_path / "dict.joblib")
+    with pytest.raises(BadInputError, match="does not exist"):
+        F.load_bundle(tmp_path / "missing.joblib")
+    b = F.fit_bundle(rows, "linear")
+    with pytest.raises(BadInputError, match=r"trained on feature columns .* lack \['repr_angular'\]"):
+        b.predict(rows.drop(columns=["repr_angular"]))
+
+
+def test_lodo_names_best_signal_from_training_folds(rows):
+    t = F.leave_one_dataset_out(rows, ["linear"])
+    assert set(t.held_out) == {"a", "b", "c", "d"}
+    assert set(t.method) == {"fusion-linear", "best-signal", "consensus"}
+    assert t[t.method == "best-signal"].signal.notna().all()
+    with pytest.raises(BadInputError, match="at least 2 datasets"):
+        F.leave_one_dataset_out(rows[rows.dataset == "a"])
+
+
+def test_importances(rows):
+    imp = F.importances(F.fit_bundle(rows, "rf"))
+    assert set(imp) == set(DEFAULT_SIGNALS)
+    top2 = sorted(imp, key=imp.get)[-2:]
+    assert set(top2) == {"grad_norm", "attn_entropy"}
+    coef = F.importances(F.fit_bundle(rows, "linear"))
+    assert coef["grad_norm"] < 0 and coef["attn_entropy"] < 0  # both hurt when removed
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_fit_and_evaluate_fusion_cli(rows, tmp_path):
+    runner = CliRunner()
+    for d in "abcd":
+        rows[rows.dataset == d].to_parquet(tmp_path / f"rows-{d}.parquet")
+    out, report = tmp_path / "f.joblib", tmp_path / "lodo.json"
+    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "rows-*.parquet"), "--model-type", "xgb",
+                               "-o", str(out), "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    bundle = F.load_bundle(out)
+    assert bundle.cv["scheme"] == "leave-one-dataset-out" and len(bundle.cv["grid"]) == 4 * 3
+    assert (bundle.feature_norm, bundle.target) == tuple(bundle.cv["chosen"].values())
+    rep = json.loads(report.read_text())
+    assert {r["method"] for r in rep["per_dataset"]} >= {"fusion-linear", "fusion-rf", "fusion-xgb", "best-signal",
+                                                        "consensus"}
+    assert report.with_suffix(".png").stat().st_size > 1000
+    res = runner.invoke(main, ["evaluate-fusion", "--fusion", str(out), "--data", str(tmp_path / "rows-d.parquet"),
+                               "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert set(m) == {"fusion", "signals", "consensus", "states"} and m["states"] == 6
+    assert set(m["fusion"]) >= {"spearman", "top1", "regret"} and len(m["signals"]) == 12
+
+
+def test_fusion_cli_bad_input(rows, tmp_path):
+    runner = CliRunner()
+    rows.to_parquet(tmp_path / "rows.parquet")
+    (tmp_path / "junk.joblib").write_text("x")
+    res = runner.invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "junk.joblib"), "--data",
+                               str(tmp_path / "rows.parquet")])
+    assert res.exit_code == 2 and "not a fusionprune fusion bundle" in res.stderr
+    rows.drop(columns=["mi_task"]).to_parquet(tmp_path / "fewer.parquet")
+    F.fit_bundle(rows, "linear").save(tmp_path / "ok.joblib")
+    res = runner.invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "ok.joblib"), "--data",
+                               str(tmp_path / "fewer.parquet")])
+    assert res.exit_code == 2 and "lack ['mi_task']" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "fewer.parquet"), "-o", str(tmp_path / "n.joblib")])
+    assert res.exit_code == 2 and "lack ['mi_task']" in res.stderr and not (tmp_path / "n.joblib").exists()
+    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "nothing-*.parquet"), "-o", str(tmp_path / "n.joblib")])
+    assert res.exit_code == 2 and "matches no file" in res.stderr
+    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "junk.joblib"), "-o", str(tmp_path / "n.joblib")])
+    assert res.exit_code == 2 and "The rows lack columns" in res.stderr
