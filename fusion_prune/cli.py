@@ -399,5 +399,125 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
         click.echo(f"  {name:<15} spearman {m['spearman']:+.3f}  top1 {m['top1']:.3f}  regret {m['regret']:.4f}")
 
 
+# --------------------------------------------------------------------------- compress / distill
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="A classifier, or a model to fine-tune into the teacher first.")
+@_dataset_options
+@click.option("--target-layers", required=True, type=int, help="Depth of the compressed model.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--strategy", default="fusion", show_default=True, help="How to pick layers (see --help-strategies).")
+@click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
+              help="Fusion bundle for --strategy fusion; default: the shipped one.")
+@click.option("--finetune-steps", default=50, show_default=True, type=int, help="Recovery steps after each drop.")
+@click.option("--signal-samples", default=256, show_default=True, type=int)
+@click.option("--label-samples", default=400, show_default=True, type=int,
+              help="Validation examples for the measured accuracy of each candidate (0: skip unless needed).")
+@click.option("--max-train-samples", default=3000, show_default=True, type=int, help="Teacher fine-tuning cap.")
+@click.option("--teacher-epochs", default=1.0, show_default=True, type=float)
+@click.option("--max-eval-samples", default=None, type=int, help="Cap on reported validation/test examples.")
+@click.option("--max-length", default=128, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--distill-epochs", default=1.0, show_default=True, type=float)
+@click.option("--distill-samples", default=3000, show_default=True, type=int)
+@click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--hidden-weight", default=0.0, show_default=True, type=float, help="Hidden-state matching weight.")
+@click.option("--no-distill", is_flag=True, help="Stop after pruning and fine-tuning.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue a stopped run with the same arguments.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def compress(model: str, dataset: str, text_column: str, label_column: str, target_layers: int, output: Path,
+             strategy: str, fusion_path: Path | None, finetune_steps: int, signal_samples: int, label_samples: int,
+             max_train_samples: int, teacher_epochs: float, max_eval_samples: int | None, max_length: int,
+             batch_size: int, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
+             hidden_weight: float, no_distill: bool, seed: int, resume: bool, overwrite: bool) -> None:
+    """Remove layers down to --target-layers, fine-tuning after each removal, then distil."""
+    from distill import DistillConfig
+    from fusion_prune.data import load_dataset
+    from fusion_prune.finetune import FinetuneConfig
+    from fusion_prune.greedy import CompressConfig, compress as run
+
+    if fusion_path is not None and strategy == "fusion" and not fusion_path.is_file():
+        raise BadInputError(f"The fusion bundle {str(fusion_path)!r} does not exist; expected a file written by fit-fusion.")
+    if output.exists() and not overwrite:
+        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    cfg = CompressConfig(
+        target_layers=target_layers, strategy=strategy, fusion_path=str(fusion_path) if fusion_path else None,
+        finetune_steps=finetune_steps, signal_samples=signal_samples, label_samples=label_samples,
+        max_eval_samples=max_eval_samples, max_length=max_length, batch_size=batch_size, lr=lr, seed=seed,
+        teacher=FinetuneConfig(epochs=teacher_epochs, lr=2e-4, max_train_samples=max_train_samples),
+        distill=None if no_distill else DistillConfig(epochs=distill_epochs, max_train_samples=distill_samples,
+                                                      temperature=temperature, hidden_weight=hidden_weight,
+                                                      batch_size=batch_size, lr=lr))
+    data = load_dataset(dataset, text_column, label_column)
+    r = run(model, data, cfg, output, resume=resume, overwrite=overwrite)
+    click.echo("")
+    click.echo(f"  {r['model']} on {r['dataset']}  ({r['strategy']})")
+    click.echo(f"  layers            {r['teacher_layers']} -> {r['student_layers']}  (kept original {r['kept_layers']})")
+    click.echo(f"  teacher accuracy  {r['teacher_accuracy']:.4f}")
+    click.echo(f"  pruned accuracy   {r['pruned_accuracy']:.4f}  (after pruning and fine-tuning)")
+    click.echo(f"  student accuracy  {r['student_accuracy']:.4f}  ({'after distillation' if cfg.distill else 'no distillation'})")
+    click.echo(f"  wall time         {r['wall_seconds']:.0f} s  (choosing layers: {r['selection_seconds']:.1f} s)")
+    click.echo(f"  saved             {output}  (report.md, report.json, plots/)")
+
+
+@main.command("distill")
+@click.option("--teacher", required=True, help="The fine-tuned teacher classifier.")
+@click.option("--student", required=True, help="The student classifier (e.g. a pruned copy of the teacher).")
+@_dataset_options
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--epochs", default=1.0, show_default=True, type=float)
+@click.option("--max-steps", default=None, type=int)
+@click.option("--max-train-samples", default=None, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--soft-weight", default=0.5, show_default=True, type=float)
+@click.option("--hard-weight", default=0.5, show_default=True, type=float)
+@click.option("--hidden-weight", default=0.0, show_default=True, type=float)
+@click.option("--max-length", default=128, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, label_column: str, output: Path,
+                epochs: float, max_steps: int | None, max_train_samples: int | None, batch_size: int, lr: float,
+                temperature: float, soft_weight: float, hard_weight: float, hidden_weight: float, max_length: int,
+                seed: int, overwrite: bool) -> None:
+    """Knowledge distillation from TEACHER into STUDENT (soft + hard labels, optional hidden states)."""
+    from distill import DistillConfig, distill as run
+    from fusion_prune.data import load_dataset
+    from fusion_prune.finetune import evaluate, make_accelerator
+    from fusion_prune.models import load_classifier
+    from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+
+    if output.exists() and not overwrite:
+        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    cfg = DistillConfig(epochs=epochs, max_steps=max_steps, max_train_samples=max_train_samples,
+                        batch_size=batch_size, lr=lr, temperature=temperature, soft_weight=soft_weight,
+                        hard_weight=hard_weight, hidden_weight=hidden_weight, max_length=max_length, seed=seed)
+    data = load_dataset(dataset, text_column, label_column)
+    t_model, tok, t_trained = load_classifier(teacher, data.labels)
+    s_model, _, _ = load_classifier(student, data.labels)
+    if not t_trained:
+        raise BadInputError(f"The teacher {teacher!r} has no classification head trained for these labels; "
+                            "expected a fine-tuned classifier.")
+    acc = make_accelerator(cfg.mixed_precision)
+    stats = run(t_model, s_model, tok, data.train, data.labels, cfg, acc)
+    # Every rank evaluates (the test split is sharded and gathered); only the main one writes.
+    res = evaluate(s_model, tok, data.test, data.labels, batch_size * 2, max_length, accelerator=acc)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        acc.unwrap_model(s_model).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json_atomic(tmp / "fusionprune_distill.json", {"teacher": teacher, "student": student, "train": stats,
+                                                             "test": res, "num_processes": acc.num_processes,
+                                                             "versions": versions()})
+    click.echo(f"saved {output}: test accuracy {res['accuracy']:.4f} after {stats['steps']} distillation steps "
+               f"({acc.num_processes} process{'es' if acc.num_processes > 1 else ''})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -87,8 +87,11 @@ def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
 
 
 def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
-                shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """Batches of ``input_ids``/``attention_mask`` (B, T ≤ max_length) and ``labels`` (B,)."""
+                shuffle: bool = False, seed: int = 0, with_index: bool = False) -> DataLoader:
+    """Batches of ``input_ids``/``attention_mask`` (B, T ≤ max_length) and ``labels`` (B,).
+
+    With ``with_index`` each batch also holds ``index`` (B,): the rows' positions in ``df``.
+    """
     texts = df["text"].tolist()
     labels = df["label"].to_numpy()
 
@@ -97,6 +100,8 @@ def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
                         padding=True, return_tensors="pt")
         enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         enc["labels"] = torch.as_tensor(labels[idx], dtype=torch.long)
+        if with_index:
+            enc["index"] = torch.as_tensor(idx, dtype=torch.long)
         return enc
 
     gen = torch.Generator().manual_seed(seed)

@@ -100,3 +100,95 @@ def plot_lodo(table: pd.DataFrame, path: str | os.PathLike) -> Path:
         return _save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(report: dict, path: str | os.PathLike) -> Path:
+    """Validation accuracy after each step (and the measured drop-one accuracy before recovery)."""
+    plt = _plt()
+    h = report["history"]
+    steps = [e["layers_before"] - len(e["dropped"]) for e in h]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.axhline(report["info"]["teacher_validation_accuracy"], color="grey", ls="--", label="teacher")
+    ax.plot(steps, [e["validation_accuracy_after_finetune"] for e in h], "o-", label="after short fine-tune")
+    measured = [e["measured_acc_after_drop"] for e in h]
+    if any(m is not None for m in measured):
+        ax.plot(steps, [np.nan if m is None else m for m in measured], "x:", label="right after the drop")
+    ax.set_xlabel("layers")
+    ax.set_ylabel("validation accuracy")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    ax.set_title(f"{report['strategy']}: accuracy per step")
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
+    """Which original layers remain after each step."""
+    plt = _plt()
+    L = report["teacher_layers"]
+    rows = [list(range(L))] + [e["kept_layers"] for e in report["history"]]
+    grid = np.array([[1.0 if l in r else 0.0 for l in range(L)] for r in rows])
+    fig, ax = plt.subplots(figsize=(1.5 + 0.35 * L, 1.0 + 0.35 * len(rows)))
+    ax.imshow(grid, cmap="Greens", vmin=0, vmax=1.3, aspect="auto")
+    ax.set_xticks(range(L))
+    ax.set_yticks(range(len(rows)), ["teacher"] + [f"step {e['step']}" for e in report["history"]])
+    ax.set_xlabel("original layer (green: kept)")
+    ax.set_title("kept layers")
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
+    """report.json, report.md and plots/ in ``folder``."""
+    from fusion_prune.utils import write_json_atomic
+
+    folder = Path(folder)
+    write_json_atomic(folder / "report.json", report)
+    plots = folder / "plots"
+    plot_accuracy(report, plots / "accuracy.png")
+    plot_kept_layers(report, plots / "kept_layers.png")
+    for e in report["history"]:
+        if e["signals"] is not None:
+            plot_signals_heatmap(pd.DataFrame(e["signals"]), plots / f"signals_step{e['step']}.png",
+                                 title=f"signals at step {e['step']} ({e['layers_before']} layers)")
+    lines = [
+        f"# fusionprune compress: {report['model']} on {report['dataset']}",
+        "",
+        f"Strategy `{report['strategy']}`: {report['teacher_layers']} -> {report['student_layers']} layers, "
+        f"kept original layers {report['kept_layers']}.",
+        "",
+        "| | test accuracy | macro-F1 |",
+        "|---|---|---|",
+        f"| teacher | {report['teacher_accuracy']:.4f} | {report['teacher_macro_f1']:.4f} |",
+        f"| pruned + fine-tuned | {report['pruned_accuracy']:.4f} | |",
+        f"| after distillation | {report['student_accuracy']:.4f} | {report['student_macro_f1']:.4f} |",
+        "",
+        f"{report['test_examples']} test examples; wall time {report['wall_seconds']:.0f} s; "
+        f"time spent choosing layers {report['selection_seconds']:.1f} s.",
+        "",
+        "| step | layers | dropped (original) | predicted | measured right after | validation after fine-tune |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in report["history"]:
+        fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"| {e['step']} | {e['layers_before']} | {e['dropped_orig']} | {fmt(e['predicted'])} | "
+                     f"{fmt(e['measured_acc_after_drop'])} | {e['validation_accuracy_after_finetune']:.4f} |")
+    lines += ["", "![accuracy](plots/accuracy.png)", "", "![kept layers](plots/kept_layers.png)", ""]
+    lines += [f"![signals step {e['step']}](plots/signals_step{e['step']}.png)" for e in report["history"]
+              if e["signals"] is not None]
+    tmp = folder / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, folder / "report.md")

@@ -325,3 +325,55 @@ def scale_output(layer: nn.Module, alpha: float, keep: list | None = None) -> It
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def record_layer_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the block, each forward appends every layer's output hidden states (with grad) to
+    the yielded list, in layer order; clear it between forwards. Used by hidden-state KD."""
+    outputs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda m, a, o: outputs.append(_hidden(o)))
+               for layer in layer_list(model)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def block_angular_distance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], n: int) -> np.ndarray:
+    """For each start l, the mean over real tokens of arccos(cos(h_l, h_{l+n})) / pi: (L - n + 1,).
+
+    ``h_l`` is the input of layer l (``h_L`` the last layer's output): the angular distance
+    across the block of ``n`` layers starting at l (Gromov et al., 2024).
+    """
+    layers = layer_list(model)
+    L = len(layers)
+    if not 1 <= n <= L:
+        raise ValueError(f"block size must be in [1, {L}], got {n}")
+    sums, count = np.zeros(L - n + 1), 0.0
+    states: list = []
+    handles = [layer.register_forward_hook(lambda m, a, k, o, i=i: states.append((i, _layer_input(a, k), _hidden(o))),
+                                           with_kwargs=True) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            states.clear()
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+            h = [None] * (L + 1)
+            for i, h_in, h_out in states:
+                h[i] = h_in.float()
+                if i == L - 1:
+                    h[L] = h_out.float()
+            m = batch["attention_mask"].float()
+            for l in range(L - n + 1):
+                cos = nn.functional.cosine_similarity(h[l], h[l + n], dim=-1, eps=1e-8).clamp(-1, 1)
+                sums[l] += float((torch.arccos(cos) / torch.pi * m).sum())
+            count += float(m.sum())
+    finally:
+        for hd in handles:
+            hd.remove()
+        model.train(was_training)
+    return sums / max(count, 1.0)

@@ -1,0 +1,151 @@
+"""Teacher -> student knowledge distillation on accelerate (CPU, one GPU, or ``accelerate launch``).
+
+Loss = soft_weight * soft_kl(T) + hard_weight * hard_ce + hidden_weight * hidden_mse, the last
+over the (student layer, teacher layer) pairs of :func:`distill.layer_map.layer_map`. bf16
+autocast on CUDA. Teacher logits are computed once and cached when the student will see the
+training examples more than once and no hidden states are matched (then one teacher pass over
+the data is cheaper than one per step); otherwise the teacher runs alongside each step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from distill.layer_map import layer_map
+from distill.losses import hard_ce, hidden_mse, soft_kl
+from fusion_prune.errors import BadInputError
+from fusion_prune.finetune import label_map, make_accelerator, make_loader, subsample
+from fusion_prune.utils import set_seed
+
+
+@dataclass
+class DistillConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    temperature: float = 2.0
+    soft_weight: float = 0.5
+    hard_weight: float = 0.5
+    hidden_weight: float = 0.0
+    max_length: int = 128
+    seed: int = 0
+    max_train_samples: int | None = None
+    cache_teacher_logits: str = "auto"  # "auto", "yes" or "no"
+    mixed_precision: str = "auto"
+    grad_clip: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise BadInputError(f"The 'temperature' parameter must be positive. Got {self.temperature}.")
+        if min(self.soft_weight, self.hard_weight, self.hidden_weight) < 0 or \
+                self.soft_weight + self.hard_weight + self.hidden_weight == 0:
+            raise BadInputError("The loss weights must be non-negative and not all zero. Got "
+                                f"soft {self.soft_weight}, hard {self.hard_weight}, hidden {self.hidden_weight}.")
+        if self.cache_teacher_logits not in ("auto", "yes", "no"):
+            raise BadInputError(f"The 'cache_teacher_logits' parameter must be one of {{'auto', 'no', 'yes'}}. "
+                                f"Got {self.cache_teacher_logits!r} instead.")
+
+
+@torch.no_grad()
+def teacher_logits(teacher, tokenizer, df: pd.DataFrame, batch_size: int, max_length: int, accelerator) -> torch.Tensor:
+    """(N, C) teacher logits for the rows of ``df``, in row order, on the CPU."""
+    out = torch.zeros(len(df), teacher.config.num_labels)
+    for b in make_loader(df, tokenizer, batch_size, max_length, with_index=True):
+        idx = b.pop("index")
+        b.pop("labels")
+        with accelerator.autocast():
+            out[idx] = teacher(**{k: v.to(accelerator.device) for k, v in b.items()}).logits.float().cpu()
+    return out
+
+
+def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: list[str], cfg: DistillConfig,
+            accelerator=None) -> dict:
+    """Train ``student`` in place to imitate ``teacher`` on ``train_df``; returns losses and timing."""
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from signals.capture import record_layer_outputs
+
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    set_seed(cfg.seed)
+    if teacher.config.num_labels != student.config.num_labels:
+        raise BadInputError(f"The teacher has {teacher.config.num_labels} classes and the student "
+                            f"{student.config.num_labels}; expected the same head.")
+    mapping = torch.as_tensor(label_map(student.config, data_labels))
+    df = subsample(train_df, cfg.max_train_samples, cfg.seed)
+    loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed, with_index=True)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(loader)))
+    seen = total * cfg.batch_size
+    cache = cfg.cache_teacher_logits == "yes" or (
+        cfg.cache_teacher_logits == "auto" and cfg.hidden_weight == 0 and seen > len(df))
+    pairs = layer_map(student.config, teacher.config) if cfg.hidden_weight > 0 else []
+    if cfg.hidden_weight > 0 and not pairs:
+        raise BadInputError("The 'hidden_weight' parameter needs student layers that came from teacher layers; "
+                            "this student shares no original layer with the teacher.")
+    teacher_was_training = teacher.training
+    teacher.to(accelerator.device).eval()  # it runs under no_grad: its requires_grad flags stay as they are
+    t0 = time.perf_counter()
+    cached = teacher_logits(teacher, tokenizer, df, cfg.batch_size * 2, cfg.max_length, accelerator) if cache else None
+    cache_seconds = time.perf_counter() - t0
+    decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    student, opt, loader = accelerator.prepare(student, opt, loader)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    raw_student = accelerator.unwrap_model(student)
+    student.train()
+    losses: list[float] = []
+    bar = tqdm(total=total, desc="distill", disable=not (cfg.progress and accelerator.is_local_main_process),
+               dynamic_ncols=True)
+    step = 0
+    try:
+        with record_layer_outputs(raw_student) as s_hidden, record_layer_outputs(teacher) as t_hidden:
+            while step < total:
+                for batch in loader:
+                    idx = batch.pop("index")
+                    labels = mapping.to(batch["labels"].device)[batch.pop("labels")]
+                    s_hidden.clear()
+                    t_hidden.clear()
+                    with accelerator.autocast():
+                        s_logits = student(**batch).logits
+                        if cached is not None:
+                            t_logits = cached[idx.cpu()].to(s_logits.device)
+                        else:
+                            with torch.no_grad():
+                                t_logits = teacher(**batch).logits
+                        loss = cfg.hard_weight * hard_ce(s_logits, labels)
+                        if cfg.soft_weight:
+                            loss = loss + cfg.soft_weight * soft_kl(s_logits, t_logits, cfg.temperature)
+                        if cfg.hidden_weight:
+                            loss = loss + cfg.hidden_weight * hidden_mse(s_hidden, [h.detach() for h in t_hidden],
+                                                                         pairs, batch["attention_mask"])
+                    accelerator.backward(loss)
+                    if cfg.grad_clip:
+                        accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(loss.item())
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                    if step >= total:
+                        break
+    finally:
+        bar.close()
+        teacher.train(teacher_was_training)
+    student.eval()
+    return {"steps": step, "examples": len(df), "teacher_logits_cached": cache, "cache_seconds": round(cache_seconds, 2),
+            "first_loss": losses[0] if losses else None, "final_loss": float(np.mean(losses[-20:])) if losses else None,
+            "distill_seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg), "pairs": pairs}

@@ -1,0 +1,180 @@
+"""compress end to end on a tiny model: every strategy, resume, distillation, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from click.testing import CliRunner
+
+import fusion_prune.greedy as G
+from distill import DistillConfig
+from fusion_prune.cli import main
+from fusion_prune.data import load_dataset
+from fusion_prune.errors import BadInputError
+from fusion_prune.finetune import FinetuneConfig, finetune
+from fusion_prune.greedy import CompressConfig, compress
+from fusion_prune.strategies import STRATEGIES
+
+from conftest import make_tokenizer, tiny_bert_config
+
+
+@pytest.fixture(scope="module")
+def teacher(sentiment_csv_dir, tmp_path_factory):
+    """A trained 3-layer tiny classifier."""
+    root = tmp_path_factory.mktemp("compress")
+    torch.manual_seed(0)
+    T.BertModel(tiny_bert_config(layers=3)).save_pretrained(root / "base")
+    make_tokenizer(root / "base").save_pretrained(root / "base")
+    finetune(str(root / "base"), load_dataset(str(sentiment_csv_dir)),
+             FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, max_length=16, progress=False), root / "teacher")
+    return root / "teacher"
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    from fusion_prune.fusion import fit_bundle
+    from test_fusion import synthetic_rows
+
+    return fit_bundle(synthetic_rows(), "rf").save(tmp_path_factory.mktemp("bundle") / "f.joblib")
+
+
+def _cfg(strategy="top", **kw):
+    base = dict(target_layers=1, strategy=strategy, finetune_steps=2, signal_samples=32, label_samples=40,
+                max_eval_samples=60, max_length=16, batch_size=8, lr=1e-3, distill=None, progress=False)
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_end_to_end(strategy, teacher, sentiment_csv_dir, bundle_path, tmp_path):
+    data = load_dataset(str(sentiment_csv_dir))
+    out = tmp_path / "out"
+    cfg = _cfg(strategy, fusion_path=str(bundle_path) if strategy == "fusion" else None)
+    r = compress(str(teacher), data, cfg, out)
+    assert r["student_layers"] == 1 and len(r["kept_layers"]) == 1
+    steps = 1 if STRATEGIES[strategy].one_shot else 2
+    assert len(r["history"]) == steps
+    model = T.AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and model.config.fusionprune_kept_layers == r["kept_layers"]
+    assert json.loads((out / "report.json").read_text())["kept_layers"] == r["kept_layers"]
+    assert (out / "report.md").is_file() and (out / "plots" / "accuracy.png").is_file()
+    assert not (tmp_path / "out.partial").exists()
+    if strategy == "top":
+        assert r["kept_layers"] == [0]
+    if strategy == "bottom":
+        assert r["kept_layers"] == [2]
+    if strategy == "oracle":  # the measured best layer is dropped each time
+        for e in r["history"]:
+            best = max(e["labels"]["acc_after_drop"])
+            assert e["measured_acc_after_drop"] == best
+    if strategy == "fusion":
+        assert all(e["predicted"] is not None for e in r["history"]) and r["fusion_bundle"]["model_type"] == "rf"
+
+
+def test_alternate_and_symmetric_orders():
+    from fusion_prune.strategies import StrategyState
+
+    def run(name, L, target):
+        kept = list(range(L))
+        while len(kept) > target:
+            s = StrategyState(None, [], len(kept), target, kept, full_layers=L)
+            (i,) = STRATEGIES[name].fn(s)
+            kept = kept[:i] + kept[i + 1:]
+        return kept
+
+    assert run("alternate", 12, 6) == [0, 2, 4, 6, 8, 10]
+    assert run("symmetric", 12, 6) == [0, 1, 2, 9, 10, 11]
+    assert run("top", 6, 3) == [0, 1, 2] and run("bottom", 6, 3) == [3, 4, 5]
+
+
+def test_resume_after_the_first_step(teacher, sentiment_csv_dir, tmp_path, monkeypatch):
+    data = load_dataset(str(sentiment_csv_dir))
+    cfg = _cfg("consensus", distill=DistillConfig(max_steps=3, batch_size=8, progress=False))
+    full = compress(str(teacher), data, cfg, tmp_path / "a")
+    real, calls = G.train, []
+
+    def stop_in_second_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "train", stop_in_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        compress(str(teacher), data, cfg, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    saved = json.loads((tmp_path / "b.partial" / "history.json").read_text())
+    assert len(saved["history"]) == 1
+    monkeypatch.setattr(G, "train", real)
+    with pytest.raises(BadInputError, match="A stopped run exists.*--resume"):
+        compress(str(teacher), data, cfg, tmp_path / "b")
+    resumed = compress(str(teacher), data, cfg, tmp_path / "b", resume=True)
+
+    def strip(h):
+        return [{k: v for k, v in e.items() if k not in ("seconds", "selection_seconds")} for e in h]
+
+    assert resumed["kept_layers"] == full["kept_layers"]
+    assert strip(resumed["history"]) == strip(full["history"])
+    assert resumed["student_accuracy"] == full["student_accuracy"]
+
+
+def test_distillation_under_accelerate_launch_two_cpu_processes(teacher, sentiment_csv_dir, tmp_path):
+    from fusion_prune.surgery import drop_layers
+
+    student = tmp_path / "student"
+    t = T.AutoModelForSequenceClassification.from_pretrained(teacher)
+    drop_layers(t, [0, 2]).save_pretrained(student)
+    T.AutoTokenizer.from_pretrained(teacher).save_pretrained(student)
+    exe = Path(sys.executable).parent / "accelerate"
+    out = tmp_path / "kd"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "29519", "-m", "fusion_prune.cli", "distill",
+         "--teacher", str(teacher), "--student", str(student), "--dataset", str(sentiment_csv_dir), "-o", str(out),
+         "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--max-length", "16"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((out / "fusionprune_distill.json").read_text())
+    assert rec["num_processes"] == 2 and rec["test"]["examples"] == 100 and rec["test"]["accuracy"] >= 0.9
+    assert T.AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 1
+    assert proc.stdout.count("saved ") == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target-layers", "3", "--strategy", "top"], "must be below the model's depth 3. Got 3"),
+    (["--target-layers", "0", "--strategy", "top"], "'target_layers' parameter must be at least 1. Got 0"),
+    (["--target-layers", "1", "--strategy", "vibes"], "'strategy' parameter must be one of {"),
+    (["--target-layers", "1", "--fusion", "{junk}"], "is not a fusionprune fusion bundle"),
+    (["--target-layers", "1", "--fusion", "{tmp}/missing.joblib"], "does not exist"),
+    (["--target-layers", "1", "-o", "{exists}"], "already exists"),
+])
+def test_compress_bad_input_exits_2_and_touches_nothing(teacher, sentiment_csv_dir, tmp_path, extra, message):
+    (tmp_path / "junk.joblib").write_text("junk")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "mine.txt").write_text("keep")
+    args = [a.format(tmp=tmp_path, junk=tmp_path / "junk.joblib", exists=tmp_path / "exists") for a in extra]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out")]
+    res = CliRunner().invoke(main, ["compress", "--model", str(teacher), "--dataset", str(sentiment_csv_dir), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "'random'" in res.stderr if "vibes" in extra else True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "junk.joblib"]
+    assert (tmp_path / "exists" / "mine.txt").read_text() == "keep"
+
+
+def test_compress_cli_summary(teacher, sentiment_csv_dir, tmp_path):
+    res = CliRunner().invoke(main, ["compress", "--model", str(teacher), "--dataset", str(sentiment_csv_dir),
+                                    "--target-layers", "2", "--strategy", "top", "-o", str(tmp_path / "o"),
+                                    "--finetune-steps", "2", "--signal-samples", "16", "--label-samples", "16",
+                                    "--max-length", "16", "--distill-epochs", "1", "--distill-samples", "64"])
+    assert res.exit_code == 0, res.output
+    assert "layers            3 -> 2" in res.output and "after distillation" in res.output

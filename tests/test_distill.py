@@ -1,0 +1,99 @@
+"""Distillation losses by hand, the layer map, and the trainer on a tiny teacher/student pair."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers as T
+
+from distill import KD_LOSSES, DistillConfig, distill, hard_ce, hidden_mse, layer_map, soft_kl
+from fusion_prune.data import load_dataset
+from fusion_prune.errors import BadInputError
+from fusion_prune.finetune import FinetuneConfig, evaluate, finetune
+from fusion_prune.surgery import drop_layers
+
+
+def test_registry():
+    assert set(KD_LOSSES) == {"soft_kl", "hard_ce", "hidden_mse"}
+
+
+def test_soft_kl_by_hand():
+    s = torch.tensor([[0.0, 0.0]])
+    t = torch.tensor([[math.log(3.0), 0.0]])  # teacher probabilities (3/4, 1/4) at T = 1
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert soft_kl(s, t, temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
+    # At T = 2 the teacher is (sqrt3, 1) / (sqrt3 + 1); the loss is scaled by T^2.
+    p = math.sqrt(3) / (math.sqrt(3) + 1)
+    exp2 = 4 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
+    assert soft_kl(s, t, temperature=2.0).item() == pytest.approx(exp2, rel=1e-6)
+    assert soft_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_hard_ce_and_hidden_mse_by_hand():
+    assert hard_ce(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).item() == pytest.approx(math.log(2))
+    s = [torch.ones(1, 3, 2)]
+    t = [torch.zeros(1, 3, 2), torch.full((1, 3, 2), 3.0)]
+    mask = torch.tensor([[1, 1, 0]])  # the padded token does not count
+    assert hidden_mse(s, t, [(0, 0)], mask).item() == pytest.approx(1.0)
+    assert hidden_mse(s, t, [(0, 1)], mask).item() == pytest.approx(4.0)
+    assert hidden_mse(s, t, [(0, 0), (0, 1)], mask).item() == pytest.approx(2.5)
+
+
+def test_layer_map_uses_original_indices():
+    cfg = T.BertConfig(num_hidden_layers=6)
+    student = drop_layers(T.BertModel(T.BertConfig(hidden_size=8, num_hidden_layers=6, num_attention_heads=2,
+                                                   intermediate_size=8, vocab_size=20)), [0, 2, 3])
+    assert layer_map(student.config, cfg) == [(0, 1), (1, 4), (2, 5)]
+    teacher = T.BertConfig(num_hidden_layers=4)
+    teacher.fusionprune_kept_layers = [1, 2, 4, 5]  # a teacher that was itself pruned
+    assert layer_map(student.config, teacher) == [(0, 0), (1, 2), (2, 3)]
+
+
+def test_config_checks():
+    with pytest.raises(BadInputError, match="'temperature' parameter must be positive"):
+        DistillConfig(temperature=0)
+    with pytest.raises(BadInputError, match="not all zero"):
+        DistillConfig(soft_weight=0, hard_weight=0)
+    with pytest.raises(BadInputError, match="'cache_teacher_logits' parameter must be one of"):
+        DistillConfig(cache_teacher_logits="maybe")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_base_model, sentiment_csv_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kd") / "teacher"
+    finetune(str(tiny_base_model), load_dataset(str(sentiment_csv_dir)),
+             FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, max_length=16, progress=False), out)
+    return out
+
+
+@pytest.mark.parametrize("cache, hidden", [("yes", 0.0), ("no", 0.0), ("auto", 1.0)])
+def test_distillation_moves_the_student_to_the_teacher(teacher_dir, sentiment_csv_dir, cache, hidden):
+    data = load_dataset(str(sentiment_csv_dir))
+    teacher = T.AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    tok = T.AutoTokenizer.from_pretrained(teacher_dir)
+    student = drop_layers(teacher, [1])
+    torch.manual_seed(0)
+    with torch.no_grad():  # scramble the student's head so that it has something to learn
+        student.classifier.weight.normal_(0, 1.0)
+    before = evaluate(student, tok, data.validation, data.labels, max_length=16)["accuracy"]
+    cfg = DistillConfig(epochs=3, batch_size=16, lr=3e-3, max_length=16, cache_teacher_logits=cache,
+                        hidden_weight=hidden, progress=False)
+    stats = distill(teacher, student, tok, data.train, data.labels, cfg)
+    after = evaluate(student, tok, data.validation, data.labels, max_length=16)["accuracy"]
+    assert stats["final_loss"] < stats["first_loss"] and after >= 0.95 and after >= before
+    assert stats["teacher_logits_cached"] == (cache == "yes")  # auto: not with hidden-state matching
+    assert stats["pairs"] == ([(0, 0)] if hidden else [])
+    assert all(p.requires_grad for p in teacher.parameters()) and not teacher.training  # flags untouched
+
+
+def test_auto_caches_when_examples_repeat(teacher_dir, sentiment_csv_dir):
+    data = load_dataset(str(sentiment_csv_dir))
+    teacher = T.AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    tok = T.AutoTokenizer.from_pretrained(teacher_dir)
+    one = distill(teacher, drop_layers(teacher, [0]), tok, data.train, data.labels,
+                  DistillConfig(max_steps=2, batch_size=8, max_length=16, progress=False))
+    many = distill(teacher, drop_layers(teacher, [0]), tok, data.train, data.labels,
+                   DistillConfig(epochs=2, batch_size=64, max_length=16, progress=False))
+    assert one["teacher_logits_cached"] is False and many["teacher_logits_cached"] is True
