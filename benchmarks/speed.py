@@ -14,7 +14,6 @@ The last line is ``speedup/ideal: X`` for the worst pruned depth.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys

@@ -13,14 +13,13 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 
 from distill.layer_map import layer_map
 from distill.losses import hard_ce, hidden_mse, soft_kl
 from fusion_prune.errors import BadInputError
-from fusion_prune.finetune import label_map, make_accelerator, make_loader, subsample
+from fusion_prune.finetune import label_map, loss_summary, make_accelerator, make_loader, run_steps, subsample
 from fusion_prune.utils import set_seed
 
 
@@ -71,9 +70,6 @@ def teacher_logits(teacher, tokenizer, df: pd.DataFrame, batch_size: int, max_le
 def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: list[str], cfg: DistillConfig,
             accelerator=None) -> dict:
     """Train ``student`` in place to imitate ``teacher`` on ``train_df``; returns losses and timing."""
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
     from signals.capture import record_layer_outputs
 
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
@@ -84,8 +80,8 @@ def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: li
     mapping = torch.as_tensor(label_map(student.config, data_labels))
     df = subsample(train_df, cfg.max_train_samples, cfg.seed)
     loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed, with_index=True)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(loader)))
-    seen = total * cfg.batch_size
+    # Examples the student will see (all processes together): more than the data means repeats.
+    seen = (cfg.max_steps or math.ceil(cfg.epochs * len(loader))) * cfg.batch_size
     cache = cfg.cache_teacher_logits == "yes" or (
         cfg.cache_teacher_logits == "auto" and cfg.hidden_weight == 0 and seen > len(df))
     pairs = layer_map(student.config, teacher.config) if cfg.hidden_weight > 0 else []
@@ -97,55 +93,34 @@ def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: li
     t0 = time.perf_counter()
     cached = teacher_logits(teacher, tokenizer, df, cfg.batch_size * 2, cfg.max_length, accelerator) if cache else None
     cache_seconds = time.perf_counter() - t0
-    decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    student, opt, loader = accelerator.prepare(student, opt, loader)
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    raw_student = accelerator.unwrap_model(student)
-    student.train()
-    losses: list[float] = []
-    bar = tqdm(total=total, desc="distill", disable=not (cfg.progress and accelerator.is_local_main_process),
-               dynamic_ncols=True)
-    step = 0
+
+    def compute_loss(model, batch):
+        idx = batch.pop("index")
+        labels = mapping.to(batch["labels"].device)[batch.pop("labels")]
+        s_hidden.clear()
+        t_hidden.clear()
+        s_logits = model(**batch).logits
+        if cached is not None:
+            t_logits = cached[idx.cpu()].to(s_logits.device)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(**batch).logits
+        loss = cfg.hard_weight * hard_ce(s_logits, labels)
+        if cfg.soft_weight:
+            loss = loss + cfg.soft_weight * soft_kl(s_logits, t_logits, cfg.temperature)
+        if cfg.hidden_weight:
+            loss = loss + cfg.hidden_weight * hidden_mse(s_hidden, [h.detach() for h in t_hidden], pairs,
+                                                         batch["attention_mask"])
+        return loss
+
     try:
-        with record_layer_outputs(raw_student) as s_hidden, record_layer_outputs(teacher) as t_hidden:
-            while step < total:
-                for batch in loader:
-                    idx = batch.pop("index")
-                    labels = mapping.to(batch["labels"].device)[batch.pop("labels")]
-                    s_hidden.clear()
-                    t_hidden.clear()
-                    with accelerator.autocast():
-                        s_logits = student(**batch).logits
-                        if cached is not None:
-                            t_logits = cached[idx.cpu()].to(s_logits.device)
-                        else:
-                            with torch.no_grad():
-                                t_logits = teacher(**batch).logits
-                        loss = cfg.hard_weight * hard_ce(s_logits, labels)
-                        if cfg.soft_weight:
-                            loss = loss + cfg.soft_weight * soft_kl(s_logits, t_logits, cfg.temperature)
-                        if cfg.hidden_weight:
-                            loss = loss + cfg.hidden_weight * hidden_mse(s_hidden, [h.detach() for h in t_hidden],
-                                                                         pairs, batch["attention_mask"])
-                    accelerator.backward(loss)
-                    if cfg.grad_clip:
-                        accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    losses.append(loss.item())
-                    step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-                    if step >= total:
-                        break
+        with record_layer_outputs(student) as s_hidden, record_layer_outputs(teacher) as t_hidden:
+            losses, _ = run_steps(student, loader, compute_loss, accelerator, epochs=cfg.epochs,
+                                  max_steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip, progress=cfg.progress,
+                                  desc="distill")
     finally:
-        bar.close()
         teacher.train(teacher_was_training)
-    student.eval()
-    return {"steps": step, "examples": len(df), "teacher_logits_cached": cache, "cache_seconds": round(cache_seconds, 2),
-            "first_loss": losses[0] if losses else None, "final_loss": float(np.mean(losses[-20:])) if losses else None,
+    return {"steps": len(losses), "examples": len(df), "teacher_logits_cached": cache,
+            "cache_seconds": round(cache_seconds, 2), **loss_summary(losses),
             "distill_seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg), "pairs": pairs}

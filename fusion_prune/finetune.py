@@ -109,58 +109,69 @@ def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
                       collate_fn=collate)
 
 
-def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, accelerator=None) -> dict:
-    """Train ``model`` in place on ``train_df``; returns steps, losses and wall time."""
+def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_steps: int | None, lr: float,
+              weight_decay: float, warmup_ratio: float, grad_clip: float, progress: bool,
+              desc: str) -> tuple[list[float], int]:
+    """The one training loop: AdamW with linear warm-up and decay; returns (losses, steps an epoch).
+
+    ``compute_loss(model, batch) -> scalar`` is called under autocast. ``model`` and ``loader``
+    are prepared with ``accelerator`` here, so that under several processes an epoch counts the
+    steps of one process's shard. The model is trained in place and left in eval mode.
+    """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    set_seed(cfg.seed)
-    df = subsample(train_df, cfg.max_train_samples, cfg.seed)
-    loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed)
     # Weight decay on matrices only: biases and LayerNorm gains are not decayed (as in BERT).
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    model, opt, loader = accelerator.prepare(model, opt, loader)
-    steps_per_epoch = len(loader)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    model.train()
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    wrapped, opt, loader = accelerator.prepare(model, opt, loader)
+    total = max_steps or max(1, math.ceil(epochs * len(loader)))
+    sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total)
+    wrapped.train()
     losses: list[float] = []
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="fine-tune", disable=not (cfg.progress and accelerator.is_local_main_process),
-               dynamic_ncols=True)
-    step = 0
+    bar = tqdm(total=total, desc=desc, disable=not (progress and accelerator.is_local_main_process), dynamic_ncols=True)
     try:
-        while step < total:
+        while len(losses) < total:
             for batch in loader:
                 with accelerator.autocast():
-                    loss = model(**batch).loss
+                    loss = compute_loss(wrapped, batch)
                 accelerator.backward(loss)
-                if cfg.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if grad_clip:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-                if step >= total:
+                if len(losses) >= total:
                     break
     finally:
         bar.close()
-    model.eval()
-    return {
-        "steps": step,
-        "examples": len(df),
-        "epochs": round(step / steps_per_epoch, 3),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": float(np.mean(losses[-20:])) if losses else None,
-        "train_seconds": round(time.perf_counter() - t0, 2),
-    }
+        model.eval()
+    return losses, len(loader)
+
+
+def loss_summary(losses: list[float]) -> dict:
+    return {"first_loss": losses[0] if losses else None,
+            "final_loss": float(np.mean(losses[-20:])) if losses else None}
+
+
+def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, accelerator=None) -> dict:
+    """Train ``model`` in place on ``train_df`` (cross-entropy); returns steps, losses and wall time."""
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    set_seed(cfg.seed)
+    df = subsample(train_df, cfg.max_train_samples, cfg.seed)
+    loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed)
+    t0 = time.perf_counter()
+    losses, steps_per_epoch = run_steps(
+        model, loader, lambda m, batch: m(**batch).loss, accelerator, epochs=cfg.epochs, max_steps=cfg.max_steps,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+        progress=cfg.progress, desc="fine-tune")
+    return {"steps": len(losses), "examples": len(df), "epochs": round(len(losses) / steps_per_epoch, 3),
+            **loss_summary(losses), "train_seconds": round(time.perf_counter() - t0, 2)}
 
 
 @torch.no_grad()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import transformers as T
