@@ -25,9 +25,7 @@ assets: $(STAMP)
 	$(CLI) assets fetch minilm-l6 rotten-tomatoes
 
 demo: assets
-	$(CLI) finetune --model minilm-l6 --dataset rotten-tomatoes -o $(DEMO_DIR)/teacher \
-		--max-train-samples 3000 --epochs 1 --overwrite
-	$(CLI) evaluate --model $(DEMO_DIR)/teacher --dataset rotten-tomatoes --json
+	$(CLI) demo -o $(DEMO_DIR) --overwrite
 
 test: assets
 	$(PY) -m pytest

@@ -519,5 +519,19 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
                f"({acc.num_processes} process{'es' if acc.num_processes > 1 else ''})")
 
 
+@main.command()
+@click.option("--output", "-o", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.pass_context
+def demo(ctx: click.Context, output: Path, overwrite: bool) -> None:
+    """minilm-l6 on rotten-tomatoes, 6 -> 3 layers with the default fusion bundle and distillation."""
+    ctx.invoke(compress, model="minilm-l6", dataset="rotten-tomatoes", text_column="text", label_column="label",
+               target_layers=3, output=output, strategy="fusion", fusion_path=None, finetune_steps=50,
+               signal_samples=256, label_samples=400, max_train_samples=3000, teacher_epochs=1.0,
+               max_eval_samples=None, max_length=64, batch_size=32, lr=1e-4, distill_epochs=1.0,
+               distill_samples=3000, temperature=2.0, hidden_weight=0.0, no_distill=False, seed=0, resume=False,
+               overwrite=overwrite)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
