@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[f"benchmarks_{name}"] = mod  # dataclasses look their module up here
     spec.loader.exec_module(mod)
     return mod
 
@@ -56,3 +58,29 @@ def test_labels_cost_runs(tiny_base_model, sentiment_csv_dir, tmp_path, capsys):
                                      "--out", str(tmp_path / "l.json")])
     assert res["identical_accuracies"] and res["ideal_ratio"] == pytest.approx(3 / 4)
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("labels cached/naive ratio: ")
+
+
+def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_dir, tmp_path):
+    """The gpu profile's code path on a tiny config: every strategy, LODO bundles, skip finished cells."""
+    import pandas as pd
+
+    from test_fusion import synthetic_rows
+
+    compare = _load("compare")
+    rows = tmp_path / "rows.parquet"
+    synthetic_rows().to_parquet(rows)
+    profile = compare.Profile(str(tiny_base_model), [1], datasets=[str(sentiment_csv_dir)],
+                              seeds={"random": [0, 1]}, teacher_samples=200, teacher_epochs=1, finetune_steps=1,
+                              signal_samples=16, label_samples=16, distill_samples=32, max_eval_samples=40,
+                              max_length=16, batch_size=8, rows=str(rows))
+    out = tmp_path / "cmp"
+    res = compare.run(profile, "tiny", out, log=lambda m: None)
+    assert len(res) == len(compare.STRATEGIES) + 1  # random has two seeds
+    assert set(res.strategy) == set(compare.STRATEGIES)
+    assert list(pd.read_csv(out / "results.csv").columns) == compare.COLUMNS
+    assert (res[res.strategy == "best-signal"].resolved_strategy.iloc[0]) in __import__("signals").DEFAULT_SIGNALS
+    assert len(list((out / "bundles").glob("*.joblib"))) == 3 and len(list((out / "teachers").iterdir())) == 2
+    assert "Mean rank" in (out / "results.md").read_text() and (out / "mean_rank.png").is_file()
+    again = compare.run(profile, "tiny", out, log=lambda m: None)  # every cell done: nothing re-runs
+    assert len(again) == len(res)
+    assert set(compare.PROFILES) == {"cpu", "gpu"} and compare.PROFILES["gpu"].targets == [6, 4]

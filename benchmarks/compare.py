@@ -1,0 +1,221 @@
+"""Fusion against every baseline on real data, through the same loop, budget and seeds.
+
+    python benchmarks/compare.py --profile cpu            # minilm-l6, 6 -> 3, capped samples
+    python benchmarks/compare.py --profile gpu            # mpnet-base, 12 -> 6 and 12 -> 4, full data
+    python benchmarks/compare.py --profile cpu --datasets bbc-news --strategies top,fusion-rf
+
+For each (dataset, seed) one teacher is fine-tuned and shared by every strategy. Each cell
+(dataset, target, strategy, seed) runs ``compress`` with the profile's budget and appends a row to
+``benchmarks/results/<profile>/results.csv``; finished cells are skipped, so an interrupted sweep
+continues where it stopped (also across sessions). Fusion strategies use bundles fitted on the
+shipped rows **without** the evaluated dataset (leave-one-dataset-out); ``best-signal`` is the
+single signal with the lowest regret on the other datasets' rows. No choice reads a test split:
+test accuracy is only reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reuters-r52", "20newsgroups"]
+STRATEGIES = ["fusion-rf", "fusion-xgb", "fusion-linear", "consensus", "best-signal", "top", "bottom",
+              "angular-block", "random", "oracle"]
+COLUMNS = ["profile", "dataset", "target_layers", "strategy", "resolved_strategy", "seed", "teacher_accuracy",
+           "accuracy", "accuracy_kd", "selection_seconds", "wall_seconds", "kept_layers"]
+
+
+@dataclass
+class Profile:
+    model: str
+    targets: list[int]
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    seeds: dict[str, list[int]] = field(default_factory=dict)  # strategy -> seeds; others use default_seeds
+    default_seeds: list[int] = field(default_factory=lambda: [0])
+    teacher_samples: int | None = 3000
+    teacher_epochs: float = 2.0
+    finetune_steps: int = 50
+    signal_samples: int = 256
+    label_samples: int = 400
+    distill_samples: int | None = 2000
+    distill_epochs: float = 1.0
+    max_eval_samples: int | None = 1000
+    max_length: int = 128
+    batch_size: int = 32
+    rows: str | None = None  # rows for the leave-one-dataset-out bundles (default: the shipped ones)
+
+
+MULTI = [0, 1, 2]
+PROFILES = {
+    "cpu": Profile("minilm-l6", [3], seeds={"random": MULTI, "fusion-rf": MULTI, "fusion-xgb": MULTI,
+                                            "fusion-linear": MULTI, "top": MULTI}),
+    "gpu": Profile("mpnet-base", [6, 4], seeds={"random": MULTI, "fusion-rf": MULTI, "fusion-xgb": MULTI,
+                                                "fusion-linear": MULTI, "top": MULTI},
+                   teacher_samples=None, distill_samples=None, max_eval_samples=None, label_samples=1000,
+                   signal_samples=512, finetune_steps=200, teacher_epochs=3.0),
+}
+
+
+def _slug(spec: str) -> str:
+    """A folder-safe name for a dataset spec (which may be a path)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name or spec)
+
+
+def _lodo_bundle(rows: pd.DataFrame, dataset: str, model_type: str, folder: Path) -> str:
+    """A bundle fitted on rows of every dataset but ``dataset``, with the default's normalisation."""
+    from fusion_prune import fusion as F
+
+    path = folder / "bundles" / f"lodo-{model_type}-without-{_slug(dataset)}.joblib"
+    if not path.is_file():
+        default = F.load_bundle() if F.DEFAULT_BUNDLE.is_file() else None
+        norm, target = (default.feature_norm, default.target) if default else ("zscore", "retention_z")
+        F.fit_bundle(rows[rows.dataset != dataset], model_type, F.DEFAULT_SIGNALS, norm, target).save(path)
+    return str(path)
+
+
+def _best_signal(rows: pd.DataFrame, dataset: str) -> str:
+    from fusion_prune import fusion as F
+
+    m = F.baseline_metrics(rows[rows.dataset != dataset])["signals"]
+    return min(m, key=lambda n: (m[n]["regret"], -m[n]["spearman"]))
+
+
+def _teacher(profile: Profile, name: str, dataset: str, seed: int, data, out: Path) -> Path:
+    """Fine-tune (once) the teacher shared by every strategy of this dataset and seed."""
+    from fusion_prune.finetune import FinetuneConfig, finetune
+
+    folder = out / "teachers" / f"{_slug(dataset)}-s{seed}"
+    if not folder.is_dir():
+        cfg = FinetuneConfig(epochs=profile.teacher_epochs, lr=2e-4 if "minilm" in profile.model else 5e-5,
+                             max_train_samples=profile.teacher_samples, max_length=profile.max_length, seed=seed,
+                             batch_size=profile.batch_size, max_eval_samples=profile.max_eval_samples)
+        finetune(profile.model, data, cfg, folder)
+    return folder
+
+
+def run(profile: Profile, name: str, out: Path | None = None, log=print) -> pd.DataFrame:
+    from distill import DistillConfig
+    from fusion_prune.data import load_dataset
+    from fusion_prune.fusion import DEFAULT_BUNDLE, read_rows
+    from fusion_prune.greedy import CompressConfig, compress
+    from fusion_prune.report import write_table
+
+    out = out or RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "results.csv"
+    done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=COLUMNS)
+    rows = read_rows([profile.rows or str(DEFAULT_BUNDLE.parent / "rows" / "*.parquet")])
+    for dataset in profile.datasets:
+        data = load_dataset(dataset)
+        for target in profile.targets:
+            for strategy in profile.strategies:
+                for seed in profile.seeds.get(strategy, profile.default_seeds):
+                    key = (done.dataset == dataset) & (done.strategy == strategy) & (done.seed == seed) & (
+                        done.target_layers == target)
+                    if key.any():
+                        continue
+                    teacher = _teacher(profile, name, dataset, seed, data, out)
+                    fusion_path, resolved = None, strategy
+                    if strategy.startswith("fusion-"):
+                        fusion_path, resolved = _lodo_bundle(rows, dataset, strategy.split("-", 1)[1], out), "fusion"
+                    elif strategy == "best-signal":
+                        resolved = _best_signal(rows, dataset)
+                    cfg = CompressConfig(
+                        target_layers=target, strategy=resolved, fusion_path=fusion_path,
+                        finetune_steps=profile.finetune_steps, signal_samples=profile.signal_samples,
+                        label_samples=profile.label_samples if resolved == "oracle" else 0,
+                        max_eval_samples=profile.max_eval_samples, max_length=profile.max_length,
+                        batch_size=profile.batch_size, seed=seed, progress=False,
+                        distill=DistillConfig(epochs=profile.distill_epochs, max_train_samples=profile.distill_samples,
+                                              batch_size=profile.batch_size))
+                    cell = out / "runs" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}"
+                    t0 = time.perf_counter()
+                    r = compress(str(teacher), data, cfg, cell, resume=True, overwrite=True)
+                    row = {"profile": name, "dataset": dataset, "target_layers": target, "strategy": strategy,
+                           "resolved_strategy": resolved, "seed": seed, "teacher_accuracy": r["teacher_accuracy"],
+                           "accuracy": r["pruned_accuracy"], "accuracy_kd": r["student_accuracy"],
+                           "selection_seconds": r["selection_seconds"], "wall_seconds": round(time.perf_counter() - t0, 1),
+                           "kept_layers": json.dumps(r["kept_layers"])}
+                    done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
+                    write_table(done, csv)  # after every cell: an interrupted sweep loses at most one cell
+                    log(f"{dataset} l{target} {strategy} s{seed}: {r['pruned_accuracy']:.4f} / kd "
+                        f"{r['student_accuracy']:.4f} (teacher {r['teacher_accuracy']:.4f}), kept {r['kept_layers']}")
+    summarise(done, out)
+    return done
+
+
+def summarise(results: pd.DataFrame, out: Path) -> Path:
+    """results.md (mean and spread per strategy and dataset, mean rank) and two plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fusion_prune.report import _save_figure
+
+    g = results.groupby(["dataset", "target_layers", "strategy"])
+    stats = g[["accuracy", "accuracy_kd", "teacher_accuracy"]].agg(["mean", "std", "count"])
+    lines = [f"# Strategy comparison ({results.profile.iloc[0] if len(results) else ''})", ""]
+    for (dataset, target), part in results.groupby(["dataset", "target_layers"]):
+        lines += [f"## {dataset}, {target} layers (teacher {part.teacher_accuracy.mean():.4f})", "",
+                  "| strategy | accuracy | accuracy_kd | seeds | selection s |", "|---|---|---|---|---|"]
+        for strategy, s in part.groupby("strategy"):
+            sd = lambda c: f" ± {s[c].std():.4f}" if len(s) > 1 else ""  # noqa: E731
+            lines.append(f"| {strategy} | {s.accuracy.mean():.4f}{sd('accuracy')} | "
+                         f"{s.accuracy_kd.mean():.4f}{sd('accuracy_kd')} | {len(s)} | {s.selection_seconds.mean():.1f} |")
+        lines.append("")
+    means = results.groupby(["dataset", "target_layers", "strategy"]).accuracy_kd.mean().reset_index()
+    means["rank"] = means.groupby(["dataset", "target_layers"]).accuracy_kd.rank(ascending=False)
+    rank = means.groupby("strategy")["rank"].mean().sort_values()
+    lines += ["## Mean rank (accuracy_kd; 1 is best)", "", "| strategy | mean rank |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in rank.items()]
+    md = out / "results.md"
+    md.write_text("\n".join(lines) + "\n")
+    pivot = means.pivot_table(index="dataset", columns="strategy", values="accuracy_kd")
+    fig, ax = plt.subplots(figsize=(2 + 1.4 * max(len(pivot), 1), 4))
+    pivot.plot.bar(ax=ax, width=0.85)
+    ax.set_ylabel("test accuracy after distillation")
+    ax.legend(fontsize=6, ncols=3)
+    ax.set_ylim(max(0.0, float(pivot.min().min()) - 0.05) if len(pivot) else 0, 1)
+    _save_figure(fig, out / "accuracy.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    rank.plot.barh(ax=ax)
+    ax.set_xlabel("mean rank (lower is better)")
+    _save_figure(fig, out / "mean_rank.png")
+    plt.close(fig)
+    return md
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    ap.add_argument("--datasets", default=None, help="comma-separated subset")
+    ap.add_argument("--strategies", default=None, help="comma-separated subset")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    profile = PROFILES[args.profile]
+    if args.datasets:
+        profile = replace(profile, datasets=args.datasets.split(","))
+    if args.strategies:
+        unknown = set(args.strategies.split(",")) - set(STRATEGIES)
+        if unknown:
+            ap.error(f"--strategies: unknown {sorted(unknown)}; expected some of {STRATEGIES}")
+        profile = replace(profile, strategies=args.strategies.split(","))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run(profile, args.profile, args.out, log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
