@@ -164,8 +164,6 @@ def summarise(results: pd.DataFrame, out: Path) -> Path:
 
     from fusion_prune.report import _save_figure
 
-    g = results.groupby(["dataset", "target_layers", "strategy"])
-    stats = g[["accuracy", "accuracy_kd", "teacher_accuracy"]].agg(["mean", "std", "count"])
     lines = [f"# Strategy comparison ({results.profile.iloc[0] if len(results) else ''})", ""]
     for (dataset, target), part in results.groupby(["dataset", "target_layers"]):
         lines += [f"## {dataset}, {target} layers (teacher {part.teacher_accuracy.mean():.4f})", "",

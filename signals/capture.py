@@ -96,7 +96,7 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
+def restored_state(model: nn.Module) -> Iterator[None]:
     """Restore mode, requires_grad and .grad of every parameter, whatever happens inside."""
     was_training = model.training
     params = list(model.parameters())
@@ -204,7 +204,7 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
     handles: list = []
     params_by_layer = [[p for p in layer.parameters()] for layer in layers]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_restored(model))
+        stack.enter_context(restored_state(model))
         if "attentions" in needs:
             stack.enter_context(attention_implementation(model, "eager"))
         try:

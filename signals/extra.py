@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from signals import register_signal
-from signals.capture import SignalContext, _restored, scale_output, skip_layer, task_loss
+from signals.capture import SignalContext, restored_state, scale_output, skip_layer, task_loss
 
 MC_SAMPLES = 8
 IG_STEPS = 8
@@ -29,7 +29,7 @@ def _probs(ctx: SignalContext, batch) -> torch.Tensor:
 def activation_patching(ctx: SignalContext) -> np.ndarray:
     """Mean KL(p_full || p_skip) of the output distribution when the layer is replaced by identity."""
     kl = np.zeros(ctx.n_layers)
-    with _restored(ctx.model), torch.no_grad():
+    with restored_state(ctx.model), torch.no_grad():
         ctx.model.eval()
         for batch in ctx.batches:
             p = _probs(ctx, batch)
@@ -48,7 +48,7 @@ def mc_dropout(ctx: SignalContext) -> np.ndarray:
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        with _restored(ctx.model), torch.no_grad():
+        with restored_state(ctx.model), torch.no_grad():
             ctx.model.eval()
             for i, layer in enumerate(ctx.layers):
                 drops = [m for m in layer.modules() if isinstance(m, torch.nn.Dropout)]
@@ -70,7 +70,7 @@ def mc_dropout(ctx: SignalContext) -> np.ndarray:
 def layer_conductance(ctx: SignalContext) -> np.ndarray:
     """Integrated gradients through the layer: mean |sum_alpha h * dL/d(alpha h)| / steps (baseline 0)."""
     out = np.zeros(ctx.n_layers)
-    with _restored(ctx.model):
+    with restored_state(ctx.model):
         ctx.model.eval()
         for i, layer in enumerate(ctx.layers):
             for batch in ctx.batches:
