@@ -407,7 +407,9 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @_dataset_options
 @click.option("--target-layers", required=True, type=int, help="Depth of the compressed model.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--strategy", default="fusion", show_default=True, help="How to pick layers (see --help-strategies).")
+@click.option("--strategy", default="fusion", show_default=True,
+              help="How to pick layers: fusion, consensus, top, bottom, alternate, symmetric, angular-block, random, "
+                   "oracle, or a signal name (act_energy, grad_norm, ...).")
 @click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
               help="Fusion bundle for --strategy fusion; default: the shipped one.")
 @click.option("--finetune-steps", default=50, show_default=True, type=int, help="Recovery steps after each drop.")
