@@ -286,6 +286,7 @@ def baseline_metrics(rows: pd.DataFrame, features: Sequence[str] = DEFAULT_SIGNA
     """The three metrics for every single signal (with its rule) and for consensus."""
     from fusion_prune.strategies import consensus_removability, signal_removability
 
+    features = [f for f in features if f in SIGNALS]  # extra feature columns have no rule of their own
     out = {"signals": {n: choice_metrics(rows, lambda s, n=n: signal_removability(s, n)) for n in features}}
     out["consensus"] = choice_metrics(rows, lambda s: consensus_removability(s, features))
     return out

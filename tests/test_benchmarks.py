@@ -84,3 +84,14 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     again = compare.run(profile, "tiny", out, log=lambda m: None)  # every cell done: nothing re-runs
     assert len(again) == len(res)
     assert set(compare.PROFILES) == {"cpu", "gpu"} and compare.PROFILES["gpu"].targets == [6, 4]
+
+
+def test_fusion_lodo_grid(tmp_path):
+    from test_fusion import synthetic_rows
+
+    synthetic_rows().to_parquet(tmp_path / "rows.parquet")
+    table = _load("fusion_lodo").main(["--data", str(tmp_path / "rows.parquet"), "--out", str(tmp_path / "out")])
+    assert set(table.variant) == {"12 signals", "12 signals + position", "first half of each trajectory"}
+    grid = table[(table.variant == "12 signals") & table.method.str.startswith("fusion")]
+    assert len(grid) == 4 * 3 * 4 * 3  # held-out datasets x models x normalisations x targets
+    assert (tmp_path / "out" / "grid.md").read_text().count("| 12 signals |") >= 36
