@@ -142,8 +142,10 @@ def test_model_asset_is_not_a_dataset():
 
 
 def test_unreachable_hub_name_is_bad_input(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config
+
+    # datasets reads the environment once, at import: set its flag itself so nothing waits on a network.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(BadInputError, match="neither an asset"):
         load_dataset("surely-not-a-dataset-xyz")
 
