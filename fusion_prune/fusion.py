@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from fusion_prune.utils import publish
+
 from fusion_prune.errors import BadInputError, bad_choice
 from signals import DEFAULT_SIGNALS, SIGNALS
 
@@ -165,7 +167,7 @@ class FusionBundle:
         os.close(fd)
         try:
             joblib.dump(self, tmp, compress=3)
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

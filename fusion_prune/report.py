@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fusion_prune.utils import publish
+
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
@@ -17,7 +19,7 @@ def _save_figure(fig, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -74,7 +76,7 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         table.to_parquet(tmp, index=False) if suffix == ".parquet" else table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
