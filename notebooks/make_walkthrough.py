@@ -20,6 +20,7 @@ cells = [
     md("## 1. A teacher\nThe sentence encoder has no classification head: fine-tune one briefly."),
     code("teacher, tok, trained = load_classifier('minilm-l6', data.labels)\n"
          "train(teacher, tok, data.train, FinetuneConfig(max_train_samples=1000, lr=3e-4, max_length=64, progress=False))\n"
+         "teacher.save_pretrained('walkthrough_teacher'); tok.save_pretrained('walkthrough_teacher')\n"
          "evaluate(teacher, tok, data.validation.iloc[:300], data.labels, max_length=64)"),
     md("## 2. The 12 signals of every layer\nOne forward and one backward per calibration batch serve all of them."),
     code("from signals import compute_signals\n"
@@ -47,13 +48,14 @@ cells = [
          "rows = read_rows([str(DEFAULT_BUNDLE.parent / 'rows' / '*.parquet')])\n"
          "res = evaluate_bundle(bundle, rows)\n"
          "pd.DataFrame({'fusion': res['fusion'], 'consensus': res['consensus'], **res['signals']}).T.round(3)"),
-    md("## 5. Compress 6 → 4 layers\nThe greedy loop: signals → fusion → drop → short fine-tune, then distillation."),
+    md("## 5. Compress 6 → 4 layers\nThe greedy loop on the teacher above: signals → fusion → drop → short "
+       "fine-tune, then distillation."),
     code("from distill import DistillConfig\n"
          "from fusion_prune.greedy import CompressConfig, compress\n\n"
          "cfg = CompressConfig(target_layers=4, finetune_steps=10, signal_samples=64, label_samples=200,\n"
          "                     max_eval_samples=300, max_length=64,\n"
          "                     distill=DistillConfig(max_steps=20, max_train_samples=640), progress=False)\n"
-         "report = compress('minilm-l6', data, cfg, 'walkthrough_out', overwrite=True)\n"
+         "report = compress('walkthrough_teacher', data, cfg, 'walkthrough_out', overwrite=True)\n"
          "{k: report[k] for k in ('teacher_accuracy', 'pruned_accuracy', 'student_accuracy', 'kept_layers')}"),
     code("display(Image('walkthrough_out/plots/accuracy.png'))\n"
          "display(Image('walkthrough_out/plots/kept_layers.png'))"),
