@@ -299,11 +299,8 @@ def skip_layer(layer: nn.Module) -> Iterator[None]:
             return (h_in,) + tuple(output[1:])
         return h_in
 
-    handle = layer.register_forward_hook(hook, with_kwargs=True)
-    try:
+    with _forward_hook(layer, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -320,7 +317,14 @@ def scale_output(layer: nn.Module, alpha: float, keep: list | None = None) -> It
             keep.append(h)
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
-    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    with _forward_hook(layer, hook):
+        yield
+
+
+@contextlib.contextmanager
+def _forward_hook(module: nn.Module, hook) -> Iterator[None]:
+    """``hook(module, args, kwargs, output)`` on ``module`` for the duration of the block."""
+    handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
