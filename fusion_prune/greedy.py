@@ -131,7 +131,10 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
         t0 = time.perf_counter()
         n = num_layers(student)
         calib = subsample(data.train, cfg.signal_samples, cfg.seed + step)
-        batches = list(make_loader(calib, tok, cfg.batch_size, cfg.max_length))
+        # Only one-shot block strategies read raw batches; they must sit on the model's device.
+        device = next(student.parameters()).device
+        batches = [{k: v.to(device) for k, v in b.items()}
+                   for b in make_loader(calib, tok, cfg.batch_size, cfg.max_length)] if strategy.one_shot else []
         signals = None
         if strategy.needs_signals or cfg.signal_samples:
             signals = compute_signals(student, tok, calib, DEFAULT_SIGNALS, batch_size=cfg.batch_size,
