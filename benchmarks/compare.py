@@ -4,10 +4,15 @@
     python benchmarks/compare.py --profile gpu            # mpnet-base, 12 -> 6 and 12 -> 4, full data
     python benchmarks/compare.py --profile cpu --datasets bbc-news --strategies top,fusion-rf
 
-For each (dataset, seed) one teacher is fine-tuned and shared by every strategy. Each cell
-(dataset, target, strategy, seed) runs ``compress`` with the profile's budget and appends a row to
-``benchmarks/results/<profile>/results.csv``; finished cells are skipped, so an interrupted sweep
-continues where it stopped (also across sessions). Fusion strategies use bundles fitted on the
+For each dataset one teacher is fine-tuned (seed 0) and shared by every strategy and seed, so
+that strategies and seeds differ only in what they choose and in the compression's own randomness
+(data order, dropout, the random strategy). Each cell (dataset, target, strategy, seed) runs
+``compress`` with the profile's budget and appends a row to ``benchmarks/results/<profile>/results.csv``;
+finished cells are skipped, so an interrupted sweep continues where it stopped (also across
+sessions). Cells run seed by seed: every strategy on every dataset at seed 0 first, then the extra
+seeds. Several workers may share one results file (``--datasets`` splits the work; rows are
+appended under a file lock). For the ``control`` strategies the pruned student is also fine-tuned
+on hard labels only for the distillation's steps (``accuracy_ft``): does distillation help? Fusion strategies use bundles fitted on the
 shipped rows **without** the evaluated dataset (leave-one-dataset-out); ``best-signal`` is the
 single signal with the lowest regret on the other datasets' rows. No choice reads a test split:
 test accuracy is only reported.
@@ -16,8 +21,10 @@ test accuracy is only reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -30,7 +37,7 @@ DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reu
 STRATEGIES = ["fusion-rf", "fusion-xgb", "fusion-linear", "consensus", "best-signal", "top", "bottom",
               "angular-block", "random", "oracle"]
 COLUMNS = ["profile", "dataset", "target_layers", "strategy", "resolved_strategy", "seed", "teacher_accuracy",
-           "accuracy", "accuracy_kd", "selection_seconds", "wall_seconds", "kept_layers"]
+           "accuracy", "accuracy_kd", "accuracy_ft", "selection_seconds", "wall_seconds", "kept_layers"]
 
 
 @dataclass
@@ -52,12 +59,15 @@ class Profile:
     max_length: int = 128
     batch_size: int = 32
     rows: str | None = None  # rows for the leave-one-dataset-out bundles (default: the shipped ones)
+    control: list[str] = field(default_factory=lambda: ["fusion-rf"])  # strategies that also get accuracy_ft
 
 
 MULTI = [0, 1, 2]
 PROFILES = {
-    "cpu": Profile("minilm-l6", [3], seeds={"random": MULTI, "fusion-rf": MULTI, "fusion-xgb": MULTI,
-                                            "fusion-linear": MULTI, "top": MULTI}),
+    # Sized for 2 CPU cores: about 2-5 minutes a cell on one core, 16 cells a dataset.
+    "cpu": Profile("minilm-l6", [3], seeds={"random": MULTI, "fusion-rf": MULTI, "top": MULTI},
+                   teacher_samples=2000, teacher_epochs=2.0, finetune_steps=25, signal_samples=128,
+                   label_samples=256, distill_samples=1500, max_eval_samples=1000, max_length=64),
     "gpu": Profile("mpnet-base", [6, 4], seeds={"random": MULTI, "fusion-rf": MULTI, "fusion-xgb": MULTI,
                                                 "fusion-linear": MULTI, "top": MULTI},
                    teacher_samples=None, distill_samples=None, max_eval_samples=None, label_samples=1000,
@@ -91,68 +101,126 @@ def _best_signal(rows: pd.DataFrame, dataset: str) -> str:
     return min(m, key=lambda n: (m[n]["regret"], -m[n]["spearman"]))
 
 
-def _teacher(profile: Profile, name: str, dataset: str, seed: int, data, out: Path) -> Path:
-    """Fine-tune (once) the teacher shared by every strategy of this dataset and seed."""
+def _teacher(profile: Profile, dataset: str, data, out: Path) -> Path:
+    """Fine-tune (once) the teacher shared by every strategy and seed of this dataset."""
     from fusion_prune.finetune import FinetuneConfig, finetune
 
-    folder = out / "teachers" / f"{_slug(dataset)}-s{seed}"
-    if not folder.is_dir():
+    folder = out / "teachers" / _slug(dataset)
+    with _locked(folder.with_suffix(".lock")):  # a second worker waits for this teacher
+        if folder.is_dir():
+            return folder
         cfg = FinetuneConfig(epochs=profile.teacher_epochs, lr=2e-4 if "minilm" in profile.model else 5e-5,
-                             max_train_samples=profile.teacher_samples, max_length=profile.max_length, seed=seed,
+                             max_train_samples=profile.teacher_samples, max_length=profile.max_length, seed=0,
                              batch_size=profile.batch_size, max_eval_samples=profile.max_eval_samples)
         finetune(profile.model, data, cfg, folder)
     return folder
 
 
-def run(profile: Profile, name: str, out: Path | None = None, log=print) -> pd.DataFrame:
+def _cells(profile: Profile) -> list[tuple[str, int, str, int]]:
+    """(dataset, target, strategy, seed) in run order: seed 0 everywhere first, then the extra seeds."""
+    cells = [(d, t, s, seed) for d in profile.datasets for t in profile.targets for s in profile.strategies
+             for seed in profile.seeds.get(s, profile.default_seeds)]
+    return sorted(cells, key=lambda c: (c[3] != profile.default_seeds[0], c[3], profile.datasets.index(c[0])))
+
+
+@contextlib.contextmanager
+def _locked(path: Path, wait: bool = True):
+    """Exclusive lock on ``path`` (a lock file) shared by the workers; yields False when ``wait`` is
+    off and another worker holds it. The OS drops the lock when its holder dies: no stale claims."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read(csv: Path) -> pd.DataFrame:
+    done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=COLUMNS)
+    return done.reindex(columns=COLUMNS)
+
+
+def _is_done(done: pd.DataFrame, dataset: str, target: int, strategy: str, seed: int) -> bool:
+    return bool(((done.dataset == dataset) & (done.strategy == strategy) & (done.seed == seed)
+                 & (done.target_layers == target)).any())
+
+
+def run(profile: Profile, name: str, out: Path | None = None, log=print, work: Path | None = None) -> pd.DataFrame:
+    """Run every unfinished cell; results (csv, md, plots, one report per cell) go to ``out``, the
+    heavy files (teachers, bundles, cells in progress) to ``work`` (default ``out/work``)."""
+    from fusion_prune.fusion import DEFAULT_BUNDLE, read_rows
+
+    out = out or RESULTS / name
+    work = work or out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "results.csv"
+    rows = read_rows([profile.rows or str(DEFAULT_BUNDLE.parent / "rows" / "*.parquet")])
+    loaded: dict[str, object] = {}
+    for dataset, target, strategy, seed in _cells(profile):
+        with _locked(csv.with_suffix(".lock")):
+            if _is_done(_read(csv), dataset, target, strategy, seed):
+                continue
+        with _locked(work / "claims" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}.lock", wait=False) as mine:
+            if mine:  # else another worker is running this cell
+                _cell(profile, name, rows, loaded, dataset, target, strategy, seed, out, work, csv, log)
+    done = _read(csv)
+    summarise(done, out)
+    return done
+
+
+def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset: str, target: int, strategy: str,
+          seed: int, out: Path, work: Path, csv: Path, log) -> None:
+    """Run one cell through ``compress`` and append its row."""
     from distill import DistillConfig
     from fusion_prune.data import load_dataset
-    from fusion_prune.fusion import DEFAULT_BUNDLE, read_rows
     from fusion_prune.greedy import CompressConfig, compress
     from fusion_prune.report import write_table
 
-    out = out or RESULTS / name
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / "results.csv"
-    done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=COLUMNS)
-    rows = read_rows([profile.rows or str(DEFAULT_BUNDLE.parent / "rows" / "*.parquet")])
-    for dataset in profile.datasets:
-        data = load_dataset(dataset)
-        for target in profile.targets:
-            for strategy in profile.strategies:
-                for seed in profile.seeds.get(strategy, profile.default_seeds):
-                    key = (done.dataset == dataset) & (done.strategy == strategy) & (done.seed == seed) & (
-                        done.target_layers == target)
-                    if key.any():
-                        continue
-                    teacher = _teacher(profile, name, dataset, seed, data, out)
-                    fusion_path, resolved = None, strategy
-                    if strategy.startswith("fusion-"):
-                        fusion_path, resolved = _lodo_bundle(rows, dataset, strategy.split("-", 1)[1], out), "fusion"
-                    elif strategy == "best-signal":
-                        resolved = _best_signal(rows, dataset)
-                    cfg = CompressConfig(
-                        target_layers=target, strategy=resolved, fusion_path=fusion_path,
-                        finetune_steps=profile.finetune_steps, signal_samples=profile.signal_samples,
-                        label_samples=profile.label_samples if resolved == "oracle" else 0,
-                        max_eval_samples=profile.max_eval_samples, max_length=profile.max_length,
-                        batch_size=profile.batch_size, seed=seed, progress=False,
-                        distill=DistillConfig(epochs=profile.distill_epochs, max_train_samples=profile.distill_samples,
-                                              batch_size=profile.batch_size))
-                    cell = out / "runs" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}"
-                    t0 = time.perf_counter()
-                    r = compress(str(teacher), data, cfg, cell, resume=True, overwrite=True)
-                    row = {"profile": name, "dataset": dataset, "target_layers": target, "strategy": strategy,
-                           "resolved_strategy": resolved, "seed": seed, "teacher_accuracy": r["teacher_accuracy"],
-                           "accuracy": r["pruned_accuracy"], "accuracy_kd": r["student_accuracy"],
-                           "selection_seconds": r["selection_seconds"], "wall_seconds": round(time.perf_counter() - t0, 1),
-                           "kept_layers": json.dumps(r["kept_layers"])}
-                    done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
-                    write_table(done, csv)  # after every cell: an interrupted sweep loses at most one cell
-                    log(f"{dataset} l{target} {strategy} s{seed}: {r['pruned_accuracy']:.4f} / kd "
-                        f"{r['student_accuracy']:.4f} (teacher {r['teacher_accuracy']:.4f}), kept {r['kept_layers']}")
-    summarise(done, out)
-    return done
+    with _locked(csv.with_suffix(".lock")):  # finished by another worker since the first look
+        if _is_done(_read(csv), dataset, target, strategy, seed):
+            return
+    data = loaded.get(dataset) or loaded.setdefault(dataset, load_dataset(dataset))
+    teacher = _teacher(profile, dataset, data, work)
+    fusion_path, resolved = None, strategy
+    if strategy.startswith("fusion-"):
+        fusion_path, resolved = _lodo_bundle(rows, dataset, strategy.split("-", 1)[1], work), "fusion"
+    elif strategy == "best-signal":
+        resolved = _best_signal(rows, dataset)
+    cfg = CompressConfig(
+        target_layers=target, strategy=resolved, fusion_path=fusion_path,
+        finetune_steps=profile.finetune_steps, signal_samples=profile.signal_samples,
+        label_samples=profile.label_samples if resolved == "oracle" else 0,
+        max_eval_samples=profile.max_eval_samples, max_length=profile.max_length,
+        batch_size=profile.batch_size, seed=seed, progress=False,
+        distill=DistillConfig(epochs=profile.distill_epochs, max_train_samples=profile.distill_samples,
+                              batch_size=profile.batch_size),
+        distill_control=strategy in profile.control)
+    cell = work / "runs" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}"
+    t0 = time.perf_counter()
+    r = compress(str(teacher), data, cfg, cell, resume=True, overwrite=True)
+    (out / "reports").mkdir(exist_ok=True)
+    shutil.copyfile(cell / "report.json", out / "reports" / f"{cell.name}.json")
+    shutil.rmtree(cell, ignore_errors=True)  # the row and the report are what is kept; a model is ~70 MB
+    row = {"profile": name, "dataset": dataset, "target_layers": target, "strategy": strategy,
+           "resolved_strategy": resolved, "seed": seed, "teacher_accuracy": r["teacher_accuracy"],
+           "accuracy": r["pruned_accuracy"], "accuracy_kd": r["student_accuracy"],
+           "accuracy_ft": r["control_accuracy"], "selection_seconds": r["selection_seconds"],
+           "wall_seconds": round(time.perf_counter() - t0, 1), "kept_layers": json.dumps(r["kept_layers"])}
+    with _locked(csv.with_suffix(".lock")):  # after every cell: an interrupted sweep loses at most one cell
+        done = _read(csv)
+        if not _is_done(done, dataset, target, strategy, seed):
+            write_table(pd.concat([done, pd.DataFrame([row])], ignore_index=True), csv)
+    ft = f", plain fine-tune {r['control_accuracy']:.4f}" if r["control_accuracy"] is not None else ""
+    log(f"{dataset} l{target} {strategy} s{seed}: {r['pruned_accuracy']:.4f} / kd "
+        f"{r['student_accuracy']:.4f}{ft} (teacher {r['teacher_accuracy']:.4f}), kept {r['kept_layers']}, "
+        f"{row['wall_seconds']:.0f} s")
 
 
 def summarise(results: pd.DataFrame, out: Path) -> Path:
@@ -201,8 +269,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     ap.add_argument("--datasets", default=None, help="comma-separated subset")
     ap.add_argument("--strategies", default=None, help="comma-separated subset")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<profile>)")
+    ap.add_argument("--work", type=Path, default=None, help="teachers, bundles, cells in progress (default OUT/work)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (two 1-thread workers beat one)")
+    ap.add_argument("--summary-only", action="store_true", help="rewrite results.md and the plots, run nothing")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
     if args.datasets:
         profile = replace(profile, datasets=args.datasets.split(","))
@@ -212,7 +287,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             ap.error(f"--strategies: unknown {sorted(unknown)}; expected some of {STRATEGIES}")
         profile = replace(profile, strategies=args.strategies.split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run(profile, args.profile, args.out, log=lambda m: print(m, flush=True))
+    if args.summary_only:
+        out = args.out or RESULTS / args.profile
+        done = _read(out / "results.csv")
+        summarise(done, out)
+        return done
+    return run(profile, args.profile, args.out, log=lambda m: print(m, flush=True), work=args.work)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,11 @@ def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: li
     loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed, with_index=True)
     # Examples the student will see (all processes together): more than the data means repeats.
     seen = (cfg.max_steps or math.ceil(cfg.epochs * len(loader))) * cfg.batch_size
-    cache = cfg.cache_teacher_logits == "yes" or (
-        cfg.cache_teacher_logits == "auto" and cfg.hidden_weight == 0 and seen > len(df))
+    # soft_weight = hidden_weight = 0 is plain fine-tuning through the same loop (the control that
+    # tells whether distillation helped): the teacher then never runs.
+    needs_teacher = cfg.soft_weight > 0 or cfg.hidden_weight > 0
+    cache = needs_teacher and (cfg.cache_teacher_logits == "yes" or (
+        cfg.cache_teacher_logits == "auto" and cfg.hidden_weight == 0 and seen > len(df)))
     pairs = layer_map(student.config, teacher.config) if cfg.hidden_weight > 0 else []
     if cfg.hidden_weight > 0 and not pairs:
         raise BadInputError("The 'hidden_weight' parameter needs student layers that came from teacher layers; "
@@ -100,7 +103,9 @@ def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: li
         s_hidden.clear()
         t_hidden.clear()
         s_logits = model(**batch).logits
-        if cached is not None:
+        if not needs_teacher:
+            t_logits = None
+        elif cached is not None:
             t_logits = cached[idx.cpu()].to(s_logits.device)
         else:
             with torch.no_grad():

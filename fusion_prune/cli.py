@@ -427,6 +427,8 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @click.option("--temperature", default=2.0, show_default=True, type=float)
 @click.option("--hidden-weight", default=0.0, show_default=True, type=float, help="Hidden-state matching weight.")
 @click.option("--no-distill", is_flag=True, help="Stop after pruning and fine-tuning.")
+@click.option("--distill-control", is_flag=True,
+              help="Also fine-tune a copy of the pruned student on hard labels for the same steps, and report it.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue a stopped run with the same arguments.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
@@ -434,7 +436,8 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, targ
              strategy: str, fusion_path: Path | None, finetune_steps: int, signal_samples: int, label_samples: int,
              max_train_samples: int, teacher_epochs: float, max_eval_samples: int | None, max_length: int,
              batch_size: int, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
-             hidden_weight: float, no_distill: bool, seed: int, resume: bool, overwrite: bool) -> None:
+             hidden_weight: float, no_distill: bool, distill_control: bool, seed: int, resume: bool,
+             overwrite: bool) -> None:
     """Remove layers down to --target-layers, fine-tuning after each removal, then distil."""
     from distill import DistillConfig
     from fusion_prune.data import load_dataset
@@ -452,7 +455,8 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, targ
         teacher=FinetuneConfig(epochs=teacher_epochs, lr=2e-4, max_train_samples=max_train_samples),
         distill=None if no_distill else DistillConfig(epochs=distill_epochs, max_train_samples=distill_samples,
                                                       temperature=temperature, hidden_weight=hidden_weight,
-                                                      batch_size=batch_size, lr=lr))
+                                                      batch_size=batch_size, lr=lr),
+        distill_control=distill_control)
     data = load_dataset(dataset, text_column, label_column)
     r = run(model, data, cfg, output, resume=resume, overwrite=overwrite)
     click.echo("")
@@ -461,6 +465,8 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, targ
     click.echo(f"  teacher accuracy  {r['teacher_accuracy']:.4f}")
     click.echo(f"  pruned accuracy   {r['pruned_accuracy']:.4f}  (after pruning and fine-tuning)")
     click.echo(f"  student accuracy  {r['student_accuracy']:.4f}  ({'after distillation' if cfg.distill else 'no distillation'})")
+    if r["control_accuracy"] is not None:
+        click.echo(f"  control accuracy  {r['control_accuracy']:.4f}  (same steps, hard labels only)")
     click.echo(f"  wall time         {r['wall_seconds']:.0f} s  (choosing layers: {r['selection_seconds']:.1f} s)")
     click.echo(f"  saved             {output}  (report.md, report.json, plots/)")
 
@@ -531,7 +537,8 @@ def demo(ctx: click.Context, output: Path, overwrite: bool) -> None:
                target_layers=3, output=output, strategy="fusion", fusion_path=None, finetune_steps=50,
                signal_samples=256, label_samples=400, max_train_samples=3000, teacher_epochs=1.0,
                max_eval_samples=None, max_length=64, batch_size=32, lr=1e-4, distill_epochs=1.0,
-               distill_samples=3000, temperature=2.0, hidden_weight=0.0, no_distill=False, seed=0, resume=False,
+               distill_samples=3000, temperature=2.0, hidden_weight=0.0, no_distill=False, distill_control=False, seed=0,
+               resume=False,
                overwrite=overwrite)
 
 

@@ -13,7 +13,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,9 @@ class CompressConfig:
     seed: int = 0
     teacher: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, lr=2e-4, max_train_samples=3000))
     distill: DistillConfig | None = field(default_factory=DistillConfig)
+    # Also train a copy of the pruned student on hard labels only, with the distillation's steps,
+    # data, learning rate and seed, and report its accuracy: did distillation help here?
+    distill_control: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -180,17 +183,24 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
 
     teacher_acc = evaluate(teacher, tok, test, data.labels, **eval_kw)
     pruned_acc = evaluate(student, tok, test, data.labels, **eval_kw)
-    distill_stats = None
+    distill_stats = control_acc = None
     student_acc = pruned_acc
     if cfg.distill is not None:
         dcfg = DistillConfig(**{**asdict(cfg.distill), "max_length": cfg.max_length, "seed": cfg.seed,
                                 "progress": cfg.progress})
+        if cfg.distill_control:
+            control = copy.deepcopy(student)
+            distill(teacher, control, tok, data.train, data.labels,
+                    replace(dcfg, soft_weight=0.0, hard_weight=1.0, hidden_weight=0.0))
+            control_acc = evaluate(control, tok, test, data.labels, **eval_kw)["accuracy"]
+            del control
         distill_stats = distill(teacher, student, tok, data.train, data.labels, dcfg)
         student_acc = evaluate(student, tok, test, data.labels, **eval_kw)
     report = {
         "model": str(model_spec), "dataset": data.spec, "strategy": cfg.strategy,
         "teacher_accuracy": teacher_acc["accuracy"], "pruned_accuracy": pruned_acc["accuracy"],
-        "student_accuracy": student_acc["accuracy"], "teacher_macro_f1": teacher_acc["macro_f1"],
+        "student_accuracy": student_acc["accuracy"], "control_accuracy": control_acc,
+        "teacher_macro_f1": teacher_acc["macro_f1"],
         "student_macro_f1": student_acc["macro_f1"], "test_examples": teacher_acc["examples"],
         "teacher_layers": info["teacher_layers"], "student_layers": num_layers(student),
         "kept_layers": kept_layers(student.config), "history": history, "info": info,

@@ -177,6 +177,8 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
         f"| teacher | {report['teacher_accuracy']:.4f} | {report['teacher_macro_f1']:.4f} |",
         f"| pruned + fine-tuned | {report['pruned_accuracy']:.4f} | |",
         f"| after distillation | {report['student_accuracy']:.4f} | {report['student_macro_f1']:.4f} |",
+        *([f"| control: same steps, hard labels only | {report['control_accuracy']:.4f} | |"]
+          if report.get("control_accuracy") is not None else []),
         "",
         f"{report['test_examples']} test examples; wall time {report['wall_seconds']:.0f} s; "
         f"time spent choosing layers {report['selection_seconds']:.1f} s.",

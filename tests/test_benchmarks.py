@@ -78,11 +78,21 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     assert set(res.strategy) == set(compare.STRATEGIES)
     assert list(pd.read_csv(out / "results.csv").columns) == compare.COLUMNS
     assert (res[res.strategy == "best-signal"].resolved_strategy.iloc[0]) in __import__("signals").DEFAULT_SIGNALS
-    assert len(list((out / "bundles").glob("*.joblib"))) == 3 and len(list((out / "teachers").iterdir())) == 2
+    # one teacher per dataset, shared by every seed; heavy files under work/, one report per cell kept
+    assert len(list((out / "work" / "bundles").glob("*.joblib"))) == 3
+    assert len([p for p in (out / "work" / "teachers").iterdir() if p.is_dir()]) == 1
+    assert len(list((out / "reports").glob("*.json"))) == len(res) and not list((out / "work" / "runs").iterdir())
+    # the control (plain fine-tuning for the distillation's steps) runs for fusion-rf only
+    assert res[res.strategy == "fusion-rf"].accuracy_ft.notna().all()
+    assert res[res.strategy != "fusion-rf"].accuracy_ft.isna().all()
     assert "Mean rank" in (out / "results.md").read_text() and (out / "mean_rank.png").is_file()
     again = compare.run(profile, "tiny", out, log=lambda m: None)  # every cell done: nothing re-runs
     assert len(again) == len(res)
     assert set(compare.PROFILES) == {"cpu", "gpu"} and compare.PROFILES["gpu"].targets == [6, 4]
+    # seed 0 of every strategy on every dataset runs before any extra seed
+    cells = compare._cells(compare.Profile("m", [3], datasets=["a", "b"], strategies=["top", "random"],
+                                           seeds={"random": [0, 1]}))
+    assert [c[3] for c in cells] == [0, 0, 0, 0, 1, 1] and {c[0] for c in cells[:4]} == {"a", "b"}
 
 
 def test_fusion_lodo_grid(tmp_path):

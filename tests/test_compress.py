@@ -175,6 +175,11 @@ def test_compress_cli_summary(teacher, sentiment_csv_dir, tmp_path):
     res = CliRunner().invoke(main, ["compress", "--model", str(teacher), "--dataset", str(sentiment_csv_dir),
                                     "--target-layers", "2", "--strategy", "top", "-o", str(tmp_path / "o"),
                                     "--finetune-steps", "2", "--signal-samples", "16", "--label-samples", "16",
-                                    "--max-length", "16", "--distill-epochs", "1", "--distill-samples", "64"])
+                                    "--max-length", "16", "--distill-epochs", "1", "--distill-samples", "64",
+                                    "--distill-control"])
     assert res.exit_code == 0, res.output
     assert "layers            3 -> 2" in res.output and "after distillation" in res.output
+    # the control: the same pruned student, plain fine-tuning for the distillation's steps
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert 0 <= report["control_accuracy"] <= 1 and "control accuracy" in res.output
+    assert "hard labels only" in (tmp_path / "o" / "report.md").read_text()

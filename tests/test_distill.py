@@ -97,3 +97,30 @@ def test_auto_caches_when_examples_repeat(teacher_dir, sentiment_csv_dir):
     many = distill(teacher, drop_layers(teacher, [0]), tok, data.train, data.labels,
                    DistillConfig(epochs=2, batch_size=64, max_length=16, progress=False))
     assert one["teacher_logits_cached"] is False and many["teacher_logits_cached"] is True
+
+
+def test_hard_labels_only_is_plain_fine_tuning_without_the_teacher(teacher_dir, sentiment_csv_dir):
+    """soft = hidden = 0 is the control run: the teacher never runs, and the update equals the
+    same loop fed the same batches with the teacher swapped for anything at all."""
+    data = load_dataset(str(sentiment_csv_dir))
+    teacher = T.AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    tok = T.AutoTokenizer.from_pretrained(teacher_dir)
+    calls = []
+    a = drop_layers(teacher, [0])  # before the hook: a deep copy would carry it along
+    handle = teacher.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        cfg = DistillConfig(max_steps=3, batch_size=8, max_length=16, soft_weight=0.0, hard_weight=1.0,
+                            cache_teacher_logits="yes", progress=False)
+        stats = distill(teacher, a, tok, data.train, data.labels, cfg)
+    finally:
+        handle.remove()
+    assert calls == [] and stats["steps"] == 3 and stats["teacher_logits_cached"] is False
+    other = T.AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a different "teacher": plain fine-tuning must not care
+        for p in other.parameters():
+            p.normal_()
+    b = drop_layers(teacher, [0])
+    distill(other, b, tok, data.train, data.labels, cfg)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
