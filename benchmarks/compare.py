@@ -56,6 +56,7 @@ class Profile:
     distill_samples: int | None = 2000
     distill_epochs: float = 1.0
     max_eval_samples: int | None = 1000
+    step_eval_samples: int | None = None  # validation examples for each step's record (None: max_eval_samples)
     max_length: int = 128
     batch_size: int = 32
     rows: str | None = None  # rows for the leave-one-dataset-out bundles (default: the shipped ones)
@@ -67,7 +68,8 @@ PROFILES = {
     # Sized for 2 CPU cores: about 2-5 minutes a cell on one core, 16 cells a dataset.
     "cpu": Profile("minilm-l6", [3], seeds={"random": MULTI, "fusion-rf": MULTI, "top": MULTI},
                    teacher_samples=2000, teacher_epochs=2.0, finetune_steps=25, signal_samples=128,
-                   label_samples=256, distill_samples=1500, max_eval_samples=1000, max_length=64),
+                   label_samples=256, distill_samples=1500, max_eval_samples=1000, step_eval_samples=256,
+                   max_length=64),
     "gpu": Profile("mpnet-base", [6, 4], seeds={"random": MULTI, "fusion-rf": MULTI, "fusion-xgb": MULTI,
                                                 "fusion-linear": MULTI, "top": MULTI},
                    teacher_samples=None, distill_samples=None, max_eval_samples=None, label_samples=1000,
@@ -223,8 +225,69 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
         f"{row['wall_seconds']:.0f} s")
 
 
+def _fmt(values: pd.Series) -> str:
+    """Mean, with the standard deviation over seeds when there are several."""
+    values = values.dropna()
+    if values.empty:
+        return ""
+    return f"{values.mean():.4f}" + (f" ± {values.std():.4f}" if len(values) > 1 else "")
+
+
+def tables(results: pd.DataFrame) -> dict[str, str]:
+    """Markdown tables: ``wide`` (strategy x dataset, accuracy / accuracy_kd, mean rank),
+    ``versus`` (fusion-rf against top and best-signal, per dataset), ``distill`` (KD against plain
+    fine-tuning of the same student for the same steps)."""
+    out = {}
+    for target, part in results.groupby("target_layers"):
+        datasets = [d for d in DATASETS if d in set(part.dataset)] + sorted(set(part.dataset) - set(DATASETS))
+        means = part.groupby(["dataset", "strategy"])[["accuracy", "accuracy_kd"]].mean().reset_index()
+        ranks = {c: means.groupby("dataset")[c].rank(ascending=False).groupby(means.strategy).mean()
+                 for c in ("accuracy", "accuracy_kd")}
+        order = [s for s in STRATEGIES if s in set(part.strategy)] + sorted(set(part.strategy) - set(STRATEGIES))
+        head = "| strategy | " + " | ".join(datasets) + " | mean rank |"
+        lines = [f"Test accuracy after pruning + fine-tuning / after distillation, {target} layers "
+                 "(mean ± sd over seeds where there are several; rank 1 is best, mean over datasets).", "",
+                 head, "|" + "---|" * (len(datasets) + 2)]
+        teacher = part.groupby("dataset").teacher_accuracy.mean()
+        lines.append("| teacher | " + " | ".join(f"{teacher[d]:.4f}" for d in datasets) + " | |")
+        for s in order:
+            cells = []
+            for d in datasets:
+                c = part[(part.dataset == d) & (part.strategy == s)]
+                cells.append(f"{_fmt(c.accuracy)} / {_fmt(c.accuracy_kd)}" if len(c) else "")
+            lines.append(f"| {s} | " + " | ".join(cells) + f" | {ranks['accuracy'].get(s, float('nan')):.2f} / "
+                         f"{ranks['accuracy_kd'].get(s, float('nan')):.2f} |")
+        out[f"wide-{target}"] = "\n".join(lines)
+        # head to head: per dataset, mean over seeds of each side, then the difference
+        lines = ["| fusion-rf minus | metric | " + " | ".join(datasets) + " | mean | wins |",
+                 "|" + "---|" * (len(datasets) + 4)]
+        for rival in ("top", "best-signal"):
+            for metric in ("accuracy", "accuracy_kd"):
+                diffs = []
+                for d in datasets:
+                    f = part[(part.dataset == d) & (part.strategy == "fusion-rf")][metric]
+                    r = part[(part.dataset == d) & (part.strategy == rival)][metric]
+                    diffs.append(f.mean() - r.mean() if len(f) and len(r) else float("nan"))
+                valid = [x for x in diffs if x == x]
+                wins = f"{sum(x > 0 for x in valid)}/{len(valid)}"
+                mean = sum(valid) / len(valid) if valid else float("nan")
+                lines.append(f"| {rival} | {metric} | " + " | ".join(f"{x:+.4f}" for x in diffs)
+                             + f" | {mean:+.4f} | {wins} |")
+        out[f"versus-{target}"] = "\n".join(lines)
+        ctrl = part[part.accuracy_ft.notna()] if "accuracy_ft" in part else part.iloc[:0]
+        if len(ctrl):
+            lines = ["| dataset | strategy | seeds | after pruning | plain fine-tune | distillation | KD minus fine-tune |",
+                     "|---|---|---|---|---|---|---|"]
+            for (d, s), c in ctrl.groupby(["dataset", "strategy"]):
+                gain = c.accuracy_kd - c.accuracy_ft
+                lines.append(f"| {d} | {s} | {len(c)} | {_fmt(c.accuracy)} | {_fmt(c.accuracy_ft)} | "
+                             f"{_fmt(c.accuracy_kd)} | {_fmt(gain)} |")
+            out[f"distill-{target}"] = "\n".join(lines)
+    return out
+
+
 def summarise(results: pd.DataFrame, out: Path) -> Path:
-    """results.md (mean and spread per strategy and dataset, mean rank) and two plots."""
+    """results.md (the tables above and per-dataset detail) and two plots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,22 +295,30 @@ def summarise(results: pd.DataFrame, out: Path) -> Path:
 
     from fusion_prune.report import _save_figure
 
-    lines = [f"# Strategy comparison ({results.profile.iloc[0] if len(results) else ''})", ""]
+    lines = [f"# Strategy comparison ({results.profile.iloc[0] if len(results) else ''})", "",
+             f"{len(results)} runs. Regenerate with `python benchmarks/compare.py --profile "
+             f"{results.profile.iloc[0] if len(results) else 'cpu'} --summary-only`.", ""]
+    for key, table in tables(results).items():
+        kind, target = key.split("-")
+        title = {"wide": "All strategies", "versus": "fusion-rf against top and the best single signal "
+                 "(difference of means over seeds)", "distill": "Distillation against plain fine-tuning "
+                 "(same pruned student, same steps, data and learning rate)"}[kind]
+        lines += [f"## {title}, {target} layers", "", table, ""]
     for (dataset, target), part in results.groupby(["dataset", "target_layers"]):
         lines += [f"## {dataset}, {target} layers (teacher {part.teacher_accuracy.mean():.4f})", "",
-                  "| strategy | accuracy | accuracy_kd | seeds | selection s |", "|---|---|---|---|---|"]
+                  "| strategy | accuracy | accuracy_kd | seeds | selection s | kept layers |", "|---|---|---|---|---|---|"]
         for strategy, s in part.groupby("strategy"):
-            sd = lambda c: f" ± {s[c].std():.4f}" if len(s) > 1 else ""  # noqa: E731
-            lines.append(f"| {strategy} | {s.accuracy.mean():.4f}{sd('accuracy')} | "
-                         f"{s.accuracy_kd.mean():.4f}{sd('accuracy_kd')} | {len(s)} | {s.selection_seconds.mean():.1f} |")
+            kept = ", ".join(sorted(set(s.kept_layers.astype(str))))
+            lines.append(f"| {strategy} | {_fmt(s.accuracy)} | {_fmt(s.accuracy_kd)} | {len(s)} | "
+                         f"{s.selection_seconds.mean():.1f} | {kept} |")
         lines.append("")
+    md = out / "results.md"
+    tmp = md.with_name(".results.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(md)
     means = results.groupby(["dataset", "target_layers", "strategy"]).accuracy_kd.mean().reset_index()
     means["rank"] = means.groupby(["dataset", "target_layers"]).accuracy_kd.rank(ascending=False)
     rank = means.groupby("strategy")["rank"].mean().sort_values()
-    lines += ["## Mean rank (accuracy_kd; 1 is best)", "", "| strategy | mean rank |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in rank.items()]
-    md = out / "results.md"
-    md.write_text("\n".join(lines) + "\n")
     pivot = means.pivot_table(index="dataset", columns="strategy", values="accuracy_kd")
     fig, ax = plt.subplots(figsize=(2 + 1.4 * max(len(pivot), 1), 4))
     pivot.plot.bar(ax=ax, width=0.85)
@@ -258,7 +329,7 @@ def summarise(results: pd.DataFrame, out: Path) -> Path:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3))
     rank.plot.barh(ax=ax)
-    ax.set_xlabel("mean rank (lower is better)")
+    ax.set_xlabel("mean rank of accuracy_kd (lower is better)")
     _save_figure(fig, out / "mean_rank.png")
     plt.close(fig)
     return md

@@ -419,6 +419,8 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @click.option("--max-train-samples", default=3000, show_default=True, type=int, help="Teacher fine-tuning cap.")
 @click.option("--teacher-epochs", default=1.0, show_default=True, type=float)
 @click.option("--max-eval-samples", default=None, type=int, help="Cap on reported validation/test examples.")
+@click.option("--step-eval-samples", default=None, type=int,
+              help="Cap on the validation examples recorded after each step (default: --max-eval-samples).")
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--lr", default=1e-4, show_default=True, type=float)
@@ -434,7 +436,8 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def compress(model: str, dataset: str, text_column: str, label_column: str, target_layers: int, output: Path,
              strategy: str, fusion_path: Path | None, finetune_steps: int, signal_samples: int, label_samples: int,
-             max_train_samples: int, teacher_epochs: float, max_eval_samples: int | None, max_length: int,
+             max_train_samples: int, teacher_epochs: float, max_eval_samples: int | None,
+             step_eval_samples: int | None, max_length: int,
              batch_size: int, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
              hidden_weight: float, no_distill: bool, distill_control: bool, seed: int, resume: bool,
              overwrite: bool) -> None:
@@ -451,7 +454,8 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, targ
     cfg = CompressConfig(
         target_layers=target_layers, strategy=strategy, fusion_path=str(fusion_path) if fusion_path else None,
         finetune_steps=finetune_steps, signal_samples=signal_samples, label_samples=label_samples,
-        max_eval_samples=max_eval_samples, max_length=max_length, batch_size=batch_size, lr=lr, seed=seed,
+        max_eval_samples=max_eval_samples, step_eval_samples=step_eval_samples, max_length=max_length,
+        batch_size=batch_size, lr=lr, seed=seed,
         teacher=FinetuneConfig(epochs=teacher_epochs, lr=2e-4, max_train_samples=max_train_samples),
         distill=None if no_distill else DistillConfig(epochs=distill_epochs, max_train_samples=distill_samples,
                                                       temperature=temperature, hidden_weight=hidden_weight,
@@ -536,7 +540,7 @@ def demo(ctx: click.Context, output: Path, overwrite: bool) -> None:
     ctx.invoke(compress, model="minilm-l6", dataset="rotten-tomatoes", text_column="text", label_column="label",
                target_layers=3, output=output, strategy="fusion", fusion_path=None, finetune_steps=50,
                signal_samples=256, label_samples=400, max_train_samples=3000, teacher_epochs=1.0,
-               max_eval_samples=None, max_length=64, batch_size=32, lr=1e-4, distill_epochs=1.0,
+               max_eval_samples=None, step_eval_samples=None, max_length=64, batch_size=32, lr=1e-4, distill_epochs=1.0,
                distill_samples=3000, temperature=2.0, hidden_weight=0.0, no_distill=False, distill_control=False, seed=0,
                resume=False,
                overwrite=overwrite)

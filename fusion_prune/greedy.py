@@ -36,6 +36,7 @@ class CompressConfig:
     signal_samples: int = 256
     label_samples: int = 400  # validation examples for the measured drop-one accuracies (0: skip)
     max_eval_samples: int | None = None  # cap on validation/test examples for reported accuracies
+    step_eval_samples: int | None = None  # cap on validation examples for each step's record (None: as above)
     max_length: int = 128
     batch_size: int = 32
     lr: float = 1e-4
@@ -95,7 +96,8 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
     meta["config"].pop("progress")
     t_start = time.perf_counter()
     eval_kw = dict(batch_size=cfg.batch_size * 2, max_length=cfg.max_length, progress=False)
-    val = subsample(data.validation, cfg.max_eval_samples, cfg.seed)
+    # The per-step validation accuracy is a record, not an input to any choice: it may use fewer examples.
+    val = subsample(data.validation, cfg.step_eval_samples or cfg.max_eval_samples, cfg.seed)
     test = subsample(data.test, cfg.max_eval_samples, cfg.seed)
 
     history_file = partial / "history.json"

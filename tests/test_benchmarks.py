@@ -85,7 +85,9 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     # the control (plain fine-tuning for the distillation's steps) runs for fusion-rf only
     assert res[res.strategy == "fusion-rf"].accuracy_ft.notna().all()
     assert res[res.strategy != "fusion-rf"].accuracy_ft.isna().all()
-    assert "Mean rank" in (out / "results.md").read_text() and (out / "mean_rank.png").is_file()
+    md = (out / "results.md").read_text()
+    assert "| mean rank |" in md and "| fusion-rf minus |" in md and "plain fine-tune" in md
+    assert (out / "mean_rank.png").is_file()
     again = compare.run(profile, "tiny", out, log=lambda m: None)  # every cell done: nothing re-runs
     assert len(again) == len(res)
     assert set(compare.PROFILES) == {"cpu", "gpu"} and compare.PROFILES["gpu"].targets == [6, 4]
