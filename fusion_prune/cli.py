@@ -418,6 +418,8 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
               help="Validation examples for the measured accuracy of each candidate (0: skip unless needed).")
 @click.option("--max-train-samples", default=3000, show_default=True, type=int, help="Teacher fine-tuning cap.")
 @click.option("--teacher-epochs", default=1.0, show_default=True, type=float)
+@click.option("--teacher-lr", default=2e-4, show_default=True, type=float,
+              help="Learning rate of the teacher's fine-tuning (small models like 2e-4, base-size ones ~5e-5).")
 @click.option("--max-eval-samples", default=None, type=int, help="Cap on reported validation/test examples.")
 @click.option("--step-eval-samples", default=None, type=int,
               help="Cap on the validation examples recorded after each step (default: --max-eval-samples).")
@@ -436,7 +438,7 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def compress(model: str, dataset: str, text_column: str, label_column: str, target_layers: int, output: Path,
              strategy: str, fusion_path: Path | None, finetune_steps: int, signal_samples: int, label_samples: int,
-             max_train_samples: int, teacher_epochs: float, max_eval_samples: int | None,
+             max_train_samples: int, teacher_epochs: float, teacher_lr: float, max_eval_samples: int | None,
              step_eval_samples: int | None, max_length: int,
              batch_size: int, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
              hidden_weight: float, no_distill: bool, distill_control: bool, seed: int, resume: bool,
@@ -456,7 +458,7 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, targ
         finetune_steps=finetune_steps, signal_samples=signal_samples, label_samples=label_samples,
         max_eval_samples=max_eval_samples, step_eval_samples=step_eval_samples, max_length=max_length,
         batch_size=batch_size, lr=lr, seed=seed,
-        teacher=FinetuneConfig(epochs=teacher_epochs, lr=2e-4, max_train_samples=max_train_samples),
+        teacher=FinetuneConfig(epochs=teacher_epochs, lr=teacher_lr, max_train_samples=max_train_samples),
         distill=None if no_distill else DistillConfig(epochs=distill_epochs, max_train_samples=distill_samples,
                                                       temperature=temperature, hidden_weight=hidden_weight,
                                                       batch_size=batch_size, lr=lr),
@@ -537,13 +539,9 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
 @click.pass_context
 def demo(ctx: click.Context, output: Path, overwrite: bool) -> None:
     """minilm-l6 on rotten-tomatoes, 6 -> 3 layers with the default fusion bundle and distillation."""
-    ctx.invoke(compress, model="minilm-l6", dataset="rotten-tomatoes", text_column="text", label_column="label",
-               target_layers=3, output=output, strategy="fusion", fusion_path=None, finetune_steps=50,
-               signal_samples=256, label_samples=400, max_train_samples=3000, teacher_epochs=1.0,
-               max_eval_samples=None, step_eval_samples=None, max_length=64, batch_size=32, lr=1e-4, distill_epochs=1.0,
-               distill_samples=3000, temperature=2.0, hidden_weight=0.0, no_distill=False, distill_control=False, seed=0,
-               resume=False,
-               overwrite=overwrite)
+    # Every option not named here takes compress's own default (click fills them in).
+    ctx.invoke(compress, model="minilm-l6", dataset="rotten-tomatoes", target_layers=3, output=output,
+               strategy="fusion", max_length=64, overwrite=overwrite)
 
 
 if __name__ == "__main__":  # pragma: no cover

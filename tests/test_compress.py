@@ -183,3 +183,21 @@ def test_compress_cli_summary(teacher, sentiment_csv_dir, tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert 0 <= report["control_accuracy"] <= 1 and "control accuracy" in res.output
     assert "hard labels only" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_demo_is_minilm_on_rotten_tomatoes_to_three_layers(monkeypatch, tmp_path):
+    """The README's first command: its configuration, without running it (make demo runs it)."""
+    import fusion_prune.greedy as greedy
+
+    seen = {}
+
+    def fake(model, data, cfg, output, resume=False, overwrite=False):
+        seen.update(model=model, dataset=data.spec, cfg=cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(greedy, "compress", fake)
+    CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "demo")])
+    cfg = seen["cfg"]
+    assert (seen["model"], seen["dataset"]) == ("minilm-l6", "rotten-tomatoes")
+    assert (cfg.target_layers, cfg.strategy, cfg.fusion_path, cfg.max_length) == (3, "fusion", None, 64)
+    assert cfg.distill is not None and cfg.distill.max_train_samples == 3000 and cfg.teacher.lr == 2e-4
