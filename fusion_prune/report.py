@@ -186,6 +186,15 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
         "| step | layers | dropped (original) | predicted | measured right after | validation after fine-tune |",
         "|---|---|---|---|---|---|",
     ]
+    target = (report.get("fusion_bundle") or {}).get("target")
+    if target:  # what "predicted" is depends on the bundle: only the 'retention' target is a fraction kept
+        meaning = {"retention": "the predicted fraction of accuracy kept",
+                   "retention_rank": "the predicted rank of the candidate among this step's layers "
+                                     "(0 = worst to drop, 1 = best), not an accuracy",
+                   "retention_z": "the predicted z-score of the accuracy after the drop among this step's "
+                                  "layers, not an accuracy"}.get(target, f"the bundle's target {target!r}")
+        lines[-2:-2] = [f"`predicted` is {meaning}; `measured right after` is the validation accuracy "
+                        "with the layer removed, before fine-tuning.", ""]
     for e in report["history"]:
         fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"| {e['step']} | {e['layers_before']} | {e['dropped_orig']} | {fmt(e['predicted'])} | "

@@ -76,6 +76,9 @@ def test_every_strategy_end_to_end(strategy, teacher, sentiment_csv_dir, bundle_
             assert e["measured_acc_after_drop"] == best
     if strategy == "fusion":
         assert all(e["predicted"] is not None for e in r["history"]) and r["fusion_bundle"]["model_type"] == "rf"
+        # the report says what "predicted" is for this bundle's target
+        target = r["fusion_bundle"]["target"]
+        assert ("not an accuracy" in (out / "report.md").read_text()) == (target != "retention")
 
 
 def test_alternate_and_symmetric_orders():
