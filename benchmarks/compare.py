@@ -61,6 +61,7 @@ class Profile:
     batch_size: int = 32
     rows: str | None = None  # rows for the leave-one-dataset-out bundles (default: the shipped ones)
     control: list[str] = field(default_factory=lambda: ["fusion-rf"])  # strategies that also get accuracy_ft
+    label: str = "acc_after_drop"  # measured column the LODO bundles and best-signal learn from
 
 
 MULTI = [0, 1, 2]
@@ -84,22 +85,25 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name or spec)
 
 
-def _lodo_bundle(rows: pd.DataFrame, dataset: str, model_type: str, folder: Path) -> str:
+def _lodo_bundle(rows: pd.DataFrame, dataset: str, model_type: str, folder: Path,
+                 label: str = "acc_after_drop") -> str:
     """A bundle fitted on rows of every dataset but ``dataset``, with the default's normalisation."""
     from fusion_prune import fusion as F
 
-    path = folder / "bundles" / f"lodo-{model_type}-without-{_slug(dataset)}.joblib"
+    suffix = "" if label == "acc_after_drop" else f"-{label}"
+    path = folder / "bundles" / f"lodo-{model_type}-without-{_slug(dataset)}{suffix}.joblib"
     if not path.is_file():
         default = F.load_bundle() if F.DEFAULT_BUNDLE.is_file() else None
         norm, target = (default.feature_norm, default.target) if default else ("zscore", "retention_z")
-        F.fit_bundle(rows[rows.dataset != dataset], model_type, F.DEFAULT_SIGNALS, norm, target).save(path)
+        F.fit_bundle(rows[rows.dataset != dataset], model_type, F.DEFAULT_SIGNALS, norm, target,
+                     label=label).save(path)
     return str(path)
 
 
-def _best_signal(rows: pd.DataFrame, dataset: str) -> str:
+def _best_signal(rows: pd.DataFrame, dataset: str, label: str = "acc_after_drop") -> str:
     from fusion_prune import fusion as F
 
-    m = F.baseline_metrics(rows[rows.dataset != dataset])["signals"]
+    m = F.baseline_metrics(F.use_label(rows[rows.dataset != dataset], label))["signals"]
     return min(m, key=lambda n: (m[n]["regret"], -m[n]["spearman"]))
 
 
@@ -192,9 +196,9 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
     teacher = _teacher(profile, dataset, data, work)
     fusion_path, resolved = None, strategy
     if strategy.startswith("fusion-"):
-        fusion_path, resolved = _lodo_bundle(rows, dataset, strategy.split("-", 1)[1], work), "fusion"
+        fusion_path, resolved = _lodo_bundle(rows, dataset, strategy.split("-", 1)[1], work, profile.label), "fusion"
     elif strategy == "best-signal":
-        resolved = _best_signal(rows, dataset)
+        resolved = _best_signal(rows, dataset, profile.label)
     cfg = CompressConfig(
         target_layers=target, strategy=resolved, fusion_path=fusion_path,
         finetune_steps=profile.finetune_steps, signal_samples=profile.signal_samples,

@@ -24,7 +24,7 @@ import pandas as pd
 from fusion_prune.data import TextDataset
 from fusion_prune.errors import BadInputError
 from fusion_prune.finetune import FinetuneConfig, make_accelerator, subsample, train
-from fusion_prune.labels import drop_one_labels
+from fusion_prune.labels import drop_one_labels, drop_one_labels_recovered
 from fusion_prune.report import write_table
 from fusion_prune.surgery import drop_layers_, num_layers
 from fusion_prune.utils import atomic_dir, versions, write_json_atomic
@@ -45,6 +45,9 @@ class CollectConfig:
     batch_size: int = 32
     lr: float = 1e-4
     seed: int = 0
+    # > 0: also label each candidate by its accuracy after this many recovery steps
+    # (column acc_after_recovery; fit-fusion --label acc_after_recovery trains on it).
+    recovery_steps: int = 0
     teacher: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=2, lr=2e-4,
                                                                            max_train_samples=4000))
     progress: bool = True
@@ -54,6 +57,8 @@ class CollectConfig:
             raise BadInputError(f"The 'min_layers' parameter must be at least 1. Got {self.min_layers}.")
         if self.finetune_steps < 0:
             raise BadInputError(f"The 'finetune_steps' parameter must be >= 0. Got {self.finetune_steps}.")
+        if self.recovery_steps < 0:
+            raise BadInputError(f"The 'recovery_steps' parameter must be >= 0. Got {self.recovery_steps}.")
 
 
 def _state_dir(out: Path) -> Path:
@@ -108,7 +113,14 @@ def collect(model_spec: str, data: TextDataset, cfg: CollectConfig, out: str | P
         state.insert(0, "dataset", dataset_name)
         state.insert(0, "source_model", str(model_spec))
         state["acc_before"] = lab.acc_before
-        state = state[ROW_KEYS + list(DEFAULT_SIGNALS)]
+        extra = []
+        if cfg.recovery_steps:
+            rec = drop_one_labels_recovered(model, tok, data.train, val, data.labels, cfg.recovery_steps,
+                                            batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length,
+                                            seed=cfg.seed + step)
+            state = state.merge(rec, on=["layer", "orig_layer"])
+            extra = ["acc_after_recovery"]
+        state = state[ROW_KEYS + extra + list(DEFAULT_SIGNALS)]
         best = int(state.sort_values(["acc_after_drop", "loss_after_drop"], ascending=[False, True]).iloc[0].layer)
         rows = pd.concat([rows, state], ignore_index=True)
         drop_layers_(model, [best])

@@ -143,6 +143,7 @@ class FusionBundle:
     versions: dict = field(default_factory=dict)
     created: str = ""
     format: str = BUNDLE_FORMAT
+    label: str = "acc_after_drop"  # the measured column the target was computed from (see use_label)
 
     def predict(self, table: pd.DataFrame) -> np.ndarray:
         """Predicted target per layer of ONE state's signals table (higher = more removable)."""
@@ -176,7 +177,7 @@ class FusionBundle:
     def describe(self) -> dict:
         return {"model_type": self.model_type, "features": self.features, "feature_norm": self.feature_norm,
                 "target": self.target, "sources": self.sources, "cv": self.cv, "versions": self.versions,
-                "created": self.created}
+                "created": self.created, "label": self.label}
 
 
 def _fusion_versions() -> dict:
@@ -243,10 +244,26 @@ def read_rows(paths: Sequence[str | Path]) -> pd.DataFrame:
     return rows
 
 
+LABELS = ("acc_after_drop", "acc_after_recovery")
+
+
+def use_label(rows: pd.DataFrame, label: str) -> pd.DataFrame:
+    """``rows`` with ``acc_after_drop`` replaced by the measured column ``label``, so that targets,
+    fitting and every choice metric (regret, top-1, Spearman) use it; the input is not changed."""
+    if label not in LABELS:
+        raise bad_choice("label", label, LABELS)
+    if label not in rows.columns:
+        raise BadInputError(f"The 'label' parameter names column {label!r}, which these rows lack; collect them "
+                            "with --recovery-steps N for acc_after_recovery.")
+    if label == "acc_after_drop":
+        return rows
+    return rows.assign(acc_after_drop=rows[label])
+
+
 def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[str] = DEFAULT_SIGNALS,
                feature_norm: str = "zscore", target: str = "retention_z", seed: int = 0,
-               cv: dict | None = None) -> FusionBundle:
-    """Fit one fusion model on all ``rows``."""
+               cv: dict | None = None, label: str = "acc_after_drop") -> FusionBundle:
+    """Fit one fusion model on all ``rows`` (target computed from the measured column ``label``)."""
     if model_type not in FUSION_MODELS:
         raise bad_choice("model_type", model_type, FUSION_MODELS)
     if feature_norm not in NORMALISATIONS:
@@ -255,13 +272,14 @@ def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[st
         raise bad_choice("target", target, TARGETS)
     features = list(features)
     check_columns(rows, features)
+    rows = use_label(rows, label)
     x, y = design_matrix(rows, features, feature_norm, target)
     est = FUSION_MODELS[model_type](seed)
     est.fit(x, y)
     sources = (rows.groupby(["source_model", "dataset"]).step.nunique().reset_index()
                .rename(columns={"step": "states"}).to_dict("records"))
     return FusionBundle(est, model_type, features, feature_norm, target, sources, cv or {}, _fusion_versions(),
-                        time.strftime("%Y-%m-%dT%H:%M:%S"))
+                        time.strftime("%Y-%m-%dT%H:%M:%S"), label=label)
 
 
 def choice_metrics(rows: pd.DataFrame, scorer: Callable[[pd.DataFrame], np.ndarray]) -> dict:

@@ -150,3 +150,36 @@ def _first(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def _takes_cache(model) -> bool:
     return getattr(model.config, "use_cache", None) is not None and getattr(model.config, "is_decoder", True)
+
+
+def drop_one_labels_recovered(model, tokenizer, train_df: pd.DataFrame, data: pd.DataFrame, data_labels: list[str],
+                              steps: int, batch_size: int = 32, lr: float = 1e-4, max_length: int = 128,
+                              seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """Accuracy on ``data`` of each single-layer removal **after** ``steps`` recovery steps.
+
+    The label the greedy loop actually lives with: a layer whose removal hurts at once may
+    recover in a few steps (the top layers often do). Every candidate gets the same batches,
+    learning rate and seed, so the only difference between candidates is the layer removed.
+    Cost: ``L`` short fine-tunes plus ``L`` evaluations; ``model`` itself is not changed.
+    Returns a table (layer, orig_layer, acc_after_recovery), one row per current layer.
+    """
+    from tqdm.auto import tqdm
+
+    from fusion_prune.finetune import FinetuneConfig, evaluate, make_accelerator, train
+
+    _check_classifier(model)
+    n = len(layer_list(model))
+    if n < 2:
+        raise BadInputError("The 'model' parameter has 1 layer; expected at least 2 to remove one.")
+    if steps < 1:
+        raise BadInputError(f"The 'steps' parameter must be at least 1. Got {steps}.")
+    cfg = FinetuneConfig(max_steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, seed=seed,
+                         warmup_ratio=0.0, progress=False)
+    acc = []
+    for layer in tqdm(range(n), desc="recovered labels", disable=not progress, dynamic_ncols=True):
+        candidate = drop_layers(model, [layer])  # a copy: the input model stays as it is
+        train(candidate, tokenizer, train_df, cfg, make_accelerator(cfg.mixed_precision))
+        acc.append(evaluate(candidate, tokenizer, data, data_labels, batch_size=batch_size * 2,
+                            max_length=max_length, progress=False)["accuracy"])
+        del candidate
+    return pd.DataFrame({"layer": np.arange(n), "orig_layer": kept_layers(model.config), "acc_after_recovery": acc})

@@ -83,3 +83,31 @@ def test_bad_min_layers(three_layer_model, sentiment_csv_dir, tmp_path):
     data = load_dataset(str(sentiment_csv_dir))
     with pytest.raises(BadInputError, match="must be below the model's depth 3"):
         collect(str(three_layer_model), data, _cfg(min_layers=3), tmp_path / "r.parquet")
+
+
+def test_recovery_labels_column_and_fitting_on_it(three_layer_model, sentiment_csv_dir, tmp_path):
+    """--recovery-steps adds acc_after_recovery; fit-fusion --label learns from it and says so."""
+    from click.testing import CliRunner
+
+    from fusion_prune import fusion as F
+    from fusion_prune.cli import main
+
+    data = load_dataset(str(sentiment_csv_dir))
+    rows = collect(str(three_layer_model), data, _cfg(recovery_steps=2), tmp_path / "rows.parquet", dataset_name="a")
+    assert list(rows.columns) == ROW_KEYS + ["acc_after_recovery"] + list(DEFAULT_SIGNALS)
+    assert rows.acc_after_recovery.between(0, 1).all() and len(rows) == 3 + 2
+    both = pd.concat([rows, rows.assign(dataset="b")])
+    both.to_parquet(tmp_path / "both.parquet")
+    relabelled = F.use_label(both, "acc_after_recovery")
+    assert (relabelled.acc_after_drop == both.acc_after_recovery).all() and "acc_after_drop" in both
+    bundle = tmp_path / "b.joblib"
+    res = CliRunner().invoke(main, ["fit-fusion", "--data", str(tmp_path / "both.parquet"), "-o", str(bundle),
+                                    "--label", "acc_after_recovery", "--feature-norm", "zscore",
+                                    "--target", "retention_z"])
+    assert res.exit_code == 0, res.output
+    assert F.load_bundle(bundle).describe()["label"] == "acc_after_recovery"
+    # rows without the column: one line naming what to do
+    with pytest.raises(BadInputError, match="--recovery-steps"):
+        F.use_label(both.drop(columns="acc_after_recovery"), "acc_after_recovery")
+    with pytest.raises(BadInputError, match="recovery_steps"):
+        _cfg(recovery_steps=-1)

@@ -87,3 +87,35 @@ def test_labels_refuse_non_classifiers_and_single_layer():
     with pytest.raises(BadInputError, match="has 1 layer"):
         drop_one_labels(T.AutoModelForSequenceClassification.from_config(cfg), _IdTokenizer(), _frame(),
                         ["LABEL_0", "LABEL_1", "LABEL_2"])
+
+
+def test_recovered_labels_equal_drop_train_evaluate(tmp_path):
+    """Each candidate: a copy without that layer, the same short fine-tune, then accuracy."""
+    import copy
+
+    from fusion_prune.finetune import FinetuneConfig, evaluate, make_accelerator, train
+    from fusion_prune.labels import drop_one_labels_recovered
+
+    from fusion_prune.data import load_dataset
+    from fusion_prune.models import load_classifier
+    from fusion_prune.surgery import drop_layers
+
+    torch.manual_seed(0)
+    T.BertModel(tiny_bert_config(layers=2)).save_pretrained(tmp_path / "base")
+    make_tokenizer(tmp_path / "base").save_pretrained(tmp_path / "base")
+    sentiment_frame(120, 1).to_csv(tmp_path / "train.csv", index=False)
+    sentiment_frame(40, 2).to_csv(tmp_path / "test.csv", index=False)
+    data = load_dataset(str(tmp_path))
+    model, tok, _ = load_classifier(str(tmp_path / "base"), data.labels)
+    before = copy.deepcopy(model.state_dict())
+    table = drop_one_labels_recovered(model, tok, data.train, data.validation, data.labels, steps=3,
+                                      batch_size=8, lr=1e-3, max_length=16, seed=5)
+    assert list(table.columns) == ["layer", "orig_layer", "acc_after_recovery"] and len(table) == 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input is untouched
+    by_hand = drop_layers(model, [1])
+    cfg = FinetuneConfig(max_steps=3, batch_size=8, lr=1e-3, max_length=16, seed=5, warmup_ratio=0.0, progress=False)
+    train(by_hand, tok, data.train, cfg, make_accelerator(cfg.mixed_precision))
+    acc = evaluate(by_hand, tok, data.validation, data.labels, batch_size=16, max_length=16, progress=False)["accuracy"]
+    assert table.acc_after_recovery.iloc[1] == acc
+    with pytest.raises(BadInputError, match="'steps'"):
+        drop_one_labels_recovered(model, tok, data.train, data.validation, data.labels, steps=0)
