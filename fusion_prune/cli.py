@@ -418,7 +418,8 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
                    "oracle, or a signal name (act_energy, grad_norm, ...).")
 @click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
               help="Fusion bundle for --strategy fusion; default: the shipped one.")
-@click.option("--finetune-steps", default=50, show_default=True, type=int, help="Recovery steps after each drop.")
+@click.option("--finetune-steps", default=50, show_default=True, type=int,
+              help="Recovery steps per removed layer, after each drop.")
 @click.option("--signal-samples", default=256, show_default=True, type=int)
 @click.option("--label-samples", default=400, show_default=True, type=int,
               help="Validation examples for the measured accuracy of each candidate (0: skip unless needed).")

@@ -32,7 +32,7 @@ class CompressConfig:
     target_layers: int
     strategy: str = "fusion"
     fusion_path: str | None = None  # None: the bundle shipped with fusionprune
-    finetune_steps: int = 50
+    finetune_steps: int = 50  # recovery steps per removed layer
     signal_samples: int = 256
     label_samples: int = 400  # validation examples for the measured drop-one accuracies (0: skip)
     max_eval_samples: int | None = None  # cap on validation/test examples for reported accuracies
@@ -165,7 +165,9 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
         orig = [kept_layers(student.config)[i] for i in drop]
         drop_layers_(student, drop)
         if cfg.finetune_steps:
-            fcfg = FinetuneConfig(max_steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+            # Steps per removed layer: a one-shot strategy (angular-block) gets the same recovery
+            # budget in total as one that removes the same layers one at a time.
+            fcfg = FinetuneConfig(max_steps=cfg.finetune_steps * len(drop), batch_size=cfg.batch_size, lr=cfg.lr,
                                   max_length=cfg.max_length, seed=cfg.seed + step + 1, warmup_ratio=0.0,
                                   progress=False)
             train(student, tok, data.train, fcfg, make_accelerator(fcfg.mixed_precision))
@@ -173,7 +175,8 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
         history.append({
             "step": step, "layers_before": n, "dropped": drop, "dropped_orig": orig,
             "kept_layers": kept_layers(student.config), "predicted": predicted, "measured_acc_after_drop": measured,
-            "validation_accuracy_after_finetune": val_acc, "selection_seconds": round(selection, 3),
+            "validation_accuracy_after_finetune": val_acc, "finetune_steps": cfg.finetune_steps * len(drop),
+            "selection_seconds": round(selection, 3),
             "seconds": round(time.perf_counter() - t0, 2),
             "signals": signals.to_dict("list") if signals is not None else None,
             "labels": labels.to_dict("list") if labels is not None else None,

@@ -61,6 +61,8 @@ def test_every_strategy_end_to_end(strategy, teacher, sentiment_csv_dir, bundle_
     assert r["student_layers"] == 1 and len(r["kept_layers"]) == 1
     steps = 1 if STRATEGIES[strategy].one_shot else 2
     assert len(r["history"]) == steps
+    # the same recovery budget per removed layer, one-shot or not
+    assert sum(e["finetune_steps"] for e in r["history"]) == cfg.finetune_steps * 2
     model = T.AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_hidden_layers == 1 and model.config.fusionprune_kept_layers == r["kept_layers"]
     assert json.loads((out / "report.json").read_text())["kept_layers"] == r["kept_layers"]
