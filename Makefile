@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.fusionprune-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast assets clean fusion-rows fusion-bundle
+.PHONY: install demo test test-fast assets clean fusion-rows fusion-bundle compare
 
 install: $(STAMP)
 
@@ -54,3 +54,12 @@ fusion-bundle: fusion-rows
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Strategy comparison (benchmarks/compare.py). Resumable; two one-thread workers share the 2 cores
+# and one results file. PROFILE=gpu for mpnet-base on a GPU machine.
+PROFILE ?= cpu
+compare: $(STAMP)
+	$(CLI) assets fetch minilm-l6 mpnet-base rotten-tomatoes bbc-news election-tweets reuters-r8 reuters-r52 20newsgroups
+	OMP_NUM_THREADS=1 $(PY) benchmarks/compare.py --profile $(PROFILE) --threads 1 & \
+	OMP_NUM_THREADS=1 $(PY) benchmarks/compare.py --profile $(PROFILE) --threads 1; wait
+	$(PY) benchmarks/compare.py --profile $(PROFILE) --summary-only
