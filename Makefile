@@ -56,10 +56,9 @@ clean:
 	rm -rf $(VENV) runs .pytest_cache
 
 # Strategy comparison (benchmarks/compare.py). Resumable; two one-thread workers share the 2 cores
-# and one results file. PROFILE=gpu for mpnet-base on a GPU machine.
+# and one results file (assets are fetched on first use). PROFILE=gpu for mpnet-base on a GPU machine.
 PROFILE ?= cpu
 compare: $(STAMP)
-	$(CLI) assets fetch minilm-l6 mpnet-base rotten-tomatoes bbc-news election-tweets reuters-r8 reuters-r52 20newsgroups
 	OMP_NUM_THREADS=1 $(PY) benchmarks/compare.py --profile $(PROFILE) --threads 1 & \
 	OMP_NUM_THREADS=1 $(PY) benchmarks/compare.py --profile $(PROFILE) --threads 1; wait
 	$(PY) benchmarks/compare.py --profile $(PROFILE) --summary-only

@@ -10,9 +10,10 @@ that strategies and seeds differ only in what they choose and in the compression
 ``compress`` with the profile's budget and appends a row to ``benchmarks/results/<profile>/results.csv``;
 finished cells are skipped, so an interrupted sweep continues where it stopped (also across
 sessions). Cells run seed by seed: every strategy on every dataset at seed 0 first, then the extra
-seeds. Several workers may share one results file (``--datasets`` splits the work; rows are
-appended under a file lock). For the ``control`` strategies the pruned student is also fine-tuned
-on hard labels only for the distillation's steps (``accuracy_ft``): does distillation help? Fusion strategies use bundles fitted on the
+seeds. Several workers may share one results file: each claims a cell under a file lock before
+running it, and rows are appended under another. For the ``control`` strategies the pruned
+student is also fine-tuned on hard labels only for the distillation's steps (``accuracy_ft``):
+does distillation help? Fusion strategies use bundles fitted on the
 shipped rows **without** the evaluated dataset (leave-one-dataset-out); ``best-signal`` is the
 single signal with the lowest regret on the other datasets' rows. No choice reads a test split:
 test accuracy is only reported.
@@ -170,9 +171,6 @@ def run(profile: Profile, name: str, out: Path | None = None, log=print, work: P
     rows = read_rows([profile.rows or str(DEFAULT_BUNDLE.parent / "rows" / "*.parquet")])
     loaded: dict[str, object] = {}
     for dataset, target, strategy, seed in _cells(profile):
-        with _locked(csv.with_suffix(".lock")):
-            if _is_done(_read(csv), dataset, target, strategy, seed):
-                continue
         with _locked(work / "claims" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}.lock", wait=False) as mine:
             if mine:  # else another worker is running this cell
                 _cell(profile, name, rows, loaded, dataset, target, strategy, seed, out, work, csv, log)
@@ -189,10 +187,12 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
     from fusion_prune.greedy import CompressConfig, compress
     from fusion_prune.report import write_table
 
-    with _locked(csv.with_suffix(".lock")):  # finished by another worker since the first look
+    with _locked(csv.with_suffix(".lock")):  # finished earlier, by this worker or another
         if _is_done(_read(csv), dataset, target, strategy, seed):
             return
-    data = loaded.get(dataset) or loaded.setdefault(dataset, load_dataset(dataset))
+    if dataset not in loaded:
+        loaded[dataset] = load_dataset(dataset)
+    data = loaded[dataset]
     teacher = _teacher(profile, dataset, data, work)
     fusion_path, resolved = None, strategy
     if strategy.startswith("fusion-"):
@@ -220,9 +220,7 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
            "accuracy_ft": r["control_accuracy"], "selection_seconds": r["selection_seconds"],
            "wall_seconds": round(time.perf_counter() - t0, 1), "kept_layers": json.dumps(r["kept_layers"])}
     with _locked(csv.with_suffix(".lock")):  # after every cell: an interrupted sweep loses at most one cell
-        done = _read(csv)
-        if not _is_done(done, dataset, target, strategy, seed):
-            write_table(pd.concat([done, pd.DataFrame([row])], ignore_index=True), csv)
+        write_table(pd.concat([_read(csv), pd.DataFrame([row])], ignore_index=True), csv)
     ft = f", plain fine-tune {r['control_accuracy']:.4f}" if r["control_accuracy"] is not None else ""
     log(f"{dataset} l{target} {strategy} s{seed}: {r['pruned_accuracy']:.4f} / kd "
         f"{r['student_accuracy']:.4f}{ft} (teacher {r['teacher_accuracy']:.4f}), kept {r['kept_layers']}, "

@@ -315,7 +315,8 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
         raise BadInputError(f"The output file {str(output)!r} already exists; expected a new path (or pass --overwrite).")
     cfg = CollectConfig(min_layers=min_layers, finetune_steps=finetune_steps, signal_samples=signal_samples,
                         max_eval_samples=max_eval_samples, max_length=max_length, seed=seed,
-                        recovery_steps=recovery_steps, teacher=FinetuneConfig(epochs=2, lr=2e-4, max_train_samples=max_train_samples))
+                        recovery_steps=recovery_steps,
+                        teacher=FinetuneConfig(epochs=2, lr=2e-4, max_train_samples=max_train_samples))
     data = load_dataset(dataset, text_column, label_column)
     rows = run(model, data, cfg, output, dataset_name=dataset)
     click.echo(f"saved {output}: {rows['step'].nunique()} states, {len(rows)} rows")

@@ -93,10 +93,9 @@ def test_recovered_labels_equal_drop_train_evaluate(tmp_path):
     """Each candidate: a copy without that layer, the same short fine-tune, then accuracy."""
     import copy
 
+    from fusion_prune.data import load_dataset
     from fusion_prune.finetune import FinetuneConfig, evaluate, make_accelerator, train
     from fusion_prune.labels import drop_one_labels_recovered
-
-    from fusion_prune.data import load_dataset
     from fusion_prune.models import load_classifier
     from fusion_prune.surgery import drop_layers
 
