@@ -235,6 +235,14 @@ def _fmt(values: pd.Series) -> str:
     return f"{values.mean():.4f}" + (f" ± {values.std():.4f}" if len(values) > 1 else "")
 
 
+def mean_ranks(results: pd.DataFrame, metric: str) -> pd.Series:
+    """Mean over datasets of each strategy's rank (1 = best) by ``metric``, seeds averaged first;
+    indexed by (target_layers, strategy)."""
+    means = results.groupby(["target_layers", "dataset", "strategy"])[metric].mean().reset_index()
+    means["rank"] = means.groupby(["target_layers", "dataset"])[metric].rank(ascending=False)
+    return means.groupby(["target_layers", "strategy"])["rank"].mean()
+
+
 def tables(results: pd.DataFrame) -> dict[str, str]:
     """Markdown tables: ``wide`` (strategy x dataset, accuracy / accuracy_kd, mean rank),
     ``versus`` (fusion-rf against top and best-signal, per dataset), ``distill`` (KD against plain
@@ -242,9 +250,7 @@ def tables(results: pd.DataFrame) -> dict[str, str]:
     out = {}
     for target, part in results.groupby("target_layers"):
         datasets = [d for d in DATASETS if d in set(part.dataset)] + sorted(set(part.dataset) - set(DATASETS))
-        means = part.groupby(["dataset", "strategy"])[["accuracy", "accuracy_kd"]].mean().reset_index()
-        ranks = {c: means.groupby("dataset")[c].rank(ascending=False).groupby(means.strategy).mean()
-                 for c in ("accuracy", "accuracy_kd")}
+        ranks = {c: mean_ranks(part, c).xs(target) for c in ("accuracy", "accuracy_kd")}
         order = [s for s in STRATEGIES if s in set(part.strategy)] + sorted(set(part.strategy) - set(STRATEGIES))
         head = "| strategy | " + " | ".join(datasets) + " | mean rank |"
         lines = [f"Test accuracy after pruning + fine-tuning / after distillation, {target} layers "
@@ -319,9 +325,14 @@ def summarise(results: pd.DataFrame, out: Path) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(md)
     means = results.groupby(["dataset", "target_layers", "strategy"]).accuracy_kd.mean().reset_index()
-    means["rank"] = means.groupby(["dataset", "target_layers"]).accuracy_kd.rank(ascending=False)
-    rank = means.groupby("strategy")["rank"].mean().sort_values()
-    pivot = means.pivot_table(index="dataset", columns="strategy", values="accuracy_kd")
+    rank = mean_ranks(results, "accuracy_kd")
+    if results.target_layers.nunique() == 1:  # one depth: label bars by dataset / strategy alone
+        rank = rank.droplevel(0)
+        means["case"] = means.dataset
+    else:
+        means["case"] = means.dataset + " -> " + means.target_layers.astype(str)
+    rank = rank.sort_values()
+    pivot = means.pivot_table(index="case", columns="strategy", values="accuracy_kd")
     fig, ax = plt.subplots(figsize=(2 + 1.4 * max(len(pivot), 1), 4))
     pivot.plot.bar(ax=ax, width=0.85)
     ax.set_ylabel("test accuracy after distillation")

@@ -11,6 +11,7 @@ an ideal cost ratio of ``(L + 1) / (2 L)``.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -149,7 +150,9 @@ def _first(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _takes_cache(model) -> bool:
-    return getattr(model.config, "use_cache", None) is not None and getattr(model.config, "is_decoder", True)
+    # Decoders build a KV cache by default; a scoring pass has no use for it. The forward's own
+    # signature is the reliable test (config flags such as is_decoder are None on many decoders).
+    return "use_cache" in inspect.signature(type(model).forward).parameters
 
 
 def drop_one_labels_recovered(model, tokenizer, train_df: pd.DataFrame, data: pd.DataFrame, data_labels: list[str],

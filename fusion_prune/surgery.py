@@ -185,7 +185,18 @@ def drop_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     """
     architecture_of(model)  # refuse unsupported models before copying anything
     check_layers(layers, num_layers(model))
-    return drop_layers_(copy.deepcopy(model), layers)
+    pruned = copy.deepcopy(model)
+    # deepcopy carries the input's hooks over, still bound to the caller's closures (a probe on
+    # the original would also fire for the copy); the copy is a new model and starts without them.
+    for module in pruned.modules():
+        for name in _HOOK_DICTS:
+            getattr(module, name, {}).clear()
+    return drop_layers_(pruned, layers)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -124,6 +124,20 @@ def test_in_place_variant_mutates_and_returns_same_object():
     assert drop_layers_(model, [3]) is model and model.config.num_hidden_layers == 3
 
 
+def test_copy_does_not_carry_the_input_models_hooks():
+    model = _build("bert", T.AutoModel)
+    calls: list[int] = []
+    handle = layer_list(model)[1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pruned = drop_layers(model, [3])
+        pruned(**_inputs())
+        assert calls == []  # the probe belongs to the original only
+        model(**_inputs())
+        assert calls == [1]
+    finally:
+        handle.remove()
+
+
 def test_pruned_equals_running_only_the_kept_layers():
     """Hand check on BERT: the pruned encoder is the embeddings followed by the kept layers."""
     model = _build("bert", T.AutoModel)
