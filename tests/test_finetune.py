@@ -91,3 +91,20 @@ def test_new_head_when_labels_differ(tiny_base_model, sentiment_csv_dir, tmp_pat
     model, _, trained = load_classifier(str(out), ["a", "b", "c"])
     assert trained is False and model.config.num_labels == 3
     assert np.isfinite(model.classifier.weight.detach().numpy()).all()
+
+
+def test_macro_f1_ignores_classes_absent_from_split_and_predictions(tiny_base_model, sentiment_csv_dir, recwarn):
+    """A capped test split can miss a class: it must not count as F1 = 0 (nor warn)."""
+    from sklearn.metrics import f1_score
+
+    from fusion_prune.finetune import predict
+
+    data = load_dataset(str(sentiment_csv_dir))
+    labels = [*data.labels, "never-seen"]  # a third class the split does not contain
+    model, tok, _ = load_classifier(str(tiny_base_model), labels)
+    m = evaluate(model, tok, data.test, labels, max_length=16)
+    y_true = label_map(model.config, labels)[data.test["label"].to_numpy()]
+    y_pred = predict(model, tok, data.test, 64, 16)
+    present = np.union1d(y_true, y_pred)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=present))
+    assert not [w for w in recwarn if "ill-defined" in str(w.message)]
