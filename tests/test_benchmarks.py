@@ -106,3 +106,29 @@ def test_fusion_lodo_grid(tmp_path):
     grid = table[(table.variant == "12 signals") & table.method.str.startswith("fusion")]
     assert len(grid) == 4 * 3 * 4 * 3  # held-out datasets x models x normalisations x targets
     assert (tmp_path / "out" / "grid.md").read_text().count("| 12 signals |") >= 36
+
+
+def test_recovery_label_scores_every_choice_by_the_recovered_accuracy():
+    """Synthetic recovered label under which the top layer always recovers best: `top` must score
+    perfectly and the before-recovery oracle must be judged by the recovered accuracy of its pick."""
+    import numpy as np
+
+    from fusion_prune import fusion as F
+
+    rec = _load("recovery_label")
+    shipped = F.read_rows([str(F.DEFAULT_BUNDLE.parent / "rows" / "*.parquet")])
+    rows = shipped[shipped.n_layers >= 4].copy()
+    top = rows.layer == rows.n_layers - 1
+    rows["acc_after_recovery"] = np.where(top, 1.0, rows.acc_after_drop * 0.5)
+    res = rec.evaluate(rows, shipped).set_index(["held_out", "method"])
+    assert set(res.index.get_level_values(0)) == set(rows.dataset)
+    for held, part in rows.groupby("dataset"):
+        assert res.loc[(held, "top"), "regret"] == 0 and res.loc[(held, "top"), "top1"] == 1
+        regrets = []
+        for _, s in part.groupby("step"):
+            pick = s.sort_values(["acc_after_drop", "loss_after_drop"], ascending=[False, True]).iloc[0]
+            regrets.append(1.0 - pick.acc_after_recovery)
+        assert res.loc[(held, "oracle before recovery"), "regret"] == pytest.approx(np.mean(regrets))
+    assert {"fusion-rf (acc_after_drop)", "fusion-rf (acc_after_recovery)", "fusion-rf (shipped rows)",
+            "best-signal", "consensus"} <= set(res.index.get_level_values(1))
+    assert "| top |" in rec.table(res.reset_index())

@@ -1,0 +1,140 @@
+"""Does fusion choose better when a layer is labelled after a short recovery instead of at once?
+
+    python benchmarks/recovery_label.py --threads 1      # collect what is missing (resumable), then evaluate
+    python benchmarks/recovery_label.py --evaluate-only
+
+The shipped rows label a layer by the validation accuracy right after its removal
+(``acc_after_drop``). The greedy loop, though, fine-tunes after every drop, and some layers (the
+top one above all) cost much at once but recover in a few steps. Here every candidate is labelled
+twice on the same states: at once, and after ``--recovery-steps`` steps of fine-tuning
+(``acc_after_recovery``; the cpu comparison gives 25 steps per removed layer).
+
+Rows: per dataset, the cpu comparison's teacher (the very model that benchmark compresses; run
+``compare.py --profile cpu`` first), the states a 6 -> 3 run visits (6, 5 and 4 layers), the
+comparison's caps (length 64, 128 calibration and 256 validation examples). Evaluation,
+leave-one-dataset-out, every choice scored by the **recovered** accuracy of the layer it picks
+(regret, top-1, Spearman per state, averaged): fusion-rf fitted on either label of the other
+datasets' rows, the shipped-rows bundle the comparison used, the before-recovery oracle, top,
+the best single signal (chosen on the training datasets) and consensus. No choice reads a test
+split. Writes benchmarks/results/recovery/{rows/*.parquet, lodo.csv, lodo.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "recovery"
+TEACHERS = HERE / "results" / "cpu" / "work" / "teachers"
+DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reuters-r52", "20newsgroups"]
+
+
+def collect_rows(datasets: list[str], out: Path, recovery_steps: int, log=print) -> list[Path]:
+    """Collect (or resume) the rows of every dataset whose teacher exists; returns the finished files."""
+    from fusion_prune.collect import CollectConfig, collect
+    from fusion_prune.data import load_dataset
+
+    cfg = CollectConfig(min_layers=3, finetune_steps=25, signal_samples=128, max_eval_samples=256, max_length=64,
+                        lr=1e-4, recovery_steps=recovery_steps, progress=False)
+    done = []
+    for dataset in datasets:
+        path = out / "rows" / f"{dataset}.parquet"
+        if not path.is_file():
+            teacher = TEACHERS / dataset
+            if not teacher.is_dir():
+                log(f"[recovery] no teacher for {dataset} at {teacher}: run compare.py --profile cpu first; skipped")
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            collect(str(teacher), load_dataset(dataset), cfg, path, dataset_name=dataset)
+        done.append(path)
+    return done
+
+
+def evaluate(rows: pd.DataFrame, shipped: pd.DataFrame) -> pd.DataFrame:
+    """Leave-one-dataset-out table: one row per (held-out dataset, method)."""
+    from fusion_prune import fusion as F
+    from fusion_prune.strategies import consensus_removability, signal_removability
+
+    default = F.load_bundle()
+    norm, target = default.feature_norm, default.target
+    feats = list(F.DEFAULT_SIGNALS)
+    out = []
+    for held in sorted(rows.dataset.unique()):
+        train, test = rows[rows.dataset != held], rows[rows.dataset == held]
+        # every method is judged by what the loop lives with; the at-once label stays readable
+        scored = F.use_label(test.assign(acc_at_once=test["acc_after_drop"]), "acc_after_recovery")
+
+        def add(method: str, scorer, **extra) -> None:
+            out.append({"held_out": held, "method": method, **extra, **F.choice_metrics(scored, scorer)})
+
+        for label in F.LABELS:
+            b = F.fit_bundle(train, "rf", feats, norm, target, label=label)
+            add(f"fusion-rf ({label})", b.predict)
+        b = F.fit_bundle(shipped[shipped.dataset != held], "rf", feats, norm, target)
+        add("fusion-rf (shipped rows)", b.predict)
+        add("oracle before recovery", lambda s: s["acc_at_once"].to_numpy() - 1e-6 * s["loss_after_drop"].to_numpy())
+        add("top", lambda s: s["layer"].to_numpy(dtype=np.float64))
+        base = F.baseline_metrics(F.use_label(train, "acc_after_recovery"), feats)["signals"]
+        best = min(base, key=lambda n: (base[n]["regret"], -np.nan_to_num(base[n]["spearman"])))
+        add("best-signal", lambda s, n=best: signal_removability(s, n), signal=best)
+        add("consensus", lambda s: consensus_removability(s, feats))
+    return pd.DataFrame(out)
+
+
+def table(res: pd.DataFrame) -> str:
+    datasets = sorted(res.held_out.unique())
+    methods = list(dict.fromkeys(res.method))
+    lines = ["| method | " + " | ".join(datasets) + " | mean |", "|" + "---|" * (len(datasets) + 2)]
+    for m in methods:
+        part = res[res.method == m].set_index("held_out")
+        cells = [f"{part.regret[d]:.4f} / {part.top1[d]:.2f}" for d in datasets]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | **{part.regret.mean():.4f}** / {part.top1.mean():.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    from fusion_prune import fusion as F
+    from fusion_prune.report import write_table
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--recovery-steps", type=int, default=25)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the machine)")
+    ap.add_argument("--evaluate-only", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    datasets = [d for d in args.datasets.split(",") if d]
+    if args.evaluate_only:
+        files = [p for d in datasets if (p := args.out / "rows" / f"{d}.parquet").is_file()]
+    else:
+        files = collect_rows(datasets, args.out, args.recovery_steps)
+    if len(files) < 2:
+        print(f"[recovery] rows for {len(files)} dataset(s); leave-one-dataset-out needs 2", file=sys.stderr)
+        return pd.DataFrame()
+    rows = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+    shipped = F.read_rows([str(F.DEFAULT_BUNDLE.parent / "rows" / "*.parquet")])
+    res = evaluate(rows, shipped)
+    write_table(res, args.out / "lodo.csv")
+    md = (f"# Label after recovery ({len(files)} datasets, {rows.groupby(F.STATE_KEYS).ngroups} states, "
+          f"{args.recovery_steps} recovery steps)\n\nEach cell: regret / top-1 of the chosen layer, judged by "
+          "its validation accuracy **after recovery**, averaged over the held-out dataset's states "
+          "(6, 5, 4 layers). Regenerate: `python benchmarks/recovery_label.py --evaluate-only`.\n\n"
+          + table(res) + "\n")
+    tmp = args.out / ".lodo.md.tmp"
+    tmp.write_text(md)
+    tmp.replace(args.out / "lodo.md")
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
