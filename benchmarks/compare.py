@@ -63,6 +63,7 @@ class Profile:
     rows: str | None = None  # rows for the leave-one-dataset-out bundles (default: the shipped ones)
     control: list[str] = field(default_factory=lambda: ["fusion-rf"])  # strategies that also get accuracy_ft
     label: str = "acc_after_drop"  # measured column the LODO bundles and best-signal learn from
+    teachers: str | None = None  # reuse this profile's teachers (same teacher settings) instead of training new ones
 
 
 MULTI = [0, 1, 2]
@@ -77,6 +78,14 @@ PROFILES = {
                    teacher_samples=None, distill_samples=None, max_eval_samples=None, label_samples=1000,
                    signal_samples=512, finetune_steps=200, teacher_epochs=3.0),
 }
+
+# Does the label after recovery help in the full loop? fusion-rf fitted on the rows of
+# benchmarks/recovery_label.py (the cpu teachers' 6-5-4 states), once on each label, on the cpu
+# profile's teachers, budget and test sets, so both arms compare with the cpu rows directly.
+_RECOVERY_ROWS = str(RESULTS / "recovery" / "rows" / "*.parquet")
+for _name, _label in (("cpu-recovery", "acc_after_recovery"), ("cpu-recovery-at-once", "acc_after_drop")):
+    PROFILES[_name] = replace(PROFILES["cpu"], strategies=["fusion-rf"], seeds={"fusion-rf": MULTI}, control=[],
+                              rows=_RECOVERY_ROWS, label=_label, teachers="cpu")
 
 
 def _slug(spec: str) -> str:
@@ -112,7 +121,7 @@ def _teacher(profile: Profile, dataset: str, data, out: Path) -> Path:
     """Fine-tune (once) the teacher shared by every strategy and seed of this dataset."""
     from fusion_prune.finetune import FinetuneConfig, finetune
 
-    folder = out / "teachers" / _slug(dataset)
+    folder = (RESULTS / profile.teachers / "work" if profile.teachers else out) / "teachers" / _slug(dataset)
     with _locked(folder.with_suffix(".lock")):  # a second worker waits for this teacher
         if folder.is_dir():
             return folder

@@ -132,3 +132,17 @@ def test_recovery_label_scores_every_choice_by_the_recovered_accuracy():
     assert {"fusion-rf (acc_after_drop)", "fusion-rf (acc_after_recovery)", "fusion-rf (shipped rows)",
             "best-signal", "consensus"} <= set(res.index.get_level_values(1))
     assert "| top |" in rec.table(res.reset_index())
+
+
+def test_recovery_profiles_reuse_the_cpu_teachers(tmp_path, monkeypatch):
+    compare = _load("compare")
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    existing = tmp_path / "cpu" / "work" / "teachers" / "bbc-news"
+    existing.mkdir(parents=True)
+    for name, label in (("cpu-recovery", "acc_after_recovery"), ("cpu-recovery-at-once", "acc_after_drop")):
+        p = compare.PROFILES[name]
+        assert (p.label, p.teachers, p.strategies) == (label, "cpu", ["fusion-rf"])
+        assert p.max_length == compare.PROFILES["cpu"].max_length  # same budget as the rows they compare with
+        # an existing cpu teacher is returned as is: nothing is trained under the profile's own folder
+        assert compare._teacher(p, "bbc-news", None, tmp_path / name / "work") == existing
+    assert not (tmp_path / "cpu-recovery").exists()
