@@ -441,6 +441,9 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @click.option("--no-distill", is_flag=True, help="Stop after pruning and fine-tuning.")
 @click.option("--distill-control", is_flag=True,
               help="Also fine-tune a copy of the pruned student on hard labels for the same steps, and report it.")
+@click.option("--distill-data", type=click.Choice(["all", "unseen"]), default="all", show_default=True,
+              help="unseen: distil on train examples the teacher was not fine-tuned on first (known when the "
+                   "teacher was fine-tuned here or by 'fusionprune finetune' with a sample cap).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue a stopped run with the same arguments.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
@@ -449,8 +452,8 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, targ
              max_train_samples: int, teacher_epochs: float, teacher_lr: float, max_eval_samples: int | None,
              step_eval_samples: int | None, max_length: int,
              batch_size: int, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
-             hidden_weight: float, no_distill: bool, distill_control: bool, seed: int, resume: bool,
-             overwrite: bool) -> None:
+             hidden_weight: float, no_distill: bool, distill_control: bool, distill_data: str, seed: int,
+             resume: bool, overwrite: bool) -> None:
     """Remove layers down to --target-layers, fine-tuning after each removal, then distil."""
     from distill import DistillConfig
     from fusion_prune.data import load_dataset
@@ -470,7 +473,7 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, targ
         distill=None if no_distill else DistillConfig(epochs=distill_epochs, max_train_samples=distill_samples,
                                                       temperature=temperature, hidden_weight=hidden_weight,
                                                       batch_size=batch_size, lr=lr),
-        distill_control=distill_control)
+        distill_control=distill_control, distill_data=distill_data)
     data = load_dataset(dataset, text_column, label_column)
     r = run(model, data, cfg, output, resume=resume, overwrite=overwrite)
     click.echo("")

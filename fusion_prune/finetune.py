@@ -79,11 +79,18 @@ def make_accelerator(mixed_precision: str = "auto"):
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
 
 
+def subsample_positions(df: pd.DataFrame, n: int | None, seed: int) -> np.ndarray:
+    """Row positions (n,) of the rows ``subsample(df, n, seed)`` returns, in its order."""
+    if n is None or n >= len(df):
+        return np.arange(len(df))
+    return df.reset_index(drop=True).sample(n=n, random_state=seed).index.to_numpy()
+
+
 def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     """At most ``n`` rows of ``df``, drawn with ``seed`` (all of them, in order, if ``n`` is None)."""
     if n is None or n >= len(df):
         return df
-    return df.sample(n=n, random_state=seed).reset_index(drop=True)
+    return df.iloc[subsample_positions(df, n, seed)].reset_index(drop=True)
 
 
 def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,

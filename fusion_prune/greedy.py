@@ -46,6 +46,10 @@ class CompressConfig:
     # Also train a copy of the pruned student on hard labels only, with the distillation's steps,
     # data, learning rate and seed, and report its accuracy: did distillation help here?
     distill_control: bool = False
+    # "unseen": distil (and train the control) on train rows the teacher was not fine-tuned on,
+    # topped up with seen rows when there are too few. On its own training rows a teacher gives
+    # nearly one-hot targets, so distillation there is little more than hard-label fine-tuning.
+    distill_data: str = "all"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -55,6 +59,37 @@ class CompressConfig:
             raise BadInputError(f"The 'target_layers' parameter must be at least 1. Got {self.target_layers}.")
         if self.finetune_steps < 0:
             raise BadInputError(f"The 'finetune_steps' parameter must be >= 0. Got {self.finetune_steps}.")
+        if self.distill_data not in DISTILL_DATA:
+            raise bad_choice("distill_data", self.distill_data, DISTILL_DATA)
+
+
+DISTILL_DATA = ("all", "unseen")
+
+
+def _teacher_data(model_spec: str, data: TextDataset) -> dict | None:
+    """How a teacher made by ``fusionprune finetune`` sampled this dataset's train split
+    (``max_train_samples``, ``seed``), from its run record; None when unknown."""
+    from fusion_prune.finetune import RUN_RECORD
+
+    record = Path(model_spec) / RUN_RECORD
+    if not record.is_file():
+        return None
+    rec = json.loads(record.read_text())
+    same = rec.get("data", {}).get("spec") == data.spec and rec["data"].get("train_examples") == len(data.train)
+    return {"max_train_samples": rec["config"]["max_train_samples"], "seed": rec["config"]["seed"]} if same else None
+
+
+def _distill_rows(train_df, teacher_data: dict | None, n: int | None, seed: int):
+    """(rows, record): ``n`` train rows (all when None), those the teacher did not see first."""
+    from fusion_prune.finetune import subsample_positions
+
+    seen = np.zeros(len(train_df), dtype=bool)
+    if teacher_data is not None:
+        seen[subsample_positions(train_df, teacher_data["max_train_samples"], teacher_data["seed"])] = True
+    order = np.random.default_rng(seed).permutation(len(train_df))
+    pos = np.concatenate([order[~seen[order]], order[seen[order]]])[:n]
+    return (train_df.iloc[pos].reset_index(drop=True),
+            {"rows": int(len(pos)), "unseen_by_teacher": int((~seen[pos]).sum()), "teacher_data": teacher_data})
 
 
 def _partial(out: Path) -> Path:
@@ -122,6 +157,8 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
             tcfg = FinetuneConfig(**{**asdict(cfg.teacher), "max_length": cfg.max_length, "seed": cfg.seed,
                                      "progress": cfg.progress})
             info["teacher_train"] = train(teacher, tok, data.train, tcfg, make_accelerator(tcfg.mixed_precision))
+        info["teacher_data"] = ({"max_train_samples": tcfg.max_train_samples, "seed": tcfg.seed} if not trained
+                                else _teacher_data(model_spec, data))
         info["teacher_validation_accuracy"] = evaluate(teacher, tok, val, data.labels, **eval_kw)["accuracy"]
         info["teacher_layers"] = depth
         student = copy.deepcopy(teacher)
@@ -193,13 +230,18 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
     if cfg.distill is not None:
         dcfg = DistillConfig(**{**asdict(cfg.distill), "max_length": cfg.max_length, "seed": cfg.seed,
                                 "progress": cfg.progress})
+        dtrain = data.train
+        if cfg.distill_data == "unseen":
+            dtrain, info["distill_rows"] = _distill_rows(data.train, info.get("teacher_data"),
+                                                         dcfg.max_train_samples, cfg.seed)
+            dcfg = replace(dcfg, max_train_samples=None)  # dtrain is already the sample
         if cfg.distill_control:
             control = copy.deepcopy(student)
-            distill(teacher, control, tok, data.train, data.labels,
+            distill(teacher, control, tok, dtrain, data.labels,
                     replace(dcfg, soft_weight=0.0, hard_weight=1.0, hidden_weight=0.0))
             control_acc = evaluate(control, tok, test, data.labels, **eval_kw)["accuracy"]
             del control
-        distill_stats = distill(teacher, student, tok, data.train, data.labels, dcfg)
+        distill_stats = distill(teacher, student, tok, dtrain, data.labels, dcfg)
         student_acc = evaluate(student, tok, test, data.labels, **eval_kw)
     report = {
         "model": str(model_spec), "dataset": data.spec, "strategy": cfg.strategy,

@@ -146,3 +146,4 @@ def test_recovery_profiles_reuse_the_cpu_teachers(tmp_path, monkeypatch):
         # an existing cpu teacher is returned as is: nothing is trained under the profile's own folder
         assert compare._teacher(p, "bbc-news", None, tmp_path / name / "work") == existing
     assert not (tmp_path / "cpu-recovery").exists()
+    assert compare.PROFILES["cpu-kd-unseen"].distill_data == "unseen" and compare.PROFILES["cpu"].distill_data == "all"

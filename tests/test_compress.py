@@ -181,12 +181,13 @@ def test_compress_cli_summary(teacher, sentiment_csv_dir, tmp_path):
                                     "--target-layers", "2", "--strategy", "top", "-o", str(tmp_path / "o"),
                                     "--finetune-steps", "2", "--signal-samples", "16", "--label-samples", "16",
                                     "--max-length", "16", "--distill-epochs", "1", "--distill-samples", "64",
-                                    "--distill-control"])
+                                    "--distill-control", "--distill-data", "unseen"])
     assert res.exit_code == 0, res.output
     assert "layers            3 -> 2" in res.output and "after distillation" in res.output
     # the control: the same pruned student, plain fine-tuning for the distillation's steps
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert 0 <= report["control_accuracy"] <= 1 and "control accuracy" in res.output
+    assert report["config"]["distill_data"] == "unseen" and report["info"]["distill_rows"]["rows"] == 64
     assert "hard labels only" in (tmp_path / "o" / "report.md").read_text()
 
 
@@ -206,3 +207,34 @@ def test_demo_is_minilm_on_rotten_tomatoes_to_three_layers(monkeypatch, tmp_path
     assert (seen["model"], seen["dataset"]) == ("minilm-l6", "rotten-tomatoes")
     assert (cfg.target_layers, cfg.strategy, cfg.fusion_path, cfg.max_length) == (3, "fusion", None, 64)
     assert cfg.distill is not None and cfg.distill.max_train_samples == 3000 and cfg.teacher.lr == 2e-4
+
+
+def test_distill_rows_put_what_the_teacher_did_not_see_first():
+    import pandas as pd
+
+    from fusion_prune.finetune import subsample, subsample_positions
+
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
+    seen = set(subsample(df, 60, 0).text)
+    assert list(subsample(df, 60, 0).text) == list(df.text.iloc[subsample_positions(df, 60, 0)])
+    rows, rec = G._distill_rows(df, {"max_train_samples": 60, "seed": 0}, 30, seed=1)
+    assert len(rows) == 30 and not set(rows.text) & seen and rec["unseen_by_teacher"] == 30
+    rows, rec = G._distill_rows(df, {"max_train_samples": 60, "seed": 0}, 50, seed=1)
+    assert rec == {"rows": 50, "unseen_by_teacher": 40, "teacher_data": {"max_train_samples": 60, "seed": 0}}
+    assert len(set(rows.text) - seen) == 40  # all 40 unseen rows, topped up with 10 seen ones
+    rows, rec = G._distill_rows(df, None, None, seed=1)  # unknown teacher data: every row, shuffled
+    assert sorted(rows.text) == sorted(df.text) and rec["unseen_by_teacher"] == 100
+
+
+def test_unseen_distill_data_reads_the_teachers_run_record(teacher, sentiment_csv_dir, tmp_path):
+    data = load_dataset(str(sentiment_csv_dir))
+    cfg = _cfg("top", distill=DistillConfig(max_steps=2, batch_size=8, max_train_samples=40, progress=False),
+               distill_data="unseen", distill_control=True)
+    r = compress(str(teacher), data, cfg, tmp_path / "out")
+    # the fixture's teacher trained on the whole train split: nothing is unseen, the 40 rows are seen ones
+    assert r["info"]["teacher_data"] == {"max_train_samples": None, "seed": 0}
+    assert r["info"]["distill_rows"] == {"rows": 40, "unseen_by_teacher": 0,
+                                         "teacher_data": {"max_train_samples": None, "seed": 0}}
+    assert r["control_accuracy"] is not None
+    with pytest.raises(BadInputError, match="distill_data"):
+        _cfg("top", distill_data="fresh")
