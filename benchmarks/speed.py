@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="JSON result; default benchmarks/results/speed/")
     args = ap.parse_args(argv)
 
-    base, _ = load_native(args.model)
+    base, _ = load_native(args.model, device=None)  # placed below with its dtype
     full = num_layers(base)
     depths = [int(d) for d in args.depths.split(",")] if args.depths else [full, full // 2]
     if any(not 1 <= d <= full for d in depths):

@@ -196,8 +196,10 @@ def predict(model, tokenizer, df: pd.DataFrame, batch_size: int = 64, max_length
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and accelerator.is_local_main_process),
                           dynamic_ncols=True):
             batch.pop("labels")
+            # The loader follows the accelerator's device; a model left elsewhere is evaluated where it is.
+            device = next(model.parameters()).device
             with accelerator.autocast():
-                logits = model(**batch).logits
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             preds.append(accelerator.gather_for_metrics(logits.argmax(-1)).cpu())
     finally:
         model.train(was_training)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,12 +118,30 @@ def head_labels(config) -> list[str] | None:
     return [str(id2label[i]) for i in range(len(id2label))]
 
 
-def load_classifier(spec: str | Path, labels: list[str] | None = None):
+def default_device() -> "torch.device":
+    """This process's GPU when there is one (``cuda:$LOCAL_RANK`` under ``accelerate launch``), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _place(model, device: str | None):
+    # Loaded models go where accelerate will train them, so that evaluation, signals and labels
+    # (which run on the model's own device) use the GPU too, not only the training loops.
+    if device is None:
+        return model
+    return model.to(default_device() if device == "auto" else device)
+
+
+def load_classifier(spec: str | Path, labels: list[str] | None = None, device: str | None = "auto"):
     """Load ``spec`` as a sequence classifier for class names ``labels``.
 
     Returns ``(model, tokenizer, head_trained)``. ``head_trained`` is True when ``spec`` already
     has a classification head for exactly these labels; otherwise a new head is initialised
-    (with ``labels=None`` an existing head is kept as it is).
+    (with ``labels=None`` an existing head is kept as it is). ``device``: "auto" (this process's
+    GPU, else the CPU), a torch device string, or None to leave the model on the CPU.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -156,11 +175,11 @@ def load_classifier(spec: str | Path, labels: list[str] | None = None):
         model.config.pad_token_id = tokenizer.pad_token_id
     if not head_trained:
         logging.getLogger("fusionprune").info("initialised a new %d-class head on %s", len(labels or []), spec)
-    return model, tokenizer, head_trained
+    return _place(model, device), tokenizer, head_trained
 
 
-def load_base(spec: str | Path):
-    """Load ``spec`` with ``AutoModel`` (no head): ``(model, tokenizer)``."""
+def load_base(spec: str | Path, device: str | None = "auto"):
+    """Load ``spec`` with ``AutoModel`` (no head): ``(model, tokenizer)``; ``device`` as in :func:`load_classifier`."""
     from transformers import AutoModel
 
     src = resolve(spec)
@@ -169,13 +188,14 @@ def load_base(spec: str | Path):
             model = AutoModel.from_pretrained(src.location, dtype="float32", **src.kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(str(spec), e) from e
-    return model, load_tokenizer(spec)
+    return _place(model, device), load_tokenizer(spec)
 
 
-def load_native(spec: str | Path):
+def load_native(spec: str | Path, device: str | None = "auto"):
     """Load ``spec`` as the class its config names (``architectures[0]``), else ``AutoModel``.
 
     Returns ``(model, tokenizer_or_None)``: a folder without tokenizer files is still a model.
+    ``device`` as in :func:`load_classifier`.
     """
     import transformers
 
@@ -193,7 +213,7 @@ def load_native(spec: str | Path):
         tok = load_tokenizer(spec)
     except BadInputError:
         tok = None
-    return model, tok
+    return _place(model, device), tok
 
 
 @contextlib.contextmanager

@@ -152,7 +152,7 @@ def task_loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> tuple[to
     loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                        ignore_index=-100)
     last = mask.sum(1) - 1
-    return loss, logits[torch.arange(len(ids)), last].argmax(-1)
+    return loss, logits[torch.arange(len(ids), device=ids.device), last].argmax(-1)
 
 
 def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs: Iterable[str],

@@ -21,7 +21,7 @@ def _probs(ctx: SignalContext, batch) -> torch.Tensor:
     logits = ctx.model(**inputs).logits
     if logits.ndim == 3:  # causal LM: the next-token distribution after the last real token
         last = batch["attention_mask"].sum(1) - 1
-        logits = logits[torch.arange(len(last)), last]
+        logits = logits[torch.arange(len(last), device=last.device), last]
     return logits.float().softmax(-1)
 
 

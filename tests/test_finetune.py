@@ -90,7 +90,7 @@ def test_new_head_when_labels_differ(tiny_base_model, sentiment_csv_dir, tmp_pat
     assert head_labels(AutoModelForSequenceClassification.from_pretrained(out).config) == ["neg", "pos"]
     model, _, trained = load_classifier(str(out), ["a", "b", "c"])
     assert trained is False and model.config.num_labels == 3
-    assert np.isfinite(model.classifier.weight.detach().numpy()).all()
+    assert np.isfinite(model.classifier.weight.detach().cpu().numpy()).all()
 
 
 def test_macro_f1_ignores_classes_absent_from_split_and_predictions(tiny_base_model, sentiment_csv_dir, recwarn):

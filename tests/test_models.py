@@ -58,4 +58,21 @@ def test_decoder_gets_a_pad_token(tmp_path):
     model, t, trained = load_classifier(str(tmp_path), ["neg", "pos"])
     assert not trained and t.pad_token == "<eos>" and model.config.pad_token_id == 0
     enc = t(["good bad good", "bad"], padding=True, return_tensors="pt")
-    assert model(**enc).logits.shape == (2, 2)
+    assert model(**enc.to(model.device)).logits.shape == (2, 2)
+
+
+def test_models_load_onto_this_process_device(tiny_base_model, monkeypatch):
+    import torch
+
+    from fusion_prune.models import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # accelerate launch: one GPU a process
+    assert default_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, _, _ = load_classifier(str(tiny_base_model), ["neg", "pos"], device="cpu")
+    assert next(model.parameters()).device.type == "cpu"
+    base, _ = load_base(str(tiny_base_model), device=None)
+    assert next(base.parameters()).device.type == "cpu"
