@@ -136,11 +136,15 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
     test = subsample(data.test, cfg.max_eval_samples, cfg.seed)
 
     history_file = partial / "history.json"
-    if resume and history_file.is_file():
-        saved = json.loads(history_file.read_text())
-        if saved["meta"] != meta:
+    saved = json.loads(history_file.read_text()) if resume and history_file.is_file() else None
+    if saved is not None and saved["meta"] != meta:
+        if not overwrite:
             raise BadInputError(f"The stopped run at {str(partial)!r} used other arguments; expected the same "
                                 "arguments to resume (or --overwrite to start again).")
+        _log("the stopped run used other arguments: starting again (--overwrite)")
+        shutil.rmtree(partial)
+        saved = None
+    if saved is not None:
         teacher, tok, _ = load_classifier(str(partial / "teacher"), data.labels)
         student, _, _ = load_classifier(str(partial / "current"), data.labels)
         history, info = saved["history"], saved["info"]
