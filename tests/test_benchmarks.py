@@ -147,3 +147,31 @@ def test_recovery_profiles_reuse_the_cpu_teachers(tmp_path, monkeypatch):
         assert compare._teacher(p, "bbc-news", None, tmp_path / name / "work") == existing
     assert not (tmp_path / "cpu-recovery").exists()
     assert compare.PROFILES["cpu-kd-unseen"].distill_data == "unseen" and compare.PROFILES["cpu"].distill_data == "all"
+
+
+def test_carry_assets_roundtrip_restores_float32_weights(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fusion_prune.assets import asset_dir
+
+    carry = _load("carry_assets")
+    monkeypatch.setenv("FUSIONPRUNE_HOME", str(tmp_path / "here"))
+    folder = asset_dir("minilm-l6")  # a registered name in a fake cache: no download
+    folder.mkdir(parents=True)
+    (folder / "asset.json").write_text(json.dumps({"name": "minilm-l6"}))
+    (folder / "config.json").write_text('{"x": 1}')
+    weights = {"w": torch.randn(256, 256), "ids": torch.arange(5)}
+    save_file(weights, str(folder / "model.safetensors"))
+
+    pieces = carry.pack(["minilm-l6"], tmp_path / "gpu", "A", piece_mb=1)
+    assert [p.name for p in pieces] == ["A.000"] and pieces[0].stat().st_size < 256 * 256 * 3  # float16 on the way
+    monkeypatch.setenv("FUSIONPRUNE_HOME", str(tmp_path / "there"))
+    done = carry.unpack(pieces)
+    assert [p.name for p in done] == [folder.name]
+    back = load_file(str(done[0] / "model.safetensors"))
+    assert back["w"].dtype == torch.float32 and torch.equal(back["ids"], weights["ids"])
+    assert torch.allclose(back["w"], weights["w"], rtol=2**-10, atol=1e-4)
+    assert json.loads((done[0] / "asset.json").read_text())["carried_as"] == "float16"
+    assert (done[0] / "config.json").read_text() == '{"x": 1}'
+    assert carry.unpack(pieces) == []  # already there: left as it is
