@@ -96,6 +96,11 @@ PROFILES["cpu-kd-unseen"] = replace(PROFILES["cpu"], strategies=["fusion-rf"], s
 PROFILES["cpu-kd-long"] = replace(PROFILES["cpu-kd-unseen"], datasets=["rotten-tomatoes", "election-tweets",
                                                                          "20newsgroups"],
                                   distill_samples=4000, distill_epochs=2.0)
+# ... and with strong teachers (every training row, 3 epochs) and a full budget (2 epochs of every
+# row, for distillation and for its plain fine-tuning control alike): sized for one GPU.
+PROFILES["gpu-kd"] = Profile("minilm-l6", [3], strategies=["fusion-rf", "top"], control=["fusion-rf", "top"],
+                             teacher_samples=None, teacher_epochs=3.0, finetune_steps=100, signal_samples=512,
+                             label_samples=1000, distill_samples=None, distill_epochs=2.0, max_eval_samples=None)
 
 
 def _slug(spec: str) -> str:
