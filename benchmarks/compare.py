@@ -301,9 +301,11 @@ def tables(results: pd.DataFrame) -> dict[str, str]:
                     r = part[(part.dataset == d) & (part.strategy == rival)][metric]
                     diffs.append(f.mean() - r.mean() if len(f) and len(r) else float("nan"))
                 valid = [x for x in diffs if x == x]
+                if not valid:  # the rival (or fusion-rf) was not run in this profile: no row of nans
+                    continue
                 wins = f"{sum(x > 0 for x in valid)}/{len(valid)}"
                 mean = sum(valid) / len(valid) if valid else float("nan")
-                lines.append(f"| {rival} | {metric} | " + " | ".join(f"{x:+.4f}" for x in diffs)
+                lines.append(f"| {rival} | {metric} | " + " | ".join(f"{x:+.4f}" if x == x else "" for x in diffs)
                              + f" | {mean:+.4f} | {wins} |")
         out[f"versus-{target}"] = "\n".join(lines)
         ctrl = part[part.accuracy_ft.notna()] if "accuracy_ft" in part else part.iloc[:0]

@@ -175,3 +175,16 @@ def test_carry_assets_roundtrip_restores_float32_weights(tmp_path, monkeypatch):
     assert json.loads((done[0] / "asset.json").read_text())["carried_as"] == "float16"
     assert (done[0] / "config.json").read_text() == '{"x": 1}'
     assert carry.unpack(pieces) == []  # already there: left as it is
+
+
+def test_versus_table_leaves_out_rivals_that_were_not_run():
+    import pandas as pd
+
+    compare = _load("compare")
+    rows = [dict(profile="p", dataset=d, target_layers=3, strategy=s, resolved_strategy=s, seed=0,
+                 teacher_accuracy=0.9, accuracy=acc, accuracy_kd=acc + 0.01, accuracy_ft=None,
+                 selection_seconds=1.0, wall_seconds=2.0, kept_layers="[0, 1, 2]")
+            for d, s, acc in [("a", "fusion-rf", 0.8), ("a", "top", 0.7), ("b", "fusion-rf", 0.6), ("b", "top", 0.65)]]
+    versus = compare.tables(pd.DataFrame(rows))["versus-3"]
+    assert "nan" not in versus and "best-signal" not in versus
+    assert "| top | accuracy | +0.1000 | -0.0500 | +0.0250 | 1/2 |" in versus
