@@ -177,6 +177,11 @@ def drop_layers_(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     return model
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
 def drop_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     """A pruned copy of ``model`` without ``layers`` (current indices); ``model`` is not changed.
 
@@ -192,11 +197,6 @@ def drop_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
         for name in _HOOK_DICTS:
             getattr(module, name, {}).clear()
     return drop_layers_(pruned, layers)
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks")
 
 
 def count_parameters(model: nn.Module) -> int:
