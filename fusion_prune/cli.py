@@ -297,10 +297,11 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
               help="Also label each candidate after this many recovery steps (column acc_after_recovery).")
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--extra", multiple=True, help="Also compute this opt-in signal as a column (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def collect(model: str, dataset: str, text_column: str, label_column: str, output: Path, min_layers: int,
             finetune_steps: int, max_train_samples: int, max_eval_samples: int, signal_samples: int,
-            recovery_steps: int, max_length: int, seed: int, overwrite: bool) -> None:
+            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], overwrite: bool) -> None:
     """Greedy pruning states with signals and measured labels: the rows fit-fusion learns from.
 
     Resumable: run the same command again after an interruption.
@@ -315,7 +316,7 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
         raise BadInputError(f"The output file {str(output)!r} already exists; expected a new path (or pass --overwrite).")
     cfg = CollectConfig(min_layers=min_layers, finetune_steps=finetune_steps, signal_samples=signal_samples,
                         max_eval_samples=max_eval_samples, max_length=max_length, seed=seed,
-                        recovery_steps=recovery_steps,
+                        recovery_steps=recovery_steps, extra_signals=extra,
                         teacher=FinetuneConfig(epochs=2, lr=2e-4, max_train_samples=max_train_samples))
     data = load_dataset(dataset, text_column, label_column)
     rows = run(model, data, cfg, output, dataset_name=dataset)
@@ -337,23 +338,28 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Leave-one-dataset-out report (JSON, with a plot beside it).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--extra", multiple=True,
+              help="Also learn from this opt-in signal (a column collect --extra wrote; repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_norm: str, target: str, label: str,
-               report: Path | None, seed: int, overwrite: bool) -> None:
+               report: Path | None, seed: int, extra: tuple[str, ...], overwrite: bool) -> None:
     """Fit a fusion model on collected rows and save it as a bundle (joblib)."""
     from fusion_prune import fusion as F
+    from fusion_prune.collect import check_extra_signals
 
     if output.exists() and not overwrite:
         raise BadInputError(f"The output file {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    check_extra_signals(extra)
+    features = [*F.DEFAULT_SIGNALS, *extra]
     rows = F.read_rows(data)
-    F.check_columns(rows, list(F.DEFAULT_SIGNALS))
+    F.check_columns(rows, features)
     labelled = F.use_label(rows, label)  # every metric below (regret, LODO) is then in this label
     norms = list(F.NORMALISATIONS) if feature_norm == "auto" else [feature_norm]
     targets = list(F.TARGETS) if target == "auto" else [target]
     n_datasets = rows["dataset"].nunique()
     cv: dict = {}
     if n_datasets >= 2 and (len(norms) > 1 or len(targets) > 1 or report is not None):
-        grid = F.leave_one_dataset_out(labelled, [model_type], norms, targets, seed=seed)
+        grid = F.leave_one_dataset_out(labelled, [model_type], norms, targets, features, seed=seed)
         fus = grid[grid.method == f"fusion-{model_type}"]
         means = fus.groupby(["feature_norm", "target"])[["regret", "spearman", "top1"]].mean().reset_index()
         best = means.sort_values(["regret", "spearman"], ascending=[True, False]).iloc[0]
@@ -363,7 +369,7 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
     elif len(norms) > 1 or len(targets) > 1:
         feature_norm, target = "zscore", "retention_z"
         cv = {"scheme": "none: rows from one dataset", "chosen": {"feature_norm": feature_norm, "target": target}}
-    bundle = F.fit_bundle(rows, model_type, F.DEFAULT_SIGNALS, feature_norm, target, seed, cv, label=label)
+    bundle = F.fit_bundle(rows, model_type, features, feature_norm, target, seed, cv, label=label)
     bundle.save(output)
     click.echo(f"saved {output}: {model_type}, features normalised by {feature_norm}, target {target}, "
                f"{rows.groupby(F.STATE_KEYS).ngroups} states from {n_datasets} datasets")
@@ -373,8 +379,9 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
 
         if n_datasets < 2:
             raise BadInputError(f"The '--report' option needs rows from at least 2 datasets. Got {n_datasets}.")
-        table = F.leave_one_dataset_out(labelled, list(F.FUSION_MODELS), [feature_norm], [target], seed=seed)
-        imp = {mt: F.importances(F.fit_bundle(rows, mt, F.DEFAULT_SIGNALS, feature_norm, target, seed, label=label))
+        table = F.leave_one_dataset_out(labelled, list(F.FUSION_MODELS), [feature_norm], [target], features,
+                                         seed=seed)
+        imp = {mt: F.importances(F.fit_bundle(rows, mt, features, feature_norm, target, seed, label=label))
                for mt in F.FUSION_MODELS}
         summary = table.groupby("method")[["spearman", "top1", "regret"]].mean()
         write_json_atomic(report, {"feature_norm": feature_norm, "target": target, "label": label, "selection": cv,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class CollectConfig:
     # > 0: also label each candidate by its accuracy after this many recovery steps
     # (column acc_after_recovery; fit-fusion --label acc_after_recovery trains on it).
     recovery_steps: int = 0
+    # opt-in extra signals (signals/extra.py) computed beside the 12, as further feature columns
+    extra_signals: tuple[str, ...] = ()
     teacher: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=2, lr=2e-4,
                                                                            max_train_samples=4000))
     progress: bool = True
@@ -59,6 +62,19 @@ class CollectConfig:
             raise BadInputError(f"The 'finetune_steps' parameter must be >= 0. Got {self.finetune_steps}.")
         if self.recovery_steps < 0:
             raise BadInputError(f"The 'recovery_steps' parameter must be >= 0. Got {self.recovery_steps}.")
+        self.extra_signals = tuple(self.extra_signals)
+        check_extra_signals(self.extra_signals)
+
+
+def check_extra_signals(names: Sequence[str]) -> None:
+    """Refuse names that are not registered signals, or that are among the 12 computed anyway."""
+    from signals import DEFAULT_SIGNALS, SIGNALS
+
+    valid = sorted(n for n in SIGNALS if n not in DEFAULT_SIGNALS)
+    for name in names:
+        if name not in valid:
+            raise BadInputError(f"The 'extra_signals' parameter must name opt-in signals, one of {valid}. "
+                                f"Got {name!r}.")
 
 
 def _state_dir(out: Path) -> Path:
@@ -102,7 +118,7 @@ def collect(model_spec: str, data: TextDataset, cfg: CollectConfig, out: str | P
     while num_layers(model) > cfg.min_layers:
         t0 = time.perf_counter()
         n = num_layers(model)
-        sig = compute_signals(model, tok, data.train, DEFAULT_SIGNALS, batch_size=cfg.batch_size,
+        sig = compute_signals(model, tok, data.train, [*DEFAULT_SIGNALS, *cfg.extra_signals], batch_size=cfg.batch_size,
                               max_length=cfg.max_length, max_samples=cfg.signal_samples, seed=cfg.seed + step,
                               progress=False)
         lab = drop_one_labels(model, tok, val, data.labels, batch_size=cfg.batch_size * 2,
@@ -120,7 +136,7 @@ def collect(model_spec: str, data: TextDataset, cfg: CollectConfig, out: str | P
                                             seed=cfg.seed + step)
             state = state.merge(rec, on=["layer", "orig_layer"])
             extra = ["acc_after_recovery"]
-        state = state[ROW_KEYS + extra + list(DEFAULT_SIGNALS)]
+        state = state[ROW_KEYS + extra + list(DEFAULT_SIGNALS) + list(cfg.extra_signals)]
         best = int(state.sort_values(["acc_after_drop", "loss_after_drop"], ascending=[False, True]).iloc[0].layer)
         rows = pd.concat([rows, state], ignore_index=True)
         drop_layers_(model, [best])

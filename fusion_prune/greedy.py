@@ -108,6 +108,19 @@ def _log(msg: str) -> None:
     print(f"[fusionprune] {msg}", file=sys.stderr, flush=True)
 
 
+def _bundle_extras(bundle) -> list[str]:
+    """The opt-in signals a fusion bundle was trained on beside the 12: computed at every step too."""
+    from signals import DEFAULT_SIGNALS, SIGNALS
+
+    if bundle is None:
+        return []
+    unknown = [f for f in bundle.features if f not in SIGNALS]
+    if unknown:
+        raise BadInputError(f"The fusion bundle was trained on feature columns {list(bundle.features)}; expected "
+                            f"signals fusionprune computes (see `fusionprune signals --help`). Got {unknown}.")
+    return [f for f in bundle.features if f not in DEFAULT_SIGNALS]
+
+
 def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: str | Path, resume: bool = False,
              overwrite: bool = False) -> dict:
     """Compress ``model_spec`` to ``cfg.target_layers`` layers; returns the report (also saved)."""
@@ -126,7 +139,8 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
                                 "(or --overwrite to start again).")
         shutil.rmtree(partial)
     strategy = STRATEGIES[cfg.strategy]
-    bundle = load_bundle(cfg.fusion_path, DEFAULT_SIGNALS) if strategy.needs_bundle else None
+    bundle = load_bundle(cfg.fusion_path) if strategy.needs_bundle else None
+    signal_names = [*DEFAULT_SIGNALS, *_bundle_extras(bundle)]
     meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "config": asdict(cfg)}, default=str))
     meta["config"].pop("progress")
     t_start = time.perf_counter()
@@ -183,7 +197,7 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
                    for b in make_loader(calib, tok, cfg.batch_size, cfg.max_length)] if strategy.one_shot else []
         signals = None
         if strategy.needs_signals or cfg.signal_samples:
-            signals = compute_signals(student, tok, calib, DEFAULT_SIGNALS, batch_size=cfg.batch_size,
+            signals = compute_signals(student, tok, calib, signal_names, batch_size=cfg.batch_size,
                                       max_length=cfg.max_length, max_samples=None, progress=False)
         t_signals = time.perf_counter() - t0
         labels = None

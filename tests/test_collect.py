@@ -111,3 +111,45 @@ def test_recovery_labels_column_and_fitting_on_it(three_layer_model, sentiment_c
         F.use_label(both.drop(columns="acc_after_recovery"), "acc_after_recovery")
     with pytest.raises(BadInputError, match="recovery_steps"):
         _cfg(recovery_steps=-1)
+
+
+def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model, sentiment_csv_dir, tmp_path):
+    """collect --extra adds the column, fit-fusion --extra learns from it, compress computes it again."""
+    from click.testing import CliRunner
+
+    from fusion_prune import fusion as F
+    from fusion_prune.cli import main
+    from fusion_prune.greedy import CompressConfig, compress
+
+    data = load_dataset(str(sentiment_csv_dir))
+    rows = collect(str(three_layer_model), data, _cfg(extra_signals=("activation_patching",)),
+                   tmp_path / "rows.parquet", dataset_name="a")
+    assert list(rows.columns) == ROW_KEYS + list(DEFAULT_SIGNALS) + ["activation_patching"]
+    assert rows.activation_patching.notna().all()
+    pd.concat([rows, rows.assign(dataset="b")]).to_parquet(tmp_path / "both.parquet")
+    bundle = tmp_path / "b.joblib"
+    fit = ["fit-fusion", "--data", str(tmp_path / "both.parquet"), "--feature-norm", "zscore", "--target", "retention_z"]
+    res = CliRunner().invoke(main, [*fit, "-o", str(bundle), "--extra", "activation_patching"])
+    assert res.exit_code == 0, res.output
+    assert F.load_bundle(bundle).features == [*DEFAULT_SIGNALS, "activation_patching"]
+    # the loop computes the bundle's extra at every step (else predict would refuse the table)
+    report = compress(str(three_layer_model), data,
+                      CompressConfig(target_layers=2, strategy="fusion", fusion_path=str(bundle), finetune_steps=1,
+                                     signal_samples=16, label_samples=0, max_eval_samples=20, max_length=16,
+                                     batch_size=8, distill=None, progress=False,
+                                     teacher=FinetuneConfig(epochs=1, batch_size=16, max_length=16)),
+                      tmp_path / "out")
+    assert len(report["kept_layers"]) == 2
+    assert "activation_patching" in report["history"][0]["signals"]
+    # bad input: one line each, nothing written
+    res = CliRunner().invoke(main, [*fit, "-o", str(tmp_path / "c.joblib"), "--extra", "mc_dropout"])
+    assert res.exit_code == 2 and "lack ['mc_dropout']" in res.output and not (tmp_path / "c.joblib").exists()
+    with pytest.raises(BadInputError, match=r"'extra_signals' parameter must name opt-in signals, one of \[.*\]. "
+                                            r"Got 'act_energy'"):
+        _cfg(extra_signals=("act_energy",))
+    odd = F.fit_bundle(rows.assign(pos=rows.layer * 1.0), "linear", [*DEFAULT_SIGNALS, "pos"]).save(tmp_path / "o.joblib")
+    with pytest.raises(BadInputError, match=r"expected signals fusionprune computes.*Got \['pos'\]"):
+        compress(str(three_layer_model), data, CompressConfig(target_layers=2, strategy="fusion",
+                                                              fusion_path=str(odd), distill=None, progress=False),
+                 tmp_path / "out2")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
