@@ -1,0 +1,138 @@
+"""Do the opt-in extra signals help fusion choose layers?
+
+    python benchmarks/extra_signals.py --threads 1 --datasets rotten-tomatoes,bbc-news   # collect (resumable)
+    python benchmarks/extra_signals.py --evaluate-only
+
+The 12 default signals are cheap; the three opt-in ones (``activation_patching``, ``mc_dropout``,
+``layer_conductance``, signals/extra.py) cost several times more. Here the same states carry
+both: per dataset, the cpu comparison's teacher (run ``compare.py --profile cpu`` first) walked
+6 -> 5 -> 4 layers with the comparison's caps (length 64, 128 calibration and 256 validation
+examples, 25 recovery steps per drop), each state labelled by drop-one validation accuracy
+(``acc_after_drop``, the label the shipped bundle learns). Evaluation, leave-one-dataset-out,
+every choice judged by that label (regret, top-1, Spearman per state, averaged): fusion-rf on the
+12 signals, on the 12 plus all three extras, on the 12 plus each extra; every extra alone with
+its rule; the best single signal chosen on the training datasets among the 12 and among all 15;
+consensus. No choice reads a test split. Also records the seconds each signal group took.
+Writes benchmarks/results/extra-signals/{rows/*.parquet, lodo.csv, lodo.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "extra-signals"
+TEACHERS = HERE / "results" / "cpu" / "work" / "teachers"
+DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reuters-r52", "20newsgroups"]
+EXTRAS = ("activation_patching", "mc_dropout", "layer_conductance")
+
+
+def collect_rows(datasets: list[str], out: Path, log=print) -> list[Path]:
+    """Collect (or resume) the rows of every dataset whose teacher exists; returns the finished files."""
+    from fusion_prune.collect import CollectConfig, collect
+    from fusion_prune.data import load_dataset
+
+    cfg = CollectConfig(min_layers=3, finetune_steps=25, signal_samples=128, max_eval_samples=256, max_length=64,
+                        lr=1e-4, extra_signals=EXTRAS, progress=False)
+    done = []
+    for dataset in datasets:
+        path = out / "rows" / f"{dataset}.parquet"
+        if not path.is_file():
+            teacher = TEACHERS / dataset
+            if not teacher.is_dir():
+                log(f"[extra] no teacher for {dataset} at {teacher}: run compare.py --profile cpu first; skipped")
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            collect(str(teacher), load_dataset(dataset), cfg, path, dataset_name=dataset)
+            log(f"[extra] {dataset}: {time.perf_counter() - t0:.0f} s")
+        done.append(path)
+    return done
+
+
+def evaluate(rows: pd.DataFrame) -> pd.DataFrame:
+    """Leave-one-dataset-out table: one row per (held-out dataset, method)."""
+    from fusion_prune import fusion as F
+    from fusion_prune.strategies import consensus_removability, signal_removability
+
+    default = F.load_bundle()
+    norm, target = default.feature_norm, default.target
+    base = list(F.DEFAULT_SIGNALS)
+    variants = {"fusion-rf (12 signals)": base, "fusion-rf (12 + 3 extras)": [*base, *EXTRAS],
+                **{f"fusion-rf (12 + {e})": [*base, e] for e in EXTRAS}}
+    out = []
+    for held in sorted(rows.dataset.unique()):
+        train, test = rows[rows.dataset != held], rows[rows.dataset == held]
+
+        def add(method: str, scorer, **extra) -> None:
+            out.append({"held_out": held, "method": method, **extra, **F.choice_metrics(test, scorer)})
+
+        for name, feats in variants.items():
+            add(name, F.fit_bundle(train, "rf", feats, norm, target).predict)
+        for e in EXTRAS:
+            add(e, lambda s, e=e: signal_removability(s, e))
+        for label, pool in (("best-signal (of 12)", base), ("best-signal (of 15)", [*base, *EXTRAS])):
+            m = F.baseline_metrics(train, pool)["signals"]
+            best = min(m, key=lambda n: (m[n]["regret"], -np.nan_to_num(m[n]["spearman"])))
+            add(label, lambda s, n=best: signal_removability(s, n), signal=best)
+        add("consensus (12)", lambda s: consensus_removability(s, base))
+    return pd.DataFrame(out)
+
+
+def table(res: pd.DataFrame) -> str:
+    datasets = sorted(res.held_out.unique())
+    methods = list(dict.fromkeys(res.method))
+    lines = ["| method | " + " | ".join(datasets) + " | mean regret / top-1 / Spearman |",
+             "|" + "---|" * (len(datasets) + 2)]
+    for m in methods:
+        part = res[res.method == m].set_index("held_out")
+        cells = [f"{part.regret[d]:.4f} / {part.top1[d]:.2f}" for d in datasets]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | **{part.regret.mean():.4f}** / {part.top1.mean():.2f} / "
+                     f"{part.spearman.mean():.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    from fusion_prune import fusion as F
+    from fusion_prune.report import write_table
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the machine)")
+    ap.add_argument("--evaluate-only", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    datasets = [d for d in args.datasets.split(",") if d]
+    if args.evaluate_only:
+        files = [p for d in DATASETS if (p := args.out / "rows" / f"{d}.parquet").is_file()]
+    else:
+        files = collect_rows(datasets, args.out)
+    if len(files) < 2:
+        print(f"[extra] rows for {len(files)} dataset(s); leave-one-dataset-out needs 2", file=sys.stderr)
+        return pd.DataFrame()
+    rows = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+    res = evaluate(rows)
+    write_table(res, args.out / "lodo.csv")
+    md = (f"# Opt-in extra signals as fusion features ({len(files)} datasets, "
+          f"{rows.groupby(F.STATE_KEYS).ngroups} states)\n\nEach cell: regret / top-1 of the chosen layer by "
+          "drop-one validation accuracy, averaged over the held-out dataset's states (6, 5, 4 layers). "
+          "Regenerate: `python benchmarks/extra_signals.py --evaluate-only`.\n\n" + table(res) + "\n")
+    tmp = args.out / ".lodo.md.tmp"
+    tmp.write_text(md)
+    tmp.replace(args.out / "lodo.md")
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
