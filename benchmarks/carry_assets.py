@@ -28,7 +28,6 @@ SAFETENSORS = "model.safetensors"
 
 
 def _half(path: Path) -> bytes:
-    import torch
     from safetensors.torch import load_file, save
 
     tensors = load_file(str(path))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +34,11 @@ EXTRAS = ("activation_patching", "mc_dropout", "layer_conductance")
 
 def collect_rows(datasets: list[str], out: Path, log=print) -> list[Path]:
     """Collect (or resume) the rows of every dataset whose teacher exists; returns the finished files."""
-    from fusion_prune.collect import CollectConfig, collect
-    from fusion_prune.data import load_dataset
+    from fusion_prune.collect import CollectConfig, collect_many
 
     cfg = CollectConfig(min_layers=3, finetune_steps=25, signal_samples=128, max_eval_samples=256, max_length=64,
                         lr=1e-4, extra_signals=EXTRAS, progress=False)
-    done = []
-    for dataset in datasets:
-        path = out / "rows" / f"{dataset}.parquet"
-        if not path.is_file():
-            teacher = TEACHERS / dataset
-            if not teacher.is_dir():
-                log(f"[extra] no teacher for {dataset} at {teacher}: run compare.py --profile cpu first; skipped")
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            collect(str(teacher), load_dataset(dataset), cfg, path, dataset_name=dataset)
-            log(f"[extra] {dataset}: {time.perf_counter() - t0:.0f} s")
-        done.append(path)
-    return done
+    return collect_many({d: TEACHERS / d for d in datasets}, cfg, out, log=lambda m: log(f"[extra] {m}"))
 
 
 def evaluate(rows: pd.DataFrame) -> pd.DataFrame:
@@ -85,22 +70,10 @@ def evaluate(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def table(res: pd.DataFrame) -> str:
-    datasets = sorted(res.held_out.unique())
-    methods = list(dict.fromkeys(res.method))
-    lines = ["| method | " + " | ".join(datasets) + " | mean regret / top-1 / Spearman |",
-             "|" + "---|" * (len(datasets) + 2)]
-    for m in methods:
-        part = res[res.method == m].set_index("held_out")
-        cells = [f"{part.regret[d]:.4f} / {part.top1[d]:.2f}" for d in datasets]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | **{part.regret.mean():.4f}** / {part.top1.mean():.2f} / "
-                     f"{part.spearman.mean():.2f} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     from fusion_prune import fusion as F
     from fusion_prune.report import write_table
+    from fusion_prune.utils import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS))
@@ -126,10 +99,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     md = (f"# Opt-in extra signals as fusion features ({len(files)} datasets, "
           f"{rows.groupby(F.STATE_KEYS).ngroups} states)\n\nEach cell: regret / top-1 of the chosen layer by "
           "drop-one validation accuracy, averaged over the held-out dataset's states (6, 5, 4 layers). "
-          "Regenerate: `python benchmarks/extra_signals.py --evaluate-only`.\n\n" + table(res) + "\n")
-    tmp = args.out / ".lodo.md.tmp"
-    tmp.write_text(md)
-    tmp.replace(args.out / "lodo.md")
+          "Regenerate: `python benchmarks/extra_signals.py --evaluate-only`.\n\n" + F.lodo_markdown(res, spearman=True) + "\n")
+    write_text_atomic(args.out / "lodo.md", md)
     print(md)
     return res
 

@@ -36,23 +36,11 @@ DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reu
 
 def collect_rows(datasets: list[str], out: Path, recovery_steps: int, log=print) -> list[Path]:
     """Collect (or resume) the rows of every dataset whose teacher exists; returns the finished files."""
-    from fusion_prune.collect import CollectConfig, collect
-    from fusion_prune.data import load_dataset
+    from fusion_prune.collect import CollectConfig, collect_many
 
     cfg = CollectConfig(min_layers=3, finetune_steps=25, signal_samples=128, max_eval_samples=256, max_length=64,
                         lr=1e-4, recovery_steps=recovery_steps, progress=False)
-    done = []
-    for dataset in datasets:
-        path = out / "rows" / f"{dataset}.parquet"
-        if not path.is_file():
-            teacher = TEACHERS / dataset
-            if not teacher.is_dir():
-                log(f"[recovery] no teacher for {dataset} at {teacher}: run compare.py --profile cpu first; skipped")
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            collect(str(teacher), load_dataset(dataset), cfg, path, dataset_name=dataset)
-        done.append(path)
-    return done
+    return collect_many({d: TEACHERS / d for d in datasets}, cfg, out, log=lambda m: log(f"[recovery] {m}"))
 
 
 def evaluate(rows: pd.DataFrame, shipped: pd.DataFrame) -> pd.DataFrame:
@@ -86,20 +74,10 @@ def evaluate(rows: pd.DataFrame, shipped: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def table(res: pd.DataFrame) -> str:
-    datasets = sorted(res.held_out.unique())
-    methods = list(dict.fromkeys(res.method))
-    lines = ["| method | " + " | ".join(datasets) + " | mean |", "|" + "---|" * (len(datasets) + 2)]
-    for m in methods:
-        part = res[res.method == m].set_index("held_out")
-        cells = [f"{part.regret[d]:.4f} / {part.top1[d]:.2f}" for d in datasets]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | **{part.regret.mean():.4f}** / {part.top1.mean():.2f} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     from fusion_prune import fusion as F
     from fusion_prune.report import write_table
+    from fusion_prune.utils import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS))
@@ -128,10 +106,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
           f"{args.recovery_steps} recovery steps)\n\nEach cell: regret / top-1 of the chosen layer, judged by "
           "its validation accuracy **after recovery**, averaged over the held-out dataset's states "
           "(6, 5, 4 layers). Regenerate: `python benchmarks/recovery_label.py --evaluate-only`.\n\n"
-          + table(res) + "\n")
-    tmp = args.out / ".lodo.md.tmp"
-    tmp.write_text(md)
-    tmp.replace(args.out / "lodo.md")
+          + F.lodo_markdown(res) + "\n")
+    write_text_atomic(args.out / "lodo.md", md)
     print(md)
     return res
 

@@ -168,3 +168,25 @@ def _log(msg: str) -> None:
     import sys
 
     print(f"[fusionprune] {msg}", file=sys.stderr, flush=True)
+
+
+def collect_many(models: dict[str, str | Path], cfg: CollectConfig, out: str | Path, log=_log) -> list[Path]:
+    """Rows for several datasets, ``{dataset: model}``, into ``out/rows/<dataset>.parquet``.
+
+    A finished dataset is skipped and an interrupted one resumes; a model folder that does not
+    exist is reported and skipped. Returns the finished files.
+    """
+    from fusion_prune.data import load_dataset
+
+    done = []
+    for dataset, model in models.items():
+        path = Path(out) / "rows" / f"{Path(dataset).name}.parquet"  # a dataset folder's name, not its path
+        if not path.is_file():
+            if not Path(model).is_dir():
+                log(f"no model for {dataset} at {str(model)!r}: skipped")
+                continue
+            t0 = time.perf_counter()
+            collect(str(model), load_dataset(dataset), cfg, path, dataset_name=dataset)
+            log(f"{dataset}: rows in {time.perf_counter() - t0:.0f} s")
+        done.append(path)
+    return done

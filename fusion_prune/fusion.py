@@ -346,6 +346,21 @@ def leave_one_dataset_out(rows: pd.DataFrame, model_types: Sequence[str] = ("lin
     return pd.DataFrame(out)
 
 
+def lodo_markdown(res: pd.DataFrame, spearman: bool = False) -> str:
+    """Markdown table of a leave-one-dataset-out result: method x held-out dataset, each cell
+    "regret / top-1", and the means (with Spearman when asked)."""
+    datasets = sorted(res.held_out.unique())
+    last = "mean regret / top-1 / Spearman" if spearman else "mean"
+    lines = ["| method | " + " | ".join(datasets) + f" | {last} |", "|" + "---|" * (len(datasets) + 2)]
+    for m in dict.fromkeys(res.method):
+        part = res[res.method == m].set_index("held_out")
+        cells = [f"{part.regret[d]:.4f} / {part.top1[d]:.2f}" for d in datasets]
+        mean = f"**{part.regret.mean():.4f}** / {part.top1.mean():.2f}"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean}" + (f" / {part.spearman.mean():.2f} |" if spearman
+                                                                        else " |"))
+    return "\n".join(lines)
+
+
 def importances(bundle: FusionBundle) -> dict[str, float]:
     """Feature importances (trees) or coefficients (linear) by feature name."""
     est = bundle.estimator

@@ -11,9 +11,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fusion_prune import assets
 from fusion_prune.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def head_labels(config) -> list[str] | None:
     return [str(id2label[i]) for i in range(len(id2label))]
 
 
-def default_device() -> "torch.device":
+def default_device() -> torch.device:
     """This process's GPU when there is one (``cuda:$LOCAL_RANK`` under ``accelerate launch``), else the CPU."""
     import torch
 

@@ -60,20 +60,24 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(tmp, final)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as sorted, indented JSON through a temp file and a rename."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` through a temp file and a rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+            f.write(text)
         publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as sorted, indented JSON through a temp file and a rename."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def versions() -> dict[str, str]:

@@ -131,7 +131,7 @@ def test_recovery_label_scores_every_choice_by_the_recovered_accuracy():
         assert res.loc[(held, "oracle before recovery"), "regret"] == pytest.approx(np.mean(regrets))
     assert {"fusion-rf (acc_after_drop)", "fusion-rf (acc_after_recovery)", "fusion-rf (shipped rows)",
             "best-signal", "consensus"} <= set(res.index.get_level_values(1))
-    assert "| top |" in rec.table(res.reset_index())
+    assert "| top |" in F.lodo_markdown(res.reset_index())
 
 
 def test_recovery_profiles_reuse_the_cpu_teachers(tmp_path, monkeypatch):
@@ -188,3 +188,25 @@ def test_versus_table_leaves_out_rivals_that_were_not_run():
     versus = compare.tables(pd.DataFrame(rows))["versus-3"]
     assert "nan" not in versus and "best-signal" not in versus
     assert "| top | accuracy | +0.1000 | -0.0500 | +0.0250 | 1/2 |" in versus
+
+
+def test_extra_signals_evaluation_compares_fusion_with_and_without_extras():
+    """Synthetic rows where one extra signal is the label itself: fusion with it and that signal
+    alone (rule prune_lowest: the lowest value is dropped) must pick the best layer everywhere."""
+    import numpy as np
+
+    from fusion_prune import fusion as F
+
+    ex = _load("extra_signals")
+    rows = F.read_rows([str(F.DEFAULT_BUNDLE.parent / "rows" / "*.parquet")])
+    rng = np.random.default_rng(0)
+    rows = rows.assign(activation_patching=1.0 - rows.acc_after_drop, mc_dropout=rng.random(len(rows)),
+                       layer_conductance=rng.random(len(rows)))
+    res = ex.evaluate(rows).set_index(["held_out", "method"])
+    methods = set(res.index.get_level_values(1))
+    assert {"fusion-rf (12 signals)", "fusion-rf (12 + 3 extras)", "fusion-rf (12 + mc_dropout)", "mc_dropout",
+            "best-signal (of 12)", "best-signal (of 15)", "consensus (12)"} <= methods
+    assert (res.xs("activation_patching", level=1).regret == 0).all()
+    assert (res.xs("best-signal (of 15)", level=1).signal == "activation_patching").all()
+    assert res.xs("fusion-rf (12 + activation_patching)", level=1).regret.mean() <= \
+        res.xs("fusion-rf (12 signals)", level=1).regret.mean()

@@ -153,3 +153,17 @@ def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model,
                                                               fusion_path=str(odd), distill=None, progress=False),
                  tmp_path / "out2")
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
+
+
+def test_collect_many_skips_finished_and_missing_models(three_layer_model, sentiment_csv_dir, tmp_path):
+    from fusion_prune.collect import collect_many
+
+    said = []
+    spec = str(sentiment_csv_dir)
+    files = collect_many({spec: three_layer_model}, _cfg(min_layers=2), tmp_path, log=said.append)
+    assert files == [tmp_path / "rows" / f"{sentiment_csv_dir.name}.parquet"] and files[0].is_file()
+    stamp = files[0].stat().st_mtime_ns
+    again = collect_many({spec: three_layer_model, "bbc-news": tmp_path / "nowhere"}, _cfg(min_layers=2), tmp_path,
+                         log=said.append)
+    assert again == files and files[0].stat().st_mtime_ns == stamp  # finished: not collected again
+    assert any("no model for bbc-news" in m for m in said)

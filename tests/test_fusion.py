@@ -183,3 +183,15 @@ def test_fusion_cli_bad_input(rows, tmp_path):
     assert res.exit_code == 2 and "matches no file" in res.stderr
     res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "junk.joblib"), "-o", str(tmp_path / "n.joblib")])
     assert res.exit_code == 2 and "The rows lack columns" in res.stderr
+
+
+def test_lodo_markdown_one_row_per_method_with_means():
+    import pandas as pd
+
+    res = pd.DataFrame([dict(held_out=d, method=m, regret=r, top1=t, spearman=0.5)
+                        for d, m, r, t in [("a", "x", 0.01, 1.0), ("b", "x", 0.03, 0.0), ("a", "y", 0.0, 1.0),
+                                           ("b", "y", 0.0, 1.0)]])
+    md = F.lodo_markdown(res, spearman=True).splitlines()
+    assert md[0] == "| method | a | b | mean regret / top-1 / Spearman |"
+    assert md[2] == "| x | 0.0100 / 1.00 | 0.0300 / 0.00 | **0.0200** / 0.50 / 0.50 |"
+    assert len(md) == 4 and F.lodo_markdown(res).splitlines()[3].endswith("| **0.0000** / 1.00 |")
