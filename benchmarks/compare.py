@@ -65,6 +65,7 @@ class Profile:
     label: str = "acc_after_drop"  # measured column the LODO bundles and best-signal learn from
     teachers: str | None = None  # reuse this profile's teachers (same teacher settings) instead of training new ones
     distill_data: str = "all"  # CompressConfig.distill_data: "unseen" distils on rows the teacher did not train on
+    baseline: str | None = None  # the summary shows this profile's rows beside this one's (same teachers and seeds)
 
 
 MULTI = [0, 1, 2]
@@ -96,6 +97,15 @@ PROFILES["cpu-kd-unseen"] = replace(PROFILES["cpu"], strategies=["fusion-rf"], s
 PROFILES["cpu-kd-long"] = replace(PROFILES["cpu-kd-unseen"], datasets=["rotten-tomatoes", "election-tweets",
                                                                          "20newsgroups"],
                                   distill_samples=4000, distill_epochs=2.0)
+# Do the opt-in extra signals help in the full loop? activation_patching was the best chooser offline
+# (benchmarks/extra_signals.py): here as a single-signal strategy and as a 13th feature of fusion-rf
+# ("fusion-rf+NAME": LODO bundles on the 12 signals and NAME, fitted on that benchmark's rows, the
+# cpu teachers' 6-5-4 states), beside the cpu profile's cells: same teachers, budget and seeds, and
+# so the same test samples.
+PROFILES["cpu-extras"] = replace(PROFILES["cpu"], strategies=["activation_patching", "fusion-rf+activation_patching"],
+                                 seeds={"activation_patching": MULTI, "fusion-rf+activation_patching": MULTI},
+                                 control=[], rows=str(RESULTS / "extra-signals" / "rows" / "*.parquet"),
+                                 teachers="cpu", baseline="cpu")
 # ... and with strong teachers (every training row, 3 epochs) and a full budget (2 epochs of every
 # row, for distillation and for its plain fine-tuning control alike): sized for one GPU.
 PROFILES["gpu-kd"] = Profile("minilm-l6", [3], strategies=["fusion-rf", "top"], control=["fusion-rf", "top"],
@@ -111,16 +121,17 @@ def _slug(spec: str) -> str:
 
 
 def _lodo_bundle(rows: pd.DataFrame, dataset: str, model_type: str, folder: Path,
-                 label: str = "acc_after_drop") -> str:
-    """A bundle fitted on rows of every dataset but ``dataset``, with the default's normalisation."""
+                 label: str = "acc_after_drop", extras: tuple[str, ...] = ()) -> str:
+    """A bundle fitted on rows of every dataset but ``dataset``, with the default's normalisation,
+    on the 12 signals and ``extras`` (opt-in signal columns of ``rows``)."""
     from fusion_prune import fusion as F
 
-    suffix = "" if label == "acc_after_drop" else f"-{label}"
+    suffix = ("" if label == "acc_after_drop" else f"-{label}") + "".join(f"+{e}" for e in extras)
     path = folder / "bundles" / f"lodo-{model_type}-without-{_slug(dataset)}{suffix}.joblib"
     if not path.is_file():
         default = F.load_bundle() if F.DEFAULT_BUNDLE.is_file() else None
         norm, target = (default.feature_norm, default.target) if default else ("zscore", "retention_z")
-        F.fit_bundle(rows[rows.dataset != dataset], model_type, F.DEFAULT_SIGNALS, norm, target,
+        F.fit_bundle(rows[rows.dataset != dataset], model_type, [*F.DEFAULT_SIGNALS, *extras], norm, target,
                      label=label).save(path)
     return str(path)
 
@@ -199,8 +210,24 @@ def run(profile: Profile, name: str, out: Path | None = None, log=print, work: P
             if mine:  # else another worker is running this cell
                 _cell(profile, name, rows, loaded, dataset, target, strategy, seed, out, work, csv, log)
     done = _read(csv)
-    summarise(done, out)
+    summarise(with_baseline(profile, done), out, challengers=_challengers(profile))
     return done
+
+
+def with_baseline(profile: Profile, results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` and, when the profile names a baseline, that profile's rows for the same datasets
+    and depths of the strategies this profile does not run (for the tables, not results.csv)."""
+    if not profile.baseline or not (RESULTS / profile.baseline / "results.csv").is_file():
+        return results
+    base = _read(RESULTS / profile.baseline / "results.csv")
+    base = base[base.dataset.isin(results.dataset) & base.target_layers.isin(results.target_layers)
+                & ~base.strategy.isin(profile.strategies)]
+    return pd.concat([results, base], ignore_index=True) if len(base) else results
+
+
+def _challengers(profile: Profile) -> list[str]:
+    """Strategies the versus table sets against top and best-signal: fusion-rf and this profile's own."""
+    return list(dict.fromkeys(["fusion-rf", *[s for s in profile.strategies if s not in STRATEGIES]]))
 
 
 def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset: str, target: int, strategy: str,
@@ -219,8 +246,10 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
     data = loaded[dataset]
     teacher = _teacher(profile, dataset, data, work)
     fusion_path, resolved = None, strategy
-    if strategy.startswith("fusion-"):
-        fusion_path, resolved = _lodo_bundle(rows, dataset, strategy.split("-", 1)[1], work, profile.label), "fusion"
+    if strategy.startswith("fusion-"):  # fusion-MODEL or fusion-MODEL+EXTRA+...
+        model_type, *extras = strategy.split("-", 1)[1].split("+")
+        fusion_path = _lodo_bundle(rows, dataset, model_type, work, profile.label, tuple(extras))
+        resolved = "fusion"
     elif strategy == "best-signal":
         resolved = _best_signal(rows, dataset, profile.label)
     cfg = CompressConfig(
@@ -267,10 +296,10 @@ def mean_ranks(results: pd.DataFrame, metric: str) -> pd.Series:
     return means.groupby(["target_layers", "strategy"])["rank"].mean()
 
 
-def tables(results: pd.DataFrame) -> dict[str, str]:
+def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("fusion-rf",)) -> dict[str, str]:
     """Markdown tables: ``wide`` (strategy x dataset, accuracy / accuracy_kd, mean rank),
-    ``versus`` (fusion-rf against top and best-signal, per dataset), ``distill`` (KD against plain
-    fine-tuning of the same student for the same steps)."""
+    ``versus`` (each challenger, fusion-rf by default, against top and best-signal, per dataset),
+    ``distill`` (KD against plain fine-tuning of the same student for the same steps)."""
     out = {}
     for target, part in results.groupby("target_layers"):
         datasets = [d for d in DATASETS if d in set(part.dataset)] + sorted(set(part.dataset) - set(DATASETS))
@@ -291,22 +320,27 @@ def tables(results: pd.DataFrame) -> dict[str, str]:
                          f"{ranks['accuracy_kd'].get(s, float('nan')):.2f} |")
         out[f"wide-{target}"] = "\n".join(lines)
         # head to head: per dataset, mean over seeds of each side, then the difference
-        lines = ["| fusion-rf minus | metric | " + " | ".join(datasets) + " | mean | wins |",
-                 "|" + "---|" * (len(datasets) + 4)]
-        for rival in ("top", "best-signal"):
-            for metric in ("accuracy", "accuracy_kd"):
-                diffs = []
-                for d in datasets:
-                    f = part[(part.dataset == d) & (part.strategy == "fusion-rf")][metric]
-                    r = part[(part.dataset == d) & (part.strategy == rival)][metric]
-                    diffs.append(f.mean() - r.mean() if len(f) and len(r) else float("nan"))
-                valid = [x for x in diffs if x == x]
-                if not valid:  # the rival (or fusion-rf) was not run in this profile: no row of nans
-                    continue
-                wins = f"{sum(x > 0 for x in valid)}/{len(valid)}"
-                mean = sum(valid) / len(valid) if valid else float("nan")
-                lines.append(f"| {rival} | {metric} | " + " | ".join(f"{x:+.4f}" if x == x else "" for x in diffs)
-                             + f" | {mean:+.4f} | {wins} |")
+        blocks = []
+        for challenger in challengers:
+            lines = [f"| {challenger} minus | metric | " + " | ".join(datasets) + " | mean | wins |",
+                     "|" + "---|" * (len(datasets) + 4)]
+            for rival in ("top", "best-signal", *(("fusion-rf",) if challenger != "fusion-rf" else ())):
+                for metric in ("accuracy", "accuracy_kd"):
+                    diffs = []
+                    for d in datasets:
+                        f = part[(part.dataset == d) & (part.strategy == challenger)][metric]
+                        r = part[(part.dataset == d) & (part.strategy == rival)][metric]
+                        diffs.append(f.mean() - r.mean() if len(f) and len(r) else float("nan"))
+                    valid = [x for x in diffs if x == x]
+                    if not valid:  # the rival (or the challenger) was not run in this profile: no row of nans
+                        continue
+                    wins = f"{sum(x > 0 for x in valid)}/{len(valid)}"
+                    mean = sum(valid) / len(valid)
+                    lines.append(f"| {rival} | {metric} | " + " | ".join(f"{x:+.4f}" if x == x else "" for x in diffs)
+                                 + f" | {mean:+.4f} | {wins} |")
+            if len(lines) > 2 or challenger == challengers[0]:
+                blocks.append("\n".join(lines))
+        lines = "\n\n".join(blocks).split("\n")
         out[f"versus-{target}"] = "\n".join(lines)
         ctrl = part[part.accuracy_ft.notna()] if "accuracy_ft" in part else part.iloc[:0]
         if len(ctrl):
@@ -320,7 +354,7 @@ def tables(results: pd.DataFrame) -> dict[str, str]:
     return out
 
 
-def summarise(results: pd.DataFrame, out: Path) -> Path:
+def summarise(results: pd.DataFrame, out: Path, challengers: list[str] | tuple[str, ...] = ("fusion-rf",)) -> Path:
     """results.md (the tables above and per-dataset detail) and two plots."""
     import matplotlib
 
@@ -332,9 +366,9 @@ def summarise(results: pd.DataFrame, out: Path) -> Path:
     lines = [f"# Strategy comparison ({results.profile.iloc[0] if len(results) else ''})", "",
              f"{len(results)} runs. Regenerate with `python benchmarks/compare.py --profile "
              f"{results.profile.iloc[0] if len(results) else 'cpu'} --summary-only`.", ""]
-    for key, table in tables(results).items():
+    for key, table in tables(results, challengers).items():
         kind, target = key.split("-")
-        title = {"wide": "All strategies", "versus": "fusion-rf against top and the best single signal "
+        title = {"wide": "All strategies", "versus": f"{' and '.join(challengers)} against top and the best single signal "
                  "(difference of means over seeds)", "distill": "Distillation against plain fine-tuning "
                  "(same pruned student, same steps, data and learning rate)"}[kind]
         lines += [f"## {title}, {target} layers", "", table, ""]
@@ -392,15 +426,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.datasets:
         profile = replace(profile, datasets=args.datasets.split(","))
     if args.strategies:
-        unknown = set(args.strategies.split(",")) - set(STRATEGIES)
+        valid = list(dict.fromkeys([*STRATEGIES, *profile.strategies]))
+        unknown = set(args.strategies.split(",")) - set(valid)
         if unknown:
-            ap.error(f"--strategies: unknown {sorted(unknown)}; expected some of {STRATEGIES}")
+            ap.error(f"--strategies: unknown {sorted(unknown)}; expected some of {valid}")
         profile = replace(profile, strategies=args.strategies.split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.summary_only:
         out = args.out or RESULTS / args.profile
         done = _read(out / "results.csv")
-        summarise(done, out)
+        summarise(with_baseline(profile, done), out, challengers=_challengers(profile))
         return done
     return run(profile, args.profile, args.out, log=lambda m: print(m, flush=True), work=args.work)
 

@@ -7,7 +7,9 @@ memory is its own:
 
 * ``plain``: one forward and one backward of the task loss per batch (the model as loaded);
 * ``fused``: :func:`signals.compute_signals`'s engine, all 12 signals from one shared pass;
-* ``separate``: each of the 12 signals computed with a pass of its own.
+* ``separate``: each of the 12 signals computed with a pass of its own;
+* any signal's name (``activation_patching``, ``mc_dropout``, ``layer_conductance``...): that
+  signal alone, with the passes it needs (how an opt-in extra adds to a step's cost).
 
 Wall time covers the passes and the signal functions (MI included), after one warm-up batch.
 Peak memory is the highest resident set size (CPU, sampled every 2 ms) or allocated CUDA memory
@@ -95,7 +97,10 @@ def run_mode(args) -> dict:
         for s in chosen:
             signals_frame(capture(model, bs, s.needs), [s])
 
-    work = {"plain": plain, "fused": fused, "separate": separate}[args.mode]
+    def one(name):
+        return lambda bs: signals_frame(capture(model, bs, SIGNALS[name].needs), [SIGNALS[name]])
+
+    work = {"plain": plain, "fused": fused, "separate": separate}.get(args.mode) or one(args.mode)
     work(batches[:1])  # warm-up: lazy allocations and kernels
     if device == "cuda":
         torch.cuda.synchronize()
@@ -127,8 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(run_mode(args)))
         return {}
 
+    from signals import SIGNALS
+
+    modes = [m for m in args.modes.split(",") if m]
+    if bad := [m for m in modes if m not in ("plain", "fused", "separate") and m not in SIGNALS]:
+        sys.exit(f"--modes: expected plain, fused, separate or signal names ({', '.join(SIGNALS)}); got {bad[0]!r}")
     rows = {}
-    for mode in args.modes.split(","):
+    for mode in modes:
         cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--dataset", args.dataset,
                "--batches", str(args.batches), "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--device", args.device]

@@ -140,7 +140,7 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
         shutil.rmtree(partial)
     strategy = STRATEGIES[cfg.strategy]
     bundle = load_bundle(cfg.fusion_path) if strategy.needs_bundle else None
-    signal_names = [*DEFAULT_SIGNALS, *_bundle_extras(bundle)]
+    signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
     meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "config": asdict(cfg)}, default=str))
     meta["config"].pop("progress")
     t_start = time.perf_counter()

@@ -64,18 +64,19 @@ class Strategy:
     needs_bundle: bool = False
     one_shot: bool = False  # removes every layer down to the target in one step
     doc: str = ""
+    extra_signals: tuple[str, ...] = ()  # opt-in signals (beside the 12) the loop must compute for it
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(name: str, needs_signals: bool = False, needs_labels: bool = False, needs_bundle: bool = False,
-                      one_shot: bool = False) -> Callable:
+                      one_shot: bool = False, extra_signals: Sequence[str] = ()) -> Callable:
     def wrap(fn: Callable[[StrategyState], list[int]]) -> Callable:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is registered twice")
         STRATEGIES[name] = Strategy(name, fn, needs_signals, needs_labels, needs_bundle, one_shot,
-                                    (fn.__doc__ or "").strip())
+                                    (fn.__doc__ or "").strip(), tuple(extra_signals))
         return fn
     return wrap
 
@@ -90,8 +91,10 @@ def _fusion(s: StrategyState) -> list[int]:
     return [s.bundle.choose(s.signals)]
 
 
-for _name in DEFAULT_SIGNALS:
-    register_strategy(_name, needs_signals=True)(
+# Every signal, the opt-in extras too, is a strategy by its own rule; an extra is computed only
+# when its strategy (or a bundle trained on it) is used.
+for _name in SIGNALS:
+    register_strategy(_name, needs_signals=True, extra_signals=() if _name in DEFAULT_SIGNALS else (_name,))(
         lambda s, n=_name: _argmax(signal_removability(s.signals.sort_values("layer"), n)))
 
 

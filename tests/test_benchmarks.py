@@ -51,6 +51,16 @@ def test_signals_cost_runs_all_modes(tiny_base_model, sentiment_csv_dir, tmp_pat
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("signals/plain ratio: ")
 
 
+def test_signals_cost_times_one_extra_signal(tiny_base_model, sentiment_csv_dir, tmp_path):
+    cost = _load("signals_cost")
+    res = cost.main(["--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir), "--batches", "1",
+                     "--batch-size", "4", "--max-length", "16", "--modes", "plain,activation_patching",
+                     "--out", str(tmp_path / "cost.json")])
+    assert set(res["modes"]) == {"plain", "activation_patching"} and res["activation_patching/plain time"] > 0
+    with pytest.raises(SystemExit, match="--modes: expected .*got 'bogus'"):
+        cost.main(["--modes", "plain,bogus"])
+
+
 def test_labels_cost_runs(tiny_base_model, sentiment_csv_dir, tmp_path, capsys):
     res = _load("labels_cost").main(["--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir),
                                      "--samples", "32", "--batch-size", "8", "--max-length", "16",
@@ -175,6 +185,45 @@ def test_carry_assets_roundtrip_restores_float32_weights(tmp_path, monkeypatch):
     assert json.loads((done[0] / "asset.json").read_text())["carried_as"] == "float16"
     assert (done[0] / "config.json").read_text() == '{"x": 1}'
     assert carry.unpack(pieces) == []  # already there: left as it is
+
+
+def test_compare_extra_signal_strategies_beside_a_baseline(tiny_base_model, sentiment_csv_dir, tmp_path,
+                                                          monkeypatch):
+    """The cpu-extras path on a tiny config: an extra signal as a strategy, a fusion bundle fitted on
+    the 12 signals plus that extra, and the tables showing a baseline profile's rows beside them."""
+    import joblib
+    import pandas as pd
+
+    from test_fusion import synthetic_rows
+
+    compare = _load("compare")
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    rows = synthetic_rows()
+    rows["activation_patching"] = 1.0 - rows.acc_after_drop  # an extra column, as collect --extra writes it
+    rows.to_parquet(tmp_path / "rows.parquet")
+    dataset = str(sentiment_csv_dir)
+    (tmp_path / "base").mkdir()
+    base = [dict(profile="base", dataset=dataset, target_layers=1, strategy=s,
+                 resolved_strategy=s, seed=0, teacher_accuracy=0.9, accuracy=0.5, accuracy_kd=0.5, accuracy_ft=None,
+                 selection_seconds=1.0, wall_seconds=2.0, kept_layers="[0]") for s in ("fusion-rf", "top", "oracle")]
+    pd.DataFrame(base, columns=compare.COLUMNS).to_csv(tmp_path / "base" / "results.csv", index=False)
+    strategies = ["activation_patching", "fusion-rf+activation_patching"]
+    profile = compare.Profile(str(tiny_base_model), [1], datasets=[dataset], strategies=strategies,
+                              teacher_samples=200, teacher_epochs=1, finetune_steps=1, signal_samples=16,
+                              distill_samples=32, max_eval_samples=40, max_length=16, batch_size=8,
+                              rows=str(tmp_path / "rows.parquet"), control=[], baseline="base")
+    res = compare.run(profile, "tiny-extras", tmp_path / "extras", log=lambda m: None)
+    assert sorted(res.strategy) == sorted(strategies)
+    assert set(res.resolved_strategy) == {"activation_patching", "fusion"}
+    (bundle,) = (tmp_path / "extras" / "work" / "bundles").glob("*.joblib")
+    assert bundle.name.endswith("+activation_patching.joblib")
+    assert "activation_patching" in joblib.load(bundle).features
+    assert sorted(pd.read_csv(tmp_path / "extras" / "results.csv").strategy) == sorted(strategies)  # only its own
+    md = (tmp_path / "extras" / "results.md").read_text()
+    assert "| fusion-rf+activation_patching minus |" in md and "| activation_patching minus |" in md
+    assert "| oracle |" in md  # the baseline's rows are in the tables
+    versus = compare.tables(compare.with_baseline(profile, res), compare._challengers(profile))["versus-1"]
+    assert "| fusion-rf | accuracy |" in versus and "| top | accuracy |" in versus
 
 
 def test_versus_table_leaves_out_rivals_that_were_not_run():
