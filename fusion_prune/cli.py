@@ -423,7 +423,8 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--strategy", default="fusion", show_default=True,
               help="How to pick layers: fusion, consensus, top, bottom, alternate, symmetric, angular-block, random, "
-                   "oracle, or a signal name (act_energy, grad_norm, ...).")
+                   "oracle, or a signal name (act_energy, grad_norm, ..., or an opt-in extra such as "
+                   "activation_patching).")
 @click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
               help="Fusion bundle for --strategy fusion; default: the shipped one.")
 @click.option("--finetune-steps", default=50, show_default=True, type=int,
