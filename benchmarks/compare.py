@@ -210,7 +210,7 @@ def run(profile: Profile, name: str, out: Path | None = None, log=print, work: P
             if mine:  # else another worker is running this cell
                 _cell(profile, name, rows, loaded, dataset, target, strategy, seed, out, work, csv, log)
     done = _read(csv)
-    summarise(with_baseline(profile, done), out, challengers=_challengers(profile))
+    summarise(with_baseline(profile, done), out, challengers=_challengers(profile), paired=bool(profile.baseline))
     return done
 
 
@@ -296,9 +296,32 @@ def mean_ranks(results: pd.DataFrame, metric: str) -> pd.Series:
     return means.groupby(["target_layers", "strategy"])["rank"].mean()
 
 
-def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("fusion-rf",)) -> dict[str, str]:
+def paired_table(part: pd.DataFrame, challengers: list[str], datasets: list[str],
+                 rivals: tuple[str, ...] = ("fusion-rf", "top", "best-signal")) -> str:
+    """Each challenger minus each rival on the seeds both ran (same seed: same test sample, so its
+    noise cancels), averaged per dataset; the number of (dataset, seed) pairs and the wins."""
+    lines = ["| challenger | minus | metric | " + " | ".join(datasets) + " | mean | wins | pairs |",
+             "|" + "---|" * (len(datasets) + 6)]
+    for challenger in challengers:
+        for rival in (r for r in rivals if r != challenger):
+            for metric in ("accuracy", "accuracy_kd"):
+                a = part[part.strategy == challenger].groupby(["dataset", "seed"])[metric].mean()
+                b = part[part.strategy == rival].groupby(["dataset", "seed"])[metric].mean()
+                diff = (a - b).dropna()
+                if diff.empty:
+                    continue
+                per = diff.groupby(level="dataset").mean()
+                cells = [f"{per[d]:+.4f}" if d in per.index else "" for d in datasets]
+                lines.append(f"| {challenger} | {rival} | {metric} | " + " | ".join(cells)
+                             + f" | {per.mean():+.4f} | {int((per > 0).sum())}/{len(per)} | {len(diff)} |")
+    return "\n".join(lines)
+
+
+def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("fusion-rf",),
+           paired: bool = False) -> dict[str, str]:
     """Markdown tables: ``wide`` (strategy x dataset, accuracy / accuracy_kd, mean rank),
     ``versus`` (each challenger, fusion-rf by default, against top and best-signal, per dataset),
+    ``paired`` (when asked: the challengers against fusion-rf, top and best-signal on shared seeds),
     ``distill`` (KD against plain fine-tuning of the same student for the same steps)."""
     out = {}
     for target, part in results.groupby("target_layers"):
@@ -340,8 +363,10 @@ def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("f
                                  + f" | {mean:+.4f} | {wins} |")
             if len(lines) > 2 or challenger == challengers[0]:
                 blocks.append("\n".join(lines))
-        lines = "\n\n".join(blocks).split("\n")
-        out[f"versus-{target}"] = "\n".join(lines)
+        out[f"versus-{target}"] = "\n\n".join(blocks)
+        if paired:
+            out[f"paired-{target}"] = paired_table(part, [c for c in challengers if c != "fusion-rf"] or challengers,
+                                                   datasets)
         ctrl = part[part.accuracy_ft.notna()] if "accuracy_ft" in part else part.iloc[:0]
         if len(ctrl):
             lines = ["| dataset | strategy | seeds | after pruning | plain fine-tune | distillation | KD minus fine-tune |",
@@ -354,7 +379,8 @@ def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("f
     return out
 
 
-def summarise(results: pd.DataFrame, out: Path, challengers: list[str] | tuple[str, ...] = ("fusion-rf",)) -> Path:
+def summarise(results: pd.DataFrame, out: Path, challengers: list[str] | tuple[str, ...] = ("fusion-rf",),
+              paired: bool = False) -> Path:
     """results.md (the tables above and per-dataset detail) and two plots."""
     import matplotlib
 
@@ -366,10 +392,11 @@ def summarise(results: pd.DataFrame, out: Path, challengers: list[str] | tuple[s
     lines = [f"# Strategy comparison ({results.profile.iloc[0] if len(results) else ''})", "",
              f"{len(results)} runs. Regenerate with `python benchmarks/compare.py --profile "
              f"{results.profile.iloc[0] if len(results) else 'cpu'} --summary-only`.", ""]
-    for key, table in tables(results, challengers).items():
+    for key, table in tables(results, challengers, paired).items():
         kind, target = key.split("-")
         title = {"wide": "All strategies", "versus": f"{' and '.join(challengers)} against top and the best single signal "
-                 "(difference of means over seeds)", "distill": "Distillation against plain fine-tuning "
+                 "(difference of means over seeds)", "paired": "The same on the seeds both ran (same seed, same "
+                 "test sample), mean over datasets", "distill": "Distillation against plain fine-tuning "
                  "(same pruned student, same steps, data and learning rate)"}[kind]
         lines += [f"## {title}, {target} layers", "", table, ""]
     for (dataset, target), part in results.groupby(["dataset", "target_layers"]):
@@ -435,7 +462,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.summary_only:
         out = args.out or RESULTS / args.profile
         done = _read(out / "results.csv")
-        summarise(with_baseline(profile, done), out, challengers=_challengers(profile))
+        summarise(with_baseline(profile, done), out, challengers=_challengers(profile), paired=bool(profile.baseline))
         return done
     return run(profile, args.profile, args.out, log=lambda m: print(m, flush=True), work=args.work)
 

@@ -222,8 +222,22 @@ def test_compare_extra_signal_strategies_beside_a_baseline(tiny_base_model, sent
     md = (tmp_path / "extras" / "results.md").read_text()
     assert "| fusion-rf+activation_patching minus |" in md and "| activation_patching minus |" in md
     assert "| oracle |" in md  # the baseline's rows are in the tables
+    assert "| challenger | minus | metric |" in md  # and the paired table (shared seeds) with them
     versus = compare.tables(compare.with_baseline(profile, res), compare._challengers(profile))["versus-1"]
     assert "| fusion-rf | accuracy |" in versus and "| top | accuracy |" in versus
+
+
+def test_paired_table_uses_only_the_seeds_both_ran():
+    import pandas as pd
+
+    compare = _load("compare")
+    acc = {("a", "ap", 0): 0.80, ("a", "ap", 1): 0.90, ("a", "top", 0): 0.70,
+           ("b", "ap", 0): 0.60, ("b", "top", 0): 0.65, ("b", "top", 1): 0.10}
+    rows = pd.DataFrame([dict(dataset=d, strategy=s, seed=k, accuracy=v, accuracy_kd=v) for (d, s, k), v in acc.items()])
+    table = compare.paired_table(rows, ["ap"], ["a", "b"], rivals=("top", "best-signal"))
+    # a: seed 0 only (+0.10); b: seed 0 only (-0.05); the unpaired seeds 1 are ignored
+    assert "| ap | top | accuracy | +0.1000 | -0.0500 | +0.0250 | 1/2 | 2 |" in table
+    assert "best-signal" not in table  # never run: no row
 
 
 def test_versus_table_leaves_out_rivals_that_were_not_run():
