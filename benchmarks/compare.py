@@ -66,6 +66,7 @@ class Profile:
     teachers: str | None = None  # reuse this profile's teachers (same teacher settings) instead of training new ones
     distill_data: str = "all"  # CompressConfig.distill_data: "unseen" distils on rows the teacher did not train on
     baseline: str | None = None  # the summary shows this profile's rows beside this one's (same teachers and seeds)
+    hidden_weight: float = 0.0  # DistillConfig.hidden_weight: hidden-state matching during distillation
 
 
 MULTI = [0, 1, 2]
@@ -87,7 +88,7 @@ PROFILES = {
 _RECOVERY_ROWS = str(RESULTS / "recovery" / "rows" / "*.parquet")
 for _name, _label in (("cpu-recovery", "acc_after_recovery"), ("cpu-recovery-at-once", "acc_after_drop")):
     PROFILES[_name] = replace(PROFILES["cpu"], strategies=["fusion-rf"], seeds={"fusion-rf": MULTI}, control=[],
-                              rows=_RECOVERY_ROWS, label=_label, teachers="cpu")
+                              rows=_RECOVERY_ROWS, label=_label, teachers="cpu", baseline="cpu")
 # Does distillation gain when it sees examples the teacher was not fine-tuned on? The cpu teachers
 # trained on 2,000 rows (seed 0), and the cpu cells distil on a sample that, at seed 0, lies inside them.
 PROFILES["cpu-kd-unseen"] = replace(PROFILES["cpu"], strategies=["fusion-rf"], seeds={}, teachers="cpu",
@@ -97,6 +98,10 @@ PROFILES["cpu-kd-unseen"] = replace(PROFILES["cpu"], strategies=["fusion-rf"], s
 PROFILES["cpu-kd-long"] = replace(PROFILES["cpu-kd-unseen"], datasets=["rotten-tomatoes", "election-tweets",
                                                                          "20newsgroups"],
                                   distill_samples=4000, distill_epochs=2.0)
+# Does hidden-state matching help distillation? The cpu-kd-unseen cells (same teachers, pruned
+# students, unseen distillation rows and budget) with each student layer's output also pulled
+# towards the output of the teacher layer it came from (MSE, weight 1, as TinyBERT weighs it).
+PROFILES["cpu-kd-hidden"] = replace(PROFILES["cpu-kd-unseen"], hidden_weight=1.0)
 # Do the opt-in extra signals help in the full loop? activation_patching was the best chooser offline
 # (benchmarks/extra_signals.py): here as a single-signal strategy and as a 13th feature of fusion-rf
 # ("fusion-rf+NAME": LODO bundles on the 12 signals and NAME, fitted on that benchmark's rows, the
@@ -259,7 +264,7 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
         max_eval_samples=profile.max_eval_samples, max_length=profile.max_length,
         batch_size=profile.batch_size, seed=seed, progress=False,
         distill=DistillConfig(epochs=profile.distill_epochs, max_train_samples=profile.distill_samples,
-                              batch_size=profile.batch_size),
+                              batch_size=profile.batch_size, hidden_weight=profile.hidden_weight),
         distill_control=strategy in profile.control, distill_data=profile.distill_data)
     cell = work / "runs" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}"
     t0 = time.perf_counter()

@@ -227,6 +227,27 @@ def test_compare_extra_signal_strategies_beside_a_baseline(tiny_base_model, sent
     assert "| fusion-rf | accuracy |" in versus and "| top | accuracy |" in versus
 
 
+def test_compare_passes_hidden_state_matching_to_distillation(tiny_base_model, sentiment_csv_dir, tmp_path):
+    """Profile cpu-kd-hidden's path on a tiny config: the distillation of each cell matches hidden
+    states (its report records the weight and a hidden loss), beside its plain fine-tuning control."""
+    import json
+
+    compare = _load("compare")
+    assert compare.PROFILES["cpu-kd-hidden"].hidden_weight == 1.0
+    assert compare.PROFILES["cpu-kd-hidden"].distill_data == "unseen" and compare.PROFILES["cpu"].hidden_weight == 0
+    profile = compare.Profile(str(tiny_base_model), [1], datasets=[str(sentiment_csv_dir)], strategies=["top"],
+                              teacher_samples=200, teacher_epochs=1, finetune_steps=1, signal_samples=16,
+                              distill_samples=32, max_eval_samples=40, max_length=16, batch_size=8,
+                              control=["top"], hidden_weight=1.0)
+    res = compare.run(profile, "tiny-hidden", tmp_path / "hidden", log=lambda m: None)
+    assert res.accuracy_kd.notna().all() and res.accuracy_ft.notna().all()
+    (report,) = (tmp_path / "hidden" / "reports").glob("*.json")
+    r = json.loads(report.read_text())
+    assert r["config"]["distill"]["hidden_weight"] == 1.0 and r["distill"]["config"]["hidden_weight"] == 1.0
+    assert r["distill"]["pairs"]  # student layers matched to the teacher layers they came from
+    assert r["distill"]["teacher_logits_cached"] is False  # hidden states need the teacher on every step
+
+
 def test_paired_table_uses_only_the_seeds_both_ran():
     import pandas as pd
 
