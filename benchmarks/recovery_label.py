@@ -2,6 +2,7 @@
 
     python benchmarks/recovery_label.py --threads 1      # collect what is missing (resumable), then evaluate
     python benchmarks/recovery_label.py --evaluate-only
+    python benchmarks/recovery_label.py --loop           # the in-loop profiles cpu-recovery(-at-once)
 
 The shipped rows label a layer by the validation accuracy right after its removal
 (``acc_after_drop``). The greedy loop, though, fine-tunes after every drop, and some layers (the
@@ -74,6 +75,44 @@ def evaluate(rows: pd.DataFrame, shipped: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+# In the loop: the compare.py profiles whose fusion-rf bundles learn from these rows, and the arm
+# each stands for (the cpu profile's own fusion-rf learns from the shipped rows).
+LOOP_ARMS = {"cpu-recovery": "fusion-rf (acc_after_recovery)", "cpu-recovery-at-once": "fusion-rf (acc_after_drop)",
+             "cpu": "fusion-rf (shipped rows)"}
+
+
+def loop_table(results: dict[str, pd.DataFrame]) -> str:
+    """The recovery label in the full loop: each arm's fusion-rf minus the others and ``top`` on
+    the (dataset, seed) cells both ran (same seed: same teacher, budget and test sample).
+
+    ``results``: compare.py results.csv frames by profile name (keys of ``LOOP_ARMS``)."""
+    import importlib.util
+
+    compare = sys.modules.get("benchmarks_compare")
+    if compare is None:  # a sibling script, not a package: load it by path
+        spec = importlib.util.spec_from_file_location("benchmarks_compare", HERE / "compare.py")
+        compare = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks_compare"] = compare  # dataclasses look their module up here
+        spec.loader.exec_module(compare)
+    parts = []
+    for profile, arm in LOOP_ARMS.items():
+        r = results.get(profile)
+        if r is None or r.empty:
+            continue
+        r = r.copy()
+        r.loc[r.strategy == "fusion-rf", "strategy"] = arm
+        parts.append(r[(r.strategy == arm) | ((profile == "cpu") & (r.strategy == "top"))])
+    if not parts:
+        return ""
+    allr = pd.concat(parts, ignore_index=True)
+    datasets = [d for d in DATASETS if d in set(allr.dataset)]
+    arms = [a for a in LOOP_ARMS.values() if a in set(allr.strategy)]
+    # each arm against the arms after it and top, so no difference appears twice with its sign flipped
+    tables = [compare.paired_table(allr, [arm], datasets, rivals=(*arms[i + 1:], "top")).splitlines()
+              for i, arm in enumerate(arms[:-1])]
+    return "\n".join(tables[0] + [line for t in tables[1:] for line in t[2:]]) if tables else ""
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     from fusion_prune import fusion as F
     from fusion_prune.report import write_table
@@ -85,7 +124,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the machine)")
     ap.add_argument("--evaluate-only", action="store_true")
+    ap.add_argument("--loop", action="store_true",
+                    help="only tabulate the in-loop profiles cpu-recovery and cpu-recovery-at-once (loop.md)")
     args = ap.parse_args(argv)
+    if args.loop:
+        from fusion_prune.utils import write_text_atomic
+
+        found = {p: pd.read_csv(f) for p in LOOP_ARMS if (f := HERE / "results" / p / "results.csv").is_file()}
+        md = ("# Label after recovery, in the loop\n\nfusion-rf of each arm minus the other arms and `top`, on "
+              "the cells both ran (same seed, teacher, budget and test sample). Arms: bundles fitted on "
+              "these rows with the recovered label (`cpu-recovery`) or the label at once "
+              "(`cpu-recovery-at-once`), and the cpu profile's on the shipped rows. Regenerate: "
+              "`python benchmarks/recovery_label.py --loop`.\n\n" + loop_table(found) + "\n")
+        write_text_atomic(args.out / "loop.md", md)
+        print(md)
+        return pd.DataFrame()
     if args.threads:
         import torch
 

@@ -144,6 +144,32 @@ def test_recovery_label_scores_every_choice_by_the_recovered_accuracy():
     assert "| top |" in F.lodo_markdown(res.reset_index())
 
 
+def test_recovery_loop_table_pairs_the_arms_on_shared_seeds():
+    import pandas as pd
+
+    rec = _load("recovery_label")
+
+    def frame(cells):
+        return pd.DataFrame([dict(dataset=d, strategy=s, seed=seed, accuracy=a, accuracy_kd=a)
+                             for d, s, seed, a in cells])
+
+    res = {"cpu-recovery": frame([("bbc-news", "fusion-rf", 0, 0.9), ("bbc-news", "fusion-rf", 1, 0.8)]),
+           "cpu-recovery-at-once": frame([("bbc-news", "fusion-rf", 0, 0.7)]),
+           "cpu": frame([("bbc-news", "fusion-rf", 0, 0.6), ("bbc-news", "fusion-rf", 1, 0.5),
+                         ("bbc-news", "top", 0, 0.4), ("bbc-news", "oracle", 0, 1.0)])}
+    lines = rec.loop_table(res).splitlines()
+    row = {tuple(c.strip() for c in l.split("|")[1:4]): l for l in lines[2:]}
+    recovered, at_once, shipped = rec.LOOP_ARMS.values()
+    assert "+0.2000" in row[(recovered, at_once, "accuracy")] and row[(recovered, at_once, "accuracy")].endswith("| 1 |")
+    assert "+0.3000" in row[(recovered, shipped, "accuracy")]  # seeds 0 and 1: (0.3 + 0.3) / 2, two pairs
+    assert row[(recovered, shipped, "accuracy")].endswith("| 1/1 | 2 |")
+    assert "+0.5000" in row[(recovered, "top", "accuracy")]
+    assert "+0.1000" in row[(at_once, shipped, "accuracy")] and row[(at_once, shipped, "accuracy")].endswith("| 1 |")
+    assert not any("oracle" in l for l in lines)  # only the arms and top
+    assert (at_once, recovered, "accuracy") not in row and len(lines) == 2 + 2 * 5  # no pair twice
+    assert rec.loop_table({}) == ""
+
+
 def test_recovery_profiles_reuse_the_cpu_teachers(tmp_path, monkeypatch):
     compare = _load("compare")
     monkeypatch.setattr(compare, "RESULTS", tmp_path)
