@@ -92,12 +92,12 @@ for _name, _label in (("cpu-recovery", "acc_after_recovery"), ("cpu-recovery-at-
 # Does distillation gain when it sees examples the teacher was not fine-tuned on? The cpu teachers
 # trained on 2,000 rows (seed 0), and the cpu cells distil on a sample that, at seed 0, lies inside them.
 PROFILES["cpu-kd-unseen"] = replace(PROFILES["cpu"], strategies=["fusion-rf"], seeds={}, teachers="cpu",
-                                    distill_data="unseen")
+                                    distill_data="unseen", default_seeds=MULTI)
 # ... and with a distillation budget of about 250 steps instead of 47 (4,000 unseen rows x 2 epochs),
 # on the three datasets with that many rows the teachers never saw.
 PROFILES["cpu-kd-long"] = replace(PROFILES["cpu-kd-unseen"], datasets=["rotten-tomatoes", "election-tweets",
                                                                          "20newsgroups"],
-                                  distill_samples=4000, distill_epochs=2.0)
+                                  distill_samples=4000, distill_epochs=2.0, default_seeds=[0])
 # Does hidden-state matching help distillation? The cpu-kd-unseen cells (same teachers, pruned
 # students, unseen distillation rows and budget) with each student layer's output also pulled
 # towards the output of the teacher layer it came from (MSE, weight 1, as TinyBERT weighs it).

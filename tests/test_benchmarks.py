@@ -261,6 +261,8 @@ def test_compare_passes_hidden_state_matching_to_distillation(tiny_base_model, s
     compare = _load("compare")
     assert compare.PROFILES["cpu-kd-hidden"].hidden_weight == 1.0
     assert compare.PROFILES["cpu-kd-hidden"].distill_data == "unseen" and compare.PROFILES["cpu"].hidden_weight == 0
+    # paired with cpu-kd-unseen cell for cell: same datasets and seeds, so the same pruned students
+    assert compare._cells(compare.PROFILES["cpu-kd-hidden"]) == compare._cells(compare.PROFILES["cpu-kd-unseen"])
     profile = compare.Profile(str(tiny_base_model), [1], datasets=[str(sentiment_csv_dir)], strategies=["top"],
                               teacher_samples=200, teacher_epochs=1, finetune_steps=1, signal_samples=16,
                               distill_samples=32, max_eval_samples=40, max_length=16, batch_size=8,
