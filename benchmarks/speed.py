@@ -2,6 +2,11 @@
 
     python benchmarks/speed.py --model minilm-l6 --depths 6,3
     python benchmarks/speed.py --model mpnet-base --depths 12,6 --device cuda --dtype bf16
+    python benchmarks/speed.py --model smollm2-135m --depths 30,24,20 --batch-size 1 --seq-len 512 --generate 32
+
+For a causal LM the forward over ``seq_len`` tokens is the prefill (reported as tokens/s), and
+``--generate N`` also times greedy generation of N new tokens with the KV cache (tokens/s), its
+ideal speedup counted from the FLOPs of one cached decoding step.
 
 For each depth the model keeps its first ``d`` layers (which layers go does not change the cost).
 The ideal speedup is FLOPs(full) / FLOPs(pruned), counted by ``torch.utils.flop_counter`` over one
@@ -43,6 +48,30 @@ def flops(model, batch: dict) -> int:
     return fc.get_total_flops()
 
 
+def decode_flops(model, batch: dict) -> int:
+    """FLOPs of one cached decoding step after a prefill of ``batch`` (causal LM)."""
+    with torch.inference_mode():
+        past = model(**batch, use_cache=True).past_key_values
+        nxt = batch["input_ids"][:, -1:]
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], 1)
+        with attention_implementation(model, "eager"), FlopCounterMode(display=False) as fc:
+            model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
+    return fc.get_total_flops()
+
+
+def time_generate(model, batch: dict, n: int, device: str) -> float:
+    """Seconds to generate ``n`` new tokens greedily with the KV cache (prefill included)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                       pad_token_id=model.config.pad_token_id or 0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def time_once(model, batch: dict, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -65,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bf16"])
     ap.add_argument("--out", type=Path, default=None, help="JSON result; default benchmarks/results/speed/")
+    ap.add_argument("--generate", type=int, default=0, help="causal LM: also time generating N new tokens")
     args = ap.parse_args(argv)
 
     base, _ = load_native(args.model, device=None)  # placed below with its dtype
@@ -88,14 +118,27 @@ def main(argv: list[str] | None = None) -> dict:
             times[d].append(time_once(m, batch, args.device))
     med = {d: statistics.median(t) for d, t in times.items()}
     ref = max(depths)
+    gen = {}
+    if args.generate:
+        gen_flops = {d: decode_flops(m, batch) for d, m in models.items()}
+        gen_times: dict[int, list[float]] = {d: [] for d in depths}
+        for _ in range(max(1, args.repeats // 2)):
+            for d, m in models.items():
+                gen_times[d].append(time_generate(m, batch, args.generate, args.device))
+        for d in depths:
+            g = statistics.median(gen_times[d])
+            gen[d] = {"generate_tokens_per_second": args.batch_size * args.generate / g,
+                      "generate_speedup": statistics.median(gen_times[ref]) / g,
+                      "generate_ideal_speedup": gen_flops[ref] / gen_flops[d]}
     rows = []
     for d in depths:
         ideal = counted[ref] / counted[d]
         measured = med[ref] / med[d]
         rows.append({"depth": d, "parameters": describe(models[d])["parameters"], "gflops": counted[d] / 1e9,
                      "median_seconds": med[d], "examples_per_second": args.batch_size / med[d],
+                     "tokens_per_second": args.batch_size * args.seq_len / med[d],
                      "speedup": measured, "ideal_speedup": ideal, "speedup_over_ideal": measured / ideal,
-                     "seconds": times[d]})
+                     "seconds": times[d], **gen.get(d, {})})
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     result = {"model": args.model, "device": args.device, "device_name": device_name, "dtype": args.dtype,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats,
@@ -110,6 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['depth']:>5} {r['parameters']:>12,} {r['gflops']:>8.1f} {r['examples_per_second']:>8.1f} "
               f"{r['speedup']:>8.3f} {r['ideal_speedup']:>6.3f} {r['speedup_over_ideal']:>6.3f}")
+    if gen:
+        print(f"prefill {args.seq_len} tokens and generation of {args.generate} tokens (KV cache, greedy):")
+        print(f"{'depth':>5} {'prefill tok/s':>14} {'gen tok/s':>10} {'gen speedup':>12} {'ideal':>6} {'ratio':>6}")
+        for r in rows:
+            print(f"{r['depth']:>5} {r['tokens_per_second']:>14.1f} {r['generate_tokens_per_second']:>10.1f} "
+                  f"{r['generate_speedup']:>12.3f} {r['generate_ideal_speedup']:>6.3f} "
+                  f"{r['generate_speedup'] / r['generate_ideal_speedup']:>6.3f}")
     print(f"results: {out}")
     pruned = [r["speedup_over_ideal"] for r in rows if r["depth"] != ref]
     worst = min(pruned) if pruned else 1.0

@@ -37,4 +37,15 @@ def hidden_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[
     return torch.stack(losses).mean()
 
 
-KD_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"soft_kl": soft_kl, "hard_ce": hard_ce, "hidden_mse": hidden_mse}
+def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Causal-LM distillation: :func:`soft_kl` over the vocabulary at every predicting position.
+
+    ``student_logits``, ``teacher_logits``: (B, T, V); the last position (which predicts nothing
+    inside the window) is left out; averaged over the B * (T - 1) positions.
+    """
+    s, t = student_logits[:, :-1], teacher_logits[:, :-1]
+    return soft_kl(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature)
+
+
+KD_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"soft_kl": soft_kl, "hard_ce": hard_ce, "hidden_mse": hidden_mse,
+                                                     "next_token_kl": next_token_kl}

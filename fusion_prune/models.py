@@ -236,3 +236,60 @@ def attention_implementation(model, impl: str):
         yield model
     finally:
         model.set_attn_implementation(before)
+
+
+def check_max_length(model, max_length: int, param: str = "max_length") -> None:
+    """Refuse a sequence length beyond the model's position embeddings."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and max_length > limit:
+        raise BadInputError(f"The {param!r} parameter must be at most the model's position limit {limit}. "
+                            f"Got {max_length}.")
+
+
+def plain_copy(model):
+    """A GGUF-loaded model as a plain model of the same class: transformers refuses to save a model
+    loaded from GGUF although its dequantised weights are ordinary float tensors, so build the
+    class from a clean config and copy the weights."""
+    from transformers import AutoConfig
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean = type(model)(AutoConfig.for_model(**cfg))
+    clean.load_state_dict(model.state_dict())
+    return clean
+
+
+def load_causal_lm(spec: str | Path, device: str | None = "auto"):
+    """Load ``spec`` as a causal LM: ``(model, tokenizer)``.
+
+    A GGUF source is dequantised and rebuilt as a plain model (so the result can be saved); a
+    model quantised by bitsandbytes/GPTQ/AWQ is refused: its pruned weights could not be saved as
+    a plain folder.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from fusion_prune.surgery import architecture_of
+
+    src = resolve(spec)
+    config = load_config(spec)
+    if getattr(config, "quantization_config", None) and not src.gguf_file:
+        method = (config.quantization_config or {}).get("quant_method", "?") \
+            if isinstance(config.quantization_config, dict) else "?"
+        raise BadInputError(f"The model {str(spec)!r} is quantised ({method}); expected full-precision weights "
+                            "(a quantised model cannot be saved as a plain pruned folder).")
+    architecture_of(config)  # unsupported families fail before the weights are read
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(src.location, dtype="float32", **src.kwargs())
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e)
+        if "Unrecognized configuration class" in msg:
+            raise BadInputError(f"The model {str(spec)!r} (model_type {getattr(config, 'model_type', '?')!r}) has no "
+                                "causal-LM class in transformers; expected a decoder.") from e
+        raise _load_error(str(spec), e) from e
+    if src.gguf_file:
+        model = plain_copy(model)
+    tok = load_tokenizer(spec)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return _place(model, device), tok

@@ -153,11 +153,78 @@ def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
         plt.close(fig)
 
 
+def plot_perplexity(report: dict, path: str | os.PathLike) -> Path:
+    """Validation perplexity after each step of a causal-LM run (log scale), teacher dashed."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    h = report["history"]
+    depth = [e["layers_before"] - len(e["dropped"]) for e in h]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.axhline(report["info"]["teacher_validation_perplexity"], color="grey", ls="--", label="teacher")
+    ax.plot(depth, [e["validation_perplexity"] for e in h], "o-", label="after each removal")
+    ax.set_yscale("log")
+    ax.set_xlabel("layers")
+    ax.set_ylabel("validation perplexity")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    ax.set_title(f"{Path(str(report['model'])).name} on {Path(str(report['dataset'])).name}: {report['strategy']}",
+                 fontsize=9)
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _lm_report_lines(report: dict) -> list[str]:
+    fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+    lines = [
+        f"# fusionprune compress (causal LM): {report['model']} on {report['dataset']}", "",
+        f"Strategy `{report['strategy']}`: {report['teacher_layers']} -> {report['student_layers']} layers, "
+        f"kept original layers {report['kept_layers']}.", "",
+        f"Test perplexity over {report['test_tokens']} predicted tokens (windows of "
+        f"{report['config']['max_length']} tokens, no overlap; see fusion_prune/causal_lm.py):", "",
+        "| stage | test perplexity |", "|---|---|",
+        f"| teacher | {report['teacher_perplexity']:.3f} |",
+        f"| pruned, before healing | {report['pruned_perplexity']:.3f} |",
+        f"| healed ({(report.get('heal') or {}).get('method', 'none')}, {(report.get('heal') or {}).get('steps', 0)} "
+        f"steps) | {report['healed_perplexity']:.3f} |",
+        f"| after distillation | {report['student_perplexity']:.3f} |" if report.get("distill") else "", "",
+    ]
+    if report.get("zero_shot"):
+        lines += ["| zero-shot accuracy | teacher | pruned | final | majority share |", "|---|---|---|---|---|"]
+        for name, z in report["zero_shot"].items():
+            lines.append(f"| {name} | {z['teacher']['accuracy']:.3f} | {z['pruned']['accuracy']:.3f} | "
+                         f"{z['student']['accuracy']:.3f} | {z['teacher']['majority_share']:.3f} |")
+        lines.append("")
+    lines += [f"Wall time {report['wall_seconds']:.0f} s; time spent choosing layers {report['selection_seconds']:.1f} s.",
+              "", "| step | layers | dropped (original) | measured NLL right after | validation perplexity |",
+              "|---|---|---|---|---|"]
+    for e in report["history"]:
+        lines.append(f"| {e['step']} | {e['layers_before']} | {e['dropped_orig']} | "
+                     f"{fmt(e['measured_nll_after_drop'])} | {e['validation_perplexity']:.3f} |")
+    lines += ["", "![perplexity](plots/perplexity.png)", "", "![kept layers](plots/kept_layers.png)", ""]
+    return lines
+
+
 def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
     """report.json, report.md and plots/ in ``folder``."""
     from fusion_prune.utils import write_json_atomic
 
     folder = Path(folder)
+    if report.get("task") == "causal-lm":
+        write_json_atomic(folder / "report.json", report)
+        plot_perplexity(report, folder / "plots" / "perplexity.png")
+        plot_kept_layers(report, folder / "plots" / "kept_layers.png")
+        for e in report["history"]:
+            if e["signals"] is not None:
+                plot_signals_heatmap(pd.DataFrame(e["signals"]), folder / "plots" / f"signals_step{e['step']}.png",
+                                     title=f"signals at step {e['step']} ({e['layers_before']} layers)")
+        from fusion_prune.utils import write_text_atomic
+
+        write_text_atomic(folder / "report.md", "\n".join(_lm_report_lines(report)) + "\n")
+        return
     write_json_atomic(folder / "report.json", report)
     plots = folder / "plots"
     plot_accuracy(report, plots / "accuracy.png")

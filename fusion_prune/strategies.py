@@ -53,6 +53,11 @@ class StrategyState:
     bundle: object | None = None
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     full_layers: int | None = None  # depth of the original model (default: inferred from orig_layers)
+    task: object | None = None  # the fusion_prune.tasks.Task being compressed (None: classification)
+
+    @property
+    def causal_lm(self) -> bool:
+        return getattr(self.task, "name", "classification") == "causal-lm"
 
 
 @dataclass(frozen=True)
@@ -65,18 +70,20 @@ class Strategy:
     one_shot: bool = False  # removes every layer down to the target in one step
     doc: str = ""
     extra_signals: tuple[str, ...] = ()  # opt-in signals (beside the 12) the loop must compute for it
+    classification_only: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(name: str, needs_signals: bool = False, needs_labels: bool = False, needs_bundle: bool = False,
-                      one_shot: bool = False, extra_signals: Sequence[str] = ()) -> Callable:
+                      one_shot: bool = False, extra_signals: Sequence[str] = (),
+                      classification_only: bool = False) -> Callable:
     def wrap(fn: Callable[[StrategyState], list[int]]) -> Callable:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is registered twice")
         STRATEGIES[name] = Strategy(name, fn, needs_signals, needs_labels, needs_bundle, one_shot,
-                                    (fn.__doc__ or "").strip(), tuple(extra_signals))
+                                    (fn.__doc__ or "").strip(), tuple(extra_signals), classification_only)
         return fn
     return wrap
 
@@ -92,8 +99,10 @@ def _fusion(s: StrategyState) -> list[int]:
 
 
 # Every signal, the opt-in extras too, is a strategy by its own rule; an extra is computed only
-# when its strategy (or a bundle trained on it) is used.
-for _name in SIGNALS:
+# when its strategy (or a bundle trained on it) is used. Signals that are a paper's criterion are
+# registered below under the name users know (block_influence -> block-influence).
+_NAMED_BELOW = {"block_influence"}
+for _name in (n for n in SIGNALS if n not in _NAMED_BELOW):
     register_strategy(_name, needs_signals=True, extra_signals=() if _name in DEFAULT_SIGNALS else (_name,))(
         lambda s, n=_name: _argmax(signal_removability(s.signals.sort_values("layer"), n)))
 
@@ -151,7 +160,9 @@ def _angular_block(s: StrategyState) -> list[int]:
     from signals.capture import block_angular_distance
 
     n = s.n_layers - s.target_layers
-    start = int(np.argmin(block_angular_distance(s.model, s.batches, n)))
+    # Gromov et al. measure decoders at the last token (it has seen the whole sequence); for
+    # classifiers the mean over real tokens is kept (it is what every measured result used).
+    start = int(np.argmin(block_angular_distance(s.model, s.batches, n, last_token=s.causal_lm)))
     return list(range(start, start + n))
 
 
@@ -163,6 +174,51 @@ def _random(s: StrategyState) -> list[int]:
 
 @register_strategy("oracle", needs_labels=True)
 def _oracle(s: StrategyState) -> list[int]:
-    """The layer whose removal measurably keeps the most validation accuracy."""
+    """The layer whose removal measurably keeps the most validation accuracy (causal LM: the
+    lowest validation NLL)."""
+    if s.task is not None:
+        return [s.task.best_candidate(s.labels)]
     t = s.labels.sort_values(["acc_after_drop", "loss_after_drop"], ascending=[False, True])
     return [int(t.layer.iloc[0])]
+
+
+# --------------------------------------------------------------------------- criteria from the LLM papers
+
+
+@register_strategy("block-influence", needs_signals=True, extra_signals=("block_influence",))
+def _block_influence(s: StrategyState) -> list[int]:
+    """ShortGPT (Men et al., 2024): the layer of lowest Block Influence, 1 - E[cos(h_in, h_out)]."""
+    return _argmax(signal_removability(s.signals.sort_values("layer"), "block_influence"))
+
+
+@register_strategy("deepest")
+def _deepest(s: StrategyState) -> list[int]:
+    """The deepest layer but the last (the last layer feeds the head and stays)."""
+    return [max(s.n_layers - 2, 0)]
+
+
+def _allowed(s: StrategyState, keep_first: int, keep_last: int) -> np.ndarray:
+    """Mask (n_layers,) of current layers outside the first ``keep_first`` and last ``keep_last``
+    *original* layers; all True when that would leave nothing."""
+    L = _full_depth(s)
+    orig = np.asarray(s.orig_layers)
+    ok = (orig >= keep_first) & (orig < L - keep_last)
+    return ok if ok.any() else np.ones_like(ok)
+
+
+@register_strategy("sleb")
+def _sleb(s: StrategyState) -> list[int]:
+    """SLEB (Song et al., 2024): remove the layer whose removal least raises the loss on the
+    calibration batches (next-token NLL for LMs), re-scored after every removal; the first and
+    the last layer are kept."""
+    table = s.task.score_batches(s.model, s.batches).table.sort_values("layer")
+    loss = table["loss_after_drop"].to_numpy(dtype=np.float64)
+    return _argmax(np.where(_allowed(s, 1, 1), -loss, -np.inf))
+
+
+@register_strategy("taylor", needs_signals=True)
+def _taylor(s: StrategyState) -> list[int]:
+    """Shortened LLaMA's Taylor+ (Kim et al., 2024): the lowest sum |theta * dL/dtheta| over the
+    layer's weights, keeping the first 4 and last 2 original layers."""
+    score = signal_removability(s.signals.sort_values("layer"), "grad_taylor")
+    return _argmax(np.where(_allowed(s, 4, 2), score, -np.inf))

@@ -83,23 +83,18 @@ def resolve_signals(names: Sequence[str] | None) -> list[Signal]:
 def compute_signals(model, tokenizer, data: pd.DataFrame, signals: Sequence[str] | None = None, *,
                     batch_size: int = 16, max_length: int = 128, max_samples: int | None = 256, seed: int = 0,
                     mi_cap: int = 2048, head_trained: bool = True, progress: bool = True) -> pd.DataFrame:
-    """One row per layer of ``model``: ``layer``, ``orig_layer`` and one column per signal.
+    """One row per layer of a **classifier**: ``layer``, ``orig_layer`` and one column per signal.
 
-    ``data`` has columns ``text`` and ``label`` (class ids of the model's head; for a causal LM
-    they are used only by ``mi_task``). At most ``max_samples`` rows are used, drawn with
-    ``seed``. The model is handed back as it came (mode, attention implementation, flags).
+    ``data`` has columns ``text`` and ``label`` (class ids of the model's head). At most
+    ``max_samples`` rows are used, drawn with ``seed``. The model is handed back as it came
+    (mode, attention implementation, flags). Causal LMs: :func:`signals_on_batches` with
+    token windows (``fusion_prune.tasks.CausalLMTask.signals`` builds them).
     """
-    from tqdm.auto import tqdm
-
     from fusion_prune.errors import BadInputError
     from fusion_prune.finetune import make_loader, subsample
 
-    chosen = resolve_signals(signals)
-    if getattr(model, "config", None) is None or not _has_head(model):
-        raise BadInputError(
-            f"The 'model' parameter must have a classification or language-model head; got {type(model).__name__}. "
-            "Load it with fusion_prune.models.load_classifier."
-        )
+    resolve_signals(signals)
+    _check_head(model)
     if not head_trained:
         warnings.warn("the classification head was never trained for these labels: gradient and prediction-MI "
                       "signals refer to an untrained head", stacklevel=2)
@@ -109,13 +104,38 @@ def compute_signals(model, tokenizer, data: pd.DataFrame, signals: Sequence[str]
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in make_loader(df, tokenizer, batch_size, max_length)]
+    return signals_on_batches(model, batches, signals, mi_cap=mi_cap, progress=progress)
+
+
+def signals_on_batches(model, batches: list[dict], signals: Sequence[str] | None = None, *, mi_cap: int = 2048,
+                       lm_stride: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """The signals table of ``model`` from ready batches on its device: one shared pass.
+
+    Each batch holds ``input_ids``/``attention_mask`` (B, T) and ``labels`` (B,) (classifier) or
+    is a batch of token windows (causal LM, ``lm_stride`` = spacing of the predicting positions
+    used by the MI signals).
+    """
+    from tqdm.auto import tqdm
+
+    chosen = resolve_signals(signals)
+    _check_head(model)
     needs = frozenset().union(*(s.needs for s in chosen))
     bar = tqdm(total=len(batches), desc="signals", disable=not progress, dynamic_ncols=True)
     try:
-        ctx = capture.capture(model, batches, needs, mi_cap=mi_cap, progress=bar.update)
+        ctx = capture.capture(model, batches, needs, mi_cap=mi_cap, progress=bar.update, lm_stride=lm_stride)
         return signals_frame(ctx, chosen)
     finally:
         bar.close()
+
+
+def _check_head(model) -> None:
+    from fusion_prune.errors import BadInputError
+
+    if getattr(model, "config", None) is None or not _has_head(model):
+        raise BadInputError(
+            f"The 'model' parameter must have a classification or language-model head; got {type(model).__name__}. "
+            "Load it with fusion_prune.models.load_classifier or load_causal_lm."
+        )
 
 
 def signals_frame(ctx: SignalContext, chosen: Sequence[Signal]) -> pd.DataFrame:
@@ -140,4 +160,4 @@ def _has_head(model) -> bool:
 from signals import activation, information, gradient, weight, attention, representation, extra  # noqa: E402,F401
 
 __all__ = ["DEFAULT_SIGNALS", "SIGNALS", "Signal", "SignalContext", "compute_signals", "register_signal",
-           "resolve_signals", "signals_frame"]
+           "resolve_signals", "signals_frame", "signals_on_batches"]

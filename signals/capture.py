@@ -7,7 +7,9 @@ accumulates streaming, per-layer statistics into a :class:`SignalContext`:
   per-example energies (token-level statistics use the attention mask);
 * ``inputs``: the angular distance between each layer's input and output token vectors;
 * ``pooled``: mean-pooled layer outputs (a capped buffer, for mutual information), gold labels
-  and the model's own predictions;
+  and the model's own predictions. For a causal LM (``lm_stride``) an "example" is one predicting
+  position instead: every ``lm_stride``-th token's hidden state, its gold next token and the
+  model's predicted next token;
 * ``attentions``: entropy of the attention rows (eager attention for this pass only);
 * ``grads``: the gradient of the mean calibration loss per layer parameter, and the per-batch
   squared gradient norm (for the empirical Fisher).
@@ -51,6 +53,7 @@ class SignalContext:
     energy_sum: np.ndarray = None
     # inputs
     angular_sum: np.ndarray = None
+    influence_sum: np.ndarray = None  # sum over real tokens of 1 - cos(h_in, h_out) (ShortGPT)
     # attentions
     attn_entropy_sum: np.ndarray = None
     attn_rows: np.ndarray = None
@@ -61,9 +64,11 @@ class SignalContext:
     # grads
     grad_sq_sum: np.ndarray = None
     mean_grads: list[list[torch.Tensor]] = field(default_factory=list)
+    #: "classification" (one pooled example per sequence) or "causal-lm" (one per predicting position)
+    task: str = "classification"
 
     def __post_init__(self) -> None:
-        for name in ("act_sum", "act_elems", "norm_sum", "tokens", "energy_sum", "angular_sum",
+        for name in ("act_sum", "act_elems", "norm_sum", "tokens", "energy_sum", "angular_sum", "influence_sum",
                      "attn_entropy_sum", "attn_rows", "grad_sq_sum"):
             setattr(self, name, np.zeros(self.n_layers, dtype=np.float64))
         self.pooled = [[] for _ in range(self.n_layers)]
@@ -137,6 +142,14 @@ def attention_modules(model: nn.Module, layers: nn.ModuleList) -> list[tuple[nn.
     return found
 
 
+def lm_positions(mask: torch.Tensor, stride: int) -> torch.Tensor:
+    """Predicting positions of a causal-LM batch for the pooled statistics: (P,) indices
+    ``stride - 1, 2 stride - 1, ...`` below the shortest real length minus one, so that every
+    chosen position has a real next token in every row."""
+    shortest = int(mask.sum(1).min())
+    return torch.arange(stride - 1, max(shortest - 1, 0), stride, device=mask.device)
+
+
 def task_loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, predicted class (B,)) for a classifier or, for a causal LM, next-token loss.
 
@@ -156,11 +169,13 @@ def task_loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs: Iterable[str],
-            mi_cap: int = 2048, progress: Callable | None = None) -> SignalContext:
+            mi_cap: int = 2048, progress: Callable | None = None, lm_stride: int | None = None) -> SignalContext:
     """Run the shared pass over ``batches`` and return the accumulated :class:`SignalContext`.
 
     Each batch holds ``input_ids`` and ``attention_mask`` (B, T) and ``labels`` (B,), already on
     the model's device. ``needs`` selects what is recorded; "weights" and "passes" need no pass.
+    ``lm_stride``: the model is a causal LM; its pooled examples are the hidden states at every
+    ``lm_stride``-th position (:func:`lm_positions`), labelled by the next token there.
     """
     needs = set(needs)
     unknown = needs - NEEDS
@@ -169,7 +184,8 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
     batches = list(batches)
     layers = layer_list(model)
     n = len(layers)
-    ctx = SignalContext(model, layers, batches, n, kept_layers(model.config))
+    ctx = SignalContext(model, layers, batches, n, kept_layers(model.config),
+                        task="causal-lm" if lm_stride else "classification")
     data_needs = needs & {"outputs", "inputs", "pooled", "attentions", "grads"}
     if not data_needs:
         return ctx
@@ -194,8 +210,13 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
                     h_in = _layer_input(args, kwargs).detach().float()
                     cos = nn.functional.cosine_similarity(h_in, h_out, dim=-1, eps=1e-8).clamp(-1.0, 1.0)
                     ctx.angular_sum[idx] += float((torch.arccos(cos) / torch.pi * m).sum())
+                    ctx.influence_sum[idx] += float(((1.0 - cos) * m).sum())
                 if "pooled" in needs and pooled_count[idx] < mi_cap:
-                    pooled = ((h_out * m3).sum(1) / ntok.unsqueeze(-1))[: mi_cap - pooled_count[idx]]
+                    if lm_stride:  # one example per predicting position: (B * P, hidden)
+                        pooled = h_out[:, mask_now["positions"]].reshape(-1, h_out.shape[-1])
+                    else:
+                        pooled = (h_out * m3).sum(1) / ntok.unsqueeze(-1)
+                    pooled = pooled[: mi_cap - pooled_count[idx]]
                     ctx.pooled[idx].append(pooled.cpu().numpy())
                     pooled_count[idx] += len(pooled)
 
@@ -228,6 +249,8 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
             for batch in batches:
                 mask_now["mask"] = batch["attention_mask"]
                 mask_now["size"] = len(batch["input_ids"])
+                if lm_stride:
+                    mask_now["positions"] = lm_positions(batch["attention_mask"], lm_stride)
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 with torch.set_grad_enabled("grads" in needs):
                     out = model(**inputs, output_attentions=True) if ask_attentions else model(**inputs)
@@ -241,7 +264,11 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
                         raise RuntimeError("the model returned no attention probabilities under eager attention")
                     for idx, a in enumerate(out.attentions):
                         _add_attention_entropy(ctx, idx, a, batch["attention_mask"])
-                if "pooled" in needs:
+                if "pooled" in needs and lm_stride:
+                    pos = mask_now["positions"]
+                    ctx.labels.append(batch["input_ids"][:, pos + 1].reshape(-1).cpu().numpy())
+                    ctx.predictions.append(out.logits[:, pos].argmax(-1).reshape(-1).detach().cpu().numpy())
+                elif "pooled" in needs:
                     ctx.labels.append(batch["labels"].cpu().numpy())
                     ctx.predictions.append(pred.detach().cpu().numpy())
                 total += len(pred)
@@ -345,39 +372,60 @@ def record_layer_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
+@contextlib.contextmanager
+def record_layer_io(model: nn.Module) -> Iterator[list[tuple[int, torch.Tensor, object]]]:
+    """Within the block, each forward appends ``(index, input hidden states, raw output)`` of every
+    layer to the yielded list, in call order; clear it between forwards. The input is cloned, so
+    later in-place operations cannot change what was recorded. Used by the cached-prefix labels
+    and the block distances."""
+    seen: list = []
+    handles = [layer.register_forward_hook(
+        lambda m, a, k, o, i=i: seen.append((i, _layer_input(a, k).detach().clone(), o)), with_kwargs=True)
+        for i, layer in enumerate(layer_list(model))]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
-def block_angular_distance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], n: int) -> np.ndarray:
-    """For each start l, the mean over real tokens of arccos(cos(h_l, h_{l+n})) / pi: (L - n + 1,).
+def block_angular_distance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], n: int,
+                           last_token: bool = False) -> np.ndarray:
+    """For each start l, the mean of arccos(cos(h_l, h_{l+n})) / pi: (L - n + 1,).
 
     ``h_l`` is the input of layer l (``h_L`` the last layer's output): the angular distance
-    across the block of ``n`` layers starting at l (Gromov et al., 2024).
+    across the block of ``n`` layers starting at l (Gromov et al., 2024). Averaged over real
+    tokens, or, with ``last_token``, taken at each sequence's last real token only (Gromov et
+    al.'s definition for decoders, where the last position has seen the whole sequence).
     """
     layers = layer_list(model)
     L = len(layers)
     if not 1 <= n <= L:
         raise ValueError(f"block size must be in [1, {L}], got {n}")
     sums, count = np.zeros(L - n + 1), 0.0
-    states: list = []
-    handles = [layer.register_forward_hook(lambda m, a, k, o, i=i: states.append((i, _layer_input(a, k), _hidden(o))),
-                                           with_kwargs=True) for i, layer in enumerate(layers)]
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            states.clear()
-            model(**{k: v for k, v in batch.items() if k != "labels"})
-            h = [None] * (L + 1)
-            for i, h_in, h_out in states:
-                h[i] = h_in.float()
-                if i == L - 1:
-                    h[L] = h_out.float()
-            m = batch["attention_mask"].float()
-            for l in range(L - n + 1):
-                cos = nn.functional.cosine_similarity(h[l], h[l + n], dim=-1, eps=1e-8).clamp(-1, 1)
-                sums[l] += float((torch.arccos(cos) / torch.pi * m).sum())
-            count += float(m.sum())
+        with record_layer_io(model) as states:
+            for batch in batches:
+                states.clear()
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+                h = [None] * (L + 1)
+                for i, h_in, out in states:
+                    h[i] = h_in.float()
+                    if i == L - 1:
+                        h[L] = _hidden(out).float()
+                m = batch["attention_mask"].float()
+                if last_token:
+                    last = batch["attention_mask"].sum(1) - 1
+                    rows = torch.arange(len(last), device=last.device)
+                    h = [x[rows, last].unsqueeze(1) for x in h]
+                    m = torch.ones(len(last), 1, device=m.device)
+                for l in range(L - n + 1):
+                    cos = nn.functional.cosine_similarity(h[l], h[l + n], dim=-1, eps=1e-8).clamp(-1, 1)
+                    sums[l] += float((torch.arccos(cos) / torch.pi * m).sum())
+                count += float(m.sum())
     finally:
-        for hd in handles:
-            hd.remove()
         model.train(was_training)
     return sums / max(count, 1.0)

@@ -5,6 +5,11 @@ projected to their first ``k = min(8, N - 1, hidden)`` principal components; sci
 ``mutual_info_classif`` (k-NN estimator, 3 neighbours, fixed seed) gives the MI of each component
 with the class, in nats, and the signal is their **mean**. Projecting first keeps the k-NN
 estimator in a low dimension where it is usable with a few hundred examples.
+
+For a causal LM the examples are predicting positions (see :mod:`signals.capture`) and the
+"classes" are next tokens, bucketed: the ``LM_BUCKETS - 1`` most frequent gold next tokens of the
+calibration sample keep their own class and every other token shares one "other" class; the
+model's predicted tokens are bucketed with the same map.
 """
 
 from __future__ import annotations
@@ -15,6 +20,20 @@ from signals import register_signal
 from signals.capture import SignalContext
 
 N_COMPONENTS = 8
+LM_BUCKETS = 32
+
+
+def bucket_tokens(gold: np.ndarray, other: np.ndarray, buckets: int = LM_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+    """Map token ids to ``buckets`` classes: the ``buckets - 1`` most frequent ids of ``gold`` keep
+    a class each (0 = most frequent), all others share class ``buckets - 1``."""
+    values, counts = np.unique(gold, return_counts=True)
+    top = values[np.argsort(-counts, kind="stable")[: buckets - 1]]
+    index = {int(v): i for i, v in enumerate(top)}
+
+    def f(a: np.ndarray) -> np.ndarray:
+        return np.array([index.get(int(v), buckets - 1) for v in a], dtype=np.int64)
+
+    return f(gold), f(other)
 
 
 def pooled_mi(x: np.ndarray, y: np.ndarray, n_components: int = N_COMPONENTS, seed: int = 0) -> float:
@@ -39,6 +58,9 @@ def pooled_mi(x: np.ndarray, y: np.ndarray, n_components: int = N_COMPONENTS, se
 
 def _mi(ctx: SignalContext, which: str) -> np.ndarray:
     y = ctx.label_array(which)
+    if ctx.task == "causal-lm":
+        gold, y = bucket_tokens(ctx.label_array("labels"), y)
+        y = gold if which == "labels" else y
     return np.array([pooled_mi(ctx.pooled_array(i), y[: len(ctx.pooled_array(i))]) for i in range(ctx.n_layers)])
 
 

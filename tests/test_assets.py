@@ -15,11 +15,12 @@ from fusion_prune.errors import BadInputError
 ORANGE = "Category\tText\nd\tstring\nclass\t\nspace\tthe sun is hot\nhockey\tthe puck is fast\nspace\torbit and moon\n"
 
 
-def test_all_nine_design_assets_are_registered():
+def test_design_assets_and_prose_corpora_are_registered():
     models = {n for n, a in assets.ASSETS.items() if a.kind == "model"}
     data = {n for n, a in assets.ASSETS.items() if a.kind == "dataset"}
     assert models == {"minilm-l6", "mpnet-base", "smollm2-135m"}
-    assert data == {"20newsgroups", "reuters-r8", "reuters-r52", "election-tweets", "rotten-tomatoes", "bbc-news"}
+    assert data == {"20newsgroups", "reuters-r8", "reuters-r52", "election-tweets", "rotten-tomatoes", "bbc-news",
+                    "grimm-tales", "book-excerpts"}  # the last two: prose corpora for causal LMs
     for a in assets.ASSETS.values():
         assert a.packages and all("==" not in p and v for p, v in a.packages)  # pinned versions
 

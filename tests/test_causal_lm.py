@@ -1,0 +1,336 @@
+"""Causal language models on tiny random decoders (Llama, Qwen2, GPT-2) built from configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import FILLER, WORDS_NEG, WORDS_POS, make_tokenizer, sentiment_frame
+from fusion_prune.errors import BadInputError
+
+WORDS = WORDS_POS + WORDS_NEG + FILLER
+
+
+def tiny_decoder(family: str, layers: int = 4):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS) + 5, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
+                                      pad_token_id=0))
+
+
+def prose(n_docs: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def decoder_dir(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    tiny_decoder(request.param).save_pretrained(folder)
+    make_tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_decoder("llama").save_pretrained(folder)
+    make_tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus_txt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "story.txt"
+    path.write_text("\n\n".join(prose(60)))
+    return path
+
+
+def test_windows_follow_the_protocol(llama_dir):
+    from fusion_prune.causal_lm import token_windows
+    from fusion_prune.models import load_tokenizer
+
+    tok = load_tokenizer(str(llama_dir))
+    texts = ["good movie", "bad plot"]
+    ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    w = token_windows(tok, texts, 2)
+    assert w.shape == (len(ids) // 2, 2)  # the last partial window is dropped
+    assert w.flatten().tolist() == ids[: w.numel()]
+    with pytest.raises(BadInputError, match="fewer than one window"):
+        token_windows(tok, texts, 64)
+
+
+def test_perplexity_is_exp_of_mean_next_token_nll(llama_dir):
+    from fusion_prune.causal_lm import perplexity
+    from fusion_prune.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(llama_dir))
+    windows = torch.randint(5, 20, (3, 10), generator=torch.Generator().manual_seed(0))
+    res = perplexity(model, windows, batch_size=2)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert res["tokens"] == 3 * 9
+    assert res["nll"] == pytest.approx(float(nll), rel=1e-5)
+    assert res["perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+
+
+def test_cached_prefix_nll_labels_equal_drop_then_evaluate(decoder_dir):
+    from fusion_prune.causal_lm import window_batches
+    from fusion_prune.labels import drop_one_nll, drop_one_nll_naive
+    from fusion_prune.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(decoder_dir))
+    windows = torch.randint(5, 20, (4, 12), generator=torch.Generator().manual_seed(1))
+    batches = window_batches(windows, 2, "cpu")
+    fast, slow = drop_one_nll(model, batches), drop_one_nll_naive(model, batches)
+    np.testing.assert_allclose(fast.table.loss_after_drop, slow.table.loss_after_drop, rtol=1e-5)
+    assert fast.table.acc_after_drop.tolist() == slow.table.acc_after_drop.tolist()
+    assert fast.loss_before == pytest.approx(slow.loss_before, rel=1e-5)
+    assert fast.examples == 4 * 11
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_lm_signals_are_the_12_and_finite(decoder_dir):
+    from fusion_prune.causal_lm import window_batches
+    from fusion_prune.models import load_causal_lm
+    from signals import DEFAULT_SIGNALS, signals_on_batches
+
+    model, _ = load_causal_lm(str(decoder_dir))
+    windows = torch.randint(5, 20, (6, 33), generator=torch.Generator().manual_seed(2))
+    table = signals_on_batches(model, window_batches(windows, 3, "cpu"), [*DEFAULT_SIGNALS, "block_influence"],
+                               lm_stride=4, progress=False)
+    assert list(table.columns) == ["layer", "orig_layer", *DEFAULT_SIGNALS, "block_influence"]
+    assert len(table) == 4 and np.isfinite(table[list(DEFAULT_SIGNALS)].to_numpy()).all()
+    assert (table.block_influence >= 0).all() and (table.block_influence <= 2).all()
+    assert (table.mi_task > 0).any()  # next tokens bucketed to the frequent ones carry information
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_mi_buckets_keep_frequent_tokens():
+    from signals.information import bucket_tokens
+
+    gold, pred = bucket_tokens(np.array([7, 7, 7, 3, 3, 9]), np.array([3, 5]), buckets=3)
+    assert gold.tolist() == [0, 0, 0, 1, 1, 2] and pred.tolist() == [1, 2]
+
+
+def test_last_token_angular_distance_by_hand():
+    """One layer that doubles its input keeps the angle 0; a layer that maps h to -h gives 1."""
+    from signals.capture import block_angular_distance
+
+    model = tiny_decoder("llama", layers=2)
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    flips = []
+    for layer in model.model.layers:
+        flips.append(layer.register_forward_hook(lambda m, a, k, o: -a[0] if a else -k["hidden_states"],
+                                                 with_kwargs=True))
+    try:
+        d = block_angular_distance(model, [batch], 1, last_token=True)
+        d2 = block_angular_distance(model, [batch], 2, last_token=True)
+    finally:
+        for h in flips:
+            h.remove()
+    np.testing.assert_allclose(d, [1.0, 1.0], atol=1e-3)
+    np.testing.assert_allclose(d2, [0.0], atol=2e-3)
+
+
+def test_zero_shot_scores_single_and_multi_token_verbalisers(llama_dir):
+    from fusion_prune.causal_lm import zero_shot
+    from fusion_prune.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(llama_dir))
+    df = sentiment_frame(12).assign(label=lambda d: (d.label == "neg").astype(int))
+    one = zero_shot(model, tok, df, ["pos", "neg"], verbalisers=[" good", " bad"], max_length=32)
+    assert one["examples"] == 12 and 0 <= one["accuracy"] <= 1
+    # the same single tokens scored through the general path give the same choices
+    two = zero_shot(model, tok, df, ["pos", "neg"], verbalisers=[" good good", " bad bad"], max_length=32)
+    assert 0 <= two["accuracy"] <= 1 and two["verbalisers"] == [" good good", " bad bad"]
+    with pytest.raises(BadInputError, match="must contain"):
+        zero_shot(model, tok, df, ["pos", "neg"], prompt="no placeholder")
+
+
+def test_detection_and_its_errors(llama_dir, corpus_txt, sentiment_csv_dir, tiny_base_model):
+    from fusion_prune.tasks import detect_task
+
+    assert detect_task(str(llama_dir), str(corpus_txt)) == "causal-lm"
+    with pytest.raises(BadInputError, match="expected --task causal-lm"):
+        detect_task(str(llama_dir), str(sentiment_csv_dir))
+    assert detect_task(str(llama_dir), str(sentiment_csv_dir), "classification") == "classification"
+    assert detect_task(str(tiny_base_model), str(sentiment_csv_dir)) == "classification"
+
+
+def _lm_cfg(**kw):
+    from fusion_prune.causal_lm import HealConfig
+    from fusion_prune.greedy import CompressConfig
+
+    base = dict(target_layers=2, task="causal-lm", max_length=16, batch_size=2, signal_samples=2, max_eval_tokens=64,
+                step_eval_samples=2, heal=HealConfig(steps=3, batch_size=2, progress=False), progress=False)
+    return CompressConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("strategy", ["block-influence", "angular-block", "deepest", "sleb", "taylor", "fusion",
+                                      "oracle", "random"])
+def test_lm_compress_every_strategy(llama_dir, corpus_txt, tmp_path, strategy):
+    from fusion_prune.greedy import compress
+    from fusion_prune.tasks import get_task
+
+    task = get_task("causal-lm")
+    data = task.load_data(str(corpus_txt))
+    cfg = _lm_cfg(strategy=strategy, label_samples=2 if strategy == "oracle" else 0)
+    r = compress(str(llama_dir), data, cfg, tmp_path / "out", task=task)
+    assert r["student_layers"] == 2 and len(r["kept_layers"]) == 2
+    for key in ("teacher_perplexity", "pruned_perplexity", "healed_perplexity", "student_perplexity"):
+        assert math.isfinite(r[key]) and r[key] > 1
+    if strategy == "deepest":
+        assert r["kept_layers"] == [0, 3]
+    if strategy == "oracle":  # the oracle drops the layer of lowest measured NLL
+        for e in r["history"]:
+            assert e["measured_nll_after_drop"] == min(e["labels"]["loss_after_drop"])
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "plots" / "perplexity.png").is_file()
+
+
+def test_lm_output_reloads_and_generates_the_same(llama_dir, corpus_txt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fusion_prune.causal_lm import HealConfig, heal
+    from fusion_prune.models import load_causal_lm
+    from fusion_prune.surgery import drop_layers
+
+    model, tok = load_causal_lm(str(llama_dir))
+    pruned = drop_layers(model, [1, 2])
+    windows = torch.randint(5, 20, (4, 16), generator=torch.Generator().manual_seed(3))
+    healed, stats = heal(pruned, windows, HealConfig(steps=2, batch_size=2, progress=False))
+    assert stats["method"] == "lora" and stats["trainable_parameters"] < sum(p.numel() for p in model.parameters())
+    assert type(healed).__name__ == "LlamaForCausalLM"  # LoRA merged: a plain model again
+    healed.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    gen = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        assert healed.eval().generate(prompt, **gen).tolist() == again.generate(prompt, **gen).tolist()
+        torch.testing.assert_close(healed(prompt).logits, again(prompt).logits)
+    assert again.config.num_hidden_layers == 2 and [l.self_attn.layer_idx for l in again.model.layers] == [0, 1]
+
+
+def test_lm_distillation_after_healing(llama_dir, corpus_txt, tmp_path):
+    from fusion_prune.greedy import compress
+    from fusion_prune.tasks import get_task
+
+    task = get_task("causal-lm")
+    r = compress(str(llama_dir), task.load_data(str(corpus_txt)), _lm_cfg(strategy="deepest", lm_distill_steps=2),
+                 tmp_path / "out", task=task)
+    assert r["distill"]["steps"] == 2 and math.isfinite(r["student_perplexity"])
+
+
+def test_lm_compress_resumes(llama_dir, corpus_txt, tmp_path, monkeypatch):
+    from fusion_prune import greedy
+    from fusion_prune.tasks import get_task
+
+    cfg = _lm_cfg(strategy="block-influence", target_layers=1)
+    task = get_task("causal-lm")
+    data = task.load_data(str(corpus_txt))
+    full = greedy.compress(str(llama_dir), data, cfg, tmp_path / "full", task=task)
+
+    calls = {"n": 0}
+    real = greedy.apply_drop
+
+    def stop_after_one(*a, **k):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(greedy, "apply_drop", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        greedy.compress(str(llama_dir), data, cfg, tmp_path / "run", task=task)
+    monkeypatch.setattr(greedy, "apply_drop", real)
+    resumed = greedy.compress(str(llama_dir), data, cfg, tmp_path / "run", resume=True, task=get_task("causal-lm"))
+    assert resumed["kept_layers"] == full["kept_layers"]
+    assert [h["dropped_orig"] for h in resumed["history"]] == [h["dropped_orig"] for h in full["history"]]
+
+
+def test_cli_lm_compress_evaluate_and_bad_inputs(llama_dir, corpus_txt, sentiment_csv_dir, tmp_path):
+    from fusion_prune.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    short = tmp_path / "short.txt"
+    short.write_text("good movie\n\nbad plot\n\nthe actor")
+    res = runner.invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
+                               "-o", str(out), "--max-length", "16", "--heal-steps", "2", "--max-eval-tokens", "64",
+                               "--signal-samples", "2", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    assert "healed perplexity" in res.output
+    r = json.loads((out / "report.json").read_text())
+    res = runner.invoke(main, ["evaluate", "-m", str(out), "-d", str(corpus_txt), "--max-length", "16",
+                               "--max-eval-tokens", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.output)
+    assert ev["perplexity"] == pytest.approx(r["student_perplexity"], rel=1e-4)
+    assert {"perplexity", "nll", "tokens"} <= set(ev)
+    res = runner.invoke(main, ["evaluate", "-m", str(out), "-d", str(sentiment_csv_dir), "--zero-shot",
+                               "--verbalisers", "pos=good,neg=bad", "--max-samples", "10", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["examples"] == 10
+    bad = {
+        "labelled": (["compress", "-m", str(llama_dir), "-d", str(sentiment_csv_dir), "--target-layers", "2", "-o",
+                      str(tmp_path / "x")], "expected --task causal-lm"),
+        "short": (["compress", "-m", str(llama_dir), "-d", str(short), "--target-layers", "2", "-o",
+                   str(tmp_path / "y"), "--max-length", "16"], "fewer than one window"),
+        "deep": (["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "4", "-o",
+                  str(tmp_path / "z"), "--max-length", "16"], "below the model's depth 4"),
+        "lora": (["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "3", "-o",
+                  str(tmp_path / "w"), "--max-length", "16", "--max-eval-tokens", "64", "--lora-targets", "c_attn",
+                  "--heal-steps", "1"], "does not match modules"),
+        "position": (["evaluate", "-m", str(llama_dir), "-d", str(corpus_txt), "--max-length", "4096"],
+                     "position limit 128"),
+        "batch": (["evaluate", "-m", str(llama_dir), "-d", str(corpus_txt), "--batch-size", "0"], "positive integer"),
+    }
+    for name, (args, msg) in bad.items():
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2, (name, res.output)
+        assert msg in res.output and "Traceback" not in res.output, (name, res.output)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "x").exists()
+
+
+def test_quantised_model_is_refused(llama_dir, tmp_path):
+    import shutil
+
+    from fusion_prune.models import load_causal_lm
+
+    q = tmp_path / "q"
+    shutil.copytree(llama_dir, q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInputError, match="quantised"):
+        load_causal_lm(str(q))
+
+
+def test_corpus_from_folder_and_column(tmp_path):
+    from fusion_prune.causal_lm import load_corpus
+
+    (tmp_path / "docs").mkdir()
+    for i, t in enumerate(prose(10)):
+        (tmp_path / "docs" / f"{i}.txt").write_text(t)
+    c = load_corpus(str(tmp_path / "docs"))
+    assert len(c.train) + len(c.validation) + len(c.test) == 10 and c.test and c.validation
+    pd.DataFrame({"body": prose(10) + [None, "  "]}).to_parquet(tmp_path / "d.parquet")
+    c2 = load_corpus(str(tmp_path / "d.parquet"), text_column="body")
+    assert len(c2.train) + len(c2.validation) + len(c2.test) == 10 and any("dropped 2" in n for n in c2.notes)
+    with pytest.raises(BadInputError, match="text_column 'text'"):
+        load_corpus(str(tmp_path / "d.parquet"))
