@@ -115,21 +115,21 @@ def test_resume_after_the_first_step(teacher, sentiment_csv_dir, tmp_path, monke
     data = load_dataset(str(sentiment_csv_dir))
     cfg = _cfg("consensus", distill=DistillConfig(max_steps=3, batch_size=8, progress=False))
     full = compress(str(teacher), data, cfg, tmp_path / "a")
-    real, calls = G.train, []
+    real, calls = G.apply_drop, []
 
-    def stop_in_second_step(*a, **k):
+    def stop_in_second_step(*a, **k):  # the shared pruning step: drop + recovery
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(G, "train", stop_in_second_step)
+    monkeypatch.setattr(G, "apply_drop", stop_in_second_step)
     with pytest.raises(KeyboardInterrupt):
         compress(str(teacher), data, cfg, tmp_path / "b")
     assert not (tmp_path / "b").exists()
     saved = json.loads((tmp_path / "b.partial" / "history.json").read_text())
     assert len(saved["history"]) == 1
-    monkeypatch.setattr(G, "train", real)
+    monkeypatch.setattr(G, "apply_drop", real)
     with pytest.raises(BadInputError, match="A stopped run exists.*--resume"):
         compress(str(teacher), data, cfg, tmp_path / "b")
     resumed = compress(str(teacher), data, cfg, tmp_path / "b", resume=True)
@@ -147,15 +147,15 @@ def test_overwrite_restarts_a_stopped_run_made_with_other_arguments(teacher, sen
                                                                     monkeypatch):
     data = load_dataset(str(sentiment_csv_dir))
     cfg = _cfg("top", distill=None)
-    real = G.train
+    real = G.apply_drop
 
     def stop(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(G, "train", stop)
+    monkeypatch.setattr(G, "apply_drop", stop)
     with pytest.raises(KeyboardInterrupt):
         compress(str(teacher), data, cfg, tmp_path / "b")
-    monkeypatch.setattr(G, "train", real)
+    monkeypatch.setattr(G, "apply_drop", real)
     other = _cfg("bottom", distill=None)
     with pytest.raises(BadInputError, match="used other arguments"):
         compress(str(teacher), data, other, tmp_path / "b", resume=True)
