@@ -52,27 +52,29 @@ def test_rows_table(three_layer_model, sentiment_csv_dir, tmp_path):
 def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_path, monkeypatch):
     data = load_dataset(str(sentiment_csv_dir))
     full = collect(str(three_layer_model), data, _cfg(), tmp_path / "a.parquet")
-    real_train, calls = C.train, []
+    from fusion_prune import greedy as G
 
-    def interrupted(*args, **kwargs):
+    real_step, calls = G.apply_drop, []
+
+    def interrupted(*args, **kwargs):  # the shared pruning step: drop + recovery
         calls.append(1)
-        if len(calls) == 3:  # teacher, recovery after step 0, then stop during step 1's recovery
+        if len(calls) == 2:  # step 0 completes, then stop during step 1's drop and recovery
             raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(C, "train", interrupted)
+    monkeypatch.setattr(G, "apply_drop", interrupted)
     with pytest.raises(KeyboardInterrupt):
         collect(str(three_layer_model), data, _cfg(), tmp_path / "b.parquet")
     assert not (tmp_path / "b.parquet").exists() and (tmp_path / "b.parquet.state" / "progress.json").is_file()
-    monkeypatch.setattr(C, "train", real_train)
+    monkeypatch.setattr(G, "apply_drop", real_step)
     resumed = collect(str(three_layer_model), data, _cfg(), tmp_path / "b.parquet")
     pd.testing.assert_frame_equal(resumed, full)
     # Other arguments cannot resume someone else's state.
     with pytest.raises(KeyboardInterrupt):
-        monkeypatch.setattr(C, "train", interrupted)
+        monkeypatch.setattr(G, "apply_drop", interrupted)
         calls.clear()
         collect(str(three_layer_model), data, _cfg(), tmp_path / "c.parquet")
-    monkeypatch.setattr(C, "train", real_train)
+    monkeypatch.setattr(G, "apply_drop", real_step)
     with pytest.raises(BadInputError, match="belongs to a run with other arguments"):
         collect(str(three_layer_model), data, _cfg(seed=1), tmp_path / "c.parquet")
 
