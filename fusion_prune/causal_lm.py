@@ -174,12 +174,6 @@ def window_batches(windows: torch.Tensor, batch_size: int, device) -> list[dict[
     return out
 
 
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits (B, T, V), input_ids (B, T) with no padding."""
-    return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                       input_ids[:, 1:].reshape(-1))
-
-
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> dict:
     """``{"perplexity", "nll", "tokens", "windows", "eval_seconds"}`` of ``model`` on windows (N, T)."""
@@ -352,6 +346,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     from distill.losses import next_token_kl
     from fusion_prune.finetune import loss_summary, make_accelerator, run_steps
     from fusion_prune.utils import set_seed
+    from signals.capture import task_loss
 
     if cfg.method == "none" or cfg.steps == 0:
         return student, {"method": "none", "steps": 0}
@@ -367,8 +362,9 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
 
     def compute_loss(m, batch):
         batch.pop("index")
-        logits = m(**batch, use_cache=False).logits
-        loss = next_token_loss(logits, batch["input_ids"])
+        out = m(**batch, use_cache=False)
+        logits = out.logits
+        loss, _ = task_loss(m, out, batch)  # mean next-token cross-entropy
         if cfg.kd_weight:
             with torch.no_grad():
                 t = teacher(**batch, use_cache=False).logits

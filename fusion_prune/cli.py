@@ -176,9 +176,7 @@ def evaluate(model: str, dataset: str, text_column: str, label_column: str, task
                     ("--max-eval-tokens", max_eval_tokens)):
         if v is not None and v < 1:
             raise BadInputError(f"The {name!r} option must be a positive integer. Got {v}.")
-    if zero_shot:
-        task = "causal-lm"
-    task = detect_task(model, None if zero_shot else dataset, task, label_column)
+    task = "causal-lm" if zero_shot else detect_task(model, dataset, task, label_column)
     if task == "causal-lm":
         from fusion_prune import causal_lm as LM
         from fusion_prune.data import load_dataset

@@ -267,8 +267,7 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
             predicted = float(bundle.predict(signals.sort_values("layer"))[drop[0]])
         measured = None
         if labels is not None and len(drop) == 1:
-            col = "acc_after_drop" if task.name == "classification" else "loss_after_drop"
-            measured = float(labels.table.set_index("layer")[col][drop[0]])
+            measured = float(labels.table.set_index("layer")[task.label_sort[0][0]][drop[0]])
         orig = apply_drop(task, student, tok, drop, cfg, step)
         metric = task.step_metric(student, tok, cfg)
         history.append({

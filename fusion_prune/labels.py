@@ -132,23 +132,27 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
     return before, after
 
 
+def drop_one_on_batches(model, batches: list[dict], score: Scorer, progress: bool = False,
+                        desc: str = "labels") -> DropLabels:
+    """:func:`drop_one_scores` as a :class:`DropLabels` table: accuracy and mean loss per removal."""
+    t0 = time.perf_counter()
+    before, after = drop_one_scores(model, batches, score, progress, desc)
+    return _drop_labels(model, before, after, time.perf_counter() - t0)
+
+
 def drop_one_labels(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
                     max_length: int = 128, progress: bool = False) -> DropLabels:
     """Accuracy (and mean loss) of ``model`` on ``data`` with each single layer removed, cached."""
     _check_classifier(model)
-    t0 = time.perf_counter()
     batches = list(_batches(model, tokenizer, data, data_labels, batch_size, max_length))
-    before, after = drop_one_scores(model, batches, classification_score, progress)
-    return _drop_labels(model, before, after, time.perf_counter() - t0)
+    return drop_one_on_batches(model, batches, classification_score, progress)
 
 
 def drop_one_nll(model, batches: list[dict], progress: bool = False) -> DropLabels:
     """Next-token accuracy (``acc_after_drop``) and mean next-token NLL (``loss_after_drop``) of a
     causal LM with each single layer removed, on token-window ``batches``; cached prefixes.
     ``examples`` counts predicted tokens."""
-    t0 = time.perf_counter()
-    before, after = drop_one_scores(model, batches, next_token_score, progress, desc="NLL labels")
-    return _drop_labels(model, before, after, time.perf_counter() - t0)
+    return drop_one_on_batches(model, batches, next_token_score, progress, desc="NLL labels")
 
 
 def _drop_labels(model, before: np.ndarray, after: np.ndarray, seconds: float) -> DropLabels:
@@ -159,47 +163,32 @@ def _drop_labels(model, before: np.ndarray, after: np.ndarray, seconds: float) -
 
 
 @torch.no_grad()
-def drop_one_labels_naive(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
-                          max_length: int = 128) -> DropLabels:
-    """The same labels the slow way: drop each layer (a copy) and evaluate the whole model."""
-    _check_classifier(model)
-    n = len(layer_list(model))
-    t0 = time.perf_counter()
-    batches = list(_batches(model, tokenizer, data, data_labels, batch_size, max_length))
-
-    def run(m):
-        m.eval()
-        c = s = 0
-        for b in batches:
-            ci, si = _score(m(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"])
-            c, s = c + ci, s + si
-        return c, s
-
-    total = sum(len(b["labels"]) for b in batches)
-    before, _ = run(model)
-    rows = []
-    for l in range(n):
-        c, s = run(drop_layers(model, [l]))
-        rows.append((l, c / total, s / total))
-    table = pd.DataFrame(rows, columns=["layer", "acc_after_drop", "loss_after_drop"])
-    table.insert(1, "orig_layer", kept_layers(model.config))
-    return DropLabels(before / total, table, total, time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def drop_one_nll_naive(model, batches: list[dict]) -> DropLabels:
-    """The LM labels the slow way: drop each layer (a copy) and evaluate the whole model."""
+def drop_one_naive(model, batches: list[dict], score: Scorer) -> DropLabels:
+    """The labels the slow way: drop each layer (a copy) and evaluate the whole model."""
     t0 = time.perf_counter()
     kw = {"use_cache": False} if _takes_cache(model) else {}
 
     def run(m) -> np.ndarray:
         m.eval()
-        return sum((np.asarray(next_token_score(m(**{k: v for k, v in b.items() if k != "labels"}, **kw).logits, b))
+        return sum((np.asarray(score(m(**{k: v for k, v in b.items() if k != "labels"}, **kw).logits, b))
                     for b in batches), np.zeros(3))
 
     n = len(layer_list(model))
     after = np.stack([run(drop_layers(model, [l])) for l in range(n)])
     return _drop_labels(model, run(model), after, time.perf_counter() - t0)
+
+
+def drop_one_labels_naive(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
+                          max_length: int = 128) -> DropLabels:
+    """:func:`drop_one_labels` the slow way (the reference its tests compare with)."""
+    _check_classifier(model)
+    return drop_one_naive(model, list(_batches(model, tokenizer, data, data_labels, batch_size, max_length)),
+                          classification_score)
+
+
+def drop_one_nll_naive(model, batches: list[dict]) -> DropLabels:
+    """:func:`drop_one_nll` the slow way."""
+    return drop_one_naive(model, batches, next_token_score)
 
 
 def _takes_cache(model) -> bool:

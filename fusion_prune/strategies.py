@@ -176,10 +176,9 @@ def _random(s: StrategyState) -> list[int]:
 def _oracle(s: StrategyState) -> list[int]:
     """The layer whose removal measurably keeps the most validation accuracy (causal LM: the
     lowest validation NLL)."""
-    if s.task is not None:
-        return [s.task.best_candidate(s.labels)]
-    t = s.labels.sort_values(["acc_after_drop", "loss_after_drop"], ascending=[False, True])
-    return [int(t.layer.iloc[0])]
+    from fusion_prune.tasks import ClassificationTask
+
+    return [(s.task or ClassificationTask()).best_candidate(s.labels)]
 
 
 # --------------------------------------------------------------------------- criteria from the LLM papers

@@ -31,7 +31,8 @@ class Task:
 
     name: ClassVar[str]
     metric: ClassVar[str]  # the headline metric of reports
-    #: drop-one table columns and orders that rank candidates, best to remove first
+    #: drop-one table columns and orders that rank candidates, best to remove first; the first
+    #: column is the measured label recorded for each step's choice
     label_sort: ClassVar[tuple[list[str], list[bool]]]
     #: history keys of one step: the validation metric after the step, the measured label of the choice
     step_metric_key: ClassVar[str]
@@ -157,10 +158,9 @@ class ClassificationTask(Task):
                                self.data.labels, batch_size=cfg.batch_size * 2, max_length=cfg.max_length)
 
     def score_batches(self, model, batches):
-        from fusion_prune.labels import _drop_labels, classification_score, drop_one_scores
+        from fusion_prune.labels import classification_score, drop_one_on_batches
 
-        before, after = drop_one_scores(model, batches, classification_score)
-        return _drop_labels(model, before, after, 0.0)
+        return drop_one_on_batches(model, batches, classification_score)
 
     def recover(self, model, tok, steps, cfg, seed):
         from fusion_prune.finetune import FinetuneConfig, make_accelerator, train
