@@ -169,7 +169,7 @@ def evaluate(model: str, dataset: str, text_column: str, label_column: str, task
              zero_shot: bool, prompt: str, verbalisers: str | None, as_json: bool) -> None:
     """Accuracy of a classifier, or perplexity (or zero-shot accuracy) of a causal LM, on a dataset split."""
     from fusion_prune.finetune import RUN_RECORD, evaluate as run, subsample
-    from fusion_prune.models import check_max_length, load_causal_lm, load_classifier, resolve
+    from fusion_prune.models import load_causal_lm, load_classifier, resolve, resolve_max_length
     from fusion_prune.tasks import detect_task
 
     for name, v in (("--batch-size", batch_size), ("--max-samples", max_samples), ("--max-length", max_length),
@@ -188,9 +188,9 @@ def evaluate(model: str, dataset: str, text_column: str, label_column: str, task
             res = LM.zero_shot(net, tok, df, data.labels, prompt, LM.parse_verbalisers(verbalisers, data.labels),
                                max_length=max_length or 256, batch_size=batch_size or 8, progress=not as_json)
         else:
-            check_max_length(net, max_length or 512)
+            max_length = resolve_max_length(net, max_length, 512)
             corpus = LM.load_corpus(dataset, text_column)
-            windows = LM.token_windows(tok, corpus.split(split), max_length or 512, max_eval_tokens,
+            windows = LM.token_windows(tok, corpus.split(split), max_length, max_eval_tokens,
                                        what=f"{split!r} split of {dataset!r}")
             res = LM.perplexity(net, windows, batch_size or 4, progress=not as_json)
         res.update(model=model, dataset=dataset, split=split, max_length=max_length or (256 if zero_shot else 512),
@@ -208,10 +208,9 @@ def evaluate(model: str, dataset: str, text_column: str, label_column: str, task
 
     data = load_dataset(dataset, text_column, label_column)
     net, tok, head_trained = load_classifier(model)
-    if max_length is None:
-        rec = Path(resolve(model).location) / RUN_RECORD
-        max_length = json.loads(rec.read_text())["config"]["max_length"] if rec.is_file() else 128
-    check_max_length(net, max_length)
+    rec = Path(resolve(model).location) / RUN_RECORD
+    trained_with = json.loads(rec.read_text())["config"]["max_length"] if rec.is_file() else 128
+    max_length = resolve_max_length(net, max_length, trained_with)
     df = subsample(data.split(split), max_samples, 0)
     res = run(net, tok, df, data.labels, batch_size or 64, max_length, progress=not as_json)
     res.update(model=model, dataset=dataset, split=split, max_length=max_length)

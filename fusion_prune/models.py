@@ -238,9 +238,23 @@ def attention_implementation(model, impl: str):
         model.set_attn_implementation(before)
 
 
+def position_limit(model) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: no fixed limit)."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def resolve_max_length(model, max_length: int | None, default: int, param: str = "max_length") -> int:
+    """An explicit ``max_length`` checked against the model's limit, or ``default`` shortened to it."""
+    if max_length is None:
+        limit = position_limit(model)
+        return default if limit is None else min(default, limit)
+    check_max_length(model, max_length, param)
+    return max_length
+
+
 def check_max_length(model, max_length: int, param: str = "max_length") -> None:
     """Refuse a sequence length beyond the model's position embeddings."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = position_limit(model)
     if limit is not None and max_length > limit:
         raise BadInputError(f"The {param!r} parameter must be at most the model's position limit {limit}. "
                             f"Got {max_length}.")

@@ -222,6 +222,7 @@ class CausalLMTask(Task):
     def __init__(self) -> None:
         super().__init__()
         self._windows: dict[str, object] = {}
+        self._zero_shot_sets: dict[str, tuple] = {}
 
     def load_data(self, spec, text_column="text", label_column="label"):
         from fusion_prune.causal_lm import load_corpus
@@ -336,10 +337,12 @@ class CausalLMTask(Task):
         from fusion_prune.finetune import subsample
 
         spec = cfg.zero_shot[name]
-        ds = load_dataset(name)
-        df = subsample(ds.test, spec.get("max_samples", 200), cfg.seed)
-        return zero_shot(model, tok, df, ds.labels, spec.get("prompt") or "{text}\nAnswer:",
-                         parse_verbalisers(spec.get("verbalisers"), ds.labels),
+        if name not in self._zero_shot_sets:  # the same examples for the teacher, pruned and final model
+            ds = load_dataset(name)
+            self._zero_shot_sets[name] = (subsample(ds.test, spec.get("max_samples", 200), cfg.seed), ds.labels)
+        df, labels = self._zero_shot_sets[name]
+        return zero_shot(model, tok, df, labels, spec.get("prompt") or "{text}\nAnswer:",
+                         parse_verbalisers(spec.get("verbalisers"), labels),
                          max_length=spec.get("max_length", 256), batch_size=cfg.batch_size * 2)
 
 

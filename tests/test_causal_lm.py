@@ -226,14 +226,18 @@ def test_lm_output_reloads_and_generates_the_same(llama_dir, corpus_txt, tmp_pat
     assert again.config.num_hidden_layers == 2 and [l.self_attn.layer_idx for l in again.model.layers] == [0, 1]
 
 
-def test_lm_distillation_after_healing(llama_dir, corpus_txt, tmp_path):
+def test_lm_distillation_after_healing_with_zero_shot(llama_dir, corpus_txt, sentiment_csv_dir, tmp_path):
     from fusion_prune.greedy import compress
     from fusion_prune.tasks import get_task
 
     task = get_task("causal-lm")
-    r = compress(str(llama_dir), task.load_data(str(corpus_txt)), _lm_cfg(strategy="deepest", lm_distill_steps=2),
-                 tmp_path / "out", task=task)
+    zs = {str(sentiment_csv_dir): {"verbalisers": "pos=good,neg=bad", "max_samples": 8, "max_length": 32}}
+    r = compress(str(llama_dir), task.load_data(str(corpus_txt)),
+                 _lm_cfg(strategy="deepest", lm_distill_steps=2, zero_shot=zs), tmp_path / "out", task=task)
     assert r["distill"]["steps"] == 2 and math.isfinite(r["student_perplexity"])
+    z = r["zero_shot"][str(sentiment_csv_dir)]
+    assert set(z) == {"teacher", "pruned", "student"} and all(v["examples"] == 8 for v in z.values())
+    assert "zero-shot accuracy" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_lm_compress_resumes(llama_dir, corpus_txt, tmp_path, monkeypatch):

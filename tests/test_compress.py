@@ -232,7 +232,7 @@ def test_demo_is_minilm_on_rotten_tomatoes_to_three_layers(monkeypatch, tmp_path
 
     seen = {}
 
-    def fake(model, data, cfg, output, resume=False, overwrite=False):
+    def fake(model, data, cfg, output, resume=False, overwrite=False, task=None):
         seen.update(model=model, dataset=data.spec, cfg=cfg)
         raise SystemExit(0)
 

@@ -16,7 +16,7 @@ from fusion_prune.surgery import drop_layers
 
 
 def test_registry():
-    assert set(KD_LOSSES) == {"soft_kl", "hard_ce", "hidden_mse"}
+    assert set(KD_LOSSES) == {"soft_kl", "hard_ce", "hidden_mse", "next_token_kl"}
 
 
 def test_soft_kl_by_hand():
