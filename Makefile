@@ -50,7 +50,7 @@ fusion-rows: $(STAMP)
 
 fusion-bundle: fusion-rows
 	$(CLI) fit-fusion --data '$(FUSION_DATA)/rows/*.parquet' --model-type rf \
-	  -o $(FUSION_DATA)/default-fusion.joblib --report benchmarks/results/fusion/lodo.json --overwrite
+	  -o $(FUSION_DATA)/default-fusion.npz --report benchmarks/results/fusion/lodo.json --overwrite
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

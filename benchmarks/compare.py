@@ -132,7 +132,7 @@ def _lodo_bundle(rows: pd.DataFrame, dataset: str, model_type: str, folder: Path
     from fusion_prune import fusion as F
 
     suffix = ("" if label == "acc_after_drop" else f"-{label}") + "".join(f"+{e}" for e in extras)
-    path = folder / "bundles" / f"lodo-{model_type}-without-{_slug(dataset)}{suffix}.joblib"
+    path = folder / "bundles" / f"lodo-{model_type}-without-{_slug(dataset)}{suffix}.npz"
     if not path.is_file():
         default = F.load_bundle() if F.DEFAULT_BUNDLE.is_file() else None
         norm, target = (default.feature_norm, default.target) if default else ("zscore", "retention_z")

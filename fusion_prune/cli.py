@@ -384,7 +384,7 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
 @main.command("fit-fusion")
 @click.option("--data", "data", multiple=True, required=True, help="Rows tables (repeatable; glob patterns allowed).")
 @click.option("--model-type", default="rf", show_default=True, type=click.Choice(["linear", "rf", "xgb"]))
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle (.joblib).")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle to write (.npz).")
 @click.option("--feature-norm", default="auto", show_default=True,
               type=click.Choice(["auto", "zscore", "rank", "minmax", "raw"]),
               help="Per-state feature normalisation; auto: best leave-one-dataset-out regret.")
@@ -401,7 +401,7 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_norm: str, target: str, label: str,
                report: Path | None, seed: int, extra: tuple[str, ...], overwrite: bool) -> None:
-    """Fit a fusion model on collected rows and save it as a bundle (joblib)."""
+    """Fit a fusion model on collected rows and save it as a bundle (.npz: JSON metadata and arrays, no pickle)."""
     from fusion_prune import fusion as F
     from fusion_prune.collect import check_extra_signals
 
@@ -453,14 +453,16 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
 @main.command("evaluate-fusion")
 @click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
               help="Bundle; default: the one shipped with fusionprune.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Also load a joblib (pickle) bundle from before format 2. Unpickling runs any code the file holds.")
 @click.option("--data", "data", multiple=True, required=True, help="Rows tables (repeatable; glob patterns allowed).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bool) -> None:
+def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[str, ...], as_json: bool) -> None:
     """How well a bundle picks layers on given rows, next to every single signal and consensus."""
     from fusion_prune import fusion as F
 
     rows = F.read_rows(data)
-    bundle = F.load_bundle(fusion_path)
+    bundle = F.load_bundle(fusion_path, trust_pickle=trust_pickle)
     res = F.evaluate_bundle(bundle, rows)
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -487,6 +489,8 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
                    "as activation_patching).")
 @click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
               help="Fusion bundle for --strategy fusion; default: the shipped one.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Also load a joblib (pickle) bundle from before format 2. Unpickling runs any code the file holds.")
 @click.option("--finetune-steps", default=None, type=int,
               help="Recovery steps per removed layer, after each drop [classification 50, causal LM 0].")
 @click.option("--signal-samples", default=None, type=int,
@@ -537,7 +541,7 @@ def evaluate_fusion(fusion_path: Path | None, data: tuple[str, ...], as_json: bo
 @click.option("--resume", is_flag=True, help="Continue a stopped run with the same arguments.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def compress(model: str, dataset: str, text_column: str, label_column: str, task: str | None, target_layers: int,
-             output: Path, strategy: str | None, fusion_path: Path | None, finetune_steps: int | None,
+             output: Path, strategy: str | None, fusion_path: Path | None, trust_pickle: bool, finetune_steps: int | None,
              signal_samples: int | None, label_samples: int | None, max_train_samples: int, teacher_epochs: float,
              teacher_lr: float, max_eval_samples: int | None, step_eval_samples: int | None, max_length: int | None,
              batch_size: int | None, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
@@ -559,7 +563,7 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
         raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
     task_name = detect_task(model, dataset, task, label_column)
     cfg = CompressConfig(
-        target_layers=target_layers, strategy=strategy, fusion_path=str(fusion_path) if fusion_path else None,
+        target_layers=target_layers, strategy=strategy, fusion_path=str(fusion_path) if fusion_path else None, trust_pickle=trust_pickle,
         finetune_steps=finetune_steps, signal_samples=signal_samples, label_samples=label_samples,
         max_eval_samples=max_eval_samples, step_eval_samples=step_eval_samples, max_length=max_length,
         batch_size=batch_size, lr=lr, seed=seed, task=task_name,

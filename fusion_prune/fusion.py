@@ -3,16 +3,20 @@
 Rows (from :mod:`fusion_prune.collect`) hold, per state x layer, the 12 raw signals and the
 measured accuracy after removing that layer. Raw signal levels differ wildly between models and
 datasets, so features are normalised **within each state** (across that state's layers), and so
-is the target. A fitted model is saved as a :class:`FusionBundle` (joblib) with its feature
-columns, normalisations, training sources, cross-validation scores and library versions.
-
-joblib files are pickles: load only bundles you trust.
+is the target. A fitted model is saved as a :class:`FusionBundle`: one ``.npz`` archive that holds
+JSON metadata (feature columns, normalisation, training sources, cross-validation scores, library
+versions) and the fitted model as plain numbers -- a linear model's coefficients, each forest
+tree's node arrays, XGBoost's own JSON. Loading one never unpickles anything (``np.load`` with
+``allow_pickle=False``), so a bundle from anywhere cannot run code. Bundles written by older
+versions are joblib pickles and load only with ``trust_pickle=True`` (``--trust-pickle``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,27 +30,131 @@ from fusion_prune.errors import BadInputError, bad_choice
 from signals import DEFAULT_SIGNALS, SIGNALS
 
 STATE_KEYS = ["source_model", "dataset", "step"]
-BUNDLE_FORMAT = "fusionprune-fusion-bundle/1"
-DEFAULT_BUNDLE = Path(__file__).resolve().parent / "fusion_data" / "default-fusion.joblib"
+BUNDLE_FORMAT = "fusionprune-fusion-bundle/2"  # /1 was a joblib pickle of the FusionBundle
+PICKLE_FORMAT = "fusionprune-fusion-bundle/1"
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "fusion_data" / "default-fusion.npz"
 
 # --------------------------------------------------------------------------- registries
 
 FUSION_MODELS: dict[str, Callable[[int], object]] = {}
+#: How each registered model is written to and read from a bundle (a key of CODECS).
+FUSION_CODECS: dict[str, str] = {}
 
 
-def register_fusion_model(name: str) -> Callable:
-    """Register ``factory(seed) -> estimator`` (scikit-learn API) under ``name``."""
+def register_fusion_model(name: str, codec: str) -> Callable:
+    """Register ``factory(seed) -> estimator`` (scikit-learn API) under ``name``.
+
+    ``codec`` names the entry of :data:`CODECS` that turns the fitted estimator into plain arrays.
+    """
 
     def wrap(factory: Callable[[int], object]) -> Callable[[int], object]:
         if name in FUSION_MODELS:
             raise ValueError(f"fusion model {name!r} is registered twice")
+        if codec not in CODECS:
+            raise ValueError(f"fusion model {name!r}: unknown codec {codec!r}; expected one of {sorted(CODECS)}")
         FUSION_MODELS[name] = factory
+        FUSION_CODECS[name] = codec
         return factory
 
     return wrap
 
 
-@register_fusion_model("linear")
+# --------------------------------------------------------------------------- codecs: estimators as plain arrays
+# A codec is (export, load): export(fitted estimator) -> {name: ndarray} with numeric dtypes only;
+# load({name: ndarray}) -> an object with .predict(X (n, f)) -> (n,). Nothing here unpickles.
+
+
+class LinearModel:
+    """``y = X @ coef + intercept``, from a fitted linear model's coefficients."""
+
+    def __init__(self, coef: np.ndarray, intercept: float) -> None:
+        self.coef_, self.intercept_ = np.asarray(coef, dtype=np.float64), float(intercept)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) @ self.coef_ + self.intercept_
+
+
+class ForestModel:
+    """A regression forest from its trees' node arrays, evaluated with numpy.
+
+    All trees' nodes are concatenated; ``offsets[t]:offsets[t+1]`` are tree t's nodes, child indices
+    are local to the tree and -1 marks a leaf. As in scikit-learn, inputs are compared as float32
+    (``x <= threshold`` goes left) and the forest predicts the mean of its trees.
+    """
+
+    def __init__(self, offsets, left, right, feature, threshold, value, importances) -> None:
+        self.offsets, self.left, self.right = (np.asarray(a, dtype=np.int64) for a in (offsets, left, right))
+        self.feature = np.asarray(feature, dtype=np.int64)
+        self.threshold, self.value = np.asarray(threshold, dtype=np.float64), np.asarray(value, dtype=np.float64)
+        self.feature_importances_ = np.asarray(importances, dtype=np.float64)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32).astype(np.float64)
+        rows = np.arange(len(x))
+        total = np.zeros(len(x))
+        for a, b in zip(self.offsets[:-1], self.offsets[1:]):
+            left, right, feat, thr = self.left[a:b], self.right[a:b], self.feature[a:b], self.threshold[a:b]
+            node = np.zeros(len(x), dtype=np.int64)
+            inner = left[node] != -1
+            while inner.any():
+                go_left = x[rows, np.where(inner, feat[node], 0)] <= thr[node]
+                node = np.where(inner, np.where(go_left, left[node], right[node]), node)
+                inner = left[node] != -1
+            total += self.value[a:b][node]
+        return total / (len(self.offsets) - 1)
+
+
+def _export_linear(est) -> dict[str, np.ndarray]:
+    return {"coef": np.ravel(est.coef_).astype(np.float64), "intercept": np.atleast_1d(est.intercept_).astype(np.float64)}
+
+
+def _load_linear(a: dict[str, np.ndarray]) -> LinearModel:
+    return LinearModel(a["coef"], float(a["intercept"][0]))
+
+
+def _export_forest(est) -> dict[str, np.ndarray]:
+    if isinstance(est, ForestModel):
+        return {k: getattr(est, k) for k in ("offsets", "left", "right", "feature", "threshold", "value")} | {
+            "importances": est.feature_importances_}
+    trees = [t.tree_ for t in est.estimators_]
+    if any(t.value.shape[1:] != (1, 1) for t in trees):
+        raise ValueError("only single-output regression forests can be saved in a bundle")
+    return {
+        "offsets": np.cumsum([0] + [t.node_count for t in trees]).astype(np.int64),
+        "left": np.concatenate([t.children_left for t in trees]).astype(np.int64),
+        "right": np.concatenate([t.children_right for t in trees]).astype(np.int64),
+        "feature": np.concatenate([t.feature for t in trees]).astype(np.int64),
+        "threshold": np.concatenate([t.threshold for t in trees]).astype(np.float64),
+        "value": np.concatenate([t.value[:, 0, 0] for t in trees]).astype(np.float64),
+        "importances": np.asarray(est.feature_importances_, dtype=np.float64),
+    }
+
+
+def _load_forest(a: dict[str, np.ndarray]) -> ForestModel:
+    return ForestModel(a["offsets"], a["left"], a["right"], a["feature"], a["threshold"], a["value"], a["importances"])
+
+
+def _export_xgboost(est) -> dict[str, np.ndarray]:
+    # XGBoost's own JSON model format: data, not code.
+    return {"model_json": np.frombuffer(bytes(est.get_booster().save_raw("json")), dtype=np.uint8)}
+
+
+def _load_xgboost(a: dict[str, np.ndarray]):
+    from xgboost import XGBRegressor
+
+    est = XGBRegressor()
+    est.load_model(bytearray(a["model_json"].tobytes()))
+    return est
+
+
+CODECS: dict[str, tuple[Callable[[object], dict[str, np.ndarray]], Callable[[dict[str, np.ndarray]], object]]] = {
+    "linear": (_export_linear, _load_linear),
+    "forest": (_export_forest, _load_forest),
+    "xgboost": (_export_xgboost, _load_xgboost),
+}
+
+
+@register_fusion_model("linear", codec="linear")
 def _linear(seed: int):
     # Ridge rather than plain least squares: the three gradient signals are strongly collinear.
     from sklearn.linear_model import Ridge
@@ -54,14 +162,14 @@ def _linear(seed: int):
     return Ridge(alpha=1.0)
 
 
-@register_fusion_model("rf")
+@register_fusion_model("rf", codec="forest")
 def _rf(seed: int):
     from sklearn.ensemble import RandomForestRegressor
 
     return RandomForestRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5, random_state=seed, n_jobs=1)
 
 
-@register_fusion_model("xgb")
+@register_fusion_model("xgb", codec="xgboost")
 def _xgb(seed: int):
     from xgboost import XGBRegressor
 
@@ -157,17 +265,21 @@ class FusionBundle:
         return int(t["layer"].iloc[int(np.argmax(self.predict(t)))])
 
     def save(self, path: str | Path) -> Path:
+        """Write the bundle as one ``.npz`` archive (JSON metadata + the model as arrays), atomically."""
         import os
         import tempfile
 
-        import joblib
-
         path = Path(path)
+        export, _ = CODECS[FUSION_CODECS[self.model_type]]
+        arrays = {f"model.{k}": v for k, v in export(self.estimator).items()}
+        meta = self.describe() | {"format": BUNDLE_FORMAT, "codec": FUSION_CODECS[self.model_type],
+                                  "importances": importances(self)}
+        arrays["meta"] = np.frombuffer(json.dumps(meta, default=_jsonable, sort_keys=True).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
         try:
-            joblib.dump(self, tmp, compress=3)
+            with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+                np.savez_compressed(f, **arrays)
             publish(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -187,24 +299,86 @@ def _fusion_versions() -> dict:
     return {k: v.get(k) for k in ("fusionprune", "scikit-learn", "xgboost")}
 
 
-def load_bundle(path: str | Path | None = None, features: Sequence[str] | None = None) -> FusionBundle:
-    """Load a bundle (default: the shipped one); check it and, if given, its feature columns.
+def _jsonable(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
 
-    joblib files are pickles: load only files you trust.
-    """
+
+# First bytes of a raw pickle (protocol 2+) and of the compressors joblib wraps pickles in.
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"\x78\x01", b"\x78\x5e", b"\x78\x9c",
+                 b"\x78\xda", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00", b"ZF")
+
+
+def _not_a_bundle(path: Path, why: str) -> BadInputError:
+    return BadInputError(f"The file {str(path)!r} is not a fusionprune fusion bundle ({why}); expected a .npz "
+                         "bundle written by `fusionprune fit-fusion`.")
+
+
+def _load_npz_bundle(path: Path) -> FusionBundle:
+    try:
+        with np.load(path, allow_pickle=False) as z:  # refuses object arrays: no code can run
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except KeyError:
+        raise _not_a_bundle(path, "an archive without bundle metadata") from None
+    except (ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError, EOFError) as e:
+        raise _not_a_bundle(path, f"unreadable archive: {type(e).__name__}") from None
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise _not_a_bundle(path, f"format {got!r}, expected {BUNDLE_FORMAT!r}")
+    codec = meta.get("codec")
+    if codec not in CODECS:
+        raise _not_a_bundle(path, f"model codec {codec!r}, expected one of {sorted(CODECS)}")
+    model = {k.removeprefix("model."): v for k, v in arrays.items() if k.startswith("model.")}
+    try:
+        estimator = CODECS[codec][1](model)
+    except (KeyError, ValueError, TypeError) as e:
+        raise _not_a_bundle(path, f"incomplete {codec} model: {type(e).__name__} {e}") from None
+    fields = ("model_type", "features", "feature_norm", "target", "sources", "cv", "versions", "created", "label")
+    missing = [f for f in fields if f not in meta]
+    if missing:
+        raise _not_a_bundle(path, f"metadata lacks {missing}")
+    return FusionBundle(estimator=estimator, **{f: meta[f] for f in fields})
+
+
+def _load_pickle_bundle(path: Path) -> FusionBundle:
     import joblib
 
+    try:
+        obj = joblib.load(path)
+    except Exception as e:  # truncated, or from an unknown class
+        raise _not_a_bundle(path, f"could not unpickle it: {type(e).__name__}") from None
+    if not isinstance(obj, FusionBundle) or getattr(obj, "format", None) != PICKLE_FORMAT:
+        raise _not_a_bundle(path, f"the pickle holds a {type(obj).__name__}")
+    obj.format = BUNDLE_FORMAT  # in memory it is the same object as a /2 bundle; save() writes /2
+    return obj
+
+
+def load_bundle(path: str | Path | None = None, features: Sequence[str] | None = None,
+                trust_pickle: bool = False) -> FusionBundle:
+    """Load a bundle (default: the shipped one); check it and, if given, its feature columns.
+
+    ``.npz`` bundles are read without unpickling. A joblib pickle (bundle format /1, written before 2026-11-23)
+    is refused unless ``trust_pickle``: unpickling runs whatever code the file holds.
+    """
     path = Path(path) if path is not None else DEFAULT_BUNDLE
     if not path.is_file():
         raise BadInputError(f"The fusion bundle {str(path)!r} does not exist; expected a file written by fit-fusion.")
-    try:
-        obj = joblib.load(path)
-    except Exception as e:  # not a pickle at all, truncated, or from an unknown class
-        raise BadInputError(f"The file {str(path)!r} is not a fusionprune fusion bundle "
-                            f"(could not unpickle it: {type(e).__name__}).") from e
-    if not isinstance(obj, FusionBundle) or getattr(obj, "format", None) != BUNDLE_FORMAT:
-        raise BadInputError(f"The file {str(path)!r} is not a fusionprune fusion bundle; it holds a "
-                            f"{type(obj).__name__}.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK"):
+        obj = _load_npz_bundle(path)
+    elif head.startswith(_PICKLE_MAGIC) or path.suffix in (".joblib", ".pkl", ".pickle"):
+        if not trust_pickle:
+            raise BadInputError(f"The fusion bundle {str(path)!r} is a pickle (joblib), and loading a pickle runs any "
+                                "code it holds; expected a .npz bundle. Pass --trust-pickle (trust_pickle=True) "
+                                "only if you made the file or trust its source, then re-save it with fit-fusion.")
+        obj = _load_pickle_bundle(path)
+    else:
+        raise _not_a_bundle(path, "neither a .npz archive nor a pickle")
     now = _fusion_versions()
     drift = {k: (obj.versions.get(k), v) for k, v in now.items() if obj.versions.get(k) != v}
     if drift:

@@ -38,6 +38,7 @@ class CompressConfig:
     target_layers: int
     strategy: str | None = None  # None: the task's default (fusion for classifiers, block-influence for LMs)
     fusion_path: str | None = None  # None: the bundle shipped with fusionprune
+    trust_pickle: bool = False  # allow a joblib (pickle) bundle of format /1: unpickling can run code
     finetune_steps: int | None = None  # recovery steps per removed layer (None: 50 classification, 0 causal LM)
     signal_samples: int | None = None  # calibration examples (None: 256) or token windows (None: 4)
     label_samples: int | None = None  # validation examples (None: 400) / windows (None: 0) for drop-one labels (0: skip)
@@ -213,7 +214,7 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
                                 "(or --overwrite to start again).")
         shutil.rmtree(partial)
     strategy = STRATEGIES[cfg.strategy]
-    bundle = load_bundle(cfg.fusion_path) if strategy.needs_bundle else None
+    bundle = load_bundle(cfg.fusion_path, trust_pickle=cfg.trust_pickle) if strategy.needs_bundle else None
     signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
     meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "config": asdict(cfg)}, default=str))
     meta["config"].pop("progress")

@@ -89,7 +89,7 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     assert list(pd.read_csv(out / "results.csv").columns) == compare.COLUMNS
     assert (res[res.strategy == "best-signal"].resolved_strategy.iloc[0]) in __import__("signals").DEFAULT_SIGNALS
     # one teacher per dataset, shared by every seed; heavy files under work/, one report per cell kept
-    assert len(list((out / "work" / "bundles").glob("*.joblib"))) == 3
+    assert len(list((out / "work" / "bundles").glob("*.npz"))) == 3
     assert len([p for p in (out / "work" / "teachers").iterdir() if p.is_dir()]) == 1
     assert len(list((out / "reports").glob("*.json"))) == len(res) and not list((out / "work" / "runs").iterdir())
     # the control (plain fine-tuning for the distillation's steps) runs for fusion-rf only
@@ -217,9 +217,9 @@ def test_compare_extra_signal_strategies_beside_a_baseline(tiny_base_model, sent
                                                           monkeypatch):
     """The cpu-extras path on a tiny config: an extra signal as a strategy, a fusion bundle fitted on
     the 12 signals plus that extra, and the tables showing a baseline profile's rows beside them."""
-    import joblib
     import pandas as pd
 
+    from fusion_prune import fusion as F
     from test_fusion import synthetic_rows
 
     compare = _load("compare")
@@ -241,9 +241,9 @@ def test_compare_extra_signal_strategies_beside_a_baseline(tiny_base_model, sent
     res = compare.run(profile, "tiny-extras", tmp_path / "extras", log=lambda m: None)
     assert sorted(res.strategy) == sorted(strategies)
     assert set(res.resolved_strategy) == {"activation_patching", "fusion"}
-    (bundle,) = (tmp_path / "extras" / "work" / "bundles").glob("*.joblib")
-    assert bundle.name.endswith("+activation_patching.joblib")
-    assert "activation_patching" in joblib.load(bundle).features
+    (bundle,) = (tmp_path / "extras" / "work" / "bundles").glob("*.npz")
+    assert bundle.name.endswith("+activation_patching.npz")
+    assert "activation_patching" in F.load_bundle(bundle).features
     assert sorted(pd.read_csv(tmp_path / "extras" / "results.csv").strategy) == sorted(strategies)  # only its own
     md = (tmp_path / "extras" / "results.md").read_text()
     assert "| fusion-rf+activation_patching minus |" in md and "| activation_patching minus |" in md

@@ -102,7 +102,7 @@ def test_recovery_labels_column_and_fitting_on_it(three_layer_model, sentiment_c
     both.to_parquet(tmp_path / "both.parquet")
     relabelled = F.use_label(both, "acc_after_recovery")
     assert (relabelled.acc_after_drop == both.acc_after_recovery).all() and "acc_after_drop" in both
-    bundle = tmp_path / "b.joblib"
+    bundle = tmp_path / "b.npz"
     res = CliRunner().invoke(main, ["fit-fusion", "--data", str(tmp_path / "both.parquet"), "-o", str(bundle),
                                     "--label", "acc_after_recovery", "--feature-norm", "zscore",
                                     "--target", "retention_z"])
@@ -129,7 +129,7 @@ def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model,
     assert list(rows.columns) == ROW_KEYS + list(DEFAULT_SIGNALS) + ["activation_patching"]
     assert rows.activation_patching.notna().all()
     pd.concat([rows, rows.assign(dataset="b")]).to_parquet(tmp_path / "both.parquet")
-    bundle = tmp_path / "b.joblib"
+    bundle = tmp_path / "b.npz"
     fit = ["fit-fusion", "--data", str(tmp_path / "both.parquet"), "--feature-norm", "zscore", "--target", "retention_z"]
     res = CliRunner().invoke(main, [*fit, "-o", str(bundle), "--extra", "activation_patching"])
     assert res.exit_code == 0, res.output
@@ -144,12 +144,12 @@ def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model,
     assert len(report["kept_layers"]) == 2
     assert "activation_patching" in report["history"][0]["signals"]
     # bad input: one line each, nothing written
-    res = CliRunner().invoke(main, [*fit, "-o", str(tmp_path / "c.joblib"), "--extra", "mc_dropout"])
-    assert res.exit_code == 2 and "lack ['mc_dropout']" in res.output and not (tmp_path / "c.joblib").exists()
+    res = CliRunner().invoke(main, [*fit, "-o", str(tmp_path / "c.npz"), "--extra", "mc_dropout"])
+    assert res.exit_code == 2 and "lack ['mc_dropout']" in res.output and not (tmp_path / "c.npz").exists()
     with pytest.raises(BadInputError, match=r"'extra_signals' parameter must name opt-in signals, one of \[.*\]. "
                                             r"Got 'act_energy'"):
         _cfg(extra_signals=("act_energy",))
-    odd = F.fit_bundle(rows.assign(pos=rows.layer * 1.0), "linear", [*DEFAULT_SIGNALS, "pos"]).save(tmp_path / "o.joblib")
+    odd = F.fit_bundle(rows.assign(pos=rows.layer * 1.0), "linear", [*DEFAULT_SIGNALS, "pos"]).save(tmp_path / "o.npz")
     with pytest.raises(BadInputError, match=r"expected signals fusionprune computes.*Got \['pos'\]"):
         compress(str(three_layer_model), data, CompressConfig(target_layers=2, strategy="fusion",
                                                               fusion_path=str(odd), distill=None, progress=False),

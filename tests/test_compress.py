@@ -43,7 +43,7 @@ def bundle_path(tmp_path_factory):
     from fusion_prune.fusion import fit_bundle
     from test_fusion import synthetic_rows
 
-    return fit_bundle(synthetic_rows(), "rf").save(tmp_path_factory.mktemp("bundle") / "f.joblib")
+    return fit_bundle(synthetic_rows(), "rf").save(tmp_path_factory.mktemp("bundle") / "f.npz")
 
 
 def _cfg(strategy="top", **kw):
@@ -193,21 +193,25 @@ def test_distillation_under_accelerate_launch_two_cpu_processes(teacher, sentime
     (["--target-layers", "0", "--strategy", "top"], "'target_layers' parameter must be at least 1. Got 0"),
     (["--target-layers", "1", "--strategy", "vibes"], "'strategy' parameter must be one of {"),
     (["--target-layers", "1", "--fusion", "{junk}"], "is not a fusionprune fusion bundle"),
-    (["--target-layers", "1", "--fusion", "{tmp}/missing.joblib"], "does not exist"),
+    (["--target-layers", "1", "--fusion", "{tmp}/missing.npz"], "does not exist"),
+    (["--target-layers", "1", "--fusion", "{pickle}"], "is a pickle (joblib), and loading a pickle runs any code"),
     (["--target-layers", "1", "-o", "{exists}"], "already exists"),
 ])
 def test_compress_bad_input_exits_2_and_touches_nothing(teacher, sentiment_csv_dir, tmp_path, extra, message):
-    (tmp_path / "junk.joblib").write_text("junk")
+    import joblib
+
+    (tmp_path / "junk.npz").write_text("junk")
+    joblib.dump({"not": "a bundle"}, tmp_path / "old.joblib")
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "mine.txt").write_text("keep")
-    args = [a.format(tmp=tmp_path, junk=tmp_path / "junk.joblib", exists=tmp_path / "exists") for a in extra]
+    args = [a.format(tmp=tmp_path, junk=tmp_path / "junk.npz", pickle=tmp_path / "old.joblib", exists=tmp_path / "exists") for a in extra]
     if "-o" not in args:
         args += ["-o", str(tmp_path / "out")]
     res = CliRunner().invoke(main, ["compress", "--model", str(teacher), "--dataset", str(sentiment_csv_dir), *args])
     assert res.exit_code == 2, res.output
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert "'random'" in res.stderr if "vibes" in extra else True
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "junk.joblib"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "junk.npz", "old.joblib"]
     assert (tmp_path / "exists" / "mine.txt").read_text() == "keep"
 
 

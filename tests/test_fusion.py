@@ -48,7 +48,10 @@ def rows():
 def test_registry_has_the_three_models():
     assert set(F.FUSION_MODELS) == {"linear", "rf", "xgb"}
     with pytest.raises(ValueError, match="registered twice"):
-        F.register_fusion_model("rf")(lambda seed: None)
+        F.register_fusion_model("rf", codec="forest")(lambda seed: None)
+    with pytest.raises(ValueError, match="unknown codec 'pickle'"):
+        F.register_fusion_model("new", codec="pickle")(lambda seed: None)
+    assert set(F.FUSION_CODECS) == set(F.FUSION_MODELS)
 
 
 @pytest.mark.parametrize("model_type", ["linear", "rf", "xgb"])
@@ -88,34 +91,98 @@ def test_per_state_normalisation_sees_through_scale(rows):
     assert r.min() == 0 and r.max() == 1
 
 
-def test_bundle_round_trip_and_prediction_api(rows, tmp_path):
-    b = F.fit_bundle(rows, "rf")
-    path = b.save(tmp_path / "f.joblib")
+@pytest.mark.parametrize("model_type", ["linear", "rf", "xgb"])
+def test_bundle_round_trip_and_prediction_api(rows, tmp_path, model_type):
+    """Saved as arrays and JSON and read back without pickle: the same predictions, bit for bit."""
+    import zipfile
+
+    b = F.fit_bundle(rows, model_type)
+    path = b.save(tmp_path / "f.npz")
+    assert zipfile.is_zipfile(path) and not list(tmp_path.glob(".f.npz.*"))  # no temp file left
     loaded = F.load_bundle(path)
-    state = rows[(rows.dataset == "a") & (rows.step == 0)]
-    np.testing.assert_allclose(loaded.predict(state), b.predict(state))
-    assert loaded.choose(state) == int(state.layer.iloc[np.argmax(b.predict(state))])
+    assert type(loaded.estimator) is not type(b.estimator) or model_type == "xgb"  # rebuilt from arrays
+    for _, state in F.iter_states(rows):
+        np.testing.assert_array_equal(loaded.predict(state), b.predict(state))
+        assert loaded.choose(state) == b.choose(state)
     assert loaded.features == list(DEFAULT_SIGNALS) and loaded.sources[0]["states"] == 6
     assert set(loaded.versions) == {"fusionprune", "scikit-learn", "xgboost"}
+    assert F.importances(loaded) == pytest.approx(F.importances(b))
+    assert loaded.describe() == json.loads(json.dumps(b.describe(), default=float))
+    assert F.load_bundle(loaded.save(tmp_path / "again.npz")).describe() == loaded.describe()
+
+
+def test_shipped_bundle_is_pickle_free():
+    import zipfile
+
+    with zipfile.ZipFile(F.DEFAULT_BUNDLE) as z:
+        assert all(n.endswith(".npy") for n in z.namelist())
+    bundle = F.load_bundle()
+    assert bundle.model_type == "rf" and bundle.features == list(DEFAULT_SIGNALS)
+
+
+class _Payload:
+    """Unpickling this runs ``open(target, "w")``: what a crafted bundle could do."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_a_pickle_runs_nothing_unless_trusted(rows, tmp_path):
+    evil, witness = tmp_path / "evil.joblib", tmp_path / "pwned"
+    joblib.dump(_Payload(witness), evil)
+    renamed = tmp_path / "evil.npz"  # the name does not matter: the bytes say pickle
+    renamed.write_bytes(evil.read_bytes())
+    for path in (evil, renamed):
+        with pytest.raises(BadInputError, match="is a pickle .* --trust-pickle"):
+            F.load_bundle(path)
+    assert not witness.exists()
+    rows.to_parquet(tmp_path / "r.parquet")
+    res = CliRunner().invoke(main, ["evaluate-fusion", "--fusion", str(evil), "--data", str(tmp_path / "r.parquet")])
+    assert res.exit_code == 2 and "--trust-pickle" in res.stderr and not witness.exists()
+    # An .npz holding an object array is a pickle inside a zip: np.load refuses it unopened.
+    np.savez(tmp_path / "obj.npz", meta=np.array([_Payload(witness)], dtype=object))
+    with pytest.raises(BadInputError, match="unreadable archive"):
+        F.load_bundle(tmp_path / "obj.npz")
+    assert not witness.exists()
+
+
+def test_an_old_pickle_bundle_loads_when_trusted(rows, tmp_path):
+    old = F.fit_bundle(rows, "linear")
+    old.format = F.PICKLE_FORMAT  # what fusionprune wrote before bundle format 2
+    joblib.dump(old, tmp_path / "old.joblib")
+    loaded = F.load_bundle(tmp_path / "old.joblib", trust_pickle=True)
+    state = rows[(rows.dataset == "a") & (rows.step == 0)]
+    np.testing.assert_array_equal(loaded.predict(state), old.predict(state))
+    assert F.load_bundle(loaded.save(tmp_path / "new.npz")).choose(state) == old.choose(state)
 
 
 def test_version_drift_warns(rows, tmp_path):
     b = F.fit_bundle(rows, "linear")
     b.versions["scikit-learn"] = "0.1"
-    b.save(tmp_path / "old.joblib")
+    b.save(tmp_path / "old.npz")
     with pytest.warns(UserWarning, match=r"scikit-learn 0.1 \(now"):
-        F.load_bundle(tmp_path / "old.joblib")
+        F.load_bundle(tmp_path / "old.npz")
 
 
 def test_not_a_bundle_and_wrong_columns(rows, tmp_path):
-    (tmp_path / "junk.joblib").write_text("certainly not a pickle")
+    (tmp_path / "junk.npz").write_text("certainly not a bundle")
     with pytest.raises(BadInputError, match="is not a fusionprune fusion bundle"):
-        F.load_bundle(tmp_path / "junk.joblib")
+        F.load_bundle(tmp_path / "junk.npz")
     joblib.dump({"a": 1}, tmp_path / "dict.joblib")
-    with pytest.raises(BadInputError, match="not a fusionprune fusion bundle; it holds a dict"):
-        F.load_bundle(tmp_path / "dict.joblib")
+    with pytest.raises(BadInputError, match="not a fusionprune fusion bundle .*the pickle holds a dict"):
+        F.load_bundle(tmp_path / "dict.joblib", trust_pickle=True)
+    np.savez(tmp_path / "plain.npz", x=np.zeros(3))
+    with pytest.raises(BadInputError, match="without bundle metadata"):
+        F.load_bundle(tmp_path / "plain.npz")
+    meta = np.frombuffer(json.dumps({"format": "something/9"}).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "other.npz", meta=meta)
+    with pytest.raises(BadInputError, match="format 'something/9'"):
+        F.load_bundle(tmp_path / "other.npz")
     with pytest.raises(BadInputError, match="does not exist"):
-        F.load_bundle(tmp_path / "missing.joblib")
+        F.load_bundle(tmp_path / "missing.npz")
     b = F.fit_bundle(rows, "linear")
     with pytest.raises(BadInputError, match=r"trained on feature columns .* lack \['repr_angular'\]"):
         b.predict(rows.drop(columns=["repr_angular"]))
@@ -146,7 +213,7 @@ def test_fit_and_evaluate_fusion_cli(rows, tmp_path):
     runner = CliRunner()
     for d in "abcd":
         rows[rows.dataset == d].to_parquet(tmp_path / f"rows-{d}.parquet")
-    out, report = tmp_path / "f.joblib", tmp_path / "lodo.json"
+    out, report = tmp_path / "f.npz", tmp_path / "lodo.json"
     res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "rows-*.parquet"), "--model-type", "xgb",
                                "-o", str(out), "--report", str(report)])
     assert res.exit_code == 0, res.output
@@ -168,20 +235,20 @@ def test_fit_and_evaluate_fusion_cli(rows, tmp_path):
 def test_fusion_cli_bad_input(rows, tmp_path):
     runner = CliRunner()
     rows.to_parquet(tmp_path / "rows.parquet")
-    (tmp_path / "junk.joblib").write_text("x")
-    res = runner.invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "junk.joblib"), "--data",
+    (tmp_path / "junk.npz").write_text("x")
+    res = runner.invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "junk.npz"), "--data",
                                str(tmp_path / "rows.parquet")])
     assert res.exit_code == 2 and "not a fusionprune fusion bundle" in res.stderr
     rows.drop(columns=["mi_task"]).to_parquet(tmp_path / "fewer.parquet")
-    F.fit_bundle(rows, "linear").save(tmp_path / "ok.joblib")
-    res = runner.invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "ok.joblib"), "--data",
+    F.fit_bundle(rows, "linear").save(tmp_path / "ok.npz")
+    res = runner.invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "ok.npz"), "--data",
                                str(tmp_path / "fewer.parquet")])
     assert res.exit_code == 2 and "lack ['mi_task']" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "fewer.parquet"), "-o", str(tmp_path / "n.joblib")])
-    assert res.exit_code == 2 and "lack ['mi_task']" in res.stderr and not (tmp_path / "n.joblib").exists()
-    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "nothing-*.parquet"), "-o", str(tmp_path / "n.joblib")])
+    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "fewer.parquet"), "-o", str(tmp_path / "n.npz")])
+    assert res.exit_code == 2 and "lack ['mi_task']" in res.stderr and not (tmp_path / "n.npz").exists()
+    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "nothing-*.parquet"), "-o", str(tmp_path / "n.npz")])
     assert res.exit_code == 2 and "matches no file" in res.stderr
-    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "junk.joblib"), "-o", str(tmp_path / "n.joblib")])
+    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "junk.npz"), "-o", str(tmp_path / "n.npz")])
     assert res.exit_code == 2 and "The rows lack columns" in res.stderr
 
 
