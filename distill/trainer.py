@@ -44,15 +44,12 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise BadInputError(f"The 'temperature' parameter must be positive. Got {self.temperature}.")
-        if min(self.soft_weight, self.hard_weight, self.hidden_weight) < 0 or \
-                self.soft_weight + self.hard_weight + self.hidden_weight == 0:
+        from fusion_prune.params import validate
+
+        validate(self)  # ranges in fusion_prune/params.py
+        if self.soft_weight + self.hard_weight + self.hidden_weight == 0:
             raise BadInputError("The loss weights must be non-negative and not all zero. Got "
                                 f"soft {self.soft_weight}, hard {self.hard_weight}, hidden {self.hidden_weight}.")
-        if self.cache_teacher_logits not in ("auto", "yes", "no"):
-            raise BadInputError(f"The 'cache_teacher_logits' parameter must be one of {{'auto', 'no', 'yes'}}. "
-                                f"Got {self.cache_teacher_logits!r} instead.")
 
 
 @torch.no_grad()

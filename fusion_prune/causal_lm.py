@@ -51,6 +51,15 @@ class TextCorpus:
     def split(self, name: str) -> list[str]:
         return getattr(self, name)
 
+    def content_hash(self) -> str:
+        """SHA-256 of the three splits' documents: resume checks data, not paths."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for split in (self.train, self.validation, self.test):
+            h.update(b"\x1e".join(t.encode() for t in split) + b"\x1d")
+        return h.hexdigest()
+
     def describe(self) -> dict:
         return {"spec": self.spec, "train_documents": len(self.train), "validation_documents": len(self.validation),
                 "test_documents": len(self.test), "notes": self.notes}
@@ -304,17 +313,11 @@ class HealConfig:
     def __post_init__(self) -> None:
         from fusion_prune.errors import bad_choice
 
+        from fusion_prune.params import validate
+
         if self.method not in HEAL_METHODS:
             raise bad_choice("heal", self.method, HEAL_METHODS)
-        for name in ("steps", "batch_size", "lora_r", "lora_alpha"):
-            v = getattr(self, name)
-            if v < (0 if name == "steps" else 1):
-                raise BadInputError(f"The {name!r} parameter must be a positive integer. Got {v!r}.")
-        if not 0 <= self.kd_weight <= 1:
-            raise BadInputError(f"The 'kd_weight' parameter must be in [0, 1]. Got {self.kd_weight!r}.")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise BadInputError(f"The 'temperature' and 'lr' parameters must be positive. Got {self.temperature!r}, "
-                                f"{self.lr!r}.")
+        validate(self)  # ranges in fusion_prune/params.py
 
 
 HEAL_METHODS = ("lora", "full", "none")

@@ -16,6 +16,7 @@ import click
 
 from fusion_prune import __version__
 from fusion_prune.errors import BadInputError
+from fusion_prune.utils import check_output
 
 
 class _Group(click.Group):
@@ -27,6 +28,16 @@ class _Group(click.Group):
         except BadInputError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(2)
+        except MemoryError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError; see below
+            click.echo(f"Error: out of memory ({e}); expected a smaller --batch-size or --max-length.", err=True)
+            ctx.exit(1)
+        except RuntimeError as e:
+            if type(e).__name__ != "OutOfMemoryError":
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+            click.echo(f"Error: {first.split('. ')[0]}; expected a smaller --batch-size or --max-length "
+                       "(or --mixed-precision bf16).", err=True)
+            ctx.exit(1)
 
 
 def _dataset_options(f):
@@ -132,8 +143,7 @@ def finetune(model: str, dataset: str, text_column: str, label_column: str, outp
     from fusion_prune.data import load_dataset
     from fusion_prune.finetune import FinetuneConfig, finetune as run
 
-    if output.exists() and not overwrite:
-        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    check_output(output, overwrite)
     cfg = FinetuneConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, max_length=max_length,
                          seed=seed, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
                          mixed_precision=mixed_precision)
@@ -172,10 +182,6 @@ def evaluate(model: str, dataset: str, text_column: str, label_column: str, task
     from fusion_prune.models import load_causal_lm, load_classifier, resolve, resolve_max_length
     from fusion_prune.tasks import detect_task
 
-    for name, v in (("--batch-size", batch_size), ("--max-samples", max_samples), ("--max-length", max_length),
-                    ("--max-eval-tokens", max_eval_tokens)):
-        if v is not None and v < 1:
-            raise BadInputError(f"The {name!r} option must be a positive integer. Got {v}.")
     task = "causal-lm" if zero_shot else detect_task(model, dataset, task, label_column)
     if task == "causal-lm":
         from fusion_prune import causal_lm as LM
@@ -219,6 +225,14 @@ def evaluate(model: str, dataset: str, text_column: str, label_column: str, task
     else:
         click.echo(f"{split}: accuracy {res['accuracy']:.4f}  macro-F1 {res['macro_f1']:.4f}  "
                    f"({res['examples']} examples, {res['eval_seconds']:.1f} s)")
+
+
+def _hold_output(path: Path, overwrite: bool, kind: str = "folder") -> None:
+    """Check an output path and lock it until the command ends (released when click closes the context)."""
+    from fusion_prune.utils import output_lock
+
+    check_output(path, overwrite, kind)
+    click.get_current_context().with_resource(output_lock(path))
 
 
 # --------------------------------------------------------------------------- surgery
@@ -269,8 +283,7 @@ def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
     from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
     layers = _parse_layers(drop)
-    if output.exists() and not overwrite:
-        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    _hold_output(output, overwrite)
     net, tok = load_native(model)
     before = describe(net)
     check_layers(layers, num_layers(net), param="--drop")
@@ -300,9 +313,10 @@ def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--extra", multiple=True, help="Opt-in extra signal (repeatable), e.g. activation_patching.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Heatmap PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing table and plot.")
 def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, output: Path, split: str,
                 samples: int, batch_size: int, max_length: int, seed: int, extra: tuple[str, ...],
-                plot: Path | None) -> None:
+                plot: Path | None, overwrite: bool) -> None:
     """The 12 layer-importance signals of MODEL on a calibration sample of DATASET."""
     import warnings
 
@@ -313,8 +327,9 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
 
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise BadInputError(f"The '--output' option must end in .parquet or .csv. Got {output.name!r}.")
-    if samples < 1:
-        raise BadInputError(f"The '--samples' option must be a positive integer. Got {samples}.")
+    for path in (output, plot):
+        if path is not None:
+            _hold_output(path, overwrite, kind="file")
     names = [*DEFAULT_SIGNALS, *extra]
     resolve_signals(names)  # unknown names fail before anything is loaded
     data = load_dataset(dataset, text_column, label_column)
@@ -326,7 +341,7 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
         warnings.simplefilter("ignore", UserWarning)  # the warning above already said it
         table = compute_signals(net, tok, data.split(split), names, batch_size=batch_size, max_length=max_length,
                                 max_samples=samples, seed=seed, head_trained=head_trained)
-    write_table(table, output)
+    write_table(table, output, overwrite)
     click.echo(f"saved {output} ({len(table)} layers x {len(names)} signals)")
     if plot is not None:
         plot_signals_heatmap(table, plot, title=f"{model} on {dataset} ({split}, {min(samples, len(data.split(split)))} examples)")
@@ -367,8 +382,7 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
 
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise BadInputError(f"The '--output' option must end in .parquet or .csv. Got {output.name!r}.")
-    if output.exists() and not overwrite:
-        raise BadInputError(f"The output file {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    check_output(output, overwrite, kind="file")
     cfg = CollectConfig(min_layers=min_layers, finetune_steps=finetune_steps, signal_samples=signal_samples,
                         max_eval_samples=max_eval_samples, max_length=max_length, seed=seed,
                         recovery_steps=recovery_steps, extra_signals=extra,
@@ -377,7 +391,7 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
 
     t = get_task(detect_task(model, dataset, task, label_column))
     data = t.load_data(dataset, text_column, label_column)
-    rows = run(model, data, cfg, output, dataset_name=dataset, task=t)
+    rows = run(model, data, cfg, output, dataset_name=dataset, task=t, overwrite=overwrite)
     click.echo(f"saved {output}: {rows['step'].nunique()} states, {len(rows)} rows")
 
 
@@ -405,8 +419,9 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
     from fusion_prune import fusion as F
     from fusion_prune.collect import check_extra_signals
 
-    if output.exists() and not overwrite:
-        raise BadInputError(f"The output file {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    for path in (output, report, report and report.with_suffix(".png")):
+        if path is not None:
+            _hold_output(path, overwrite, kind="file")
     check_extra_signals(extra)
     features = [*F.DEFAULT_SIGNALS, *extra]
     rows = F.read_rows(data)
@@ -428,7 +443,7 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
         feature_norm, target = "zscore", "retention_z"
         cv = {"scheme": "none: rows from one dataset", "chosen": {"feature_norm": feature_norm, "target": target}}
     bundle = F.fit_bundle(rows, model_type, features, feature_norm, target, seed, cv, label=label)
-    bundle.save(output)
+    bundle.save(output, overwrite)
     click.echo(f"saved {output}: {model_type}, features normalised by {feature_norm}, target {target}, "
                f"{rows.groupby(F.STATE_KEYS).ngroups} states from {n_datasets} datasets")
     if report is not None:
@@ -559,8 +574,7 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
 
     if fusion_path is not None and strategy in (None, "fusion") and not fusion_path.is_file():
         raise BadInputError(f"The fusion bundle {str(fusion_path)!r} does not exist; expected a file written by fit-fusion.")
-    if output.exists() and not overwrite:
-        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    check_output(output, overwrite)
     task_name = detect_task(model, dataset, task, label_column)
     cfg = CompressConfig(
         target_layers=target_layers, strategy=strategy, fusion_path=str(fusion_path) if fusion_path else None, trust_pickle=trust_pickle,
@@ -632,8 +646,10 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
     from fusion_prune.models import load_classifier
     from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
-    if output.exists() and not overwrite:
-        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
+    check_output(output, overwrite)
+    acc = make_accelerator("auto")
+    if acc.is_main_process:  # only the main process writes the output
+        _hold_output(output, overwrite)
     cfg = DistillConfig(epochs=epochs, max_steps=max_steps, max_train_samples=max_train_samples,
                         batch_size=batch_size, lr=lr, temperature=temperature, soft_weight=soft_weight,
                         hard_weight=hard_weight, hidden_weight=hidden_weight, max_length=max_length, seed=seed)
@@ -643,7 +659,6 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
     if not t_trained:
         raise BadInputError(f"The teacher {teacher!r} has no classification head trained for these labels; "
                             "expected a fine-tuned classifier.")
-    acc = make_accelerator(cfg.mixed_precision)
     stats = run(t_model, s_model, tok, data.train, data.labels, cfg, acc)
     # Every rank evaluates (the test split is sharded and gathered); only the main one writes.
     res = evaluate(s_model, tok, data.test, data.labels, batch_size * 2, max_length, accelerator=acc)
@@ -673,3 +688,9 @@ def demo(ctx: click.Context, output: Path, overwrite: bool) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# Every option named in fusion_prune/params.py's table is checked by that table at parse time.
+from fusion_prune.params import apply_to_cli  # noqa: E402
+
+apply_to_cli(main)

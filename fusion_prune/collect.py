@@ -27,7 +27,7 @@ from fusion_prune.finetune import FinetuneConfig, make_accelerator, subsample, t
 from fusion_prune.labels import drop_one_labels_recovered
 from fusion_prune.report import write_table
 from fusion_prune.surgery import num_layers
-from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+from fusion_prune.utils import check_output, output_lock, versions
 
 ROW_KEYS = ["source_model", "dataset", "step", "layer", "orig_layer", "n_layers", "acc_before", "acc_after_drop",
             "loss_after_drop"]
@@ -55,12 +55,9 @@ class CollectConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.min_layers < 1:
-            raise BadInputError(f"The 'min_layers' parameter must be at least 1. Got {self.min_layers}.")
-        if self.finetune_steps < 0:
-            raise BadInputError(f"The 'finetune_steps' parameter must be >= 0. Got {self.finetune_steps}.")
-        if self.recovery_steps < 0:
-            raise BadInputError(f"The 'recovery_steps' parameter must be >= 0. Got {self.recovery_steps}.")
+        from fusion_prune.params import validate
+
+        validate(self)  # ranges in fusion_prune/params.py
         self.extra_signals = tuple(self.extra_signals)
         check_extra_signals(self.extra_signals)
 
@@ -81,7 +78,7 @@ def _state_dir(out: Path) -> Path:
 
 
 def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_name: str | None = None,
-            task=None) -> pd.DataFrame:
+            task=None, overwrite: bool = False) -> pd.DataFrame:
     """Walk the greedy trajectory and write the rows table to ``out`` (parquet or CSV).
 
     ``data`` is what ``task.load_data`` returned (default task: classification). Each state goes
@@ -89,9 +86,17 @@ def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_
     oracle's choice, :func:`fusion_prune.greedy.apply_drop`). Causal-LM rows hold next-token
     accuracy in ``acc_before``/``acc_after_drop``, the mean next-token NLL in
     ``loss_before``/``loss_after_drop``, and ``task`` = "causal-lm"; the layer dropped is the one
-    of lowest NLL.
+    of lowest NLL. ``out`` is locked for the whole walk; an interrupted walk resumes from
+    ``<out>.state`` (checked against the arguments and the data's content).
     """
-    from fusion_prune.greedy import CompressConfig, apply_drop, measure_state
+    check_output(out, overwrite, kind="file")
+    with output_lock(out):
+        return _collect(model_spec, data, cfg, Path(out), dataset_name, task, overwrite)
+
+
+def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name: str | None, task,
+             overwrite: bool) -> pd.DataFrame:
+    from fusion_prune.greedy import CompressConfig, apply_drop, load_checkpoint_record, measure_state, save_checkpoint
     from fusion_prune.strategies import STRATEGIES
     from fusion_prune.tasks import get_task
     from signals import DEFAULT_SIGNALS
@@ -104,10 +109,10 @@ def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_
     if lm and cfg.recovery_steps:
         raise BadInputError("The 'recovery_steps' parameter is for classifiers only; expected 0 for a causal LM. "
                             f"Got {cfg.recovery_steps}.")
-    out = Path(out)
     state_dir = _state_dir(out)
     dataset_name = dataset_name or data.spec
-    meta = {"model": str(model_spec), "dataset": dataset_name, "config": asdict(cfg)}
+    meta = {"model": str(model_spec), "dataset": dataset_name, "data_sha256": data.content_hash(),
+            "config": asdict(cfg)}
     meta["config"].pop("progress")
     if lm:
         meta["task"] = task.name
@@ -118,14 +123,15 @@ def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_
                               batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, teacher=cfg.teacher,
                               distill=None, progress=cfg.progress)
     rows = pd.DataFrame()
-    progress_file = state_dir / "progress.json"
-    if progress_file.is_file():
-        saved = json.loads(progress_file.read_text())
+    checkpoint = state_dir / "checkpoint"  # model, rows and next step: swapped in together
+    saved = load_checkpoint_record(checkpoint)
+    if saved is not None:
         if saved["meta"] != json.loads(json.dumps(meta, default=str)):
-            raise BadInputError(f"The state folder {str(state_dir)!r} belongs to a run with other arguments; "
-                                "expected the same arguments to resume (or delete it).")
-        rows = pd.read_parquet(state_dir / "rows.parquet")
-        model, tok, _ = task.load_model(str(state_dir / "model"))
+            what = "data of other content" if saved["meta"].get("data_sha256") != meta["data_sha256"] else "other arguments"
+            raise BadInputError(f"The state folder {str(state_dir)!r} belongs to a run with {what}; "
+                                "expected the same arguments and data to resume (or delete it).")
+        rows = pd.read_parquet(checkpoint / "rows.parquet")
+        model, tok, _ = task.load_model(str(checkpoint))
         step = saved["next_step"]
         _log(f"resuming {dataset_name} at step {step} ({len(rows)} rows)")
     else:
@@ -165,25 +171,18 @@ def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_
             extra = ["acc_after_recovery"]
         state = state[ROW_KEYS + extra + list(DEFAULT_SIGNALS) + list(cfg.extra_signals)]
         best = task.best_candidate(state)
+        if len(rows) and (rows.step == step).any():  # cannot happen with one-rename checkpoints; guards the rows
+            raise RuntimeError(f"collect: state {step} of {dataset_name} is already in the rows")
         rows = pd.concat([rows, state], ignore_index=True)
         apply_drop(task, model, tok, [best], step_cfg, step)
         step += 1
-        _save_state(state_dir, model, tok, rows, meta, step)
+        save_checkpoint(checkpoint, model, tok, {"meta": meta, "next_step": step, "versions": versions()},
+                        {"rows.parquet": rows})
         _log(f"{dataset_name} step {step - 1}: {n} layers, accuracy before {lab.acc_before:.3f}, dropped layer "
              f"{best} (orig {state.orig_layer[state.layer == best].iloc[0]}), {time.perf_counter() - t0:.0f} s")
-    write_table(rows, out)
+    write_table(rows, out, overwrite)
     shutil.rmtree(state_dir, ignore_errors=True)
     return rows
-
-
-def _save_state(state_dir: Path, model, tok, rows: pd.DataFrame, meta: dict, next_step: int) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(state_dir / "model", overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    write_table(rows, state_dir / "rows.parquet")
-    # Written last: progress.json names a step only once its model and rows are on disk.
-    write_json_atomic(state_dir / "progress.json", {"meta": meta, "next_step": next_step, "versions": versions()})
 
 
 def _log(msg: str) -> None:

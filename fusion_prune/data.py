@@ -16,10 +16,15 @@ is never looked at for any choice. Labels are kept by name: ``labels[i]`` is the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fusion_prune import assets
@@ -50,6 +55,14 @@ class TextDataset:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    def content_hash(self) -> str:
+        """SHA-256 of every split's texts and labels and the class names: resume checks data, not paths."""
+        h = hashlib.sha256(json.dumps(self.labels).encode())
+        for split in (self.train, self.validation, self.test):
+            h.update(b"\x1e".join(t.encode() for t in split["text"]) + b"\x1d")
+            h.update(np.asarray(split["label"], dtype=np.int64).tobytes())
+        return h.hexdigest()
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -246,8 +259,22 @@ def _select_columns(df: pd.DataFrame, text: str, label: str, spec: str, split: s
             f"The {which} {missing[0]!r} is not a column of the {split!r} split of {spec!r}; "
             f"expected one of {list(map(str, df.columns))}."
         )
-    out = pd.DataFrame({"text": df[text].astype(str), "label": df[label]})
-    out = out[out["label"].notna()]
+    labels, texts = df[label], df[text]
+    no_label = labels.isna() | labels.map(lambda v: isinstance(v, str) and not v.strip())
+    numeric = pd.to_numeric(labels[~no_label].map(lambda v: v if isinstance(v, (int, float)) else str(v)),
+                            errors="coerce")
+    if len(numeric) and numeric.notna().all() and ((numeric % 1) != 0).any():
+        example = labels[~no_label][((numeric % 1) != 0)].iloc[0]
+        raise BadInputError(
+            f"The label_column {label!r} of the {split!r} split of {spec!r} holds non-integer numbers (e.g. "
+            f"{example!r}); expected class labels (fusionprune compresses classifiers, not regressors).")
+    no_text = texts.isna() | texts.map(lambda v: not str(v).strip())
+    keep = ~(no_label | no_text)
+    if not keep.all():
+        msg = (f"{spec!r} {split}: dropped {int(no_label.sum())} rows with a blank or missing label and "
+               f"{int((no_text & ~no_label).sum())} more with an empty or missing text ({int(keep.sum())} left)")
+        print(f"[fusionprune] {msg}", file=sys.stderr, flush=True)
+    out = pd.DataFrame({"text": texts[keep].astype(str), "label": labels[keep]})
     # Labels compare by their string form so that 1 in a CSV and "1" in JSON are the same class.
     out["label"] = out["label"].map(_label_str)
     return out.reset_index(drop=True)
@@ -262,7 +289,7 @@ def _label_str(v) -> str:
 def _label_names(col: pd.Series) -> list[str]:
     names = sorted(set(col))
     # Numeric class names sort numerically ("2" before "10").
-    if all(n.lstrip("-").isdigit() for n in names):
+    if all(re.fullmatch(r"-?[0-9]+", n) for n in names):  # not str.isdigit: "²" is a digit to it
         names = sorted(names, key=int)
     return names
 

@@ -7,6 +7,7 @@ on the fly with dynamic padding: short corpora (tweets, reviews) pay only for th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from fusion_prune.data import TextDataset
 from fusion_prune.errors import BadInputError
-from fusion_prune.utils import atomic_dir, set_seed, versions, write_json_atomic
+from fusion_prune.params import validate
+from fusion_prune.utils import atomic_dir, check_output, output_lock, set_seed, versions, write_json_atomic
 
 RUN_RECORD = "fusionprune_run.json"
 
@@ -45,26 +47,7 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs > 0,
-            "batch_size": self.batch_size >= 1,
-            "eval_batch_size": self.eval_batch_size >= 1,
-            "lr": self.lr > 0,
-            "max_length": self.max_length >= 2,
-            "warmup_ratio": 0 <= self.warmup_ratio < 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise BadInputError(f"The {name!r} parameter is out of range. Got {getattr(self, name)!r}.")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise BadInputError(f"The {name!r} parameter must be a positive integer or None. Got {v!r}.")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise BadInputError(
-                f"The 'mixed_precision' parameter must be one of {{'auto', 'bf16', 'fp16', 'no'}}. "
-                f"Got {self.mixed_precision!r} instead."
-            )
+        validate(self)  # ranges in fusion_prune/params.py
 
 
 def make_accelerator(mixed_precision: str = "auto"):
@@ -262,16 +245,19 @@ def finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_dir
     ``fusionprune_run.json`` (data, config, validation and test metrics, versions, wall time).
     It appears only when everything has been written.
     """
+    output_dir = check_output(output_dir, overwrite)
+    accelerator = make_accelerator(cfg.mixed_precision)
+    # Under `accelerate launch` only the main process writes, so only it holds the output's lock.
+    with output_lock(output_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _finetune(model_spec, data, cfg, output_dir, overwrite, accelerator)
+
+
+def _finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_dir: Path, overwrite: bool,
+              accelerator) -> FinetuneResult:
     from fusion_prune.models import load_classifier
 
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise BadInputError(
-            f"The output folder {str(output_dir)!r} already exists; expected a new path (or pass --overwrite)."
-        )
     t0 = time.perf_counter()
-    accelerator = make_accelerator(cfg.mixed_precision)
-    model, tokenizer, head_trained = load_classifier(model_spec, data.labels)
+    model, tokenizer, head_trained = load_classifier(model_spec, data.labels, seed=cfg.seed)
     stats = train(model, tokenizer, data.train, cfg, accelerator)
     metrics = {}
     for split in ("validation", "test"):
@@ -295,7 +281,7 @@ def finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_dir
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(output_dir, overwrite=overwrite, lock=False) as tmp:
             unwrapped.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json_atomic(tmp / RUN_RECORD, record)

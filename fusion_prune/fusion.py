@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from fusion_prune.utils import publish
+from fusion_prune.utils import atomic_file
 
 from fusion_prune.errors import BadInputError, bad_choice
 from signals import DEFAULT_SIGNALS, SIGNALS
@@ -264,26 +264,16 @@ class FusionBundle:
         t = table.sort_values("layer")
         return int(t["layer"].iloc[int(np.argmax(self.predict(t)))])
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = True) -> Path:
         """Write the bundle as one ``.npz`` archive (JSON metadata + the model as arrays), atomically."""
-        import os
-        import tempfile
-
         path = Path(path)
         export, _ = CODECS[FUSION_CODECS[self.model_type]]
         arrays = {f"model.{k}": v for k, v in export(self.estimator).items()}
         meta = self.describe() | {"format": BUNDLE_FORMAT, "codec": FUSION_CODECS[self.model_type],
                                   "importances": importances(self)}
         arrays["meta"] = np.frombuffer(json.dumps(meta, default=_jsonable, sort_keys=True).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez_compressed(f, **arrays)
-            publish(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path, overwrite) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)  # a file object: np.savez would append ".npz" to a name
         return path
 
     def describe(self) -> dict:

@@ -27,10 +27,11 @@ from distill import DistillConfig
 from fusion_prune.causal_lm import HealConfig
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig
+from fusion_prune.params import validate
 from fusion_prune.strategies import STRATEGIES, StrategyState
 from fusion_prune.surgery import drop_layers_, kept_layers, num_layers
 from fusion_prune.tasks import TASKS, Task, get_task
-from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+from fusion_prune.utils import atomic_dir, check_output, output_lock, versions, write_json_atomic
 
 
 @dataclass
@@ -79,22 +80,12 @@ class CompressConfig:
                 setattr(self, name, value)
         if self.strategy not in STRATEGIES:
             raise bad_choice("strategy", self.strategy, STRATEGIES)
-        if self.target_layers < 1:
-            raise BadInputError(f"The 'target_layers' parameter must be at least 1. Got {self.target_layers}.")
-        for name in ("finetune_steps", "label_samples", "lm_distill_steps"):
-            if getattr(self, name) < 0:
-                raise BadInputError(f"The {name!r} parameter must be >= 0. Got {getattr(self, name)}.")
-        for name in ("signal_samples", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise BadInputError(f"The {name!r} parameter must be a positive integer. Got {getattr(self, name)}.")
-        if self.distill_data not in DISTILL_DATA:
-            raise bad_choice("distill_data", self.distill_data, DISTILL_DATA)
+        validate(self)  # ranges in fusion_prune/params.py
         if lm and STRATEGIES[self.strategy].classification_only:
             raise BadInputError(f"The 'strategy' parameter {self.strategy!r} needs a classifier; expected a strategy "
                                 "for causal LMs.")
 
 
-DISTILL_DATA = ("all", "unseen")
 
 
 def _teacher_data(model_spec: str, data) -> dict | None:
@@ -182,12 +173,29 @@ def apply_drop(task: Task, student, tok, drop: list[int], cfg: CompressConfig, s
     return orig
 
 
-def save_checkpoint(folder: Path, model, tok, record_file: Path, record: dict) -> None:
-    """The current model, then its record: the record names a step only once its model is on disk."""
-    with atomic_dir(folder, overwrite=True) as tmp:
+CHECKPOINT_RECORD = "fusionprune_checkpoint.json"
+
+
+def save_checkpoint(folder: Path, model, tok, record: dict, tables: dict | None = None) -> None:
+    """The model, its record and ``tables`` ({file name: DataFrame}) in one folder swapped in by one rename.
+
+    A kill at any moment leaves either the previous checkpoint or this one, never a model one
+    step ahead of its record.
+    """
+    from fusion_prune.report import write_table
+
+    with atomic_dir(folder, overwrite=True, lock=False) as tmp:  # the run already holds the output's lock
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    write_json_atomic(record_file, record)
+        for name, table in (tables or {}).items():
+            write_table(table, tmp / name)
+        write_json_atomic(tmp / CHECKPOINT_RECORD, record)
+
+
+def load_checkpoint_record(folder: Path) -> dict | None:
+    """The record of a checkpoint written by :func:`save_checkpoint`, or None if there is none."""
+    f = folder / CHECKPOINT_RECORD
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, resume: bool = False,
@@ -195,8 +203,15 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
     """Compress ``model_spec`` to ``cfg.target_layers`` layers; returns the report (also saved).
 
     ``data`` is what ``task.load_data`` returned (a TextDataset or a TextCorpus); ``task``
-    defaults to ``cfg.task`` with ``data`` attached.
+    defaults to ``cfg.task`` with ``data`` attached. The output is locked for the whole run.
     """
+    check_output(output, overwrite)
+    with output_lock(output):
+        return _compress(model_spec, data, cfg, Path(output), resume, overwrite, task)
+
+
+def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: bool, overwrite: bool,
+              task: Task | None) -> dict:
     from fusion_prune.fusion import load_bundle
     from signals import DEFAULT_SIGNALS
 
@@ -204,10 +219,7 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
         task = get_task(cfg.task)
     if task.data is None:
         task.data = data
-    output = Path(output)
     partial = _partial(output)
-    if output.exists() and not overwrite:
-        raise BadInputError(f"The output folder {str(output)!r} already exists; expected a new path (or pass --overwrite).")
     if partial.exists() and not resume:
         if not overwrite:
             raise BadInputError(f"A stopped run exists at {str(partial)!r}; pass --resume to continue it "
@@ -216,17 +228,22 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
     strategy = STRATEGIES[cfg.strategy]
     bundle = load_bundle(cfg.fusion_path, trust_pickle=cfg.trust_pickle) if strategy.needs_bundle else None
     signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
-    meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "config": asdict(cfg)}, default=str))
+    meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "data_sha256": data.content_hash(),
+                                  "config": asdict(cfg)}, default=str))
     meta["config"].pop("progress")
     meta["config"]["heal"].pop("progress", None)
     t_start = time.perf_counter()
 
-    history_file = partial / "history.json"
-    saved = json.loads(history_file.read_text()) if resume and history_file.is_file() else None
+    saved = load_checkpoint_record(partial / "current") if resume else None
+    if resume and saved is None and partial.exists():
+        _log(f"{partial} holds no finished checkpoint (stopped before the first one): starting again")
+        shutil.rmtree(partial)
     if saved is not None and saved["meta"] != meta:
         if not overwrite:
-            raise BadInputError(f"The stopped run at {str(partial)!r} used other arguments; expected the same "
-                                "arguments to resume (or --overwrite to start again).")
+            what = ("data of other content" if saved["meta"].get("data_sha256") != meta["data_sha256"]
+                    else "other arguments")
+            raise BadInputError(f"The stopped run at {str(partial)!r} used {what}; expected the same "
+                                "arguments and data to resume (or --overwrite to start again).")
         _log("the stopped run used other arguments: starting again (--overwrite)")
         shutil.rmtree(partial)
         saved = None
@@ -250,8 +267,8 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
         student = copy.deepcopy(teacher)
         history = []
         partial.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(partial / "teacher", teacher, tok, history_file, {"meta": meta, "history": [], "info": info})
-        save_checkpoint(partial / "current", student, tok, history_file, {"meta": meta, "history": [], "info": info})
+        save_checkpoint(partial / "teacher", teacher, tok, {"meta": meta, "history": [], "info": info})
+        save_checkpoint(partial / "current", student, tok, {"meta": meta, "history": [], "info": info})
 
     while num_layers(student) > cfg.target_layers:
         step = len(history)
@@ -280,7 +297,7 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
             "signals": signals.to_dict("list") if signals is not None else None,
             "labels": labels.table.to_dict("list") if labels is not None else None,
         })
-        save_checkpoint(partial / "current", student, tok, history_file, {"meta": meta, "history": history, "info": info})
+        save_checkpoint(partial / "current", student, tok, {"meta": meta, "history": history, "info": info})
         _log(f"step {step}: {n} -> {num_layers(student)} layers, dropped {orig} (original), "
              f"validation {task.metric} {metric:.4f}, {history[-1]['seconds']:.0f} s")
 
@@ -296,7 +313,7 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
     }
     from fusion_prune.report import write_compress_report
 
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with atomic_dir(output, overwrite=overwrite, lock=False) as tmp:
         student.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_compress_report(report, tmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,22 +132,41 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _place(model, device: str | None):
+def check_finite(model, spec: str | Path) -> None:
+    """Refuse a model with NaN or infinite weights, naming the first such parameter and its layer.
+
+    Such a model gives NaN signals, losses and accuracies far downstream; one line here is clearer.
+    """
+    import torch
+
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            m = re.search(r"\.(?:layers?|h|block)\.(\d+)\.", f".{name}")
+            where = f"layer {m.group(1)} ({name})" if m else name
+            raise BadInputError(f"The model {str(spec)!r} has non-finite weights (NaN or inf) in {where}; "
+                                "expected finite weights: re-save or re-train it.")
+
+
+def _place(model, device: str | None, spec: str | Path = "model"):
     # Loaded models go where accelerate will train them, so that evaluation, signals and labels
     # (which run on the model's own device) use the GPU too, not only the training loops.
+    check_finite(model, spec)
     if device is None:
         return model
     return model.to(default_device() if device == "auto" else device)
 
 
-def load_classifier(spec: str | Path, labels: list[str] | None = None, device: str | None = "auto"):
+def load_classifier(spec: str | Path, labels: list[str] | None = None, device: str | None = "auto",
+                    seed: int = 0):
     """Load ``spec`` as a sequence classifier for class names ``labels``.
 
     Returns ``(model, tokenizer, head_trained)``. ``head_trained`` is True when ``spec`` already
     has a classification head for exactly these labels; otherwise a new head is initialised
-    (with ``labels=None`` an existing head is kept as it is). ``device``: "auto" (this process's
-    GPU, else the CPU), a torch device string, or None to leave the model on the CPU.
+    (with ``labels=None`` an existing head is kept as it is) from ``seed``, so that two runs start
+    from the same head; the caller's random state is left as it was. ``device``: "auto" (this
+    process's GPU, else the CPU), a torch device string, or None to leave the model on the CPU.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     src = resolve(spec)
@@ -165,7 +185,10 @@ def load_classifier(spec: str | Path, labels: list[str] | None = None, device: s
             ignore_mismatched_sizes=existing is not None,
         )
     try:
-        with _quiet_transformers():
+        # Without a seed here the new head would come from torch's start-up state, which differs
+        # between processes in this torch build: the same command gave different teachers.
+        with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(src.location, dtype="float32", **kw)
     except (OSError, ValueError, KeyError) as e:
         msg = str(e)
@@ -179,7 +202,7 @@ def load_classifier(spec: str | Path, labels: list[str] | None = None, device: s
         model.config.pad_token_id = tokenizer.pad_token_id
     if not head_trained:
         logging.getLogger("fusionprune").info("initialised a new %d-class head on %s", len(labels or []), spec)
-    return _place(model, device), tokenizer, head_trained
+    return _place(model, device, spec), tokenizer, head_trained
 
 
 def load_base(spec: str | Path, device: str | None = "auto"):
@@ -192,7 +215,7 @@ def load_base(spec: str | Path, device: str | None = "auto"):
             model = AutoModel.from_pretrained(src.location, dtype="float32", **src.kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(str(spec), e) from e
-    return _place(model, device), load_tokenizer(spec)
+    return _place(model, device, spec), load_tokenizer(spec)
 
 
 def load_native(spec: str | Path, device: str | None = "auto"):
@@ -217,7 +240,7 @@ def load_native(spec: str | Path, device: str | None = "auto"):
         tok = load_tokenizer(spec)
     except BadInputError:
         tok = None
-    return _place(model, device), tok
+    return _place(model, device, spec), tok
 
 
 @contextlib.contextmanager
@@ -306,4 +329,4 @@ def load_causal_lm(spec: str | Path, device: str | None = "auto"):
     tok = load_tokenizer(spec)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
-    return _place(model, device), tok
+    return _place(model, device, spec), tok

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fusion_prune.utils import publish
+from fusion_prune.utils import atomic_file, write_text_atomic
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -63,23 +55,16 @@ def plot_signals_heatmap(table: pd.DataFrame, path: str | os.PathLike, title: st
         plt.close(fig)
 
 
-def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a table as parquet or CSV (by suffix), atomically."""
+def write_table(table: pd.DataFrame, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write a table as parquet or CSV (by suffix), atomically; ``overwrite`` False refuses an existing file."""
     from fusion_prune.errors import BadInputError
 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise BadInputError(f"The output file {str(path)!r} must end in .parquet or .csv. Got {suffix!r}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, overwrite) as tmp:
         table.to_parquet(tmp, index=False) if suffix == ".parquet" else table.to_csv(tmp, index=False)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -221,8 +206,6 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
             if e["signals"] is not None:
                 plot_signals_heatmap(pd.DataFrame(e["signals"]), folder / "plots" / f"signals_step{e['step']}.png",
                                      title=f"signals at step {e['step']} ({e['layers_before']} layers)")
-        from fusion_prune.utils import write_text_atomic
-
         write_text_atomic(folder / "report.md", "\n".join(_lm_report_lines(report)) + "\n")
         return
     write_json_atomic(folder / "report.json", report)
@@ -269,6 +252,4 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
     lines += ["", "![accuracy](plots/accuracy.png)", "", "![kept layers](plots/kept_layers.png)", ""]
     lines += [f"![signals step {e['step']}](plots/signals_step{e['step']}.png)" for e in report["history"]
               if e["signals"] is not None]
-    tmp = folder / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, folder / "report.md")
+    write_text_atomic(folder / "report.md", "\n".join(lines) + "\n")

@@ -14,35 +14,133 @@ from typing import Any, Iterator
 import numpy as np
 
 
+#: Left in every folder fusionprune publishes: ``--overwrite`` replaces only folders that hold it
+#: (or are empty). Folders from before the marker are recognised by their record files.
+OUTPUT_MARKER = ".fusionprune"
+_LEGACY_RECORDS = ("fusionprune_run.json", "fusionprune_prune.json", "fusionprune_distill.json", "report.json",
+                   "asset.json")
+
+
+def _bad(msg: str) -> Exception:
+    from fusion_prune.errors import BadInputError
+
+    return BadInputError(msg)
+
+
+def check_output(path: str | os.PathLike, overwrite: bool, kind: str = "folder") -> Path:
+    """Refuse an output that exists (unless ``overwrite``) or that ``--overwrite`` must not replace.
+
+    ``kind`` is "folder" or "file". ``--overwrite`` replaces a file, an empty folder, or a folder
+    fusionprune wrote (it holds :data:`OUTPUT_MARKER`); anything else is left alone.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return path
+    if not overwrite:
+        raise _bad(f"The output {kind} {str(path)!r} already exists; expected a new path (or pass --overwrite).")
+    if kind == "file" and path.is_dir():
+        raise _bad(f"The output file {str(path)!r} is a folder; expected a file path.")
+    if kind == "folder":
+        if not path.is_dir():
+            raise _bad(f"The output folder {str(path)!r} is a file; expected a folder path.")
+        names = {p.name for p in path.iterdir()}
+        if names and OUTPUT_MARKER not in names and not names & set(_LEGACY_RECORDS):
+            raise _bad(f"--overwrite replaces only an empty folder or one fusionprune wrote; {str(path)!r} holds "
+                       f"other files ({sorted(names)[:3]}...); expected a fusionprune output (delete it yourself).")
+    return path
+
+
+# Locks this process holds: {lock file: (open file, depth)}. flock is per open file, so a second
+# flock of the same file from this process would fail; nesting is counted instead.
+_HELD: dict[str, list] = {}
+
+
+def _lock_file(path: Path) -> Path:
+    """``<cache>/locks/<hash of the absolute path>-<name>.lock``: outside the user's folders."""
+    import hashlib
+
+    from fusion_prune.assets import home
+
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return home() / "locks" / f"{key}-{path.name[:60]}.lock"
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on a lock file for ``path`` (in the cache's ``locks/``) for the block.
+
+    A second process asking for the same path gets a BadInputError naming the holder (its pid and
+    command); the OS drops the lock when the holder dies, so a crash leaves no stale lock.
+    Re-entrant within one process.
+    """
+    import fcntl
+    import sys
+
+    lock = _lock_file(Path(os.path.abspath(path)))
+    key = str(lock)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise _bad(f"The {what} {str(path)!r} is in use by {holder} (lock {str(lock)!r}); expected no other "
+                       "fusionprune run on it: wait for that one or choose another path.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} ({' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]})")
+        fh.flush()
+        _HELD[key] = [fh, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = False, lock: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder that is renamed to ``final`` only if the block succeeds.
 
-    A crash or Ctrl-C leaves no half-written ``final``; the temporary folder is removed.
+    A crash or Ctrl-C leaves no half-written ``final``; the temporary folder is removed. The
+    output is checked (:func:`check_output`) on entry and again just before the swap, so a folder
+    that appeared meanwhile is never replaced without ``overwrite``. ``lock``: hold
+    :func:`output_lock` on ``final`` (checkpoints inside a locked run pass False).
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        from fusion_prune.errors import BadInputError
-
-        raise BadInputError(
-            f"The output folder {str(final)!r} already exists; expected a new path (or pass --overwrite)."
-        )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders
-        if final.exists():
-            # Move the old folder aside first so that the swap is never half-done.
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    check_output(final, overwrite)
+    with output_lock(final) if lock else contextlib.nullcontext():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            yield tmp
+            (tmp / OUTPUT_MARKER).write_text("written by fusionprune\n")
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders
+            check_output(final, overwrite)
+            if final.exists():
+                # Move the old folder aside first so that the swap is never half-done.
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -60,24 +158,38 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(tmp, final)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` through a temp file and a rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, overwrite: bool = True, lock: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` (same suffix); renamed onto ``path`` only if the block succeeds.
+
+    Readers never see half a file. ``overwrite`` False: refuse an existing ``path`` on entry and
+    again before the rename. ``lock``: hold :func:`output_lock` on ``path`` meanwhile (user-named
+    outputs; files inside a folder being written need neither).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    check_output(path, overwrite, kind="file")
+    with output_lock(path) if lock else contextlib.nullcontext():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            check_output(path, overwrite, kind="file")
+            publish(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+    """Write ``text`` through a temp file and a rename: readers never see half a file."""
+    with atomic_file(path, overwrite) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, overwrite: bool = True) -> None:
     """Write ``obj`` as sorted, indented JSON through a temp file and a rename."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", overwrite)
 
 
 def versions() -> dict[str, str]:

@@ -146,7 +146,13 @@ def signals_frame(ctx: SignalContext, chosen: Sequence[Signal]) -> pd.DataFrame:
         if values.shape != (ctx.n_layers,):
             raise RuntimeError(f"signal {s.name!r} returned shape {values.shape}, expected ({ctx.n_layers},)")
         if not np.isfinite(values).all():
-            raise RuntimeError(f"signal {s.name!r} returned non-finite values {values.tolist()}")
+            # Almost always non-finite activations (fp16 overflow, a diverged fine-tune), not a bug here.
+            from fusion_prune.errors import BadInputError
+
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise BadInputError(f"The signal {s.name!r} is {values[bad]} at layer {bad} (original layer "
+                                f"{ctx.orig_layers[bad]}); expected finite values: check that the model's outputs "
+                                "are finite on this data (a diverged fine-tune or fp16 overflow gives NaN).")
         out[s.name] = values
     return pd.DataFrame(out)
 

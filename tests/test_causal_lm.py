@@ -302,7 +302,7 @@ def test_cli_lm_compress_evaluate_and_bad_inputs(llama_dir, corpus_txt, sentimen
                   "--heal-steps", "1"], "does not match modules"),
         "position": (["evaluate", "-m", str(llama_dir), "-d", str(corpus_txt), "--max-length", "4096"],
                      "position limit 128"),
-        "batch": (["evaluate", "-m", str(llama_dir), "-d", str(corpus_txt), "--batch-size", "0"], "positive integer"),
+        "batch": (["evaluate", "-m", str(llama_dir), "-d", str(corpus_txt), "--batch-size", "0"], "'--batch-size' option must be an int >= 1. Got 0"),
     }
     for name, (args, msg) in bad.items():
         res = runner.invoke(main, args)

@@ -187,7 +187,7 @@ def test_signals_command_writes_table_and_heatmap(runner, tiny_base_model, senti
 @pytest.mark.parametrize("args, message", [
     (["-o", "{tmp}/s.xlsx"], "must end in .parquet or .csv"),
     (["-o", "{tmp}/s.csv", "--extra", "vibes"], "Got 'vibes'"),
-    (["-o", "{tmp}/s.csv", "--samples", "0"], "positive integer"),
+    (["-o", "{tmp}/s.csv", "--samples", "0"], "'--samples' option must be an int >= 1. Got 0"),
 ])
 def test_signals_bad_input(runner, tiny_base_model, sentiment_csv_dir, tmp_path, args, message):
     args = [a.format(tmp=tmp_path) for a in args]

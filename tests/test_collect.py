@@ -5,7 +5,6 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-import fusion_prune.collect as C
 from fusion_prune.collect import ROW_KEYS, CollectConfig, collect
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
@@ -65,7 +64,7 @@ def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_pa
     monkeypatch.setattr(G, "apply_drop", interrupted)
     with pytest.raises(KeyboardInterrupt):
         collect(str(three_layer_model), data, _cfg(), tmp_path / "b.parquet")
-    assert not (tmp_path / "b.parquet").exists() and (tmp_path / "b.parquet.state" / "progress.json").is_file()
+    assert not (tmp_path / "b.parquet").exists() and (tmp_path / "b.parquet.state" / "checkpoint" / G.CHECKPOINT_RECORD).is_file()
     monkeypatch.setattr(G, "apply_drop", real_step)
     resumed = collect(str(three_layer_model), data, _cfg(), tmp_path / "b.parquet")
     pd.testing.assert_frame_equal(resumed, full)
@@ -80,7 +79,7 @@ def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_pa
 
 
 def test_bad_min_layers(three_layer_model, sentiment_csv_dir, tmp_path):
-    with pytest.raises(BadInputError, match="'min_layers' parameter must be at least 1"):
+    with pytest.raises(BadInputError, match="'min_layers' parameter must be an int >= 1. Got 0"):
         _cfg(min_layers=0)
     data = load_dataset(str(sentiment_csv_dir))
     with pytest.raises(BadInputError, match="must be below the model's depth 3"):

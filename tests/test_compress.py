@@ -127,7 +127,7 @@ def test_resume_after_the_first_step(teacher, sentiment_csv_dir, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         compress(str(teacher), data, cfg, tmp_path / "b")
     assert not (tmp_path / "b").exists()
-    saved = json.loads((tmp_path / "b.partial" / "history.json").read_text())
+    saved = json.loads((tmp_path / "b.partial" / "current" / G.CHECKPOINT_RECORD).read_text())
     assert len(saved["history"]) == 1
     monkeypatch.setattr(G, "apply_drop", real)
     with pytest.raises(BadInputError, match="A stopped run exists.*--resume"):
@@ -159,7 +159,7 @@ def test_overwrite_restarts_a_stopped_run_made_with_other_arguments(teacher, sen
     other = _cfg("bottom", distill=None)
     with pytest.raises(BadInputError, match="used other arguments"):
         compress(str(teacher), data, other, tmp_path / "b", resume=True)
-    assert (tmp_path / "b.partial" / "history.json").is_file()  # refused: left as it was
+    assert (tmp_path / "b.partial" / "current" / G.CHECKPOINT_RECORD).is_file()  # refused: left as it was
     report = compress(str(teacher), data, other, tmp_path / "b", resume=True, overwrite=True)
     assert report["config"]["strategy"] == "bottom" and (tmp_path / "b" / "report.json").is_file()
     assert not (tmp_path / "b.partial").exists()
@@ -190,7 +190,7 @@ def test_distillation_under_accelerate_launch_two_cpu_processes(teacher, sentime
 
 @pytest.mark.parametrize("extra, message", [
     (["--target-layers", "3", "--strategy", "top"], "must be below the model's depth 3. Got 3"),
-    (["--target-layers", "0", "--strategy", "top"], "'target_layers' parameter must be at least 1. Got 0"),
+    (["--target-layers", "0", "--strategy", "top"], "'--target-layers' option must be an int >= 1. Got 0"),
     (["--target-layers", "1", "--strategy", "vibes"], "'strategy' parameter must be one of {"),
     (["--target-layers", "1", "--fusion", "{junk}"], "is not a fusionprune fusion bundle"),
     (["--target-layers", "1", "--fusion", "{tmp}/missing.npz"], "does not exist"),

@@ -52,7 +52,7 @@ def test_layer_map_uses_original_indices():
 
 
 def test_config_checks():
-    with pytest.raises(BadInputError, match="'temperature' parameter must be positive"):
+    with pytest.raises(BadInputError, match=r"'temperature' parameter must be a number > 0"):
         DistillConfig(temperature=0)
     with pytest.raises(BadInputError, match="not all zero"):
         DistillConfig(soft_weight=0, hard_weight=0)

@@ -75,9 +75,9 @@ def test_label_map_by_name_and_errors():
 
 
 def test_config_validation():
-    with pytest.raises(BadInputError, match="'batch_size' parameter is out of range. Got 0"):
+    with pytest.raises(BadInputError, match="'batch_size' parameter must be an int >= 1. Got 0"):
         FinetuneConfig(batch_size=0)
-    with pytest.raises(BadInputError, match="'max_steps' parameter must be a positive integer"):
+    with pytest.raises(BadInputError, match="'max_steps' parameter must be an int >= 1 or None"):
         FinetuneConfig(max_steps=0)
     with pytest.raises(BadInputError, match="'mixed_precision' parameter must be one of"):
         FinetuneConfig(mixed_precision="fp8")

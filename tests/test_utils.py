@@ -37,5 +37,5 @@ def test_atomic_dir_leaves_nothing_on_failure_and_refuses_existing(tmp_path):
             pass
     with atomic_dir(tmp_path / "out", overwrite=True) as tmp:
         (tmp / "new.txt").write_text("y")
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".fusionprune", "new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
