@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.fusionprune-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast assets clean fusion-rows fusion-bundle compare
+.PHONY: install demo test test-fast assets clean fusion-rows fusion-rows-lm fusion-bundle compare
 
 install: $(STAMP)
 
@@ -45,6 +45,20 @@ fusion-rows: $(STAMP)
 	for d in $(FUSION_DATASETS); do \
 	  test -f $(FUSION_DATA)/rows/minilm-l6-$$d.parquet || \
 	  $(CLI) collect --model minilm-l6 --dataset $$d -o $(FUSION_DATA)/rows/minilm-l6-$$d.parquet $(COLLECT_ARGS) \
+	  || exit 1; \
+	done
+
+# Causal-LM rows: smollm2-135m's greedy states (30 -> 20 layers) on three prose corpora, each
+# state labelled by drop-one NLL on 4 held-out windows of 256 tokens. Resumable like fusion-rows.
+LM_CORPORA      ?= grimm-tales book-excerpts bbc-news
+LM_COLLECT_ARGS ?= --task causal-lm --min-layers 20 --finetune-steps 0 --signal-samples 4 --max-eval-samples 4 \
+                   --max-length 256 --seed 0
+
+fusion-rows-lm: $(STAMP)
+	mkdir -p $(FUSION_DATA)/rows-lm
+	for c in $(LM_CORPORA); do \
+	  test -f $(FUSION_DATA)/rows-lm/smollm2-135m-$$c.parquet || \
+	  $(CLI) collect --model smollm2-135m --dataset $$c -o $(FUSION_DATA)/rows-lm/smollm2-135m-$$c.parquet $(LM_COLLECT_ARGS) \
 	  || exit 1; \
 	done
 
