@@ -1,0 +1,136 @@
+"""The Python API: the CLI's main jobs as functions that take names or objects and return objects.
+
+    from fusion_prune import compress, compute_signals, load_fusion, prune
+
+    table = compute_signals("minilm-l6", "rotten-tomatoes", samples=64)    # (6 layers, 14 columns)
+    scores = load_fusion().predict(table)                                  # removability per layer
+    result = compress("minilm-l6", "rotten-tomatoes", target_layers=4)     # a CompressResult
+    result.report["student_accuracy"], result.model, result.save("minilm-4")
+
+Models and datasets are anything the CLI accepts (asset names, folders, files, hub names);
+every keyword of :class:`fusion_prune.greedy.CompressConfig` is a keyword of :func:`compress`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from fusion_prune.errors import BadInputError
+from fusion_prune.fusion import FusionBundle, load_bundle
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` made: the pruned (healed, distilled) model, its tokenizer and report.
+
+    ``path`` is the folder it was saved to (a temporary one when ``compress`` got no ``output``);
+    :meth:`save` copies it to a folder of your choice, atomically.
+    """
+
+    model: Any
+    tokenizer: Any
+    report: dict
+    path: Path
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Copy the saved folder (model, tokenizer, report.json, report.md, plots) to ``path``."""
+        from fusion_prune.utils import atomic_dir
+
+        path = Path(path)
+        if path.resolve() == self.path.resolve():
+            return path
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            shutil.copytree(self.path, tmp, dirs_exist_ok=True)
+        return path
+
+    def __repr__(self) -> str:
+        metric = {k: self.report.get(k) for k in ("student_accuracy", "student_perplexity") if k in self.report}
+        return (f"CompressResult({self.report.get('teacher_layers')} -> {self.report.get('student_layers')} layers, "
+                f"kept {self.report.get('kept_layers')}, {metric}, saved at {str(self.path)!r})")
+
+
+def _task_for(model: str, dataset, task: str | None, text_column: str, label_column: str):
+    """(Task with its data loaded, data) for a dataset spec or an already loaded dataset."""
+    from fusion_prune.causal_lm import TextCorpus
+    from fusion_prune.data import TextDataset
+    from fusion_prune.tasks import detect_task, get_task
+
+    if isinstance(dataset, (TextDataset, TextCorpus)):
+        t = get_task(task or ("causal-lm" if isinstance(dataset, TextCorpus) else "classification"))
+        t.data = dataset
+        return t, dataset
+    t = get_task(detect_task(str(model), str(dataset), task, label_column))
+    return t, t.load_data(str(dataset), text_column, label_column)
+
+
+def compress(model: str, dataset, target_layers: int, output: str | Path | None = None, *,
+             task: str | None = None, text_column: str = "text", label_column: str = "label",
+             resume: bool = False, overwrite: bool = False, **options: Any) -> CompressResult:
+    """Remove layers from ``model`` greedily until ``target_layers`` remain, then heal / distil.
+
+    ``dataset``: a spec (asset, file, folder) or a loaded ``TextDataset`` / ``TextCorpus``.
+    ``options``: fields of :class:`~fusion_prune.greedy.CompressConfig` (``strategy``,
+    ``finetune_steps``, ``distill``, ``heal``, ...). Returns a :class:`CompressResult`; the
+    folder ``output`` (or a temporary one) holds the model and ``report.json``.
+    """
+    from fusion_prune.greedy import CompressConfig, compress as run
+
+    known = {f.name for f in fields(CompressConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BadInputError(f"compress() got unknown options {unknown}; expected fields of CompressConfig: "
+                            f"{sorted(known - {'target_layers', 'task'})}.")
+    t, data = _task_for(model, dataset, task, text_column, label_column)
+    cfg = CompressConfig(target_layers=target_layers, task=t.name, **options)
+    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="fusionprune-")) / "model"
+    report = run(str(model), data, cfg, out, resume=resume, overwrite=overwrite, task=t)
+    net, tok, _ = t.load_model(str(out))
+    return CompressResult(net, tok, report, out)
+
+
+def compute_signals(model: str, dataset, *, samples: int | None = None, signals: Sequence[str] | None = None,
+                    task: str | None = None, text_column: str = "text", label_column: str = "label",
+                    batch_size: int | None = None, max_length: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """The (n_layers, 2 + n_signals) signals table of ``model`` on a calibration sample of ``dataset``.
+
+    The same table ``compress`` computes at each step (columns ``layer``, ``orig_layer``, then the
+    12 defaults and any opt-in ``signals``). ``samples``: calibration examples (classifiers,
+    default 256) or token windows of ``max_length`` (causal LMs, default 4).
+    """
+    from fusion_prune.greedy import CompressConfig
+    from signals import DEFAULT_SIGNALS, resolve_signals
+
+    names = list(dict.fromkeys([*DEFAULT_SIGNALS, *(signals or [])]))
+    resolve_signals(names)
+    t, _ = _task_for(model, dataset, task, text_column, label_column)
+    net, tok, _ = t.load_model(str(model))
+    # The settings of one pruning step; target_layers is not used to measure.
+    cfg = CompressConfig(target_layers=1, task=t.name, signal_samples=samples, batch_size=batch_size,
+                         max_length=max_length, seed=seed, distill=None, progress=False)
+    return t.signals(net, tok, t.calibration_batches(net, tok, cfg, 0), names, cfg)
+
+
+def load_fusion(path: str | Path | None = None, trust_pickle: bool = False) -> FusionBundle:
+    """A fusion bundle (default: the shipped one). ``bundle.predict(table)`` scores a signals table."""
+    return load_bundle(path, trust_pickle=trust_pickle)
+
+
+def prune(model, layers: Sequence[int]):
+    """A copy of ``model`` (a loaded model, or a spec to load) without ``layers`` (current indices).
+
+    The input is not changed; ``save_pretrained`` on the result gives a folder that plain
+    transformers loads.
+    """
+    from fusion_prune.surgery import drop_layers
+
+    if isinstance(model, (str, Path)):
+        from fusion_prune.models import load_native
+
+        model, _ = load_native(model)
+    return drop_layers(model, list(layers))
