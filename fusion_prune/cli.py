@@ -395,6 +395,13 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
     click.echo(f"saved {output}: {rows['step'].nunique()} states, {len(rows)} rows")
 
 
+_LABEL_OPTION = click.option(
+    "--label", default="acc_after_drop", show_default=True,
+    type=click.Choice(["acc_after_drop", "acc_after_recovery", "loss_after_drop"]),
+    help="Measured column: accuracy right after the drop, after collect's --recovery-steps, or (causal-LM rows) "
+         "the validation NLL after the drop (lower is better).")
+
+
 @main.command("fit-fusion")
 @click.option("--data", "data", multiple=True, required=True, help="Rows tables (repeatable; glob patterns allowed).")
 @click.option("--model-type", default="rf", show_default=True, type=click.Choice(["linear", "rf", "xgb"]))
@@ -404,9 +411,7 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
               help="Per-state feature normalisation; auto: best leave-one-dataset-out regret.")
 @click.option("--target", default="auto", show_default=True,
               type=click.Choice(["auto", "retention", "retention_z", "retention_rank"]))
-@click.option("--label", default="acc_after_drop", show_default=True,
-              type=click.Choice(["acc_after_drop", "acc_after_recovery"]),
-              help="Measured column to learn: right after the drop, or after collect's --recovery-steps.")
+@_LABEL_OPTION
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Leave-one-dataset-out report (JSON, with a plot beside it).")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -471,14 +476,16 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
 @click.option("--trust-pickle", is_flag=True,
               help="Also load a joblib (pickle) bundle from before format 2. Unpickling runs any code the file holds.")
 @click.option("--data", "data", multiple=True, required=True, help="Rows tables (repeatable; glob patterns allowed).")
+@_LABEL_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[str, ...], as_json: bool) -> None:
+def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[str, ...], label: str,
+                    as_json: bool) -> None:
     """How well a bundle picks layers on given rows, next to every single signal and consensus."""
     from fusion_prune import fusion as F
 
     rows = F.read_rows(data)
     bundle = F.load_bundle(fusion_path, trust_pickle=trust_pickle)
-    res = F.evaluate_bundle(bundle, rows)
+    res = F.evaluate_bundle(bundle, F.use_label(rows, label))
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return

@@ -408,7 +408,7 @@ def read_rows(paths: Sequence[str | Path]) -> pd.DataFrame:
     return rows
 
 
-LABELS = ("acc_after_drop", "acc_after_recovery")
+LABELS = ("acc_after_drop", "acc_after_recovery", "loss_after_drop")
 
 
 def use_label(rows: pd.DataFrame, label: str) -> pd.DataFrame:
@@ -416,11 +416,15 @@ def use_label(rows: pd.DataFrame, label: str) -> pd.DataFrame:
     fitting and every choice metric (regret, top-1, Spearman) use it; the input is not changed."""
     if label not in LABELS:
         raise bad_choice("label", label, LABELS)
-    if label not in rows.columns:
-        raise BadInputError(f"The 'label' parameter names column {label!r}, which these rows lack; collect them "
-                            "with --recovery-steps N for acc_after_recovery.")
+    need = [label, "loss_before"] if label == "loss_after_drop" else [label]
+    if not set(need) <= set(rows.columns):
+        how = ("collect --task causal-lm" if label == "loss_after_drop" else "collect --recovery-steps N")
+        raise BadInputError(f"The 'label' parameter {label!r} needs columns {need}, which these rows lack; expected "
+                            f"rows from `{how}`.")
     if label == "acc_after_drop":
         return rows
+    if label == "loss_after_drop":  # causal-LM rows: lower NLL is better, so learn and judge its negative
+        return rows.assign(acc_after_drop=-rows["loss_after_drop"], acc_before=-rows["loss_before"])
     return rows.assign(acc_after_drop=rows[label])
 
 

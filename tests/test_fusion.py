@@ -262,3 +262,19 @@ def test_lodo_markdown_one_row_per_method_with_means():
     assert md[0] == "| method | a | b | mean regret / top-1 / Spearman |"
     assert md[2] == "| x | 0.0100 / 1.00 | 0.0300 / 0.00 | **0.0200** / 0.50 / 0.50 |"
     assert len(md) == 4 and F.lodo_markdown(res).splitlines()[3].endswith("| **0.0000** / 1.00 |")
+
+
+def test_lm_rows_are_judged_by_negative_nll(rows, tmp_path):
+    """--label loss_after_drop: the layer of lowest NLL is the best choice; regret is in nats."""
+    lm = rows.assign(loss_before=2.0, loss_after_drop=3.0 - rows.acc_after_drop, task="causal-lm")
+    used = F.use_label(lm, "loss_after_drop")
+    assert (used.acc_after_drop == -lm.loss_after_drop).all() and (used.acc_before == -2.0).all()
+    with pytest.raises(BadInputError, match="collect --task causal-lm"):
+        F.use_label(rows, "loss_after_drop")
+    lm.to_parquet(tmp_path / "lm.parquet")
+    F.fit_bundle(rows, "linear").save(tmp_path / "b.npz")
+    res = CliRunner().invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "b.npz"), "--data",
+                                    str(tmp_path / "lm.parquet"), "--label", "loss_after_drop", "--json"])
+    assert res.exit_code == 0, res.output
+    by_acc = F.evaluate_bundle(F.load_bundle(tmp_path / "b.npz"), rows)
+    assert json.loads(res.stdout)["fusion"] == pytest.approx(by_acc["fusion"])  # same ranking, same regret
