@@ -145,10 +145,10 @@ def fetch(name: str, force: bool = False) -> Path:
     with output_lock(final, what="asset folder"):
         if is_fetched(name) and not force:
             return final  # another process finished it while we waited for the check
-        return _fetch_locked(name, asset, final, force)
+        return _fetch_locked(name, asset, final)
 
 
-def _fetch_locked(name: str, asset: Asset, final: Path, force: bool) -> Path:
+def _fetch_locked(name: str, asset: Asset, final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
     try:

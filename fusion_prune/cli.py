@@ -653,13 +653,12 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
     from fusion_prune.models import load_classifier
     from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
-    check_output(output, overwrite)
-    acc = make_accelerator("auto")
-    if acc.is_main_process:  # only the main process writes the output
-        _hold_output(output, overwrite)
     cfg = DistillConfig(epochs=epochs, max_steps=max_steps, max_train_samples=max_train_samples,
                         batch_size=batch_size, lr=lr, temperature=temperature, soft_weight=soft_weight,
                         hard_weight=hard_weight, hidden_weight=hidden_weight, max_length=max_length, seed=seed)
+    acc = make_accelerator(cfg.mixed_precision)
+    if acc.is_main_process:  # only the main process writes the output, so only it holds the lock
+        _hold_output(output, overwrite)
     data = load_dataset(dataset, text_column, label_column)
     t_model, tok, t_trained = load_classifier(teacher, data.labels)
     s_model, _, _ = load_classifier(student, data.labels)

@@ -261,10 +261,10 @@ def _select_columns(df: pd.DataFrame, text: str, label: str, spec: str, split: s
         )
     labels, texts = df[label], df[text]
     no_label = labels.isna() | labels.map(lambda v: isinstance(v, str) and not v.strip())
-    numeric = pd.to_numeric(labels[~no_label].map(lambda v: v if isinstance(v, (int, float)) else str(v)),
-                            errors="coerce")
+    present = labels[~no_label]
+    numeric = pd.to_numeric(present.map(lambda v: v if isinstance(v, (int, float)) else str(v)), errors="coerce")
     if len(numeric) and numeric.notna().all() and ((numeric % 1) != 0).any():
-        example = labels[~no_label][((numeric % 1) != 0)].iloc[0]
+        example = present[(numeric % 1) != 0].iloc[0]
         raise BadInputError(
             f"The label_column {label!r} of the {split!r} split of {spec!r} holds non-integer numbers (e.g. "
             f"{example!r}); expected class labels (fusionprune compresses classifiers, not regressors).")

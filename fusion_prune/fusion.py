@@ -269,8 +269,7 @@ class FusionBundle:
         path = Path(path)
         export, _ = CODECS[FUSION_CODECS[self.model_type]]
         arrays = {f"model.{k}": v for k, v in export(self.estimator).items()}
-        meta = self.describe() | {"format": BUNDLE_FORMAT, "codec": FUSION_CODECS[self.model_type],
-                                  "importances": importances(self)}
+        meta = self.describe() | {"format": BUNDLE_FORMAT, "codec": FUSION_CODECS[self.model_type]}
         arrays["meta"] = np.frombuffer(json.dumps(meta, default=_jsonable, sort_keys=True).encode(), dtype=np.uint8)
         with atomic_file(path, overwrite) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)  # a file object: np.savez would append ".npz" to a name

@@ -98,26 +98,44 @@ def _plt():
     return plt
 
 
-def plot_accuracy(report: dict, path: str | os.PathLike) -> Path:
-    """Validation accuracy after each step (and the measured drop-one accuracy before recovery)."""
+def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series: list[tuple[list, str, str]],
+                   ylabel: str, title: str, log: bool = False, **title_kw) -> Path:
+    """A metric against the depth reached after each step (x: layers, inverted), teacher dashed.
+
+    ``series``: (values per step, matplotlib format, legend label); None values are not drawn.
+    """
     plt = _plt()
-    h = report["history"]
-    steps = [e["layers_before"] - len(e["dropped"]) for e in h]
+    from matplotlib.ticker import MaxNLocator
+
+    depth = [e["layers_before"] - len(e["dropped"]) for e in report["history"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.axhline(report["info"]["teacher_validation_accuracy"], color="grey", ls="--", label="teacher")
-    ax.plot(steps, [e["validation_accuracy_after_finetune"] for e in h], "o-", label="after short fine-tune")
-    measured = [e["measured_acc_after_drop"] for e in h]
-    if any(m is not None for m in measured):
-        ax.plot(steps, [np.nan if m is None else m for m in measured], "x:", label="right after the drop")
+    ax.axhline(teacher, color="grey", ls="--", label="teacher")
+    for values, fmt, label in series:
+        ax.plot(depth, [np.nan if v is None else v for v in values], fmt, label=label)
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("layers")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.invert_xaxis()
     ax.legend(fontsize=8)
-    ax.set_title(f"{report['strategy']}: accuracy per step")
+    ax.set_title(title, **title_kw)
     try:
         return _save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def plot_accuracy(report: dict, path: str | os.PathLike) -> Path:
+    """Validation accuracy after each step (and the measured drop-one accuracy before recovery)."""
+    h = report["history"]
+    series = [([e["validation_accuracy_after_finetune"] for e in h], "o-", "after short fine-tune")]
+    measured = [e["measured_acc_after_drop"] for e in h]
+    if any(m is not None for m in measured):
+        series.append((measured, "x:", "right after the drop"))
+    return _plot_per_step(report, path, report["info"]["teacher_validation_accuracy"], series,
+                          "validation accuracy", f"{report['strategy']}: accuracy per step")
 
 
 def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
@@ -140,26 +158,11 @@ def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
 
 def plot_perplexity(report: dict, path: str | os.PathLike) -> Path:
     """Validation perplexity after each step of a causal-LM run (log scale), teacher dashed."""
-    plt = _plt()
-    from matplotlib.ticker import MaxNLocator
-
     h = report["history"]
-    depth = [e["layers_before"] - len(e["dropped"]) for e in h]
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.axhline(report["info"]["teacher_validation_perplexity"], color="grey", ls="--", label="teacher")
-    ax.plot(depth, [e["validation_perplexity"] for e in h], "o-", label="after each removal")
-    ax.set_yscale("log")
-    ax.set_xlabel("layers")
-    ax.set_ylabel("validation perplexity")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.invert_xaxis()
-    ax.legend(fontsize=8)
-    ax.set_title(f"{Path(str(report['model'])).name} on {Path(str(report['dataset'])).name}: {report['strategy']}",
-                 fontsize=9)
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    title = f"{Path(str(report['model'])).name} on {Path(str(report['dataset'])).name}: {report['strategy']}"
+    return _plot_per_step(report, path, report["info"]["teacher_validation_perplexity"],
+                          [([e["validation_perplexity"] for e in h], "o-", "after each removal")],
+                          "validation perplexity", title, log=True, fontsize=9)
 
 
 def _lm_report_lines(report: dict) -> list[str]:
