@@ -69,10 +69,11 @@ def _task_for(model: str, dataset, task: str | None, text_column: str, label_col
     return t, t.load_data(str(dataset), text_column, label_column)
 
 
-def compress(model: str, dataset, target_layers: int, output: str | Path | None = None, *,
+def compress(model: str, dataset, target_layers: int | None = None, output: str | Path | None = None, *,
              task: str | None = None, text_column: str = "text", label_column: str = "label",
              resume: bool = False, overwrite: bool = False, **options: Any) -> CompressResult:
-    """Remove layers from ``model`` greedily until ``target_layers`` remain, then heal / distil.
+    """Remove layers from ``model`` greedily until ``target_layers`` remain (or a budget such as
+    ``max_accuracy_drop=0.01`` would be broken, whichever comes first), then heal / distil.
 
     ``dataset``: a spec (asset, file, folder) or a loaded ``TextDataset`` / ``TextCorpus``.
     ``options``: fields of :class:`~fusion_prune.greedy.CompressConfig` (``strategy``,

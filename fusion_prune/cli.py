@@ -119,36 +119,50 @@ def assets_path(name: str) -> None:
 
 # --------------------------------------------------------------------------- finetune / evaluate
 
+from fusion_prune.params import TEACHER_DEFAULTS  # noqa: E402  (no torch: option defaults below)
+
+_TEACHER_MARGIN_OPTION = click.option(
+    "--teacher-margin", default=0.02, show_default=True, type=float,
+    help="Exit 2 when the teacher's validation accuracy is within this of the majority-class share (0: no check).")
+
 
 @main.command()
 @click.option("--model", "-m", required=True, help="Asset name, local folder, .gguf file or hub id.")
 @_dataset_options
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--epochs", default=1.0, show_default=True, type=float)
+@click.option("--epochs", default=TEACHER_DEFAULTS["epochs"], show_default=True, type=float,
+              help="Budget in epochs (see --min-steps); early stopping usually ends sooner.")
 @click.option("--max-steps", default=None, type=int, help="Overrides --epochs.")
+@click.option("--min-steps", default=TEACHER_DEFAULTS["min_steps"], show_default=True, type=int,
+              help="Raise the epoch budget to at least this many steps (small sets).")
+@click.option("--patience", default=TEACHER_DEFAULTS["patience"], show_default=True, type=int,
+              help="Stop after this many validation checks without a gain and keep the best weights "
+                   "(0: train the whole budget).")
 @click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--lr", default=TEACHER_DEFAULTS["lr"], show_default=True, type=float,
+              help="Small models like 2e-4, base-size ones ~5e-5.")
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-train-samples", default=None, type=int)
 @click.option("--max-eval-samples", default=None, type=int)
+@_TEACHER_MARGIN_OPTION
 @click.option("--mixed-precision", default="auto", show_default=True,
               type=click.Choice(["auto", "no", "bf16", "fp16"]))
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def finetune(model: str, dataset: str, text_column: str, label_column: str, output: Path, epochs: float,
-             max_steps: int | None, batch_size: int, lr: float, max_length: int, seed: int,
-             max_train_samples: int | None, max_eval_samples: int | None, mixed_precision: str,
-             overwrite: bool) -> None:
+             max_steps: int | None, min_steps: int, patience: int, batch_size: int, lr: float, max_length: int, seed: int,
+             max_train_samples: int | None, max_eval_samples: int | None, teacher_margin: float,
+             mixed_precision: str, overwrite: bool) -> None:
     """Fine-tune a sequence classifier and save it (the teacher of later steps)."""
     from fusion_prune.data import load_dataset
-    from fusion_prune.finetune import FinetuneConfig, finetune as run
+    from fusion_prune.finetune import finetune as run, teacher_config
 
     check_output(output, overwrite)
-    cfg = FinetuneConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, max_length=max_length,
-                         seed=seed, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
-                         mixed_precision=mixed_precision)
+    cfg = teacher_config(epochs=epochs, max_steps=max_steps, min_steps=min_steps, patience=patience, batch_size=batch_size, lr=lr,
+                         max_length=max_length, seed=seed, max_train_samples=max_train_samples,
+                         max_eval_samples=max_eval_samples, mixed_precision=mixed_precision)
     data = load_dataset(dataset, text_column, label_column)
-    res = run(model, data, cfg, output, overwrite=overwrite)
+    res = run(model, data, cfg, output, overwrite=overwrite, teacher_margin=teacher_margin)
     if not res.is_main_process:  # under accelerate launch, one summary line is enough
         return
     m = res.record["metrics"]
@@ -366,19 +380,20 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--extra", multiple=True, help="Also compute this opt-in signal as a column (repeatable).")
+@_TEACHER_MARGIN_OPTION
 @_task_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def collect(model: str, dataset: str, text_column: str, label_column: str, output: Path, min_layers: int,
             finetune_steps: int, max_train_samples: int, max_eval_samples: int, signal_samples: int,
-            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], task: str | None,
-            overwrite: bool) -> None:
+            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], teacher_margin: float,
+            task: str | None, overwrite: bool) -> None:
     """Greedy pruning states with signals and measured labels: the rows fit-fusion learns from.
 
     Resumable: run the same command again after an interruption. For a causal LM the sample
     options count token windows of --max-length, and the label is next-token NLL.
     """
     from fusion_prune.collect import CollectConfig, collect as run
-    from fusion_prune.finetune import FinetuneConfig
+    from fusion_prune.finetune import teacher_config
 
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise BadInputError(f"The '--output' option must end in .parquet or .csv. Got {output.name!r}.")
@@ -386,7 +401,8 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
     cfg = CollectConfig(min_layers=min_layers, finetune_steps=finetune_steps, signal_samples=signal_samples,
                         max_eval_samples=max_eval_samples, max_length=max_length, seed=seed,
                         recovery_steps=recovery_steps, extra_signals=extra,
-                        teacher=FinetuneConfig(epochs=2, lr=2e-4, max_train_samples=max_train_samples))
+                        teacher=teacher_config(epochs=2, max_train_samples=max_train_samples),
+                        teacher_margin=teacher_margin)
     from fusion_prune.tasks import detect_task, get_task
 
     t = get_task(detect_task(model, dataset, task, label_column))
@@ -502,7 +518,14 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
 @click.option("--model", "-m", required=True, help="A classifier or causal LM (asset, folder, hub id).")
 @_dataset_options
 @_task_option
-@click.option("--target-layers", required=True, type=int, help="Depth of the compressed model.")
+@click.option("--target-layers", default=None, type=int,
+              help="Depth of the compressed model (needed unless a budget is given; with one, the floor).")
+@click.option("--max-accuracy-drop", default=None, type=float,
+              help="Classifier budget: keep removing layers while validation accuracy after recovery stays within "
+                   "this of the teacher's (0.01 = one point).")
+@click.option("--max-perplexity-increase", default=None, type=float,
+              help="Causal-LM budget: keep removing layers while validation perplexity stays below (1 + this) x "
+                   "the teacher's (before healing).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--strategy", default=None,
               help="How to pick layers (default: fusion for classifiers, block-influence for causal LMs): fusion, "
@@ -521,9 +544,13 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
               help="Validation examples [400] or windows [0] for the measured drop-one label of each candidate "
                    "(0: only when the strategy needs it).")
 @click.option("--max-train-samples", default=3000, show_default=True, type=int, help="Teacher fine-tuning cap.")
-@click.option("--teacher-epochs", default=1.0, show_default=True, type=float)
-@click.option("--teacher-lr", default=2e-4, show_default=True, type=float,
+@click.option("--teacher-epochs", default=TEACHER_DEFAULTS["epochs"], show_default=True, type=float,
+              help="Budget of the teacher's fine-tuning (when the model has no head for the labels).")
+@click.option("--teacher-lr", default=TEACHER_DEFAULTS["lr"], show_default=True, type=float,
               help="Learning rate of the teacher's fine-tuning (small models like 2e-4, base-size ones ~5e-5).")
+@click.option("--teacher-patience", default=TEACHER_DEFAULTS["patience"], show_default=True, type=int,
+              help="Early stopping of the teacher's fine-tuning (0: the whole budget).")
+@_TEACHER_MARGIN_OPTION
 @click.option("--max-eval-samples", default=None, type=int, help="Cap on reported validation/test examples.")
 @click.option("--step-eval-samples", default=None, type=int,
               help="Cap on the validation examples (windows) recorded after each step.")
@@ -562,8 +589,9 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue a stopped run with the same arguments.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def compress(model: str, dataset: str, text_column: str, label_column: str, task: str | None, target_layers: int,
-             output: Path, strategy: str | None, fusion_path: Path | None, trust_pickle: bool, finetune_steps: int | None,
+def compress(model: str, dataset: str, text_column: str, label_column: str, task: str | None,
+             target_layers: int | None, max_accuracy_drop: float | None, max_perplexity_increase: float | None,
+             teacher_patience: int, teacher_margin: float, output: Path, strategy: str | None, fusion_path: Path | None, trust_pickle: bool, finetune_steps: int | None,
              signal_samples: int | None, label_samples: int | None, max_train_samples: int, teacher_epochs: float,
              teacher_lr: float, max_eval_samples: int | None, step_eval_samples: int | None, max_length: int | None,
              batch_size: int | None, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
@@ -571,11 +599,11 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
              heal_steps: int, heal_lr: float, lora_r: int, lora_alpha: int, lora_targets: str, lm_distill_steps: int,
              kd_weight: float, max_eval_tokens: int, zero_shot: tuple[str, ...], prompt: str | None,
              verbalisers: str | None, zero_shot_samples: int, seed: int, resume: bool, overwrite: bool) -> None:
-    """Remove layers down to --target-layers, recovering after each removal, then distil (classifiers) or
-    heal with LoRA and optionally distil (causal LMs)."""
+    """Remove layers down to --target-layers or a budget, recovering after each removal, then distil
+    (classifiers) or heal with LoRA and optionally distil (causal LMs)."""
     from distill import DistillConfig
     from fusion_prune.causal_lm import HealConfig
-    from fusion_prune.finetune import FinetuneConfig
+    from fusion_prune.finetune import teacher_config
     from fusion_prune.greedy import CompressConfig, compress as run
     from fusion_prune.tasks import detect_task, get_task
 
@@ -588,7 +616,10 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
         finetune_steps=finetune_steps, signal_samples=signal_samples, label_samples=label_samples,
         max_eval_samples=max_eval_samples, step_eval_samples=step_eval_samples, max_length=max_length,
         batch_size=batch_size, lr=lr, seed=seed, task=task_name,
-        teacher=FinetuneConfig(epochs=teacher_epochs, lr=teacher_lr, max_train_samples=max_train_samples),
+        teacher=teacher_config(epochs=teacher_epochs, lr=teacher_lr, max_train_samples=max_train_samples,
+                               patience=teacher_patience),
+        teacher_margin=teacher_margin, max_accuracy_drop=max_accuracy_drop,
+        max_perplexity_increase=max_perplexity_increase,
         distill=None if no_distill else DistillConfig(epochs=distill_epochs, max_train_samples=distill_samples,
                                                       temperature=temperature, hidden_weight=hidden_weight,
                                                       batch_size=batch_size or 32, lr=lr),
@@ -604,6 +635,11 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
     click.echo("")
     click.echo(f"  {r['model']} on {r['dataset']}  ({r['strategy']}, {r['task']})")
     click.echo(f"  layers            {r['teacher_layers']} -> {r['student_layers']}  (kept original {r['kept_layers']})")
+    if r.get("budget"):
+        b = r["budget"]
+        click.echo(f"  budget            {b['parameter']} {b['value']}: "
+                   + (f"stopped, removing {b['stopped']['dropped_orig']} broke it" if b["stopped"]
+                      else "not reached"))
     if r["task"] == "causal-lm":
         click.echo(f"  teacher perplexity {r['teacher_perplexity']:.3f}")
         click.echo(f"  pruned perplexity  {r['pruned_perplexity']:.3f}  (after removal, before healing)")

@@ -23,7 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from fusion_prune.errors import BadInputError
-from fusion_prune.finetune import FinetuneConfig, make_accelerator, subsample, train
+from fusion_prune.finetune import (FinetuneConfig, check_teacher, evaluate, make_accelerator, majority_share, subsample,
+                                   teacher_config, train)
 from fusion_prune.labels import drop_one_labels_recovered
 from fusion_prune.report import write_table
 from fusion_prune.surgery import num_layers
@@ -50,8 +51,9 @@ class CollectConfig:
     recovery_steps: int = 0
     # opt-in extra signals (signals/extra.py) computed beside the 12, as further feature columns
     extra_signals: tuple[str, ...] = ()
-    teacher: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=2, lr=2e-4,
-                                                                           max_train_samples=4000))
+    teacher: FinetuneConfig = field(default_factory=lambda: teacher_config(epochs=2, max_train_samples=4000))
+    # refuse a teacher whose validation accuracy is within this of the majority share (0: no check)
+    teacher_margin: float = 0.02
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -116,6 +118,9 @@ def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name:
     meta["config"].pop("progress")
     if lm:
         meta["task"] = task.name
+        # A causal LM is never fine-tuned here: the teacher settings play no part in its rows.
+        meta["config"].pop("teacher")
+        meta["config"].pop("teacher_margin")
     # One pruning step for collect and compress: the oracle's walk with labels on every state.
     step_cfg = CompressConfig(target_layers=cfg.min_layers, strategy="oracle", task=task.name,
                               finetune_steps=cfg.finetune_steps, signal_samples=cfg.signal_samples,
@@ -144,7 +149,13 @@ def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name:
             _log(f"{model_spec} has no head for {dataset_name}: fine-tuning a teacher first")
             tcfg = FinetuneConfig(**{**asdict(cfg.teacher), "max_length": cfg.max_length, "seed": cfg.seed,
                                      "progress": cfg.progress})
-            train(model, tok, data.train, tcfg, make_accelerator(tcfg.mixed_precision))
+            train(model, tok, data.train, tcfg, make_accelerator(tcfg.mixed_precision), val_df=data.validation,
+                  data_labels=data.labels)
+        if not lm:
+            val = subsample(data.validation, cfg.max_eval_samples, cfg.seed)
+            acc = evaluate(model, tok, val, data.labels, cfg.batch_size * 2, cfg.max_length)["accuracy"]
+            check_teacher(acc, majority_share(val["label"].to_numpy()), cfg.teacher_margin,
+                          f"The teacher of {dataset_name!r}" + (" (fine-tuned here)" if not trained else ""))
     names = [*DEFAULT_SIGNALS, *cfg.extra_signals]
     while num_layers(model) > cfg.min_layers:
         t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from fusion_prune.data import TextDataset
 from fusion_prune.errors import BadInputError
-from fusion_prune.params import validate
+from fusion_prune.params import TEACHER_DEFAULTS, validate
 from fusion_prune.utils import atomic_dir, check_output, output_lock, set_seed, versions, write_json_atomic
 
 RUN_RECORD = "fusionprune_run.json"
@@ -45,9 +45,22 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, none on CPU; or "no" / "bf16" / "fp16"
     progress: bool = True
+    # Early stopping (off when patience is 0): validation accuracy on ``early_stopping_samples``
+    # examples every ``eval_every`` steps (0: about twice an epoch, between 10 and 50 steps); stop
+    # after ``patience`` checks without a gain and restore the best weights. ``min_steps`` raises
+    # the epoch budget on small sets, where a few epochs are only a few dozen steps.
+    patience: int = 0
+    eval_every: int = 0
+    min_steps: int = 0
+    early_stopping_samples: int = 500
 
     def __post_init__(self) -> None:
         validate(self)  # ranges in fusion_prune/params.py
+
+
+def teacher_config(**overrides) -> FinetuneConfig:
+    """A FinetuneConfig with the teacher defaults (:data:`TEACHER_DEFAULTS`), then ``overrides``."""
+    return FinetuneConfig(**{**TEACHER_DEFAULTS, **overrides})
 
 
 def make_accelerator(mixed_precision: str = "auto"):
@@ -101,12 +114,14 @@ def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
 
 def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_steps: int | None, lr: float,
               weight_decay: float, warmup_ratio: float, grad_clip: float, progress: bool,
-              desc: str) -> tuple[list[float], int]:
+              desc: str, min_steps: int = 0, on_step=None) -> tuple[list[float], int]:
     """The one training loop: AdamW with linear warm-up and decay; returns (losses, steps an epoch).
 
     ``compute_loss(model, batch) -> scalar`` is called under autocast. ``model`` and ``loader``
     are prepared with ``accelerator`` here, so that under several processes an epoch counts the
-    steps of one process's shard. The model is trained in place and left in eval mode.
+    steps of one process's shard. ``on_step(step, model) -> bool`` runs after every step (every
+    process) and stops training when it returns True. The model is trained in place and left in
+    eval mode.
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -117,7 +132,7 @@ def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_st
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     wrapped, opt, loader = accelerator.prepare(model, opt, loader)
-    total = max_steps or max(1, math.ceil(epochs * len(loader)))
+    total = max_steps or max(1, math.ceil(epochs * len(loader)), min_steps)
     sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total)
     wrapped.train()
     losses: list[float] = []
@@ -136,6 +151,8 @@ def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_st
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                if on_step is not None and on_step(len(losses), wrapped):
+                    total = len(losses)  # stopped early: the outer loop ends too
                 if len(losses) >= total:
                     break
     finally:
@@ -149,19 +166,91 @@ def loss_summary(losses: list[float]) -> dict:
             "final_loss": float(np.mean(losses[-20:])) if losses else None}
 
 
-def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, accelerator=None) -> dict:
-    """Train ``model`` in place on ``train_df`` (cross-entropy); returns steps, losses and wall time."""
+class EarlyStopping:
+    """``on_step`` callback of :func:`run_steps`: validation accuracy every ``every`` steps, the best
+    weights kept on the CPU, stop after ``patience`` checks without a gain of more than ``min_delta``.
+
+    ``curve`` holds ``(step, accuracy)`` of every check; :meth:`restore` loads the best weights.
+    """
+
+    def __init__(self, model, tokenizer, val_df: pd.DataFrame, data_labels: list[str], cfg: FinetuneConfig,
+                 every: int, accelerator, min_delta: float = 1e-4) -> None:
+        self.model, self.tok, self.val, self.labels, self.cfg = model, tokenizer, val_df, data_labels, cfg
+        self.every, self.acc, self.min_delta = every, accelerator, min_delta
+        self.curve: list[tuple[int, float]] = []
+        self.best_acc, self.best_step, self.best_state, self.bad = -1.0, 0, None, 0
+
+    def __call__(self, step: int, wrapped) -> bool:
+        if step % self.every:
+            return False
+        acc = evaluate(self.model, self.tok, self.val, self.labels, self.cfg.eval_batch_size, self.cfg.max_length,
+                       self.acc)["accuracy"]
+        wrapped.train()  # evaluate() restores the mode of the unwrapped model; keep training mode
+        self.curve.append((step, round(acc, 5)))
+        if acc > self.best_acc + self.min_delta:
+            self.best_acc, self.best_step, self.bad = acc, step, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            return False
+        self.bad += 1
+        return self.bad >= self.cfg.patience
+
+    def restore(self, final_step: int) -> None:
+        """Load the best weights unless the final ones were never checked (then they may be better)."""
+        if self.best_state is not None and self.curve and self.curve[-1][0] == final_step \
+                and self.best_step != final_step:
+            self.model.load_state_dict(self.best_state)
+
+    def record(self) -> dict:
+        return {"early_stopping": {"every": self.every, "patience": self.cfg.patience, "best_step": self.best_step,
+                                   "best_validation_accuracy": round(self.best_acc, 5),
+                                   "curve": [list(c) for c in self.curve]}}
+
+
+def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, accelerator=None,
+          val_df: pd.DataFrame | None = None, data_labels: list[str] | None = None) -> dict:
+    """Train ``model`` in place on ``train_df`` (cross-entropy); returns steps, losses and wall time.
+
+    With ``cfg.patience`` > 0 and a validation frame ``val_df`` (labels named by ``data_labels``)
+    it stops at a validation plateau and ends with the best checked weights.
+    """
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
     df = subsample(train_df, cfg.max_train_samples, cfg.seed)
     loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed)
+    stopper = None
+    if cfg.patience and val_df is not None and len(val_df):
+        every = cfg.eval_every or min(50, max(10, len(loader) // 2))
+        stopper = EarlyStopping(model, tokenizer, subsample(val_df, cfg.early_stopping_samples, cfg.seed),
+                                data_labels, cfg, every, accelerator)
     t0 = time.perf_counter()
     losses, steps_per_epoch = run_steps(
         model, loader, lambda m, batch: m(**batch).loss, accelerator, epochs=cfg.epochs, max_steps=cfg.max_steps,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-        progress=cfg.progress, desc="fine-tune")
+        progress=cfg.progress, desc="fine-tune", min_steps=cfg.min_steps, on_step=stopper)
+    if stopper is not None:
+        stopper.restore(len(losses))
     return {"steps": len(losses), "examples": len(df), "epochs": round(len(losses) / steps_per_epoch, 3),
-            **loss_summary(losses), "train_seconds": round(time.perf_counter() - t0, 2)}
+            **loss_summary(losses), "train_seconds": round(time.perf_counter() - t0, 2),
+            **(stopper.record() if stopper is not None else {})}
+
+
+def majority_share(labels: np.ndarray) -> float:
+    """Share of the most frequent class among ``labels`` (N,)."""
+    return float(np.bincount(np.asarray(labels, dtype=np.int64)).max() / len(labels)) if len(labels) else 0.0
+
+
+def check_teacher(accuracy: float, majority: float, margin: float, what: str = "the teacher") -> None:
+    """Refuse (exit 2) a classifier whose validation accuracy is within ``margin`` of the majority share.
+
+    Such a model has learned little beyond the class prior: every drop-one label, signal and
+    distillation target computed from it would be noise. ``margin`` 0 turns the check off.
+    """
+    if margin and accuracy < majority + margin:
+        raise BadInputError(
+            f"{what} has validation accuracy {accuracy:.3f}, within {margin} of the majority-class share "
+            f"{majority:.3f}: it has not learned the task. Train longer or harder (--teacher-epochs, --teacher-lr, "
+            f"--max-train-samples; for finetune --epochs, --lr), give a trained model, or pass --teacher-margin 0 "
+            f"to go on anyway.")
 
 
 @torch.no_grad()
@@ -238,32 +327,36 @@ class FinetuneResult:
 
 
 def finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_dir: str | Path,
-             overwrite: bool = False) -> FinetuneResult:
+             overwrite: bool = False, teacher_margin: float = 0.02) -> FinetuneResult:
     """Fine-tune ``model_spec`` on ``data`` and save a ``save_pretrained`` folder with a run record.
 
     The folder holds the model (with ``id2label``/``label2id``), its tokenizer and
     ``fusionprune_run.json`` (data, config, validation and test metrics, versions, wall time).
-    It appears only when everything has been written.
+    It appears only when everything has been written. A model whose validation accuracy stays
+    within ``teacher_margin`` of the majority-class share is refused (BadInputError) and not saved.
     """
     output_dir = check_output(output_dir, overwrite)
     accelerator = make_accelerator(cfg.mixed_precision)
     # Under `accelerate launch` only the main process writes, so only it holds the output's lock.
     with output_lock(output_dir) if accelerator.is_main_process else contextlib.nullcontext():
-        return _finetune(model_spec, data, cfg, output_dir, overwrite, accelerator)
+        return _finetune(model_spec, data, cfg, output_dir, overwrite, accelerator, teacher_margin)
 
 
 def _finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_dir: Path, overwrite: bool,
-              accelerator) -> FinetuneResult:
+              accelerator, teacher_margin: float) -> FinetuneResult:
     from fusion_prune.models import load_classifier
 
     t0 = time.perf_counter()
     model, tokenizer, head_trained = load_classifier(model_spec, data.labels, seed=cfg.seed)
-    stats = train(model, tokenizer, data.train, cfg, accelerator)
+    stats = train(model, tokenizer, data.train, cfg, accelerator, val_df=data.validation, data_labels=data.labels)
     metrics = {}
     for split in ("validation", "test"):
         df = subsample(data.split(split), cfg.max_eval_samples, cfg.seed)
         metrics[split] = evaluate(model, tokenizer, df, data.labels, cfg.eval_batch_size, cfg.max_length,
                                   accelerator, progress=cfg.progress)
+        metrics[split]["majority_share"] = majority_share(df["label"].to_numpy())
+    check_teacher(metrics["validation"]["accuracy"], metrics["validation"]["majority_share"], teacher_margin,
+                  f"The model fine-tuned from {model_spec!r}")
     record = {
         "command": "finetune",
         "model": str(model_spec),

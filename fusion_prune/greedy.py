@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from distill import DistillConfig
 from fusion_prune.causal_lm import HealConfig
 from fusion_prune.errors import BadInputError, bad_choice
-from fusion_prune.finetune import FinetuneConfig
+from fusion_prune.finetune import FinetuneConfig, teacher_config
 from fusion_prune.params import validate
 from fusion_prune.strategies import STRATEGIES, StrategyState
 from fusion_prune.surgery import drop_layers_, kept_layers, num_layers
@@ -36,7 +37,15 @@ from fusion_prune.utils import atomic_dir, check_output, output_lock, versions, 
 
 @dataclass
 class CompressConfig:
-    target_layers: int
+    """How ``compress`` runs. Give ``target_layers``, a budget, or both (it stops at whichever comes first).
+
+    A budget keeps removing layers while the validation metric after each step's recovery stays
+    within it of the teacher's: ``max_accuracy_drop`` (classifiers, absolute: 0.01 = one point) or
+    ``max_perplexity_increase`` (causal LMs, relative: 0.5 = 1.5x, before healing). The step that
+    would break it is undone. With a budget, one-shot strategies remove one layer per step.
+    """
+
+    target_layers: int | None = None
     strategy: str | None = None  # None: the task's default (fusion for classifiers, block-influence for LMs)
     fusion_path: str | None = None  # None: the bundle shipped with fusionprune
     trust_pickle: bool = False  # allow a joblib (pickle) bundle of format /1: unpickling can run code
@@ -50,7 +59,9 @@ class CompressConfig:
     lr: float = 1e-4
     seed: int = 0
     task: str = "classification"
-    teacher: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, lr=2e-4, max_train_samples=3000))
+    teacher: FinetuneConfig = field(default_factory=lambda: teacher_config(max_train_samples=3000))
+    # refuse a teacher whose validation accuracy is within this of the majority share (0: no check)
+    teacher_margin: float = 0.02
     distill: DistillConfig | None = field(default_factory=DistillConfig)
     # Also train a copy of the pruned student on hard labels only, with the distillation's steps,
     # data, learning rate and seed, and report its accuracy: did distillation help here?
@@ -65,6 +76,8 @@ class CompressConfig:
     kd_weight: float = 0.5  # weight of the KL term in those steps (the rest: next-token loss)
     max_eval_tokens: int | None = 8192  # cap on held-out tokens for perplexity
     zero_shot: dict = field(default_factory=dict)  # {labelled dataset: {prompt, verbalisers, max_samples}}
+    max_accuracy_drop: float | None = None  # classifiers: budget on the validation accuracy drop
+    max_perplexity_increase: float | None = None  # causal LMs: budget on the relative validation perplexity rise
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,6 +94,14 @@ class CompressConfig:
         if self.strategy not in STRATEGIES:
             raise bad_choice("strategy", self.strategy, STRATEGIES)
         validate(self)  # ranges in fusion_prune/params.py
+        own, other = ("max_perplexity_increase", "max_accuracy_drop") if lm else \
+            ("max_accuracy_drop", "max_perplexity_increase")
+        if getattr(self, other) is not None:
+            raise BadInputError(f"The '{other}' parameter is not a budget for task {self.task!r}; expected "
+                                f"'{own}'. Got {getattr(self, other)}.")
+        if self.target_layers is None and getattr(self, own) is None:
+            raise BadInputError(f"The 'target_layers' parameter is needed when no budget is given; expected "
+                                f"target_layers and/or {own}. Got neither.")
         if lm and STRATEGIES[self.strategy].classification_only:
             raise BadInputError(f"The 'strategy' parameter {self.strategy!r} needs a classifier; expected a strategy "
                                 "for causal LMs.")
@@ -137,6 +158,39 @@ def _bundle_extras(bundle) -> list[str]:
     return [f for f in bundle.features if f not in DEFAULT_SIGNALS]
 
 
+def has_budget(task: Task, cfg: CompressConfig) -> bool:
+    return getattr(cfg, task.budget_field, None) is not None
+
+
+def step_target(task: Task, cfg: CompressConfig, n_layers: int) -> int:
+    """The depth a strategy aims at from ``n_layers``: the target, or one layer less under a budget
+    (so that a one-shot strategy cannot overshoot the budget by a whole block)."""
+    floor = cfg.target_layers or 1
+    return max(floor, n_layers - 1) if has_budget(task, cfg) else floor
+
+
+@torch.no_grad()
+def throughput(model, batches: list[dict], per_token: bool = False, repeats: int = 3) -> float:
+    """Examples (or, ``per_token``, tokens) per second of one forward pass on ``batches[0]``
+    (input_ids (B, T)), median of ``repeats`` after one warm-up."""
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            model(**batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    ids = batch["input_ids"]
+    return float((ids.numel() if per_token else ids.shape[0]) / np.median(times))
+
+
 def measure_state(task: Task, student, tok, cfg: CompressConfig, step: int, strategy, signal_names: list[str],
                   bundle=None, full_layers: int | None = None, want_labels: bool = False):
     """Everything a strategy may look at in the current state: (StrategyState, signals, labels, seconds).
@@ -154,7 +208,8 @@ def measure_state(task: Task, student, tok, cfg: CompressConfig, step: int, stra
         t1 = time.perf_counter()
         labels = task.drop_one(student, tok, cfg)
         t_labels = time.perf_counter() - t1
-    state = StrategyState(student, batches, num_layers(student), cfg.target_layers, kept_layers(student.config),
+    state = StrategyState(student, batches, num_layers(student), step_target(task, cfg, num_layers(student)),
+                          kept_layers(student.config),
                           signals, labels.table if labels is not None else None, bundle,
                           np.random.default_rng(cfg.seed + step), full_layers, task)
     return state, signals, labels, {"signals": t_signals, "labels": t_labels}
@@ -258,7 +313,7 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
     else:
         teacher, tok, ready = task.load_model(model_spec)
         depth = num_layers(teacher)
-        if cfg.target_layers >= depth:
+        if cfg.target_layers is not None and cfg.target_layers >= depth:
             raise BadInputError(f"The 'target_layers' parameter must be below the model's depth {depth}. "
                                 f"Got {cfg.target_layers}.")
         info = task.prepare_teacher(teacher, tok, cfg, ready, str(model_spec), _log)
@@ -267,10 +322,15 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         student = copy.deepcopy(teacher)
         history = []
         partial.mkdir(parents=True, exist_ok=True)
+        info["teacher_parameters"] = int(sum(p.numel() for p in teacher.parameters()))
+        info["teacher_throughput"] = throughput(teacher, task.calibration_batches(teacher, tok, cfg, 0),
+                                              task.throughput_unit == "tokens/s")
+        info["throughput_unit"] = task.throughput_unit
         save_checkpoint(partial / "teacher", teacher, tok, {"meta": meta, "history": [], "info": info})
         save_checkpoint(partial / "current", student, tok, {"meta": meta, "history": [], "info": info})
 
-    while num_layers(student) > cfg.target_layers:
+    budget = has_budget(task, cfg)
+    while num_layers(student) > (cfg.target_layers or 1) and "budget_stop" not in info:
         step = len(history)
         t0 = time.perf_counter()
         n = num_layers(student)
@@ -288,15 +348,27 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
             measured = float(labels.table.set_index("layer")[task.label_sort[0][0]][drop[0]])
         orig = apply_drop(task, student, tok, drop, cfg, step)
         metric = task.step_metric(student, tok, cfg)
-        history.append({
+        entry = {
             "step": step, "layers_before": n, "dropped": drop, "dropped_orig": orig,
             "kept_layers": kept_layers(student.config), "predicted": predicted, task.step_label_key: measured,
             task.step_metric_key: metric, "finetune_steps": cfg.finetune_steps * len(drop),
             "selection_seconds": round(selection, 3),
+            "parameters": int(sum(p.numel() for p in student.parameters())),
+            "throughput": throughput(student, state.batches, task.throughput_unit == "tokens/s"),
             "seconds": round(time.perf_counter() - t0, 2),
             "signals": signals.to_dict("list") if signals is not None else None,
             "labels": labels.table.to_dict("list") if labels is not None else None,
-        })
+        }
+        if budget and not task.within_budget(metric, info, cfg):
+            # Undo the step: the checkpoint still holds the model before it.
+            info["budget_stop"] = {k: entry[k] for k in ("step", "layers_before", "dropped_orig", task.step_metric_key)}
+            student, _, _ = task.load_model(str(partial / "current"))
+            save_checkpoint(partial / "current", student, tok, {"meta": meta, "history": history, "info": info})
+            _log(f"step {step}: removing {orig} (original) gives validation {task.metric} {metric:.4f}, outside "
+                 f"{task.budget_field} {getattr(cfg, task.budget_field)} of the teacher's "
+                 f"{info[task.teacher_metric_key]:.4f}: undone, stopping at {n} layers")
+            break
+        history.append(entry)
         save_checkpoint(partial / "current", student, tok, {"meta": meta, "history": history, "info": info})
         _log(f"step {step}: {n} -> {num_layers(student)} layers, dropped {orig} (original), "
              f"validation {task.metric} {metric:.4f}, {history[-1]['seconds']:.0f} s")
@@ -306,6 +378,12 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         "model": str(model_spec), "dataset": data.spec, "strategy": cfg.strategy, "task": task.name, **fields,
         "teacher_layers": info["teacher_layers"], "student_layers": num_layers(student),
         "kept_layers": kept_layers(student.config), "history": history, "info": info,
+        "budget": ({"parameter": task.budget_field, "value": getattr(cfg, task.budget_field),
+                    "stopped": info.get("budget_stop")} if budget else None),
+        "student_parameters": int(sum(p.numel() for p in student.parameters())),
+        "accuracy_to_size": (fields["student_accuracy"] / fields["teacher_accuracy"]
+                             / (sum(p.numel() for p in student.parameters()) / info["teacher_parameters"])
+                             if fields.get("teacher_accuracy") and info.get("teacher_parameters") else None),
         "config": meta["config"],
         "fusion_bundle": (bundle.describe() | {"path": str(cfg.fusion_path or "default")}) if bundle else None,
         "selection_seconds": round(sum(h["selection_seconds"] for h in history), 3),

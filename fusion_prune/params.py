@@ -39,7 +39,7 @@ class Interval:
         hi_ok = self.right is None or (v <= self.right if self.closed in ("both", "right") else v < self.right)
         return lo_ok and hi_ok
 
-    def describe(self) -> str:
+    def describe(self, allow_none: bool = True) -> str:
         kind = "an int" if self.kind is int else "a number"
         if self.left is not None and self.right is not None:
             lb = "[" if self.closed in ("both", "left") else "("
@@ -51,7 +51,7 @@ class Interval:
             text = f"{kind} {'<=' if self.closed in ('both', 'right') else '<'} {self.right}"
         else:
             text = kind
-        return text + (" or None" if self.none_ok else "")
+        return text + (" or None" if self.none_ok and allow_none else "")
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,18 @@ class Options:
     def ok(self, v: Any) -> bool:
         return v in self.values
 
-    def describe(self) -> str:
+    def describe(self, allow_none: bool = True) -> str:
         return "one of {" + ", ".join(repr(v) for v in sorted(self.values, key=str)) + "}"
 
 
 def _count(least: int = 1, none_ok: bool = False) -> Interval:
     return Interval(int, least, None, none_ok=none_ok)
 
+
+#: How compress, collect and finetune train a teacher by default: up to ``epochs`` (at least
+#: ``min_steps`` steps on small sets), stopped at a validation plateau (``patience`` checks without
+#: a gain). Chosen by measurement: benchmarks/teacher_plateau.py, benchmarks/README.md.
+TEACHER_DEFAULTS = {"epochs": 3.0, "lr": 2e-4, "patience": 3, "min_steps": 150}
 
 _POSITIVE = Interval(float, 0, None, "neither")
 _WEIGHT = Interval(float, 0, None, "left")
@@ -77,7 +82,7 @@ _FRACTION = Interval(float, 0, 1, "both")
 CONSTRAINTS: dict[str, Interval | Options] = {
     # sizes and counts
     "batch_size": _count(), "eval_batch_size": _count(), "max_length": Interval(int, 2, None),
-    "target_layers": _count(), "min_layers": _count(),
+    "target_layers": _count(none_ok=True), "min_layers": _count(),
     "signal_samples": _count(), "samples": _count(), "label_samples": _count(0),
     "max_steps": _count(none_ok=True), "max_train_samples": _count(none_ok=True),
     "max_eval_samples": _count(none_ok=True), "max_samples": _count(none_ok=True),
@@ -85,6 +90,8 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "zero_shot_samples": _count(), "max_eval_tokens": _count(none_ok=True),
     "finetune_steps": _count(0, none_ok=True), "recovery_steps": _count(0), "lm_distill_steps": _count(0),
     "heal_steps": _count(0), "steps": _count(0), "lora_r": _count(), "lora_alpha": _count(),
+    "patience": _count(0), "teacher_patience": _count(0), "eval_every": _count(0), "min_steps": _count(0),
+    "early_stopping_samples": _count(),
     # rates and weights
     "epochs": _POSITIVE, "teacher_epochs": _POSITIVE, "distill_epochs": _POSITIVE,
     "lr": _POSITIVE, "teacher_lr": _POSITIVE, "heal_lr": _POSITIVE, "temperature": _POSITIVE,
@@ -92,6 +99,8 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "soft_weight": _WEIGHT, "hard_weight": _WEIGHT, "hidden_weight": _WEIGHT,
     "kd_weight": _FRACTION, "lora_dropout": Interval(float, 0, 1, "left"),
     "seed": Interval(int, 0, 2**32 - 1),
+    "teacher_margin": _FRACTION, "max_accuracy_drop": Interval(float, 0, 1, "both", none_ok=True),
+    "max_perplexity_increase": Interval(float, 0, None, "left", none_ok=True),
     # enumerations
     "mixed_precision": Options(("auto", "no", "bf16", "fp16")),
     "cache_teacher_logits": Options(("auto", "yes", "no")),
@@ -103,7 +112,9 @@ def check(name: str, value: Any, label: str | None = None) -> None:
     """Raise a one-line BadInputError if ``value`` is outside ``name``'s constraint."""
     c = CONSTRAINTS[name]
     if not c.ok(value):
-        raise BadInputError(f"The {label or repr(name) + ' parameter'} must be {c.describe()}. Got {value!r}.")
+        # On the command line "None" is leaving the option out, so it is not offered as a value.
+        raise BadInputError(f"The {label or repr(name) + ' parameter'} must be {c.describe(label is None)}. "
+                            f"Got {value!r}.")
 
 
 def validate(config: Any) -> None:

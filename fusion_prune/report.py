@@ -98,9 +98,14 @@ def _plt():
     return plt
 
 
+def _name(spec) -> str:
+    return Path(str(spec)).name or str(spec)
+
+
 def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series: list[tuple[list, str, str]],
-                   ylabel: str, title: str, log: bool = False, **title_kw) -> Path:
-    """A metric against the depth reached after each step (x: layers, inverted), teacher dashed.
+                   ylabel: str, title: str, log: bool = False, budget: float | None = None, **title_kw) -> Path:
+    """A metric against the depth reached after each step (x: layers, inverted, integer ticks), the
+    teacher dashed and, when given, the budget's limit dotted.
 
     ``series``: (values per step, matplotlib format, legend label); None values are not drawn.
     """
@@ -109,16 +114,18 @@ def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series
 
     depth = [e["layers_before"] - len(e["dropped"]) for e in report["history"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.axhline(teacher, color="grey", ls="--", label="teacher")
+    ax.axhline(teacher, color="grey", ls="--", label=f"teacher ({report['teacher_layers']} layers)")
+    if budget is not None:
+        ax.axhline(budget, color="tab:red", ls=":", label="budget limit")
     for values, fmt, label in series:
         ax.plot(depth, [np.nan if v is None else v for v in values], fmt, label=label)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("layers")
     ax.set_ylabel(ylabel)
-    if log:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.invert_xaxis()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if depth:
+        ax.set_xlim(max(depth) + 0.5, min(depth) - 0.5)
     ax.legend(fontsize=8)
     ax.set_title(title, **title_kw)
     try:
@@ -127,15 +134,87 @@ def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series
         plt.close(fig)
 
 
+def _budget_limit(report: dict, teacher: float) -> float | None:
+    b = report.get("budget")
+    if not b:
+        return None
+    return teacher - b["value"] if b["parameter"] == "max_accuracy_drop" else teacher * (1 + b["value"])
+
+
 def plot_accuracy(report: dict, path: str | os.PathLike) -> Path:
-    """Validation accuracy after each step (and the measured drop-one accuracy before recovery)."""
+    """Validation accuracy against depth after each step (and the measured drop-one accuracy before recovery)."""
     h = report["history"]
     series = [([e["validation_accuracy_after_finetune"] for e in h], "o-", "after short fine-tune")]
     measured = [e["measured_acc_after_drop"] for e in h]
     if any(m is not None for m in measured):
         series.append((measured, "x:", "right after the drop"))
-    return _plot_per_step(report, path, report["info"]["teacher_validation_accuracy"], series,
-                          "validation accuracy", f"{report['strategy']}: accuracy per step")
+    teacher = report["info"]["teacher_validation_accuracy"]
+    title = f"{_name(report['model'])} on {_name(report['dataset'])}: validation accuracy ({report['strategy']})"
+    return _plot_per_step(report, path, teacher, series, "validation accuracy", title,
+                          budget=_budget_limit(report, teacher), fontsize=9)
+
+
+def depth_table(report: dict) -> pd.DataFrame:
+    """One row per depth reached (the teacher first): parameters, measured throughput and its
+    speed-up, and the validation metric after that step."""
+    info, key = report["info"], ("validation_perplexity" if report.get("task") == "causal-lm"
+                                 else "validation_accuracy_after_finetune")
+    rows = [{"layers": report["teacher_layers"], "parameters": info.get("teacher_parameters"),
+             "throughput": info.get("teacher_throughput"), "validation": info.get(
+                 "teacher_validation_perplexity" if report.get("task") == "causal-lm" else "teacher_validation_accuracy")}]
+    rows += [{"layers": e["layers_before"] - len(e["dropped"]), "parameters": e.get("parameters"),
+              "throughput": e.get("throughput"), "validation": e[key]} for e in report["history"]]
+    t = pd.DataFrame(rows)
+    t["speedup"] = t["throughput"] / t["throughput"].iloc[0] if t["throughput"].notna().all() else np.nan
+    return t
+
+
+def plot_size_speed(report: dict, path: str | os.PathLike) -> Path:
+    """Parameters (millions) and measured forward throughput against depth."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    t = depth_table(report)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot(t["layers"], t["parameters"] / 1e6, "o-", color="tab:blue", label="parameters")
+    ax.set_xlabel("layers")
+    ax.set_ylabel("parameters (millions)", color="tab:blue")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(t["layers"].max() + 0.5, t["layers"].min() - 0.5)
+    ax2 = ax.twinx()
+    ax2.plot(t["layers"], t["throughput"], "s--", color="tab:orange", label="throughput")
+    ax2.set_ylabel(report["info"].get("throughput_unit", "examples/s") + " (one forward, measured)",
+                   color="tab:orange")
+    ax.set_title(f"{_name(report['model'])}: size and measured speed by depth", fontsize=9)
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _depth_lines(report: dict) -> list[str]:
+    t = depth_table(report)
+    if t["parameters"].isna().any():  # a report from before these were recorded
+        return []
+    unit = report["info"].get("throughput_unit", "examples/s")
+    metric = "validation perplexity" if report.get("task") == "causal-lm" else "validation accuracy"
+    lines = [f"| layers | parameters | {unit} (measured) | speed-up | {metric} |", "|---|---|---|---|---|"]
+    for r in t.itertuples():
+        lines.append(f"| {r.layers} | {r.parameters:,} | {r.throughput:.1f} | {r.speedup:.2f}x | {r.validation:.4f} |")
+    lines.append("")
+    if report.get("accuracy_to_size") is not None:
+        lines += [f"Accuracy-to-size ratio {report['accuracy_to_size']:.3f}: the fraction of the teacher's test "
+                  "accuracy kept, divided by the fraction of its parameters kept (above 1: accuracy shrank less "
+                  "than the model).", ""]
+    b = report.get("budget")
+    if b:
+        stop = b["stopped"]
+        lines += [f"Budget `{b['parameter']}` = {b['value']}: " + (
+            f"removing original layer(s) {stop['dropped_orig']} at {stop['layers_before']} layers broke it, so that "
+            f"step was undone and the run stopped at {report['student_layers']} layers." if stop
+            else "never broken; the run stopped at the target depth."), ""]
+    lines += ["![size and speed](plots/size_speed.png)", ""]
+    return lines
 
 
 def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
@@ -149,7 +228,7 @@ def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
     ax.set_xticks(range(L))
     ax.set_yticks(range(len(rows)), ["teacher"] + [f"step {e['step']}" for e in report["history"]])
     ax.set_xlabel("original layer (green: kept)")
-    ax.set_title("kept layers")
+    ax.set_title(f"{_name(report['model'])}: kept layers after each step ({report['strategy']})", fontsize=9)
     try:
         return _save_figure(fig, path)
     finally:
@@ -159,10 +238,10 @@ def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
 def plot_perplexity(report: dict, path: str | os.PathLike) -> Path:
     """Validation perplexity after each step of a causal-LM run (log scale), teacher dashed."""
     h = report["history"]
-    title = f"{Path(str(report['model'])).name} on {Path(str(report['dataset'])).name}: {report['strategy']}"
-    return _plot_per_step(report, path, report["info"]["teacher_validation_perplexity"],
-                          [([e["validation_perplexity"] for e in h], "o-", "after each removal")],
-                          "validation perplexity", title, log=True, fontsize=9)
+    title = f"{_name(report['model'])} on {_name(report['dataset'])}: validation perplexity ({report['strategy']})"
+    teacher = report["info"]["teacher_validation_perplexity"]
+    return _plot_per_step(report, path, teacher, [([e["validation_perplexity"] for e in h], "o-", "after each removal")],
+                          "validation perplexity", title, log=True, budget=_budget_limit(report, teacher), fontsize=9)
 
 
 def _lm_report_lines(report: dict) -> list[str]:
@@ -192,7 +271,8 @@ def _lm_report_lines(report: dict) -> list[str]:
     for e in report["history"]:
         lines.append(f"| {e['step']} | {e['layers_before']} | {e['dropped_orig']} | "
                      f"{fmt(e['measured_nll_after_drop'])} | {e['validation_perplexity']:.3f} |")
-    lines += ["", "![perplexity](plots/perplexity.png)", "", "![kept layers](plots/kept_layers.png)", ""]
+    lines += ["", "![perplexity](plots/perplexity.png)", "", *_depth_lines(report),
+              "![kept layers](plots/kept_layers.png)", ""]
     return lines
 
 
@@ -205,6 +285,8 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
         write_json_atomic(folder / "report.json", report)
         plot_perplexity(report, folder / "plots" / "perplexity.png")
         plot_kept_layers(report, folder / "plots" / "kept_layers.png")
+        if report["history"] and report["history"][0].get("parameters") is not None:
+            plot_size_speed(report, folder / "plots" / "size_speed.png")
         for e in report["history"]:
             if e["signals"] is not None:
                 plot_signals_heatmap(pd.DataFrame(e["signals"]), folder / "plots" / f"signals_step{e['step']}.png",
@@ -215,6 +297,8 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
     plots = folder / "plots"
     plot_accuracy(report, plots / "accuracy.png")
     plot_kept_layers(report, plots / "kept_layers.png")
+    if report["history"] and report["history"][0].get("parameters") is not None:
+        plot_size_speed(report, plots / "size_speed.png")
     for e in report["history"]:
         if e["signals"] is not None:
             plot_signals_heatmap(pd.DataFrame(e["signals"]), plots / f"signals_step{e['step']}.png",
@@ -252,7 +336,7 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
         fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"| {e['step']} | {e['layers_before']} | {e['dropped_orig']} | {fmt(e['predicted'])} | "
                      f"{fmt(e['measured_acc_after_drop'])} | {e['validation_accuracy_after_finetune']:.4f} |")
-    lines += ["", "![accuracy](plots/accuracy.png)", "", "![kept layers](plots/kept_layers.png)", ""]
+    lines += ["", "![accuracy](plots/accuracy.png)", "", *_depth_lines(report), "![kept layers](plots/kept_layers.png)", ""]
     lines += [f"![signals step {e['step']}](plots/signals_step{e['step']}.png)" for e in report["history"]
               if e["signals"] is not None]
     write_text_atomic(folder / "report.md", "\n".join(lines) + "\n")

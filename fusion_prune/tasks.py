@@ -75,6 +75,15 @@ class Task:
     def step_metric(self, model, tok, cfg: CompressConfig) -> float:
         raise NotImplementedError
 
+    #: CompressConfig field of this task's budget, and the teacher's validation metric in ``info``
+    budget_field: ClassVar[str]
+    teacher_metric_key: ClassVar[str]
+    throughput_unit: ClassVar[str] = "examples/s"
+
+    def within_budget(self, metric: float, info: dict, cfg: CompressConfig) -> bool:
+        """Whether a step's validation metric stays within the budget (always, when none is set)."""
+        raise NotImplementedError
+
     # the end
     def finish(self, teacher, student, tok, cfg: CompressConfig, info: dict, log: Log) -> tuple[object, dict]:
         """Heal / distil ``student`` and evaluate both; returns (final student, report fields)."""
@@ -96,6 +105,12 @@ class ClassificationTask(Task):
     step_metric_key = "validation_accuracy_after_finetune"
     step_label_key = "measured_acc_after_drop"
     default_strategy = "fusion"
+    budget_field = "max_accuracy_drop"
+    teacher_metric_key = "teacher_validation_accuracy"
+
+    def within_budget(self, metric, info, cfg):
+        # Both numbers come from the same validation examples (_eval_sets), so the check is paired.
+        return cfg.max_accuracy_drop is None or info[self.teacher_metric_key] - metric <= cfg.max_accuracy_drop + 1e-9
 
     def load_data(self, spec, text_column="text", label_column="label"):
         from fusion_prune.data import load_dataset
@@ -123,7 +138,7 @@ class ClassificationTask(Task):
                         progress=False)
 
     def prepare_teacher(self, model, tok, cfg, ready, model_spec, log):
-        from fusion_prune.finetune import FinetuneConfig, make_accelerator, train
+        from fusion_prune.finetune import FinetuneConfig, check_teacher, make_accelerator, majority_share, train
         from fusion_prune.greedy import _teacher_data
 
         info: dict = {"teacher_finetuned": not ready}
@@ -131,11 +146,16 @@ class ClassificationTask(Task):
             log(f"{model_spec} has no head for these labels: fine-tuning the teacher first")
             tcfg = FinetuneConfig(**{**asdict(cfg.teacher), "max_length": cfg.max_length, "seed": cfg.seed,
                                      "progress": cfg.progress})
-            info["teacher_train"] = train(model, tok, self.data.train, tcfg, make_accelerator(tcfg.mixed_precision))
+            info["teacher_train"] = train(model, tok, self.data.train, tcfg, make_accelerator(tcfg.mixed_precision),
+                                          val_df=self.data.validation, data_labels=self.data.labels)
             info["teacher_data"] = {"max_train_samples": tcfg.max_train_samples, "seed": tcfg.seed}
         else:
             info["teacher_data"] = _teacher_data(model_spec, self.data)
-        info["teacher_validation_accuracy"] = self._evaluate(model, tok, self._eval_sets(cfg)[0], cfg)["accuracy"]
+        val = self._eval_sets(cfg)[0]
+        info["teacher_validation_accuracy"] = self._evaluate(model, tok, val, cfg)["accuracy"]
+        info["validation_majority_share"] = majority_share(val["label"].to_numpy())
+        check_teacher(info["teacher_validation_accuracy"], info["validation_majority_share"], cfg.teacher_margin,
+                      "The teacher (fine-tuned here)" if not ready else f"The teacher {model_spec!r}")
         return info
 
     def calibration_batches(self, model, tok, cfg, step):
@@ -216,6 +236,14 @@ class CausalLMTask(Task):
     step_metric_key = "validation_perplexity"
     step_label_key = "measured_nll_after_drop"
     default_strategy = "block-influence"
+    budget_field = "max_perplexity_increase"
+    throughput_unit = "tokens/s"
+    teacher_metric_key = "teacher_validation_perplexity"
+
+    def within_budget(self, metric, info, cfg):
+        # Relative: 0.5 allows 1.5x the teacher's validation perplexity (same windows), before healing.
+        return cfg.max_perplexity_increase is None or \
+            metric <= info[self.teacher_metric_key] * (1 + cfg.max_perplexity_increase) + 1e-9
     #: spacing of the predicting positions the MI signals use (see signals.capture)
     lm_stride = 16
 

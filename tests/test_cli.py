@@ -96,7 +96,8 @@ def test_finetune_under_accelerate_launch_with_two_cpu_processes(tiny_base_model
         [str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "fusion_prune.cli", "finetune",
          "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir), "-o", str(out),
-         "--epochs", "4", "--batch-size", "16", "--lr", "3e-3", "--max-length", "16"],
+         "--epochs", "4", "--patience", "0", "--min-steps", "0", "--batch-size", "16", "--lr", "3e-3",
+         "--max-length", "16"],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads((out / "fusionprune_run.json").read_text())
@@ -131,7 +132,7 @@ def test_prune_keeps_the_classifier_class(runner, tiny_base_model, sentiment_csv
 
     teacher = tmp_path / "teacher"
     assert runner.invoke(main, ["finetune", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir),
-                                "-o", str(teacher), "--max-steps", "2"]).exit_code == 0
+                                "-o", str(teacher), "--max-steps", "2", "--teacher-margin", "0"]).exit_code == 0
     out = tmp_path / "student"
     assert runner.invoke(main, ["prune", "--model", str(teacher), "--drop", "0", "-o", str(out)]).exit_code == 0
     model = AutoModelForSequenceClassification.from_pretrained(out)

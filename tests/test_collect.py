@@ -138,7 +138,8 @@ def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model,
                       CompressConfig(target_layers=2, strategy="fusion", fusion_path=str(bundle), finetune_steps=1,
                                      signal_samples=16, label_samples=0, max_eval_samples=20, max_length=16,
                                      batch_size=8, distill=None, progress=False,
-                                     teacher=FinetuneConfig(epochs=1, batch_size=16, max_length=16)),
+                                     teacher=FinetuneConfig(epochs=1, batch_size=16, max_length=16),
+                                     teacher_margin=0.0),  # a one-epoch teacher: not what this test is about
                       tmp_path / "out")
     assert len(report["kept_layers"]) == 2
     assert "activation_patching" in report["history"][0]["signals"]

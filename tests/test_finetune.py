@@ -44,8 +44,9 @@ def test_finetune_learns_and_saves_a_reloadable_classifier(tiny_base_model, sent
 
 def test_finetune_is_deterministic_for_a_seed(tiny_base_model, sentiment_csv_dir, tmp_path):
     data = load_dataset(str(sentiment_csv_dir))
-    a = finetune(str(tiny_base_model), data, _cfg(max_steps=5), tmp_path / "a").record
-    b = finetune(str(tiny_base_model), data, _cfg(max_steps=5), tmp_path / "b").record
+    # five steps learn little: the majority-class check is off, this test is about determinism
+    a = finetune(str(tiny_base_model), data, _cfg(max_steps=5), tmp_path / "a", teacher_margin=0).record
+    b = finetune(str(tiny_base_model), data, _cfg(max_steps=5), tmp_path / "b", teacher_margin=0).record
     assert a["train"]["final_loss"] == b["train"]["final_loss"]
     assert a["train"]["steps"] == 5
 
@@ -86,7 +87,7 @@ def test_config_validation():
 def test_new_head_when_labels_differ(tiny_base_model, sentiment_csv_dir, tmp_path):
     data = load_dataset(str(sentiment_csv_dir))
     out = tmp_path / "t"
-    finetune(str(tiny_base_model), data, _cfg(max_steps=2), out)
+    finetune(str(tiny_base_model), data, _cfg(max_steps=2), out, teacher_margin=0)
     assert head_labels(AutoModelForSequenceClassification.from_pretrained(out).config) == ["neg", "pos"]
     model, _, trained = load_classifier(str(out), ["a", "b", "c"])
     assert trained is False and model.config.num_labels == 3
