@@ -363,6 +363,46 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
+@main.command()
+@click.option("--model", "-m", required=True, help="A fine-tuned classifier or a causal LM.")
+@_dataset_options
+@_task_option
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--samples", default=None, type=int, help="Calibration examples [256] or token windows [4].")
+@click.option("--split", default="validation", show_default=True, type=click.Choice(["train", "validation", "test"]),
+              help="Classifier: the split the calibration sample is drawn from (as for `signals`).")
+@click.option("--extras", default="all", show_default=True,
+              help="Opt-in signals beside the 12: all, none, or comma-separated names.")
+@click.option("--measure", is_flag=True, help="Also measure the validation metric without each layer (the reference).")
+@click.option("--label-samples", default=None, type=int, help="Validation examples [400] or windows [8] for --measure.")
+@click.option("--fusion", "fusion_path", default="default", show_default=True,
+              help="Fusion bundle whose ranking is shown (default: the shipped one; 'none': no bundle).")
+@click.option("--batch-size", default=None, type=int, help="[classification 16, causal LM 4]")
+@click.option("--max-length", default=None, type=int, help="Tokens per example [128] or per window [512].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def analyze(model: str, dataset: str, text_column: str, label_column: str, task: str | None, output: Path,
+            samples: int | None, split: str, extras: str, measure: bool, label_samples: int | None, fusion_path: str,
+            batch_size: int | None, max_length: int | None, seed: int, overwrite: bool) -> None:
+    """Every signal's, consensus's and the fusion bundle's ranking of MODEL's layers, their agreement, and
+    (--measure) the measured metric without each layer: analysis.md, plots and a parquet table."""
+    from fusion_prune.analyze import analyze as run
+
+    _hold_output(output, overwrite)
+    if fusion_path not in ("default", "none") and not Path(fusion_path).is_file():
+        raise BadInputError(f"The fusion bundle {fusion_path!r} does not exist; expected a file written by "
+                            "fit-fusion, 'default' or 'none'.")
+    names = None if extras == "all" else [] if extras == "none" else [e.strip() for e in extras.split(",") if e.strip()]
+    a = run(model, dataset, task=task, text_column=text_column, label_column=label_column, samples=samples,
+            split=split, extras=names, measure=measure, label_samples=label_samples,
+            fusion=None if fusion_path == "none" else fusion_path, batch_size=batch_size, max_length=max_length,
+            seed=seed)
+    a.save(output, overwrite=overwrite)
+    first = {m: int(a.table["orig_layer"].iloc[int(a.ranks[m].to_numpy().argmin())]) for m in a.ranks.columns}
+    click.echo(f"saved {output} (analysis.md, analysis.parquet, agreement.csv, plots/)")
+    click.echo("first layer to remove (original index): " + ", ".join(f"{m} {l}" for m, l in first.items()))
+
+
 # --------------------------------------------------------------------------- fusion data
 
 

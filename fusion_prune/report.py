@@ -124,8 +124,7 @@ def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series
     ax.set_xlabel("layers")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if depth:
-        ax.set_xlim(max(depth) + 0.5, min(depth) - 0.5)
+    ax.set_xlim(report["teacher_layers"] + 0.5, min([*depth, report["teacher_layers"]]) - 0.5)
     ax.legend(fontsize=8)
     ax.set_title(title, **title_kw)
     try:
@@ -285,7 +284,7 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
         write_json_atomic(folder / "report.json", report)
         plot_perplexity(report, folder / "plots" / "perplexity.png")
         plot_kept_layers(report, folder / "plots" / "kept_layers.png")
-        if report["history"] and report["history"][0].get("parameters") is not None:
+        if report["info"].get("teacher_parameters") is not None:
             plot_size_speed(report, folder / "plots" / "size_speed.png")
         for e in report["history"]:
             if e["signals"] is not None:
@@ -297,7 +296,7 @@ def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
     plots = folder / "plots"
     plot_accuracy(report, plots / "accuracy.png")
     plot_kept_layers(report, plots / "kept_layers.png")
-    if report["history"] and report["history"][0].get("parameters") is not None:
+    if report["info"].get("teacher_parameters") is not None:
         plot_size_speed(report, plots / "size_speed.png")
     for e in report["history"]:
         if e["signals"] is not None:
