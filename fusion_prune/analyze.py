@@ -92,7 +92,7 @@ class Analysis:
             lines.append(f"| {int(o)} | " + " | ".join(cells) + " |")
         lines += ["", "(rank 1 = removed first)", "", "## Agreement", ""]
         mean_agree = (self.agreement.sum() - 1) / max(1, len(methods) - 1)
-        lines += [f"Mean Spearman of each method with the others: " + ", ".join(
+        lines += ["Mean Spearman of each method with the others: " + ", ".join(
             f"`{k}` {v:+.2f}" for k, v in mean_agree.sort_values(ascending=False).items()) + ".", "",
             "Full matrix: `agreement.csv`. Values and ranks: `analysis.parquet`.", "",
             "![signals](plots/signals.png)", "", "![ranks](plots/ranks.png)", "", "![agreement](plots/agreement.png)",

@@ -72,3 +72,28 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("FUSIONPRUNE_HOME", str(home))
     return home
+
+
+def train_tiny_classifier(root: Path, data_dir: Path, layers: int) -> Path:
+    """A tiny BERT of ``layers`` layers fine-tuned on the tiny sentiment task, saved in ``root/teacher``."""
+    import torch
+    from transformers import BertModel
+
+    from fusion_prune.data import load_dataset
+    from fusion_prune.finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(layers=layers)).save_pretrained(root / "base")
+    make_tokenizer(root / "base").save_pretrained(root / "base")
+    finetune(str(root / "base"), load_dataset(str(data_dir)),
+             FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, max_length=16, progress=False), root / "teacher")
+    return root / "teacher"
+
+
+@pytest.fixture(scope="session")
+def bundle_path(tmp_path_factory) -> Path:
+    """A random-forest fusion bundle fitted on synthetic rows."""
+    from fusion_prune.fusion import fit_bundle
+    from test_fusion import synthetic_rows
+
+    return fit_bundle(synthetic_rows(), "rf").save(tmp_path_factory.mktemp("bundle") / "f.npz")

@@ -5,38 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-import transformers as T
 from click.testing import CliRunner
 
 from fusion_prune.analyze import analyze
 from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
-from fusion_prune.finetune import FinetuneConfig, finetune, subsample
+from fusion_prune.finetune import subsample
 from fusion_prune.labels import drop_one_labels
 from fusion_prune.models import load_classifier
 from signals import DEFAULT_SIGNALS
 
-from conftest import make_tokenizer, tiny_bert_config
+from conftest import train_tiny_classifier
 
 
 @pytest.fixture(scope="module")
 def teacher(sentiment_csv_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("analyze")
-    torch.manual_seed(0)
-    T.BertModel(tiny_bert_config(layers=4)).save_pretrained(root / "base")
-    make_tokenizer(root / "base").save_pretrained(root / "base")
-    finetune(str(root / "base"), load_dataset(str(sentiment_csv_dir)),
-             FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, max_length=16, progress=False), root / "teacher")
-    return root / "teacher"
-
-
-@pytest.fixture(scope="module")
-def bundle_path(tmp_path_factory):
-    from fusion_prune.fusion import fit_bundle
-    from test_fusion import synthetic_rows
-
-    return fit_bundle(synthetic_rows(), "rf").save(tmp_path_factory.mktemp("bundle") / "f.npz")
+    """A trained 4-layer tiny classifier."""
+    return train_tiny_classifier(tmp_path_factory.mktemp("analyze"), sentiment_csv_dir, layers=4)
 
 
 def test_numbers_equal_signals_and_labels_for_the_same_inputs(teacher, sentiment_csv_dir, bundle_path, tmp_path):

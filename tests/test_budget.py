@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import transformers as T
@@ -19,7 +18,7 @@ from fusion_prune.greedy import CompressConfig, compress
 from fusion_prune.models import load_classifier
 from fusion_prune.tasks import ClassificationTask
 
-from conftest import make_tokenizer, sentiment_frame, tiny_bert_config
+from conftest import make_tokenizer, sentiment_frame, tiny_bert_config, train_tiny_classifier
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +31,8 @@ def base3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def teacher3(base3, sentiment_csv_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("t3") / "teacher"
-    finetune(str(base3), load_dataset(str(sentiment_csv_dir)),
-             FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, max_length=16, progress=False), out)
-    return out
+def teacher3(sentiment_csv_dir, tmp_path_factory):
+    return train_tiny_classifier(tmp_path_factory.mktemp("t3"), sentiment_csv_dir, layers=3)
 
 
 @pytest.fixture(scope="module")

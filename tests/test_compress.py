@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import transformers as T
 from click.testing import CliRunner
 
@@ -19,31 +18,16 @@ from distill import DistillConfig
 from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
-from fusion_prune.finetune import FinetuneConfig, finetune
 from fusion_prune.greedy import CompressConfig, compress
 from fusion_prune.strategies import STRATEGIES
 
-from conftest import make_tokenizer, tiny_bert_config
+from conftest import train_tiny_classifier
 
 
 @pytest.fixture(scope="module")
 def teacher(sentiment_csv_dir, tmp_path_factory):
     """A trained 3-layer tiny classifier."""
-    root = tmp_path_factory.mktemp("compress")
-    torch.manual_seed(0)
-    T.BertModel(tiny_bert_config(layers=3)).save_pretrained(root / "base")
-    make_tokenizer(root / "base").save_pretrained(root / "base")
-    finetune(str(root / "base"), load_dataset(str(sentiment_csv_dir)),
-             FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, max_length=16, progress=False), root / "teacher")
-    return root / "teacher"
-
-
-@pytest.fixture(scope="module")
-def bundle_path(tmp_path_factory):
-    from fusion_prune.fusion import fit_bundle
-    from test_fusion import synthetic_rows
-
-    return fit_bundle(synthetic_rows(), "rf").save(tmp_path_factory.mktemp("bundle") / "f.npz")
+    return train_tiny_classifier(tmp_path_factory.mktemp("compress"), sentiment_csv_dir, layers=3)
 
 
 def _cfg(strategy="top", **kw):
