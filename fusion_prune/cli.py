@@ -460,7 +460,9 @@ _LABEL_OPTION = click.option(
 
 @main.command("fit-fusion")
 @click.option("--data", "data", multiple=True, required=True, help="Rows tables (repeatable; glob patterns allowed).")
-@click.option("--model-type", default="rf", show_default=True, type=click.Choice(["linear", "rf", "xgb"]))
+@click.option("--model-type", default="rf", show_default=True,
+              help="A registered fusion model: linear, rf, xgb, or xgb-rank (XGBoost with a pairwise ranking "
+                   "objective grouped by state).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle to write (.npz).")
 @click.option("--feature-norm", default="auto", show_default=True,
               type=click.Choice(["auto", "zscore", "rank", "minmax", "raw"]),
@@ -479,7 +481,10 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
     """Fit a fusion model on collected rows and save it as a bundle (.npz: JSON metadata and arrays, no pickle)."""
     from fusion_prune import fusion as F
     from fusion_prune.collect import check_extra_signals
+    from fusion_prune.errors import bad_choice
 
+    if model_type not in F.FUSION_MODELS:  # the registry, not a list here: a new model needs no CLI edit
+        raise bad_choice("model_type", model_type, F.FUSION_MODELS)
     for path in (output, report, report and report.with_suffix(".png")):
         if path is not None:
             _hold_output(path, overwrite, kind="file")
@@ -569,13 +574,16 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--strategy", default=None,
               help="How to pick layers (default: fusion for classifiers, block-influence for causal LMs): fusion, "
-                   "consensus, top, bottom, alternate, symmetric, deepest, angular-block, block-influence, sleb, "
+                   "fusion-verify, consensus, top, bottom, alternate, symmetric, deepest, angular-block, "
+                   "block-influence, sleb, "
                    "taylor, random, oracle, or a signal name (act_energy, grad_norm, ..., or an opt-in extra such "
                    "as activation_patching).")
 @click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
               help="Fusion bundle for --strategy fusion; default: the shipped one.")
 @click.option("--trust-pickle", is_flag=True,
               help="Also load a joblib (pickle) bundle from before format 2. Unpickling runs any code the file holds.")
+@click.option("--verify-k", default=3, show_default=True, type=int,
+              help="fusion-verify: the bundle's shortlist, among which the measured drop-one label decides.")
 @click.option("--finetune-steps", default=None, type=int,
               help="Recovery steps per removed layer, after each drop [classification 50, causal LM 0].")
 @click.option("--signal-samples", default=None, type=int,
@@ -647,12 +655,13 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
     from fusion_prune.greedy import CompressConfig, compress as run
     from fusion_prune.tasks import detect_task, get_task
 
-    if fusion_path is not None and strategy in (None, "fusion") and not fusion_path.is_file():
+    if fusion_path is not None and strategy in (None, "fusion", "fusion-verify") and not fusion_path.is_file():
         raise BadInputError(f"The fusion bundle {str(fusion_path)!r} does not exist; expected a file written by fit-fusion.")
     check_output(output, overwrite)
     task_name = detect_task(model, dataset, task, label_column)
     cfg = CompressConfig(
         target_layers=target_layers, strategy=strategy, fusion_path=str(fusion_path) if fusion_path else None, trust_pickle=trust_pickle,
+        verify_k=verify_k,
         finetune_steps=finetune_steps, signal_samples=signal_samples, label_samples=label_samples,
         max_eval_samples=max_eval_samples, step_eval_samples=step_eval_samples, max_length=max_length,
         batch_size=batch_size, lr=lr, seed=seed, task=task_name,

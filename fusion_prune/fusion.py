@@ -39,12 +39,16 @@ DEFAULT_BUNDLE = Path(__file__).resolve().parent / "fusion_data" / "default-fusi
 FUSION_MODELS: dict[str, Callable[[int], object]] = {}
 #: How each registered model is written to and read from a bundle (a key of CODECS).
 FUSION_CODECS: dict[str, str] = {}
+#: Models fitted with the state of each row as its group (``fit(x, y, qid=...)``): rankers.
+GROUPED_MODELS: set[str] = set()
 
 
-def register_fusion_model(name: str, codec: str) -> Callable:
+def register_fusion_model(name: str, codec: str, grouped: bool = False) -> Callable:
     """Register ``factory(seed) -> estimator`` (scikit-learn API) under ``name``.
 
     ``codec`` names the entry of :data:`CODECS` that turns the fitted estimator into plain arrays.
+    ``grouped``: the estimator learns to order the layers within each state (a learning-to-rank
+    objective); ``fit`` then gets ``qid``, one id per state.
     """
 
     def wrap(factory: Callable[[int], object]) -> Callable[[int], object]:
@@ -54,6 +58,8 @@ def register_fusion_model(name: str, codec: str) -> Callable:
             raise ValueError(f"fusion model {name!r}: unknown codec {codec!r}; expected one of {sorted(CODECS)}")
         FUSION_MODELS[name] = factory
         FUSION_CODECS[name] = codec
+        if grouped:
+            GROUPED_MODELS.add(name)
         return factory
 
     return wrap
@@ -147,10 +153,19 @@ def _load_xgboost(a: dict[str, np.ndarray]):
     return est
 
 
+def _load_xgboost_ranker(a: dict[str, np.ndarray]):
+    from xgboost import XGBRanker
+
+    est = XGBRanker()
+    est.load_model(bytearray(a["model_json"].tobytes()))
+    return est
+
+
 CODECS: dict[str, tuple[Callable[[object], dict[str, np.ndarray]], Callable[[dict[str, np.ndarray]], object]]] = {
     "linear": (_export_linear, _load_linear),
     "forest": (_export_forest, _load_forest),
     "xgboost": (_export_xgboost, _load_xgboost),
+    "xgboost-rank": (_export_xgboost, _load_xgboost_ranker),
 }
 
 
@@ -175,6 +190,16 @@ def _xgb(seed: int):
 
     return XGBRegressor(n_estimators=300, max_depth=3, learning_rate=0.05, subsample=0.8, colsample_bytree=0.8,
                         random_state=seed, n_jobs=1, verbosity=0)
+
+
+@register_fusion_model("xgb-rank", codec="xgboost-rank", grouped=True)
+def _xgb_rank(seed: int):
+    # The decision is an argmax per state, so learn the order within each state (pairwise
+    # objective grouped by state) instead of a value comparable across states.
+    from xgboost import XGBRanker
+
+    return XGBRanker(objective="rank:pairwise", n_estimators=300, max_depth=3, learning_rate=0.05, subsample=0.8,
+                     colsample_bytree=0.8, random_state=seed, n_jobs=1, verbosity=0)
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -227,12 +252,15 @@ def iter_states(rows: pd.DataFrame):
         yield key, state.sort_values("layer")
 
 
-def design_matrix(rows: pd.DataFrame, features: Sequence[str], norm: str, target: str):
-    xs, ys = [], []
-    for _, state in iter_states(rows):
+def design_matrix(rows: pd.DataFrame, features: Sequence[str], norm: str, target: str, groups: bool = False):
+    """(x (N, n_features), y (N,)) over all states' rows; with ``groups`` also each row's state id (N,)."""
+    xs, ys, gs = [], [], []
+    for i, (_, state) in enumerate(iter_states(rows)):
         xs.append(state_features(state, features, norm))
         ys.append(TARGETS[target](state))
-    return np.vstack(xs), np.concatenate(ys)
+        gs.append(np.full(len(state), i, dtype=np.int64))
+    out = (np.vstack(xs), np.concatenate(ys))
+    return (*out, np.concatenate(gs)) if groups else out
 
 
 # --------------------------------------------------------------------------- the bundle
@@ -440,9 +468,13 @@ def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[st
     features = list(features)
     check_columns(rows, features)
     rows = use_label(rows, label)
-    x, y = design_matrix(rows, features, feature_norm, target)
     est = FUSION_MODELS[model_type](seed)
-    est.fit(x, y)
+    if model_type in GROUPED_MODELS:
+        x, y, qid = design_matrix(rows, features, feature_norm, target, groups=True)
+        est.fit(x, y, qid=qid)
+    else:
+        x, y = design_matrix(rows, features, feature_norm, target)
+        est.fit(x, y)
     sources = (rows.groupby(["source_model", "dataset"]).step.nunique().reset_index()
                .rename(columns={"step": "states"}).to_dict("records"))
     return FusionBundle(est, model_type, features, feature_norm, target, sources, cv or {}, _fusion_versions(),

@@ -76,6 +76,7 @@ class CompressConfig:
     kd_weight: float = 0.5  # weight of the KL term in those steps (the rest: next-token loss)
     max_eval_tokens: int | None = 8192  # cap on held-out tokens for perplexity
     zero_shot: dict = field(default_factory=dict)  # {labelled dataset: {prompt, verbalisers, max_samples}}
+    verify_k: int = 3  # fusion-verify: layers the bundle shortlists for the measured label to decide among
     max_accuracy_drop: float | None = None  # classifiers: budget on the validation accuracy drop
     max_perplexity_increase: float | None = None  # causal LMs: budget on the relative validation perplexity rise
     progress: bool = True
@@ -211,7 +212,9 @@ def measure_state(task: Task, student, tok, cfg: CompressConfig, step: int, stra
     state = StrategyState(student, batches, num_layers(student), step_target(task, cfg, num_layers(student)),
                           kept_layers(student.config),
                           signals, labels.table if labels is not None else None, bundle,
-                          np.random.default_rng(cfg.seed + step), full_layers, task)
+                          np.random.default_rng(cfg.seed + step), full_layers, task,
+                          measure=lambda only: task.drop_one(student, tok, cfg, only=only).table,
+                          verify_k=cfg.verify_k)
     return state, signals, labels, {"signals": t_signals, "labels": t_labels}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -97,13 +97,14 @@ def next_token_score(logits: torch.Tensor, batch: dict) -> tuple[float, float, i
 
 
 @torch.no_grad()
-def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = False, desc: str = "labels"
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = False, desc: str = "labels",
+                    only: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(before (3,), after (n_layers, 3)): summed ``score`` of the intact model and of the model
     without each single layer, over ``batches`` (on the model's device), with cached prefixes.
 
-    Columns: correct, loss sum, count. The model is not changed (its layer list is swapped for one
-    forward at a time and put back).
+    Columns: correct, loss sum, count. ``only``: measure just these layers (the others' rows are
+    NaN), at the cost of their removals alone. The model is not changed (its layer list is swapped
+    for one forward at a time and put back).
     """
     from tqdm.auto import tqdm
 
@@ -117,6 +118,9 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
     model.eval()
     kw = {"use_cache": False} if _takes_cache(model) else {}
     before, after = np.zeros(3), np.zeros((n, 3))
+    wanted = set(range(n)) if only is None else {int(l) for l in only}
+    if only is not None:
+        after[sorted(set(range(n)) - wanted)] = np.nan
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress, dynamic_ncols=True):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -124,6 +128,8 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
                 logits = model(**inputs, **kw).logits
             before += score(logits, batch)
             for l, h_in, out in seen:
+                if l not in wanted:
+                    continue
                 stand_in = _CachedInput(h_in, out, layers[l])
                 with temporary_layers(model, [stand_in, *list(layers)[l + 1:]], list(range(l, n))):
                     after[l] += score(model(**inputs, **kw).logits, batch)
@@ -133,26 +139,27 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
 
 
 def drop_one_on_batches(model, batches: list[dict], score: Scorer, progress: bool = False,
-                        desc: str = "labels") -> DropLabels:
+                        desc: str = "labels", only: Sequence[int] | None = None) -> DropLabels:
     """:func:`drop_one_scores` as a :class:`DropLabels` table: accuracy and mean loss per removal."""
     t0 = time.perf_counter()
-    before, after = drop_one_scores(model, batches, score, progress, desc)
+    before, after = drop_one_scores(model, batches, score, progress, desc, only)
     return _drop_labels(model, before, after, time.perf_counter() - t0)
 
 
 def drop_one_labels(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
-                    max_length: int = 128, progress: bool = False) -> DropLabels:
-    """Accuracy (and mean loss) of ``model`` on ``data`` with each single layer removed, cached."""
+                    max_length: int = 128, progress: bool = False, only: Sequence[int] | None = None) -> DropLabels:
+    """Accuracy (and mean loss) of ``model`` on ``data`` with each single layer (or each of ``only``)
+    removed, cached."""
     _check_classifier(model)
     batches = list(_batches(model, tokenizer, data, data_labels, batch_size, max_length))
-    return drop_one_on_batches(model, batches, classification_score, progress)
+    return drop_one_on_batches(model, batches, classification_score, progress, only=only)
 
 
-def drop_one_nll(model, batches: list[dict], progress: bool = False) -> DropLabels:
+def drop_one_nll(model, batches: list[dict], progress: bool = False, only: Sequence[int] | None = None) -> DropLabels:
     """Next-token accuracy (``acc_after_drop``) and mean next-token NLL (``loss_after_drop``) of a
-    causal LM with each single layer removed, on token-window ``batches``; cached prefixes.
-    ``examples`` counts predicted tokens."""
-    return drop_one_on_batches(model, batches, next_token_score, progress, desc="NLL labels")
+    causal LM with each single layer (or each of ``only``) removed, on token-window ``batches``;
+    cached prefixes. ``examples`` counts predicted tokens."""
+    return drop_one_on_batches(model, batches, next_token_score, progress, desc="NLL labels", only=only)
 
 
 def _drop_labels(model, before: np.ndarray, after: np.ndarray, seconds: float) -> DropLabels:

@@ -91,7 +91,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "finetune_steps": _count(0, none_ok=True), "recovery_steps": _count(0), "lm_distill_steps": _count(0),
     "heal_steps": _count(0), "steps": _count(0), "lora_r": _count(), "lora_alpha": _count(),
     "patience": _count(0), "teacher_patience": _count(0), "eval_every": _count(0), "min_steps": _count(0),
-    "early_stopping_samples": _count(),
+    "early_stopping_samples": _count(), "verify_k": _count(),
     # rates and weights
     "epochs": _POSITIVE, "teacher_epochs": _POSITIVE, "distill_epochs": _POSITIVE,
     "lr": _POSITIVE, "teacher_lr": _POSITIVE, "heal_lr": _POSITIVE, "temperature": _POSITIVE,

@@ -54,6 +54,9 @@ class StrategyState:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     full_layers: int | None = None  # depth of the original model (default: inferred from orig_layers)
     task: object | None = None  # the fusion_prune.tasks.Task being compressed (None: classification)
+    # measure(layers) -> drop-one table with only those (current) layers measured on validation data
+    measure: Callable[[list[int]], pd.DataFrame] | None = None
+    verify_k: int = 3  # fusion-verify's shortlist
 
     @property
     def causal_lm(self) -> bool:
@@ -96,6 +99,19 @@ def _argmax(scores: np.ndarray) -> list[int]:
 def _fusion(s: StrategyState) -> list[int]:
     """The layer the fusion bundle predicts to keep the most accuracy without it."""
     return [s.bundle.choose(s.signals)]
+
+
+@register_strategy("fusion-verify", needs_signals=True, needs_bundle=True)
+def _fusion_verify(s: StrategyState) -> list[int]:
+    """The fusion bundle shortlists its top k layers (--verify-k); the measured drop-one label
+    (as the oracle's, on k of the L layers) decides among them."""
+    from fusion_prune.tasks import ClassificationTask
+
+    scores = s.bundle.predict(s.signals.sort_values("layer"))
+    short = [int(i) for i in np.argsort(-scores, kind="stable")[: max(1, min(s.verify_k, s.n_layers))]]
+    if len(short) == 1:
+        return short
+    return [(s.task or ClassificationTask()).best_candidate(s.measure(short).dropna(subset=["loss_after_drop"]))]
 
 
 # Every signal, the opt-in extras too, is a strategy by its own rule; an extra is computed only

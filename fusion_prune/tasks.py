@@ -62,7 +62,8 @@ class Task:
     def signals(self, model, tok, batches: list[dict], names: list[str], cfg: CompressConfig) -> pd.DataFrame:
         raise NotImplementedError
 
-    def drop_one(self, model, tok, cfg: CompressConfig) -> DropLabels:
+    def drop_one(self, model, tok, cfg: CompressConfig, only: list[int] | None = None) -> DropLabels:
+        """Measured drop-one labels on validation data, for every layer or just ``only``."""
         raise NotImplementedError
 
     def score_batches(self, model, batches: list[dict]) -> DropLabels:
@@ -170,12 +171,12 @@ class ClassificationTask(Task):
 
         return signals_on_batches(model, batches, names, progress=False)
 
-    def drop_one(self, model, tok, cfg):
+    def drop_one(self, model, tok, cfg, only=None):
         from fusion_prune.finetune import subsample
         from fusion_prune.labels import drop_one_labels
 
         return drop_one_labels(model, tok, subsample(self.data.validation, cfg.label_samples or None, cfg.seed),
-                               self.data.labels, batch_size=cfg.batch_size * 2, max_length=cfg.max_length)
+                               self.data.labels, batch_size=cfg.batch_size * 2, max_length=cfg.max_length, only=only)
 
     def score_batches(self, model, batches):
         from fusion_prune.labels import classification_score, drop_one_on_batches
@@ -308,12 +309,12 @@ class CausalLMTask(Task):
 
         return signals_on_batches(model, batches, names, lm_stride=self.lm_stride, progress=False)
 
-    def drop_one(self, model, tok, cfg):
+    def drop_one(self, model, tok, cfg, only=None):
         from fusion_prune.causal_lm import window_batches
         from fusion_prune.labels import drop_one_nll
 
         w = self.windows(tok, "validation", cfg, cfg.max_eval_tokens)[: cfg.label_samples or None]
-        return drop_one_nll(model, window_batches(w, cfg.batch_size, next(model.parameters()).device))
+        return drop_one_nll(model, window_batches(w, cfg.batch_size, next(model.parameters()).device), only=only)
 
     def score_batches(self, model, batches):
         from fusion_prune.labels import drop_one_nll

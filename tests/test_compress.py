@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import transformers as T
 from click.testing import CliRunner
@@ -20,6 +21,7 @@ from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
 from fusion_prune.greedy import CompressConfig, compress
 from fusion_prune.strategies import STRATEGIES
+from signals import DEFAULT_SIGNALS
 
 from conftest import train_tiny_classifier
 
@@ -41,7 +43,7 @@ def _cfg(strategy="top", **kw):
 def test_every_strategy_end_to_end(strategy, teacher, sentiment_csv_dir, bundle_path, tmp_path):
     data = load_dataset(str(sentiment_csv_dir))
     out = tmp_path / "out"
-    cfg = _cfg(strategy, fusion_path=str(bundle_path) if strategy == "fusion" else None)
+    cfg = _cfg(strategy, fusion_path=str(bundle_path) if strategy.startswith("fusion") else None)
     r = compress(str(teacher), data, cfg, out)
     assert r["student_layers"] == 1 and len(r["kept_layers"]) == 1
     steps = 1 if STRATEGIES[strategy].one_shot else 2
@@ -61,6 +63,9 @@ def test_every_strategy_end_to_end(strategy, teacher, sentiment_csv_dir, bundle_
         for e in r["history"]:
             best = max(e["labels"]["acc_after_drop"])
             assert e["measured_acc_after_drop"] == best
+    if strategy == "fusion-verify":  # the measured best of the bundle's top 3 (here: all 3 layers, then 2)
+        for e in r["history"]:
+            assert e["measured_acc_after_drop"] == max(e["labels"]["acc_after_drop"])
     if strategy == "fusion":
         assert all(e["predicted"] is not None for e in r["history"]) and r["fusion_bundle"]["model_type"] == "rf"
         # the report says what "predicted" is for this bundle's target
@@ -262,3 +267,38 @@ def test_unseen_distill_data_reads_the_teachers_run_record(teacher, sentiment_cs
     assert r["control_accuracy"] is not None
     with pytest.raises(BadInputError, match="distill_data"):
         _cfg("top", distill_data="fresh")
+
+
+def test_fusion_verify_between_fusion_and_the_oracle(teacher, sentiment_csv_dir, bundle_path, monkeypatch):
+    """k = 1 is the bundle's own choice; k = L is the oracle's; only the shortlist is measured."""
+    import fusion_prune.labels as labels_mod
+    from fusion_prune.fusion import load_bundle
+    from fusion_prune.tasks import ClassificationTask
+
+    data = load_dataset(str(sentiment_csv_dir))
+    task = ClassificationTask()
+    task.data = data
+    net, tok, _ = task.load_model(str(teacher))
+    measured = []
+    real = labels_mod.drop_one_scores
+
+    def spy(*a, **k):
+        measured.append(k.get("only", a[5] if len(a) > 5 else None))
+        return real(*a, **k)
+
+    monkeypatch.setattr(labels_mod, "drop_one_scores", spy)
+    bundle = load_bundle(bundle_path)
+    chosen = {}
+    for k in (1, 2, 3):
+        cfg = _cfg("fusion-verify", verify_k=k, fusion_path=str(bundle_path))
+        measured.clear()
+        state, sig, labels, _ = G.measure_state(task, net, tok, cfg, 0, STRATEGIES["fusion-verify"],
+                                                list(DEFAULT_SIGNALS), bundle, 3, want_labels=True)
+        measured.clear()
+        chosen[k] = STRATEGIES["fusion-verify"].fn(state)[0]
+        scores = bundle.predict(sig.sort_values("layer"))
+        if k == 1:
+            assert chosen[k] == int(np.argmax(scores)) and measured == []
+        else:
+            assert sorted(measured[0]) == sorted(np.argsort(-scores, kind="stable")[:k].tolist())
+    assert chosen[3] == task.best_candidate(labels.table)

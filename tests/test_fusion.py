@@ -45,8 +45,9 @@ def rows():
     return synthetic_rows()
 
 
-def test_registry_has_the_three_models():
-    assert set(F.FUSION_MODELS) == {"linear", "rf", "xgb"}
+def test_registry_has_the_four_models():
+    assert set(F.FUSION_MODELS) == {"linear", "rf", "xgb", "xgb-rank"}
+    assert F.GROUPED_MODELS == {"xgb-rank"}
     with pytest.raises(ValueError, match="registered twice"):
         F.register_fusion_model("rf", codec="forest")(lambda seed: None)
     with pytest.raises(ValueError, match="unknown codec 'pickle'"):
@@ -54,7 +55,7 @@ def test_registry_has_the_three_models():
     assert set(F.FUSION_CODECS) == set(F.FUSION_MODELS)
 
 
-@pytest.mark.parametrize("model_type", ["linear", "rf", "xgb"])
+@pytest.mark.parametrize("model_type", ["linear", "rf", "xgb", "xgb-rank"])
 def test_fusion_learns_a_two_signal_rule_and_transfers(rows, model_type):
     train, held = rows[rows.dataset != "d"], rows[rows.dataset == "d"]
     b = F.fit_bundle(train, model_type, feature_norm="zscore", target="retention_z")
@@ -91,7 +92,7 @@ def test_per_state_normalisation_sees_through_scale(rows):
     assert r.min() == 0 and r.max() == 1
 
 
-@pytest.mark.parametrize("model_type", ["linear", "rf", "xgb"])
+@pytest.mark.parametrize("model_type", ["linear", "rf", "xgb", "xgb-rank"])
 def test_bundle_round_trip_and_prediction_api(rows, tmp_path, model_type):
     """Saved as arrays and JSON and read back without pickle: the same predictions, bit for bit."""
     import zipfile
@@ -100,7 +101,7 @@ def test_bundle_round_trip_and_prediction_api(rows, tmp_path, model_type):
     path = b.save(tmp_path / "f.npz")
     assert zipfile.is_zipfile(path) and not list(tmp_path.glob(".f.npz.*"))  # no temp file left
     loaded = F.load_bundle(path)
-    assert type(loaded.estimator) is not type(b.estimator) or model_type == "xgb"  # rebuilt from arrays
+    assert type(loaded.estimator) is not type(b.estimator) or model_type.startswith("xgb")  # rebuilt from arrays
     for _, state in F.iter_states(rows):
         np.testing.assert_array_equal(loaded.predict(state), b.predict(state))
         assert loaded.choose(state) == b.choose(state)
@@ -278,3 +279,22 @@ def test_lm_rows_are_judged_by_negative_nll(rows, tmp_path):
     assert res.exit_code == 0, res.output
     by_acc = F.evaluate_bundle(F.load_bundle(tmp_path / "b.npz"), rows)
     assert json.loads(res.stdout)["fusion"] == pytest.approx(by_acc["fusion"])  # same ranking, same regret
+
+
+def test_the_ranker_is_fitted_per_state(rows, monkeypatch):
+    """xgb-rank gets one group id per state, in the order of the rows it learns from."""
+    seen = {}
+    real = F.FUSION_MODELS["xgb-rank"]
+
+    class Spy:
+        def __init__(self, seed):
+            self.est = real(seed)
+
+        def fit(self, x, y, qid=None):
+            seen["qid"] = qid
+            return self.est.fit(x, y, qid=qid)
+
+    monkeypatch.setitem(F.FUSION_MODELS, "xgb-rank", Spy)
+    F.fit_bundle(rows, "xgb-rank")
+    states = [len(s) for _, s in F.iter_states(rows)]
+    assert np.array_equal(seen["qid"], np.repeat(np.arange(len(states)), states))
