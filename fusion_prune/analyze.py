@@ -163,7 +163,7 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
     scores[CONSENSUS] = consensus_removability(table)
     bundle = None
     if fusion is not None:
-        bundle = load_bundle(None if str(fusion) == "default" else fusion)
+        bundle = load_bundle(None if str(fusion) == "default" else fusion, task=t.name)
         missing = [f for f in bundle.features if f not in table.columns]
         if missing:
             raise BadInputError(f"The fusion bundle needs signals {missing} that were not computed; expected them "

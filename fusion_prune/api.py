@@ -117,9 +117,11 @@ def compute_signals(model: str, dataset, *, samples: int | None = None, signals:
     return t.signals(net, tok, t.calibration_batches(net, tok, cfg, 0), names, cfg)
 
 
-def load_fusion(path: str | Path | None = None, trust_pickle: bool = False) -> FusionBundle:
-    """A fusion bundle (default: the shipped one). ``bundle.predict(table)`` scores a signals table."""
-    return load_bundle(path, trust_pickle=trust_pickle)
+def load_fusion(path: str | Path | None = None, trust_pickle: bool = False, task: str = "classification"
+                ) -> FusionBundle:
+    """A fusion bundle (default: the one shipped for ``task``, "classification" or "causal-lm").
+    ``bundle.predict(table)`` scores a signals table."""
+    return load_bundle(path, trust_pickle=trust_pickle, task=task)
 
 
 def prune(model, layers: Sequence[int]):

@@ -33,6 +33,10 @@ STATE_KEYS = ["source_model", "dataset", "step"]
 BUNDLE_FORMAT = "fusionprune-fusion-bundle/2"  # /1 was a joblib pickle of the FusionBundle
 PICKLE_FORMAT = "fusionprune-fusion-bundle/1"
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "fusion_data" / "default-fusion.npz"
+#: The shipped bundle of each task: learned from that task's rows (the classification bundle does not
+#: transfer to causal LMs: benchmarks/README.md). ``make fusion-bundle`` rebuilds both.
+DEFAULT_BUNDLES = {"classification": DEFAULT_BUNDLE,
+                   "causal-lm": DEFAULT_BUNDLE.with_name("default-fusion-lm.npz")}
 
 # --------------------------------------------------------------------------- registries
 
@@ -375,13 +379,15 @@ def _load_pickle_bundle(path: Path) -> FusionBundle:
 
 
 def load_bundle(path: str | Path | None = None, features: Sequence[str] | None = None,
-                trust_pickle: bool = False) -> FusionBundle:
-    """Load a bundle (default: the shipped one); check it and, if given, its feature columns.
+                trust_pickle: bool = False, task: str = "classification") -> FusionBundle:
+    """Load a bundle (default: the one shipped for ``task``); check it and, if given, its feature columns.
 
     ``.npz`` bundles are read without unpickling. A joblib pickle (bundle format /1, written before 2026-11-23)
     is refused unless ``trust_pickle``: unpickling runs whatever code the file holds.
     """
-    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    if path is None and task not in DEFAULT_BUNDLES:
+        raise bad_choice("task", task, DEFAULT_BUNDLES)
+    path = Path(path) if path is not None else DEFAULT_BUNDLES[task]
     if not path.is_file():
         raise BadInputError(f"The fusion bundle {str(path)!r} does not exist; expected a file written by fit-fusion.")
     with open(path, "rb") as f:

@@ -284,7 +284,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
                                 "(or --overwrite to start again).")
         shutil.rmtree(partial)
     strategy = STRATEGIES[cfg.strategy]
-    bundle = load_bundle(cfg.fusion_path, trust_pickle=cfg.trust_pickle) if strategy.needs_bundle else None
+    bundle = load_bundle(cfg.fusion_path, trust_pickle=cfg.trust_pickle, task=task.name) if strategy.needs_bundle \
+        else None
     signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
     meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "data_sha256": data.content_hash(),
                                   "config": asdict(cfg)}, default=str))

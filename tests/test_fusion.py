@@ -298,3 +298,16 @@ def test_the_ranker_is_fitted_per_state(rows, monkeypatch):
     F.fit_bundle(rows, "xgb-rank")
     states = [len(s) for _, s in F.iter_states(rows)]
     assert np.array_equal(seen["qid"], np.repeat(np.arange(len(states)), states))
+
+
+def test_each_task_has_its_default_bundle(rows, tmp_path, monkeypatch):
+    """load_bundle() picks the bundle shipped for the task; a missing one is one clear error."""
+    assert F.load_bundle().describe() == F.load_bundle(task="classification").describe()
+    lm = F.fit_bundle(rows, "linear").save(tmp_path / "lm.npz")
+    monkeypatch.setitem(F.DEFAULT_BUNDLES, "causal-lm", lm)
+    assert F.load_bundle(task="causal-lm").model_type == "linear"
+    monkeypatch.setitem(F.DEFAULT_BUNDLES, "causal-lm", tmp_path / "missing.npz")
+    with pytest.raises(BadInputError, match="missing.npz' does not exist"):
+        F.load_bundle(task="causal-lm")
+    with pytest.raises(BadInputError, match="'task' parameter"):
+        F.load_bundle(task="vision")
