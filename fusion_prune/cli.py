@@ -639,7 +639,7 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def compress(model: str, dataset: str, text_column: str, label_column: str, task: str | None,
              target_layers: int | None, max_accuracy_drop: float | None, max_perplexity_increase: float | None,
-             teacher_patience: int, teacher_margin: float, output: Path, strategy: str | None, fusion_path: Path | None, trust_pickle: bool, finetune_steps: int | None,
+             teacher_patience: int, teacher_margin: float, output: Path, strategy: str | None, fusion_path: Path | None, trust_pickle: bool, verify_k: int, finetune_steps: int | None,
              signal_samples: int | None, label_samples: int | None, max_train_samples: int, teacher_epochs: float,
              teacher_lr: float, max_eval_samples: int | None, step_eval_samples: int | None, max_length: int | None,
              batch_size: int | None, lr: float, distill_epochs: float, distill_samples: int, temperature: float,

@@ -302,3 +302,14 @@ def test_fusion_verify_between_fusion_and_the_oracle(teacher, sentiment_csv_dir,
         else:
             assert sorted(measured[0]) == sorted(np.argsort(-scores, kind="stable")[:k].tolist())
     assert chosen[3] == task.best_candidate(labels.table)
+
+
+def test_fusion_verify_from_the_cli(teacher, sentiment_csv_dir, bundle_path, tmp_path):
+    res = CliRunner().invoke(main, ["compress", "--model", str(teacher), "--dataset", str(sentiment_csv_dir),
+                                    "--target-layers", "2", "--strategy", "fusion-verify", "--verify-k", "2",
+                                    "--fusion", str(bundle_path), "-o", str(tmp_path / "o"), "--finetune-steps", "1",
+                                    "--signal-samples", "16", "--label-samples", "16", "--max-length", "16",
+                                    "--no-distill"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["config"]["verify_k"] == 2 and report["strategy"] == "fusion-verify"
