@@ -137,3 +137,56 @@ def prune(model, layers: Sequence[int]):
 
         model, _ = load_native(model)
     return drop_layers(model, list(layers))
+
+
+def prune_to_folder(model: str, layers: Sequence[int], output: str | Path, overwrite: bool = False) -> dict:
+    """Load ``model``, remove ``layers`` (current indices) and save a folder of the same class that
+    plain transformers loads, with ``fusionprune_prune.json`` (before, after, versions); returns that record."""
+    from fusion_prune.models import load_native
+    from fusion_prune.surgery import check_layers, describe, drop_layers_, num_layers
+    from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+
+    net, tok = load_native(str(model))
+    before = describe(net)
+    check_layers(list(layers), num_layers(net), param="--drop")
+    drop_layers_(net, list(layers))  # loaded here for this call alone: no copy needed
+    record = {"command": "prune", "model": str(model), "dropped": list(layers), "before": before,
+              "after": describe(net), "versions": versions()}
+    with atomic_dir(Path(output), overwrite=overwrite) as tmp:
+        net.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        write_json_atomic(tmp / "fusionprune_prune.json", record)
+    return record
+
+
+def distill_to_folder(teacher: str, student: str, data, cfg, output: str | Path, overwrite: bool = False,
+                      accelerator=None) -> dict | None:
+    """Distil ``teacher`` into ``student`` (classifiers) on ``data`` (a TextDataset) with ``cfg``
+    (a :class:`distill.DistillConfig`), score the student on test and save it with
+    ``fusionprune_distill.json``; returns that record (None on processes other than the main one
+    under ``accelerate launch``)."""
+    from distill import distill
+    from fusion_prune.finetune import evaluate, make_accelerator
+    from fusion_prune.models import load_classifier
+    from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+
+    acc = accelerator or make_accelerator(cfg.mixed_precision)
+    t_model, tok, t_trained = load_classifier(str(teacher), data.labels)
+    s_model, _, _ = load_classifier(str(student), data.labels)
+    if not t_trained:
+        raise BadInputError(f"The teacher {str(teacher)!r} has no classification head trained for these labels; "
+                            "expected a fine-tuned classifier.")
+    stats = distill(t_model, s_model, tok, data.train, data.labels, cfg, acc)
+    # Every rank evaluates (the test split is sharded and gathered); only the main one writes.
+    res = evaluate(s_model, tok, data.test, data.labels, cfg.batch_size * 2, cfg.max_length, accelerator=acc)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return None
+    record = {"teacher": str(teacher), "student": str(student), "train": stats, "test": res,
+              "num_processes": acc.num_processes, "versions": versions()}
+    with atomic_dir(Path(output), overwrite=overwrite) as tmp:
+        acc.unwrap_model(s_model).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json_atomic(tmp / "fusionprune_distill.json", record)
+    return record

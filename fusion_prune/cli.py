@@ -292,23 +292,12 @@ def inspect(model: str, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
     """Remove layers and save a folder that plain transformers loads (same class as the input)."""
-    from fusion_prune.models import load_native
-    from fusion_prune.surgery import check_layers, describe, drop_layers_, num_layers
-    from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+    from fusion_prune.api import prune_to_folder
 
     layers = _parse_layers(drop)
     _hold_output(output, overwrite)
-    net, tok = load_native(model)
-    before = describe(net)
-    check_layers(layers, num_layers(net), param="--drop")
-    drop_layers_(net, layers)  # the model was loaded for this command alone: no copy needed
-    after = describe(net)
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        net.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        write_json_atomic(tmp / "fusionprune_prune.json", {"command": "prune", "model": model, "dropped": layers,
-                                                           "before": before, "after": after, "versions": versions()})
+    rec = prune_to_folder(model, layers, output, overwrite=overwrite)
+    before, after = rec["before"], rec["after"]
     click.echo(f"saved {output}: {before['layers']} -> {after['layers']} layers, "
                f"{before['parameters']:,} -> {after['parameters']:,} parameters, kept original {after['kept_layers']}")
 
@@ -479,6 +468,8 @@ _LABEL_OPTION = click.option(
 def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_norm: str, target: str, label: str,
                report: Path | None, seed: int, extra: tuple[str, ...], overwrite: bool) -> None:
     """Fit a fusion model on collected rows and save it as a bundle (.npz: JSON metadata and arrays, no pickle)."""
+    import pandas as pd
+
     from fusion_prune import fusion as F
     from fusion_prune.collect import check_extra_signals
     from fusion_prune.errors import bad_choice
@@ -489,46 +480,22 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
         if path is not None:
             _hold_output(path, overwrite, kind="file")
     check_extra_signals(extra)
-    features = [*F.DEFAULT_SIGNALS, *extra]
     rows = F.read_rows(data)
-    F.check_columns(rows, features)
-    labelled = F.use_label(rows, label)  # every metric below (regret, LODO) is then in this label
-    norms = list(F.NORMALISATIONS) if feature_norm == "auto" else [feature_norm]
-    targets = list(F.TARGETS) if target == "auto" else [target]
-    n_datasets = rows["dataset"].nunique()
-    cv: dict = {}
-    if n_datasets >= 2 and (len(norms) > 1 or len(targets) > 1 or report is not None):
-        grid = F.leave_one_dataset_out(labelled, [model_type], norms, targets, features, seed=seed)
-        fus = grid[grid.method == f"fusion-{model_type}"]
-        means = fus.groupby(["feature_norm", "target"])[["regret", "spearman", "top1"]].mean().reset_index()
-        best = means.sort_values(["regret", "spearman"], ascending=[True, False]).iloc[0]
-        feature_norm, target = str(best.feature_norm), str(best.target)
-        cv = {"scheme": "leave-one-dataset-out", "selection": "lowest mean regret, then highest Spearman",
-              "grid": means.to_dict("records"), "chosen": {"feature_norm": feature_norm, "target": target}}
-    elif len(norms) > 1 or len(targets) > 1:
-        feature_norm, target = "zscore", "retention_z"
-        cv = {"scheme": "none: rows from one dataset", "chosen": {"feature_norm": feature_norm, "target": target}}
-    bundle = F.fit_bundle(rows, model_type, features, feature_norm, target, seed, cv, label=label)
+    bundle = F.fit_selected(rows, model_type, [*F.DEFAULT_SIGNALS, *extra], feature_norm, target, label, seed,
+                            record_cv=report is not None)
     bundle.save(output, overwrite)
-    click.echo(f"saved {output}: {model_type}, features normalised by {feature_norm}, target {target}, "
+    n_datasets = rows["dataset"].nunique()
+    click.echo(f"saved {output}: {model_type}, features normalised by {bundle.feature_norm}, target {bundle.target}, "
                f"{rows.groupby(F.STATE_KEYS).ngroups} states from {n_datasets} datasets")
     if report is not None:
         from fusion_prune.report import plot_lodo
         from fusion_prune.utils import write_json_atomic
 
-        if n_datasets < 2:
-            raise BadInputError(f"The '--report' option needs rows from at least 2 datasets. Got {n_datasets}.")
-        table = F.leave_one_dataset_out(labelled, list(F.FUSION_MODELS), [feature_norm], [target], features,
-                                         seed=seed)
-        imp = {mt: F.importances(F.fit_bundle(rows, mt, features, feature_norm, target, seed, label=label))
-               for mt in F.FUSION_MODELS}
-        summary = table.groupby("method")[["spearman", "top1", "regret"]].mean()
-        write_json_atomic(report, {"feature_norm": feature_norm, "target": target, "label": label, "selection": cv,
-                                   "per_dataset": table.to_dict("records"), "mean": summary.reset_index().to_dict("records"),
-                                   "importances": imp})
-        png = plot_lodo(table, report.with_suffix(".png"))
+        rep = F.lodo_report(rows, bundle, seed)
+        write_json_atomic(report, rep)
+        png = plot_lodo(pd.DataFrame(rep["per_dataset"]), report.with_suffix(".png"))
         click.echo(f"saved {report} and {png}")
-        click.echo(summary.round(4).to_string())
+        click.echo(pd.DataFrame(rep["mean"]).set_index("method").round(4).to_string())
 
 
 @main.command("evaluate-fusion")
@@ -732,11 +699,10 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
                 temperature: float, soft_weight: float, hard_weight: float, hidden_weight: float, max_length: int,
                 seed: int, overwrite: bool) -> None:
     """Knowledge distillation from TEACHER into STUDENT (soft + hard labels, optional hidden states)."""
-    from distill import DistillConfig, distill as run
+    from distill import DistillConfig
+    from fusion_prune.api import distill_to_folder
     from fusion_prune.data import load_dataset
-    from fusion_prune.finetune import evaluate, make_accelerator
-    from fusion_prune.models import load_classifier
-    from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+    from fusion_prune.finetune import make_accelerator
 
     cfg = DistillConfig(epochs=epochs, max_steps=max_steps, max_train_samples=max_train_samples,
                         batch_size=batch_size, lr=lr, temperature=temperature, soft_weight=soft_weight,
@@ -744,26 +710,13 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
     acc = make_accelerator(cfg.mixed_precision)
     if acc.is_main_process:  # only the main process writes the output, so only it holds the lock
         _hold_output(output, overwrite)
-    data = load_dataset(dataset, text_column, label_column)
-    t_model, tok, t_trained = load_classifier(teacher, data.labels)
-    s_model, _, _ = load_classifier(student, data.labels)
-    if not t_trained:
-        raise BadInputError(f"The teacher {teacher!r} has no classification head trained for these labels; "
-                            "expected a fine-tuned classifier.")
-    stats = run(t_model, s_model, tok, data.train, data.labels, cfg, acc)
-    # Every rank evaluates (the test split is sharded and gathered); only the main one writes.
-    res = evaluate(s_model, tok, data.test, data.labels, batch_size * 2, max_length, accelerator=acc)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
+    rec = distill_to_folder(teacher, student, load_dataset(dataset, text_column, label_column), cfg, output,
+                            overwrite=overwrite, accelerator=acc)
+    if rec is None:  # not the main process
         return
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        acc.unwrap_model(s_model).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json_atomic(tmp / "fusionprune_distill.json", {"teacher": teacher, "student": student, "train": stats,
-                                                             "test": res, "num_processes": acc.num_processes,
-                                                             "versions": versions()})
-    click.echo(f"saved {output}: test accuracy {res['accuracy']:.4f} after {stats['steps']} distillation steps "
-               f"({acc.num_processes} process{'es' if acc.num_processes > 1 else ''})")
+    n = rec["num_processes"]
+    click.echo(f"saved {output}: test accuracy {rec['test']['accuracy']:.4f} after {rec['train']['steps']} "
+               f"distillation steps ({n} process{'es' if n > 1 else ''})")
 
 
 @main.command()

@@ -487,6 +487,48 @@ def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[st
                         time.strftime("%Y-%m-%dT%H:%M:%S"), label=label)
 
 
+def fit_selected(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[str] = DEFAULT_SIGNALS,
+                 feature_norm: str = "auto", target: str = "auto", label: str = "acc_after_drop",
+                 seed: int = 0, record_cv: bool = False) -> FusionBundle:
+    """What ``fit-fusion`` does: pick the feature normalisation and target by leave-one-dataset-out
+    regret ("auto"; ties: higher Spearman), then fit on all ``rows``; the grid is recorded in the
+    bundle's ``cv``. Rows from one dataset cannot be cross-validated: "auto" is then zscore /
+    retention_z. ``record_cv`` cross-validates (and records) a fixed setting too."""
+    features = list(features)
+    check_columns(rows, features)
+    labelled = use_label(rows, label)  # every metric below (regret, LODO) is then in this label
+    norms = list(NORMALISATIONS) if feature_norm == "auto" else [feature_norm]
+    targets = list(TARGETS) if target == "auto" else [target]
+    cv: dict = {}
+    if rows["dataset"].nunique() >= 2 and (len(norms) > 1 or len(targets) > 1 or record_cv):
+        grid = leave_one_dataset_out(labelled, [model_type], norms, targets, features, seed=seed)
+        fus = grid[grid.method == f"fusion-{model_type}"]
+        means = fus.groupby(["feature_norm", "target"])[["regret", "spearman", "top1"]].mean().reset_index()
+        best = means.sort_values(["regret", "spearman"], ascending=[True, False]).iloc[0]
+        feature_norm, target = str(best.feature_norm), str(best.target)
+        cv = {"scheme": "leave-one-dataset-out", "selection": "lowest mean regret, then highest Spearman",
+              "grid": means.to_dict("records"), "chosen": {"feature_norm": feature_norm, "target": target}}
+    elif len(norms) > 1 or len(targets) > 1:
+        feature_norm, target = "zscore", "retention_z"
+        cv = {"scheme": "none: rows from one dataset", "chosen": {"feature_norm": feature_norm, "target": target}}
+    return fit_bundle(rows, model_type, features, feature_norm, target, seed, cv, label=label)
+
+
+def lodo_report(rows: pd.DataFrame, bundle: FusionBundle, seed: int = 0) -> dict:
+    """Leave-one-dataset-out of every registered model type in ``bundle``'s configuration, beside the
+    best single signal and consensus, with each model's importances: ``fit-fusion --report``."""
+    n = rows["dataset"].nunique()
+    if n < 2:
+        raise BadInputError(f"The '--report' option needs rows from at least 2 datasets. Got {n}.")
+    f, norm, tgt, label = bundle.features, bundle.feature_norm, bundle.target, bundle.label
+    table = leave_one_dataset_out(use_label(rows, label), list(FUSION_MODELS), [norm], [tgt], f, seed=seed)
+    imp = {mt: importances(fit_bundle(rows, mt, f, norm, tgt, seed, label=label)) for mt in FUSION_MODELS}
+    summary = table.groupby("method")[["spearman", "top1", "regret"]].mean()
+    return {"feature_norm": norm, "target": tgt, "label": label, "selection": bundle.cv,
+            "per_dataset": table.to_dict("records"), "mean": summary.reset_index().to_dict("records"),
+            "importances": imp}
+
+
 def choice_metrics(rows: pd.DataFrame, scorer: Callable[[pd.DataFrame], np.ndarray]) -> dict:
     """Mean over states of Spearman(score, measured), top-1 hit and regret of the top-scored layer.
 
