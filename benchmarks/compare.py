@@ -51,6 +51,8 @@ class Profile:
     default_seeds: list[int] = field(default_factory=lambda: [0])
     teacher_samples: int | None = 3000
     teacher_epochs: float = 2.0
+    # refuse a teacher within this of the majority share (fusion_prune.finetune.check_teacher; 0: off)
+    teacher_margin: float = 0.02
     finetune_steps: int = 50
     signal_samples: int = 256
     label_samples: int = 400
@@ -159,7 +161,7 @@ def _teacher(profile: Profile, dataset: str, data, out: Path) -> Path:
         cfg = FinetuneConfig(epochs=profile.teacher_epochs, lr=2e-4 if "minilm" in profile.model else 5e-5,
                              max_train_samples=profile.teacher_samples, max_length=profile.max_length, seed=0,
                              batch_size=profile.batch_size, max_eval_samples=profile.max_eval_samples)
-        finetune(profile.model, data, cfg, folder)
+        finetune(profile.model, data, cfg, folder, teacher_margin=profile.teacher_margin)
     return folder
 
 
@@ -265,7 +267,8 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
         batch_size=profile.batch_size, seed=seed, progress=False,
         distill=DistillConfig(epochs=profile.distill_epochs, max_train_samples=profile.distill_samples,
                               batch_size=profile.batch_size, hidden_weight=profile.hidden_weight),
-        distill_control=strategy in profile.control, distill_data=profile.distill_data)
+        distill_control=strategy in profile.control, distill_data=profile.distill_data,
+        teacher_margin=profile.teacher_margin)
     cell = work / "runs" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}"
     t0 = time.perf_counter()
     r = compress(str(teacher), data, cfg, cell, resume=True, overwrite=True)

@@ -79,7 +79,7 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     rows = tmp_path / "rows.parquet"
     synthetic_rows().to_parquet(rows)
     profile = compare.Profile(str(tiny_base_model), [1], datasets=[str(sentiment_csv_dir)],
-                              seeds={"random": [0, 1]}, teacher_samples=200, teacher_epochs=1, finetune_steps=1,
+                              seeds={"random": [0, 1]}, teacher_samples=200, teacher_epochs=1, teacher_margin=0, finetune_steps=1,
                               signal_samples=16, label_samples=16, distill_samples=32, max_eval_samples=40,
                               max_length=16, batch_size=8, rows=str(rows))
     out = tmp_path / "cmp"
@@ -114,7 +114,10 @@ def test_fusion_lodo_grid(tmp_path):
     table = _load("fusion_lodo").main(["--data", str(tmp_path / "rows.parquet"), "--out", str(tmp_path / "out")])
     assert set(table.variant) == {"12 signals", "12 signals + position", "first half of each trajectory"}
     grid = table[(table.variant == "12 signals") & table.method.str.startswith("fusion")]
-    assert len(grid) == 4 * 3 * 4 * 3  # held-out datasets x models x normalisations x targets
+    from fusion_prune import fusion as F
+
+    # held-out datasets x models x normalisations x targets
+    assert len(grid) == 4 * len(F.FUSION_MODELS) * len(F.NORMALISATIONS) * len(F.TARGETS)
     assert (tmp_path / "out" / "grid.md").read_text().count("| 12 signals |") >= 36
 
 
@@ -235,7 +238,7 @@ def test_compare_extra_signal_strategies_beside_a_baseline(tiny_base_model, sent
     pd.DataFrame(base, columns=compare.COLUMNS).to_csv(tmp_path / "base" / "results.csv", index=False)
     strategies = ["activation_patching", "fusion-rf+activation_patching"]
     profile = compare.Profile(str(tiny_base_model), [1], datasets=[dataset], strategies=strategies,
-                              teacher_samples=200, teacher_epochs=1, finetune_steps=1, signal_samples=16,
+                              teacher_samples=200, teacher_epochs=1, teacher_margin=0, finetune_steps=1, signal_samples=16,
                               distill_samples=32, max_eval_samples=40, max_length=16, batch_size=8,
                               rows=str(tmp_path / "rows.parquet"), control=[], baseline="base")
     res = compare.run(profile, "tiny-extras", tmp_path / "extras", log=lambda m: None)
@@ -264,7 +267,7 @@ def test_compare_passes_hidden_state_matching_to_distillation(tiny_base_model, s
     # paired with cpu-kd-unseen cell for cell: same datasets and seeds, so the same pruned students
     assert compare._cells(compare.PROFILES["cpu-kd-hidden"]) == compare._cells(compare.PROFILES["cpu-kd-unseen"])
     profile = compare.Profile(str(tiny_base_model), [1], datasets=[str(sentiment_csv_dir)], strategies=["top"],
-                              teacher_samples=200, teacher_epochs=1, finetune_steps=1, signal_samples=16,
+                              teacher_samples=200, teacher_epochs=1, teacher_margin=0, finetune_steps=1, signal_samples=16,
                               distill_samples=32, max_eval_samples=40, max_length=16, batch_size=8,
                               control=["top"], hidden_weight=1.0)
     res = compare.run(profile, "tiny-hidden", tmp_path / "hidden", log=lambda m: None)
