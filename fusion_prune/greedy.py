@@ -18,7 +18,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -377,7 +377,13 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         _log(f"step {step}: {n} -> {num_layers(student)} layers, dropped {orig} (original), "
              f"validation {task.metric} {metric:.4f}, {history[-1]['seconds']:.0f} s")
 
-    student, fields = task.finish(teacher, student, tok, cfg, info, _log)
+    finish_cfg = cfg
+    if num_layers(student) == info["teacher_layers"]:
+        # A budget that allowed no removal: the student is the teacher, and distilling or healing a
+        # copy of the teacher into itself can only move it away from the teacher.
+        _log("no layer could be removed within the budget: the teacher is returned as it is (no distillation)")
+        finish_cfg = replace(cfg, distill=None, lm_distill_steps=0, heal=replace(cfg.heal, method="none", steps=0))
+    student, fields = task.finish(teacher, student, tok, finish_cfg, info, _log)
     report = {
         "model": str(model_spec), "dataset": data.spec, "strategy": cfg.strategy, "task": task.name, **fields,
         "teacher_layers": info["teacher_layers"], "student_layers": num_layers(student),

@@ -193,3 +193,15 @@ def test_budget_cli_summary_and_independent_check(teacher3, sentiment_csv_dir, t
                                    "--max-length", "16"])
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(r["student_accuracy"])
+
+
+def test_a_budget_that_allows_no_removal_returns_the_teacher_undistilled(teacher3, sentiment_csv_dir, tmp_path,
+                                                                          monkeypatch):
+    data = load_dataset(str(sentiment_csv_dir))
+    monkeypatch.setattr(ClassificationTask, "step_metric", lambda self, model, tok, cfg: 0.0)
+    from distill import DistillConfig
+
+    r = compress(str(teacher3), data, _budget_cfg(max_accuracy_drop=0.01, distill=DistillConfig(max_steps=3)),
+                 tmp_path / "o")
+    assert r["student_layers"] == 3 and r["history"] == [] and r["budget"]["stopped"]["layers_before"] == 3
+    assert r["distill"] is None and r["student_accuracy"] == r["teacher_accuracy"]
