@@ -43,12 +43,12 @@ def curve(dataset: str, cap: int | None, steps: int, every: int, seed: int) -> d
 
 def replay(c: dict, patience: int, every: int) -> tuple[int, float]:
     """(stop step, best accuracy seen by then) of a rule checking every ``every`` steps."""
-    best, bad, best_step = -1.0, 0, 0
+    best, bad = -1.0, 0
     for step, acc in c["curve"]:
         if step % every:
             continue
         if acc > best + 1e-4:
-            best, bad, best_step = acc, 0, step
+            best, bad = acc, 0
         else:
             bad += 1
             if bad >= patience:

@@ -186,9 +186,12 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
                               for a in methods], index=methods, columns=methods)
     meta = {"model": str(model), "dataset": str(data.spec), "model_name": Path(str(model)).name or str(model),
             "dataset_name": Path(str(data.spec)).name or str(data.spec), "task": t.name, "layers": len(table),
-            "samples": int(cfg.signal_samples), "split": split, "seed": seed, "signals": names,
+            "samples": int(min(cfg.signal_samples, len(data.split(split)) if not lm else cfg.signal_samples)),
+            "split": split, "seed": seed, "signals": names,
             "fusion": str(fusion) if bundle is not None else None,
-            "metric": t.metric, "label_samples": cfg.label_samples if measure else None,
+            "metric": t.metric,
+            "label_samples": (min(cfg.label_samples, len(data.validation)) if not lm else cfg.label_samples)
+            if measure else None,
             "seconds": round(time.perf_counter() - t0, 1)}
     return Analysis(table, removability, ranks, agreement, meta)
 
