@@ -434,12 +434,10 @@ def summarise(results: pd.DataFrame, out: Path, challengers: list[str] | tuple[s
     ax.legend(fontsize=6, ncols=3)
     ax.set_ylim(max(0.0, float(pivot.min().min()) - 0.05) if len(pivot) else 0, 1)
     _save_figure(fig, out / "accuracy.png")
-    plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3))
     rank.plot.barh(ax=ax)
     ax.set_xlabel("mean rank of accuracy_kd (lower is better)")
     _save_figure(fig, out / "mean_rank.png")
-    plt.close(fig)
     return md
 
 

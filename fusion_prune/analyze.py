@@ -55,8 +55,7 @@ class Analysis:
                                     on="layer")
             write_table(wide, tmp / "analysis.parquet")
             self.agreement.round(6).to_csv(tmp / "agreement.csv")
-            signal_cols = [c for c in self.meta["signals"]]
-            plot_signals_heatmap(self.table[["layer", "orig_layer", *signal_cols]], tmp / "plots" / "signals.png",
+            plot_signals_heatmap(self.table[["layer", "orig_layer", *self.meta["signals"]]], tmp / "plots" / "signals.png",
                                  title=f"{self.meta['model_name']} on {self.meta['dataset_name']}: signals per layer")
             plot_ranks(self, tmp / "plots" / "ranks.png")
             plot_agreement(self, tmp / "plots" / "agreement.png")
@@ -213,10 +212,7 @@ def plot_ranks(a: Analysis, path: str | Path) -> Path:
                     color="white" if r[i, j] > r.shape[1] / 2 else "black")
     fig.colorbar(im, ax=ax, fraction=0.03, label="rank (1 = removed first)")
     ax.set_title(f"{a.meta['model_name']} on {a.meta['dataset_name']}: each method's layer ranking", fontsize=9)
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 def plot_agreement(a: Analysis, path: str | Path) -> Path:
@@ -236,7 +232,4 @@ def plot_agreement(a: Analysis, path: str | Path) -> Path:
                 ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=ax, fraction=0.03, label="Spearman")
     ax.set_title(f"{a.meta['model_name']} on {a.meta['dataset_name']}: agreement between methods", fontsize=9)
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)

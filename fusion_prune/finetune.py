@@ -185,7 +185,6 @@ class EarlyStopping:
             return False
         acc = evaluate(self.model, self.tok, self.val, self.labels, self.cfg.eval_batch_size, self.cfg.max_length,
                        self.acc)["accuracy"]
-        wrapped.train()  # evaluate() restores the mode of the unwrapped model; keep training mode
         self.curve.append((step, round(acc, 5)))
         if acc > self.best_acc + self.min_delta:
             self.best_acc, self.best_step, self.bad = acc, step, 0

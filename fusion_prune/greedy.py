@@ -30,7 +30,7 @@ from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
 from fusion_prune.params import validate
 from fusion_prune.strategies import STRATEGIES, StrategyState
-from fusion_prune.surgery import drop_layers_, kept_layers, num_layers
+from fusion_prune.surgery import count_parameters, drop_layers_, kept_layers, num_layers
 from fusion_prune.tasks import TASKS, Task, get_task
 from fusion_prune.utils import atomic_dir, check_output, output_lock, versions, write_json_atomic
 
@@ -293,6 +293,7 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
     meta["config"]["heal"].pop("progress", None)
     t_start = time.perf_counter()
 
+    per_token = task.throughput_unit == "tokens/s"
     saved = load_checkpoint_record(partial / "current") if resume else None
     if resume and saved is None and partial.exists():
         _log(f"{partial} holds no finished checkpoint (stopped before the first one): starting again")
@@ -326,14 +327,15 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         student = copy.deepcopy(teacher)
         history = []
         partial.mkdir(parents=True, exist_ok=True)
-        info["teacher_parameters"] = int(sum(p.numel() for p in teacher.parameters()))
-        info["teacher_throughput"] = throughput(teacher, task.calibration_batches(teacher, tok, cfg, 0),
-                                              task.throughput_unit == "tokens/s")
+        info["teacher_parameters"] = count_parameters(teacher)
+        info["teacher_throughput"] = throughput(teacher, task.calibration_batches(teacher, tok, cfg, 0), per_token)
         info["throughput_unit"] = task.throughput_unit
         save_checkpoint(partial / "teacher", teacher, tok, {"meta": meta, "history": [], "info": info})
         save_checkpoint(partial / "current", student, tok, {"meta": meta, "history": [], "info": info})
 
     budget = has_budget(task, cfg)
+    if budget:  # the worst validation metric allowed: what each step is checked against, and the plots' line
+        info["budget_limit"] = task.budget_limit(info, cfg)
     while num_layers(student) > (cfg.target_layers or 1) and "budget_stop" not in info:
         step = len(history)
         t0 = time.perf_counter()
@@ -357,8 +359,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
             "kept_layers": kept_layers(student.config), "predicted": predicted, task.step_label_key: measured,
             task.step_metric_key: metric, "finetune_steps": cfg.finetune_steps * len(drop),
             "selection_seconds": round(selection, 3),
-            "parameters": int(sum(p.numel() for p in student.parameters())),
-            "throughput": throughput(student, state.batches, task.throughput_unit == "tokens/s"),
+            "parameters": count_parameters(student),
+            "throughput": throughput(student, state.batches, per_token),
             "seconds": round(time.perf_counter() - t0, 2),
             "signals": signals.to_dict("list") if signals is not None else None,
             "labels": labels.table.to_dict("list") if labels is not None else None,
@@ -384,15 +386,16 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         _log("no layer could be removed within the budget: the teacher is returned as it is (no distillation)")
         finish_cfg = replace(cfg, distill=None, lm_distill_steps=0, heal=replace(cfg.heal, method="none", steps=0))
     student, fields = task.finish(teacher, student, tok, finish_cfg, info, _log)
+    n_params = count_parameters(student)
     report = {
         "model": str(model_spec), "dataset": data.spec, "strategy": cfg.strategy, "task": task.name, **fields,
         "teacher_layers": info["teacher_layers"], "student_layers": num_layers(student),
         "kept_layers": kept_layers(student.config), "history": history, "info": info,
         "budget": ({"parameter": task.budget_field, "value": getattr(cfg, task.budget_field),
                     "stopped": info.get("budget_stop")} if budget else None),
-        "student_parameters": int(sum(p.numel() for p in student.parameters())),
+        "student_parameters": n_params,
         "accuracy_to_size": (fields["student_accuracy"] / fields["teacher_accuracy"]
-                             / (sum(p.numel() for p in student.parameters()) / info["teacher_parameters"])
+                             / (n_params / info["teacher_parameters"])
                              if fields.get("teacher_accuracy") and info.get("teacher_parameters") else None),
         "config": meta["config"],
         "fusion_bundle": (bundle.describe() | {"path": str(cfg.fusion_path or "default")}) if bundle else None,

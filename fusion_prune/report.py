@@ -12,9 +12,15 @@ from fusion_prune.utils import atomic_file, write_text_atomic
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` atomically and close it (also when writing fails)."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -49,10 +55,7 @@ def plot_signals_heatmap(table: pd.DataFrame, path: str | os.PathLike, title: st
                     color="white" if norm.iloc[i, j] < 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.03, label="min-max across layers")
     ax.set_title(title or "layer signals")
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike, overwrite: bool = True) -> Path:
@@ -83,10 +86,7 @@ def plot_lodo(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     ax.set_title("leave-one-dataset-out: layer choice regret (lower is better)")
     ax.legend(fontsize=7, ncols=2)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 def _plt():
@@ -127,17 +127,7 @@ def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series
     ax.set_xlim(report["teacher_layers"] + 0.5, min([*depth, report["teacher_layers"]]) - 0.5)
     ax.legend(fontsize=8)
     ax.set_title(title, **title_kw)
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
-
-
-def _budget_limit(report: dict, teacher: float) -> float | None:
-    b = report.get("budget")
-    if not b:
-        return None
-    return teacher - b["value"] if b["parameter"] == "max_accuracy_drop" else teacher * (1 + b["value"])
+    return _save_figure(fig, path)
 
 
 def plot_accuracy(report: dict, path: str | os.PathLike) -> Path:
@@ -150,17 +140,17 @@ def plot_accuracy(report: dict, path: str | os.PathLike) -> Path:
     teacher = report["info"]["teacher_validation_accuracy"]
     title = f"{_name(report['model'])} on {_name(report['dataset'])}: validation accuracy ({report['strategy']})"
     return _plot_per_step(report, path, teacher, series, "validation accuracy", title,
-                          budget=_budget_limit(report, teacher), fontsize=9)
+                          budget=report["info"].get("budget_limit"), fontsize=9)
 
 
 def depth_table(report: dict) -> pd.DataFrame:
     """One row per depth reached (the teacher first): parameters, measured throughput and its
     speed-up, and the validation metric after that step."""
-    info, key = report["info"], ("validation_perplexity" if report.get("task") == "causal-lm"
-                                 else "validation_accuracy_after_finetune")
+    info, lm = report["info"], report.get("task") == "causal-lm"
+    key, teacher_key = (("validation_perplexity", "teacher_validation_perplexity") if lm
+                        else ("validation_accuracy_after_finetune", "teacher_validation_accuracy"))
     rows = [{"layers": report["teacher_layers"], "parameters": info.get("teacher_parameters"),
-             "throughput": info.get("teacher_throughput"), "validation": info.get(
-                 "teacher_validation_perplexity" if report.get("task") == "causal-lm" else "teacher_validation_accuracy")}]
+             "throughput": info.get("teacher_throughput"), "validation": info.get(teacher_key)}]
     rows += [{"layers": e["layers_before"] - len(e["dropped"]), "parameters": e.get("parameters"),
               "throughput": e.get("throughput"), "validation": e[key]} for e in report["history"]]
     t = pd.DataFrame(rows)
@@ -185,10 +175,7 @@ def plot_size_speed(report: dict, path: str | os.PathLike) -> Path:
     ax2.set_ylabel(report["info"].get("throughput_unit", "examples/s") + " (one forward, measured)",
                    color="tab:orange")
     ax.set_title(f"{_name(report['model'])}: size and measured speed by depth", fontsize=9)
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 def _depth_lines(report: dict) -> list[str]:
@@ -228,10 +215,7 @@ def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
     ax.set_yticks(range(len(rows)), ["teacher"] + [f"step {e['step']}" for e in report["history"]])
     ax.set_xlabel("original layer (green: kept)")
     ax.set_title(f"{_name(report['model'])}: kept layers after each step ({report['strategy']})", fontsize=9)
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 def plot_perplexity(report: dict, path: str | os.PathLike) -> Path:
@@ -240,7 +224,8 @@ def plot_perplexity(report: dict, path: str | os.PathLike) -> Path:
     title = f"{_name(report['model'])} on {_name(report['dataset'])}: validation perplexity ({report['strategy']})"
     teacher = report["info"]["teacher_validation_perplexity"]
     return _plot_per_step(report, path, teacher, [([e["validation_perplexity"] for e in h], "o-", "after each removal")],
-                          "validation perplexity", title, log=True, budget=_budget_limit(report, teacher), fontsize=9)
+                          "validation perplexity", title, log=True, budget=report["info"].get("budget_limit"),
+                          fontsize=9)
 
 
 def _lm_report_lines(report: dict) -> list[str]:

@@ -108,7 +108,7 @@ def _fusion_verify(s: StrategyState) -> list[int]:
     from fusion_prune.tasks import ClassificationTask
 
     scores = s.bundle.predict(s.signals.sort_values("layer"))
-    short = [int(i) for i in np.argsort(-scores, kind="stable")[: max(1, min(s.verify_k, s.n_layers))]]
+    short = [int(i) for i in np.argsort(-scores, kind="stable")[: s.verify_k]]
     if len(short) == 1:
         return short
     return [(s.task or ClassificationTask()).best_candidate(s.measure(short).dropna(subset=["loss_after_drop"]))]

@@ -79,11 +79,17 @@ class Task:
     #: CompressConfig field of this task's budget, and the teacher's validation metric in ``info``
     budget_field: ClassVar[str]
     teacher_metric_key: ClassVar[str]
+    higher_is_better: ClassVar[bool]  # of the step metric
     throughput_unit: ClassVar[str] = "examples/s"
 
-    def within_budget(self, metric: float, info: dict, cfg: CompressConfig) -> bool:
-        """Whether a step's validation metric stays within the budget (always, when none is set)."""
+    def budget_limit(self, info: dict, cfg: CompressConfig) -> float:
+        """The worst validation metric the budget allows, from the teacher's (same examples)."""
         raise NotImplementedError
+
+    def within_budget(self, metric: float, info: dict, cfg: CompressConfig) -> bool:
+        """Whether a step's validation metric stays within the budget (which must be set)."""
+        limit = self.budget_limit(info, cfg)
+        return metric >= limit - 1e-9 if self.higher_is_better else metric <= limit + 1e-9
 
     # the end
     def finish(self, teacher, student, tok, cfg: CompressConfig, info: dict, log: Log) -> tuple[object, dict]:
@@ -108,10 +114,11 @@ class ClassificationTask(Task):
     default_strategy = "fusion"
     budget_field = "max_accuracy_drop"
     teacher_metric_key = "teacher_validation_accuracy"
+    higher_is_better = True
 
-    def within_budget(self, metric, info, cfg):
-        # Both numbers come from the same validation examples (_eval_sets), so the check is paired.
-        return cfg.max_accuracy_drop is None or info[self.teacher_metric_key] - metric <= cfg.max_accuracy_drop + 1e-9
+    def budget_limit(self, info, cfg):
+        # Absolute; teacher and steps are scored on the same validation examples (_eval_sets).
+        return info[self.teacher_metric_key] - cfg.max_accuracy_drop
 
     def load_data(self, spec, text_column="text", label_column="label"):
         from fusion_prune.data import load_dataset
@@ -238,15 +245,15 @@ class CausalLMTask(Task):
     step_label_key = "measured_nll_after_drop"
     default_strategy = "block-influence"
     budget_field = "max_perplexity_increase"
-    throughput_unit = "tokens/s"
     teacher_metric_key = "teacher_validation_perplexity"
-
-    def within_budget(self, metric, info, cfg):
-        # Relative: 0.5 allows 1.5x the teacher's validation perplexity (same windows), before healing.
-        return cfg.max_perplexity_increase is None or \
-            metric <= info[self.teacher_metric_key] * (1 + cfg.max_perplexity_increase) + 1e-9
+    higher_is_better = False
+    throughput_unit = "tokens/s"
     #: spacing of the predicting positions the MI signals use (see signals.capture)
     lm_stride = 16
+
+    def budget_limit(self, info, cfg):
+        # Relative: 0.5 allows 1.5x the teacher's validation perplexity (same windows), before healing.
+        return info[self.teacher_metric_key] * (1 + cfg.max_perplexity_increase)
 
     def __init__(self) -> None:
         super().__init__()
