@@ -35,8 +35,13 @@ import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reuters-r52", "20newsgroups"]
-STRATEGIES = ["fusion-rf", "fusion-xgb", "fusion-linear", "consensus", "best-signal", "top", "bottom",
-              "angular-block", "random", "oracle"]
+STRATEGIES = ["fusion-rf", "fusion-verify", "fusion-xgb", "fusion-linear", "consensus", "best-signal",
+              "activation_patching", "angular-block", "symmetric", "deepest", "alternate", "top", "bottom",
+              "random", "oracle"]
+# What fusion-rf (the shipped configuration) and fusion-verify are set against, pair by pair on shared
+# seeds: every single criterion and fixed rule the issue names (fixed rules: no signals at all).
+RIVALS = ("activation_patching", "angular-block", "best-signal", "symmetric", "deepest", "alternate", "top",
+          "fusion-rf")
 COLUMNS = ["profile", "dataset", "target_layers", "strategy", "resolved_strategy", "seed", "teacher_accuracy",
            "accuracy", "accuracy_kd", "accuracy_ft", "selection_seconds", "wall_seconds", "kept_layers"]
 
@@ -69,15 +74,19 @@ class Profile:
     distill_data: str = "all"  # CompressConfig.distill_data: "unseen" distils on rows the teacher did not train on
     baseline: str | None = None  # the summary shows this profile's rows beside this one's (same teachers and seeds)
     hidden_weight: float = 0.0  # DistillConfig.hidden_weight: hidden-state matching during distillation
+    paired: bool = False  # results.md gets the paired table (challengers against RIVALS on shared seeds)
 
 
 MULTI = [0, 1, 2]
 PROFILES = {
     # Sized for 2 CPU cores: about 2-5 minutes a cell on one core, 16 cells a dataset.
-    "cpu": Profile("minilm-l6", [3], seeds={"random": MULTI, "fusion-rf": MULTI, "top": MULTI},
+    # activation_patching's rows come from the cpu-extras profile (same teachers, budget and seeds).
+    "cpu": Profile("minilm-l6", [3], seeds={s: MULTI for s in ("random", "fusion-rf", "top", "fusion-verify",
+                                                                "activation_patching", "angular-block",
+                                                                "best-signal", "symmetric", "deepest")},
                    teacher_samples=2000, teacher_epochs=2.0, finetune_steps=25, signal_samples=128,
                    label_samples=256, distill_samples=1500, max_eval_samples=1000, step_eval_samples=256,
-                   max_length=64),
+                   max_length=64, paired=True),
     "gpu": Profile("mpnet-base", [6, 4], seeds={"random": MULTI, "fusion-rf": MULTI, "fusion-xgb": MULTI,
                                                 "fusion-linear": MULTI, "top": MULTI},
                    teacher_samples=None, distill_samples=None, max_eval_samples=None, label_samples=1000,
@@ -217,7 +226,8 @@ def run(profile: Profile, name: str, out: Path | None = None, log=print, work: P
             if mine:  # else another worker is running this cell
                 _cell(profile, name, rows, loaded, dataset, target, strategy, seed, out, work, csv, log)
     done = _read(csv)
-    summarise(with_baseline(profile, done), out, challengers=_challengers(profile), paired=bool(profile.baseline))
+    summarise(with_baseline(profile, done), out, challengers=_challengers(profile),
+              paired=bool(profile.baseline) or profile.paired)
     return done
 
 
@@ -233,8 +243,10 @@ def with_baseline(profile: Profile, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _challengers(profile: Profile) -> list[str]:
-    """Strategies the versus table sets against top and best-signal: fusion-rf and this profile's own."""
-    return list(dict.fromkeys(["fusion-rf", *[s for s in profile.strategies if s not in STRATEGIES]]))
+    """Strategies the versus table sets against top and best-signal: fusion-rf, fusion-verify when
+    the profile runs it, and this profile's own."""
+    own = [s for s in profile.strategies if s not in STRATEGIES or s == "fusion-verify"]
+    return list(dict.fromkeys(["fusion-rf", *own]))
 
 
 def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset: str, target: int, strategy: str,
@@ -253,7 +265,9 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
     data = loaded[dataset]
     teacher = _teacher(profile, dataset, data, work)
     fusion_path, resolved = None, strategy
-    if strategy.startswith("fusion-"):  # fusion-MODEL or fusion-MODEL+EXTRA+...
+    if strategy == "fusion-verify":  # the shipped configuration's shortlist, decided by the measured label
+        fusion_path, resolved = _lodo_bundle(rows, dataset, "rf", work, profile.label), "fusion-verify"
+    elif strategy.startswith("fusion-"):  # fusion-MODEL or fusion-MODEL+EXTRA+...
         model_type, *extras = strategy.split("-", 1)[1].split("+")
         fusion_path = _lodo_bundle(rows, dataset, model_type, work, profile.label, tuple(extras))
         resolved = "fusion"
@@ -262,7 +276,7 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
     cfg = CompressConfig(
         target_layers=target, strategy=resolved, fusion_path=fusion_path,
         finetune_steps=profile.finetune_steps, signal_samples=profile.signal_samples,
-        label_samples=profile.label_samples if resolved == "oracle" else 0,
+        label_samples=profile.label_samples if resolved in ("oracle", "fusion-verify") else 0,
         max_eval_samples=profile.max_eval_samples, max_length=profile.max_length,
         batch_size=profile.batch_size, seed=seed, progress=False,
         distill=DistillConfig(epochs=profile.distill_epochs, max_train_samples=profile.distill_samples,
@@ -305,7 +319,7 @@ def mean_ranks(results: pd.DataFrame, metric: str) -> pd.Series:
 
 
 def paired_table(part: pd.DataFrame, challengers: list[str], datasets: list[str],
-                 rivals: tuple[str, ...] = ("fusion-rf", "top", "best-signal")) -> str:
+                 rivals: tuple[str, ...] = RIVALS) -> str:
     """Each challenger minus each rival on the seeds both ran (same seed: same test sample, so its
     noise cancels), averaged per dataset; the number of (dataset, seed) pairs and the wins."""
     lines = ["| challenger | minus | metric | " + " | ".join(datasets) + " | mean | wins | pairs |",
@@ -373,8 +387,7 @@ def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("f
                 blocks.append("\n".join(lines))
         out[f"versus-{target}"] = "\n\n".join(blocks)
         if paired:
-            out[f"paired-{target}"] = paired_table(part, [c for c in challengers if c != "fusion-rf"] or challengers,
-                                                   datasets)
+            out[f"paired-{target}"] = paired_table(part, list(challengers), datasets)
         ctrl = part[part.accuracy_ft.notna()] if "accuracy_ft" in part else part.iloc[:0]
         if len(ctrl):
             lines = ["| dataset | strategy | seeds | after pruning | plain fine-tune | distillation | KD minus fine-tune |",
@@ -468,7 +481,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.summary_only:
         out = args.out or RESULTS / args.profile
         done = _read(out / "results.csv")
-        summarise(with_baseline(profile, done), out, challengers=_challengers(profile), paired=bool(profile.baseline))
+        summarise(with_baseline(profile, done), out, challengers=_challengers(profile),
+                  paired=bool(profile.baseline) or profile.paired)
         return done
     return run(profile, args.profile, args.out, log=lambda m: print(m, flush=True), work=args.work)
 

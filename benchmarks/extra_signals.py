@@ -30,6 +30,19 @@ RESULTS = HERE / "results" / "extra-signals"
 TEACHERS = HERE / "results" / "cpu" / "work" / "teachers"
 DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reuters-r52", "20newsgroups"]
 EXTRAS = ("activation_patching", "mc_dropout", "layer_conductance")
+# Candidate feature sets for the shipped bundle, cheapest first, as signals_cost.py modes (names
+# joined by "+", "12" = the defaults): each is fitted leave-one-dataset-out like the 12 and priced
+# by the time of its own shared pass on the same calibration batches (COST, from signals_cost.py).
+NO_GRAD = "act_inhibition+act_intensity+act_energy+mi_task+mi_prediction+attn_entropy+repr_angular"
+FEATURE_SETS = {
+    "weight (2, no data)": "weight_norm+weight_entropy",
+    "no gradient (9)": f"{NO_GRAD}+weight_norm+weight_entropy",
+    "12": "12",
+    "activation_patching + weight (3)": "activation_patching+weight_norm+weight_entropy",
+    "activation_patching + no gradient (10)": f"activation_patching+{NO_GRAD}+weight_norm+weight_entropy",
+    "12 + activation_patching": "12+activation_patching",
+}
+COST = HERE / "results" / "signals_cost" / "minilm-l6-rotten-tomatoes-cpu-b32-t64-sets.json"
 
 
 def collect_rows(datasets: list[str], out: Path, log=print) -> list[Path]:
@@ -60,6 +73,8 @@ def evaluate(rows: pd.DataFrame) -> pd.DataFrame:
 
         for name, feats in variants.items():
             add(name, F.fit_bundle(train, "rf", feats, norm, target).predict)
+        for name, mode in FEATURE_SETS.items():
+            add(f"set: {name}", F.fit_bundle(train, "rf", set_names(mode), norm, target).predict)
         for e in EXTRAS:
             add(e, lambda s, e=e: signal_removability(s, e))
         for label, pool in (("best-signal (of 12)", base), ("best-signal (of 15)", [*base, *EXTRAS])):
@@ -68,6 +83,33 @@ def evaluate(rows: pd.DataFrame) -> pd.DataFrame:
             add(label, lambda s, n=best: signal_removability(s, n), signal=best)
         add("consensus (12)", lambda s: consensus_removability(s, base))
     return pd.DataFrame(out)
+
+
+def set_names(mode: str) -> list[str]:
+    sys.path.insert(0, str(HERE))
+    try:
+        from signals_cost import set_names as names
+    finally:
+        sys.path.remove(str(HERE))
+    return names(mode)
+
+
+def feature_set_table(res: pd.DataFrame, cost: Path = COST) -> str:
+    """Markdown: each candidate feature set's mean leave-one-dataset-out regret / top-1 / Spearman
+    beside the time of its shared pass relative to one plain forward+backward (when measured)."""
+    import json
+
+    times = json.loads(cost.read_text()) if cost.is_file() else {}
+    plain = times.get("modes", {}).get("plain", {}).get("seconds")
+    lines = ["| feature set (fusion-rf) | signals | regret | top-1 | Spearman | pass time / plain |", "|---|---|---|---|---|---|"]
+    for name, mode in FEATURE_SETS.items():
+        m = res[res.method == f"set: {name}"][["regret", "top1", "spearman"]].mean()
+        secs = times.get("modes", {}).get(mode, {}).get("seconds")
+        ratio = f"{secs / plain:.2f}x" if secs and plain else "not measured"
+        lines.append(f"| {name} | {len(set_names(mode))} | {m.regret:.4f} | {m.top1:.2f} | {m.spearman:+.2f} | {ratio} |")
+    where = (f"{times['machine']}, {times['date']}, {times['batches']} batches of {times['batch_size']} x "
+             f"{times['max_length']} tokens" if times else "not measured yet")
+    return "\n".join(lines) + f"\n\nPass times: `{cost.name}` ({where}).\n"
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -99,7 +141,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     md = (f"# Opt-in extra signals as fusion features ({len(files)} datasets, "
           f"{rows.groupby(F.STATE_KEYS).ngroups} states)\n\nEach cell: regret / top-1 of the chosen layer by "
           "drop-one validation accuracy, averaged over the held-out dataset's states (6, 5, 4 layers). "
-          "Regenerate: `python benchmarks/extra_signals.py --evaluate-only`.\n\n" + F.lodo_markdown(res, spearman=True) + "\n")
+          "Regenerate: `python benchmarks/extra_signals.py --evaluate-only`.\n\n" + F.lodo_markdown(res, spearman=True) + "\n"
+          "\n## Feature sets: regret against cost\n\n" + feature_set_table(res))
     write_text_atomic(args.out / "lodo.md", md)
     print(md)
     return res

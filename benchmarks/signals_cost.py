@@ -9,7 +9,10 @@ memory is its own:
 * ``fused``: :func:`signals.compute_signals`'s engine, all 12 signals from one shared pass;
 * ``separate``: each of the 12 signals computed with a pass of its own;
 * any signal's name (``activation_patching``, ``mc_dropout``, ``layer_conductance``...): that
-  signal alone, with the passes it needs (how an opt-in extra adds to a step's cost).
+  signal alone, with the passes it needs (how an opt-in extra adds to a step's cost);
+* a feature set, names joined by ``+`` (``12`` stands for the 12 defaults): those signals from one
+  shared capture, as fusion computes a bundle's features (``12+activation_patching``,
+  ``weight_norm+weight_entropy``): what each candidate feature set costs a step.
 
 Wall time covers the passes and the signal functions (MI included), after one warm-up batch.
 Peak memory is the highest resident set size (CPU, sampled every 2 ms) or allocated CUDA memory
@@ -64,6 +67,13 @@ class PeakRSS:
         return self.peak - self.start
 
 
+def set_names(mode: str) -> list[str]:
+    """Signal names of a feature-set mode: ``a+b+...``, where ``12`` stands for the 12 defaults."""
+    from signals import DEFAULT_SIGNALS
+
+    return list(dict.fromkeys(n for part in mode.split("+") for n in (DEFAULT_SIGNALS if part == "12" else [part])))
+
+
 def run_mode(args) -> dict:
     import torch
 
@@ -97,10 +107,11 @@ def run_mode(args) -> dict:
         for s in chosen:
             signals_frame(capture(model, bs, s.needs), [s])
 
-    def one(name):
-        return lambda bs: signals_frame(capture(model, bs, SIGNALS[name].needs), [SIGNALS[name]])
+    def feature_set(mode):
+        group = [SIGNALS[n] for n in set_names(mode)]
+        return lambda bs: signals_frame(capture(model, bs, frozenset().union(*(s.needs for s in group))), group)
 
-    work = {"plain": plain, "fused": fused, "separate": separate}.get(args.mode) or one(args.mode)
+    work = {"plain": plain, "fused": fused, "separate": separate}.get(args.mode) or feature_set(args.mode)
     work(batches[:1])  # warm-up: lazy allocations and kernels
     if device == "cuda":
         torch.cuda.synchronize()
@@ -135,8 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     from signals import SIGNALS
 
     modes = [m for m in args.modes.split(",") if m]
-    if bad := [m for m in modes if m not in ("plain", "fused", "separate") and m not in SIGNALS]:
-        sys.exit(f"--modes: expected plain, fused, separate or signal names ({', '.join(SIGNALS)}); got {bad[0]!r}")
+    if bad := [m for m in modes if m not in ("plain", "fused", "separate")
+               and not all(n in SIGNALS for n in set_names(m))]:
+        sys.exit(f"--modes: expected plain, fused, separate or signal names joined by '+' ({', '.join(SIGNALS)}, "
+                 f"or 12 for the defaults); got {bad[0]!r}")
     rows = {}
     for mode in modes:
         cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--dataset", args.dataset,
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         if proc.returncode != 0:
             sys.exit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
         rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{mode:>9}: {rows[mode]['seconds']:8.2f} s  peak +{rows[mode]['peak_bytes'] / 2**20:8.1f} MiB",
+        print(f"{mode:>9.40}: {rows[mode]['seconds']:8.2f} s  peak +{rows[mode]['peak_bytes'] / 2**20:8.1f} MiB",
               flush=True)
     plain = rows.get("plain")
     result = {"model": args.model, "dataset": args.dataset, "batches": args.batches, "batch_size": args.batch_size,

@@ -57,8 +57,17 @@ def test_signals_cost_times_one_extra_signal(tiny_base_model, sentiment_csv_dir,
                      "--batch-size", "4", "--max-length", "16", "--modes", "plain,activation_patching",
                      "--out", str(tmp_path / "cost.json")])
     assert set(res["modes"]) == {"plain", "activation_patching"} and res["activation_patching/plain time"] > 0
+    # a feature set: names joined by "+", "12" for the defaults, from one shared capture
+    assert cost.set_names("12+activation_patching")[-1] == "activation_patching"
+    assert len(cost.set_names("12+activation_patching+weight_norm")) == 13
+    res = cost.main(["--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir), "--batches", "1",
+                     "--batch-size", "4", "--max-length", "16", "--modes", "plain,weight_norm+weight_entropy",
+                     "--out", str(tmp_path / "sets.json")])
+    assert res["weight_norm+weight_entropy/plain time"] > 0
     with pytest.raises(SystemExit, match="--modes: expected .*got 'bogus'"):
         cost.main(["--modes", "plain,bogus"])
+    with pytest.raises(SystemExit, match="--modes: expected .*got '12\\+bogus'"):
+        cost.main(["--modes", "12+bogus"])
 
 
 def test_labels_cost_runs(tiny_base_model, sentiment_csv_dir, tmp_path, capsys):
@@ -81,13 +90,18 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     profile = compare.Profile(str(tiny_base_model), [1], datasets=[str(sentiment_csv_dir)],
                               seeds={"random": [0, 1]}, teacher_samples=200, teacher_epochs=1, teacher_margin=0, finetune_steps=1,
                               signal_samples=16, label_samples=16, distill_samples=32, max_eval_samples=40,
-                              max_length=16, batch_size=8, rows=str(rows))
+                              max_length=16, batch_size=8, rows=str(rows), paired=True)
     out = tmp_path / "cmp"
     res = compare.run(profile, "tiny", out, log=lambda m: None)
     assert len(res) == len(compare.STRATEGIES) + 1  # random has two seeds
     assert set(res.strategy) == set(compare.STRATEGIES)
     assert list(pd.read_csv(out / "results.csv").columns) == compare.COLUMNS
     assert (res[res.strategy == "best-signal"].resolved_strategy.iloc[0]) in __import__("signals").DEFAULT_SIGNALS
+    # fusion-verify: the rf bundle (the shipped configuration, fitted without the dataset) shortlists
+    # and the drop-one label decides: its selection measures labels, fusion-rf's does not
+    verify = json.loads((out / "reports" / f"{sentiment_csv_dir.name}-l1-fusion-verify-s0.json").read_text())
+    assert verify["config"]["strategy"] == "fusion-verify" and verify["config"]["label_samples"] == 16
+    assert verify["config"]["fusion_path"].endswith("lodo-rf-without-" + sentiment_csv_dir.name + ".npz")
     # one teacher per dataset, shared by every seed; heavy files under work/, one report per cell kept
     assert len(list((out / "work" / "bundles").glob("*.npz"))) == 3
     assert len([p for p in (out / "work" / "teachers").iterdir() if p.is_dir()]) == 1
@@ -97,6 +111,11 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     assert res[res.strategy != "fusion-rf"].accuracy_ft.isna().all()
     md = (out / "results.md").read_text()
     assert "| mean rank |" in md and "| fusion-rf minus |" in md and "plain fine-tune" in md
+    # paired on shared seeds: fusion-rf and fusion-verify against every single criterion and fixed rule
+    for challenger in ("fusion-rf", "fusion-verify"):
+        for rival in ("activation_patching", "angular-block", "best-signal", "symmetric", "deepest", "top"):
+            assert f"| {challenger} | {rival} | accuracy_kd |" in md
+    assert "| fusion-verify | fusion-rf | accuracy |" in md
     assert (out / "mean_rank.png").is_file()
     again = compare.run(profile, "tiny", out, log=lambda m: None)  # every cell done: nothing re-runs
     assert len(again) == len(res)
@@ -325,3 +344,7 @@ def test_extra_signals_evaluation_compares_fusion_with_and_without_extras():
     assert (res.xs("best-signal (of 15)", level=1).signal == "activation_patching").all()
     assert res.xs("fusion-rf (12 + activation_patching)", level=1).regret.mean() <= \
         res.xs("fusion-rf (12 signals)", level=1).regret.mean()
+    # every candidate feature set is fitted and tabled with its cost (here not measured)
+    assert {f"set: {n}" for n in ex.FEATURE_SETS} <= methods
+    table = ex.feature_set_table(res.reset_index(), cost=Path("/nonexistent.json"))
+    assert table.count("| not measured |") == len(ex.FEATURE_SETS) and "| 12 + activation_patching | 13 |" in table
