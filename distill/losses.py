@@ -47,5 +47,23 @@ def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return soft_kl(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature)
 
 
+def topk_next_token_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                       temperature: float = 2.0) -> torch.Tensor:
+    """:func:`next_token_kl` against a teacher kept as its top-k logits per position.
+
+    ``student_logits``: (B, T, V); ``teacher_values``, ``teacher_indices``: (B, T, k), the teacher's k
+    largest logits and their token ids. The teacher distribution is the softmax of those k logits
+    (its mass renormalised onto them, as sparse KD does); the student's log-probabilities are taken
+    over the whole vocabulary and read at the k ids. With k = V this equals :func:`next_token_kl`.
+    Averaged over the B * (T - 1) predicting positions, times T^2.
+    """
+    t = temperature
+    s_log = F.log_softmax(student_logits[:, :-1].float() / t, -1).gather(-1, teacher_indices[:, :-1].long())
+    t_log = F.log_softmax(teacher_values[:, :-1].float() / t, -1)
+    kl = (t_log.exp() * (t_log - s_log)).sum(-1)  # (B, T - 1)
+    return kl.mean() * t * t
+
+
 KD_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"soft_kl": soft_kl, "hard_ce": hard_ce, "hidden_mse": hidden_mse,
-                                                     "next_token_kl": next_token_kl}
+                                                     "next_token_kl": next_token_kl,
+                                                     "topk_next_token_kl": topk_next_token_kl}

@@ -307,6 +307,9 @@ class HealConfig:
     # distillation from the teacher's logits during healing: 0 = plain next-token loss
     kd_weight: float = 0.0
     temperature: float = 2.0
+    # 0: the teacher runs beside each step (full-vocabulary KL); k > 0: its top-k logits per position
+    # are cached once before training (distill.teacher_topk_logits) and the KL is taken over them
+    kd_top_k: int = 0
     seed: int = 0
     progress: bool = True
 
@@ -344,9 +347,12 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     LoRA adapters are merged into the weights before returning, so the result is a plain model
     of the input's class (the input module itself is trained in place and may be the result).
     With ``cfg.kd_weight > 0`` the loss is ``(1 - w) * next-token CE + w * T^2 KL(teacher || student)``
-    over the vocabulary at every position, the teacher running beside each step.
+    over the vocabulary at every position, the teacher running beside each step; with
+    ``cfg.kd_top_k = k`` the teacher's top-k logits of every window are cached first and the KL is
+    taken over them (:func:`distill.losses.topk_next_token_kl`).
     """
-    from distill.losses import next_token_kl
+    from distill.losses import next_token_kl, topk_next_token_kl
+    from distill.trainer import teacher_topk_logits
     from fusion_prune.finetune import loss_summary, make_accelerator, run_steps
     from fusion_prune.utils import set_seed
     from signals.capture import task_loss
@@ -360,15 +366,35 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     model = _lora(student, cfg) if cfg.method == "lora" else student
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator = make_accelerator()
+    cache, kd_stats = None, {}
     if teacher is not None:
         teacher.eval()
+    if cfg.kd_weight and cfg.kd_top_k:
+        # Cache only what the steps can visit: a seeded sample of steps * batch windows (all when
+        # fewer), which the loader below then shuffles, as it shuffles the whole set without a cache.
+        visit = cfg.steps * cfg.batch_size
+        if visit < len(windows):
+            pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed))[:visit]
+            windows = windows[pick.sort().values]
+        t1 = time.perf_counter()
+        cache = teacher_topk_logits(teacher, windows, cfg.kd_top_k, cfg.batch_size,
+                                    next(teacher.parameters()).device)
+        kd_stats = {"teacher_logits": "top-k cached", "top_k": cache[0].shape[-1],
+                    "cache_bytes": int(cache[0].numel() * 2 + cache[1].numel() * 4),
+                    "cache_seconds": round(time.perf_counter() - t1, 2)}
+    elif cfg.kd_weight:
+        kd_stats = {"teacher_logits": "computed beside each step"}
 
     def compute_loss(m, batch):
-        batch.pop("index")
+        index = batch.pop("index")
         out = m(**batch, use_cache=False)
         logits = out.logits
         loss, _ = task_loss(m, out, batch)  # mean next-token cross-entropy
-        if cfg.kd_weight:
+        if cache is not None:
+            values, ids = (c[index].to(logits.device) for c in cache)
+            kd = topk_next_token_kl(logits, values, ids, cfg.temperature)
+            loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+        elif cfg.kd_weight:
             with torch.no_grad():
                 t = teacher(**batch, use_cache=False).logits
             loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * next_token_kl(logits, t, cfg.temperature)
@@ -384,5 +410,5 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     for p in model.parameters():
         p.requires_grad_(True)
     return model, {"method": cfg.method, "steps": len(losses), "trainable_parameters": int(trainable),
-                   "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), **loss_summary(losses),
+                   "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), **loss_summary(losses), **kd_stats,
                    "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}

@@ -594,6 +594,9 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
               help="Causal LM: steps of distillation from the teacher's logits after healing.")
 @click.option("--kd-weight", default=0.5, show_default=True, type=float,
               help="Causal LM: weight of the KL term in those steps (the rest is next-token loss).")
+@click.option("--kd-top-k", default=0, show_default=True, type=int,
+              help="Causal LM: cache the teacher's top-k logits per token before distilling (0: run the "
+                   "teacher beside each step, full vocabulary).")
 @click.option("--max-eval-tokens", default=8192, show_default=True, type=int,
               help="Causal LM: held-out tokens for perplexity.")
 @click.option("--zero-shot", "zero_shot", multiple=True,
@@ -612,7 +615,7 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
              batch_size: int | None, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
              hidden_weight: float, no_distill: bool, distill_control: bool, distill_data: str, heal: str,
              heal_steps: int, heal_lr: float, lora_r: int, lora_alpha: int, lora_targets: str, lm_distill_steps: int,
-             kd_weight: float, max_eval_tokens: int, zero_shot: tuple[str, ...], prompt: str | None,
+             kd_weight: float, kd_top_k: int, max_eval_tokens: int, zero_shot: tuple[str, ...], prompt: str | None,
              verbalisers: str | None, zero_shot_samples: int, seed: int, resume: bool, overwrite: bool) -> None:
     """Remove layers down to --target-layers or a budget, recovering after each removal, then distil
     (classifiers) or heal with LoRA and optionally distil (causal LMs)."""
@@ -641,7 +644,8 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
                                                       batch_size=batch_size or 32, lr=lr),
         distill_control=distill_control, distill_data=distill_data,
         heal=HealConfig(method=heal, steps=heal_steps, batch_size=batch_size or 4, lr=heal_lr, lora_r=lora_r,
-                        lora_alpha=lora_alpha, target_modules=lora_targets, temperature=temperature),
+                        lora_alpha=lora_alpha, target_modules=lora_targets, temperature=temperature,
+                        kd_top_k=kd_top_k),
         lm_distill_steps=lm_distill_steps, kd_weight=kd_weight, max_eval_tokens=max_eval_tokens,
         zero_shot={z: {"prompt": prompt, "verbalisers": verbalisers, "max_samples": zero_shot_samples}
                    for z in zero_shot})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -226,6 +227,38 @@ def test_lm_output_reloads_and_generates_the_same(llama_dir, corpus_txt, tmp_pat
     assert again.config.num_hidden_layers == 2 and [l.self_attn.layer_idx for l in again.model.layers] == [0, 1]
 
 
+def test_heal_with_a_top_k_teacher_cache(llama_dir):
+    """The teacher's top-k logits cached once equal its logits' top k; at k = V with every window
+    visited the cached distillation follows the beside-the-step one (up to the float16 cache); with
+    fewer steps than windows only the windows the steps visit are cached."""
+    from distill import teacher_topk_logits
+    from fusion_prune.causal_lm import HealConfig, heal
+    from fusion_prune.models import load_causal_lm
+    from fusion_prune.surgery import drop_layers
+
+    teacher, _ = load_causal_lm(str(llama_dir))
+    windows = torch.randint(5, 20, (4, 16), generator=torch.Generator().manual_seed(3))
+    values, ids = teacher_topk_logits(teacher, windows, 5, batch_size=3)
+    with torch.no_grad():
+        ref = teacher(input_ids=windows).logits.topk(5, dim=-1)
+    assert values.shape == ids.shape == (4, 16, 5) and values.dtype == torch.float16 and ids.dtype == torch.int32
+    torch.testing.assert_close(values.float(), ref.values, atol=1e-2, rtol=1e-2)
+    assert (ids.long() == ref.indices).float().mean() > 0.99  # ties aside
+    vocab = teacher.config.vocab_size
+    cfg = HealConfig(steps=2, batch_size=2, kd_weight=0.5, method="full", progress=False)
+    runs = {}
+    for k in (0, vocab):
+        student = drop_layers(teacher, [1, 2])
+        _, runs[k] = heal(student, windows, replace(cfg, kd_top_k=k), teacher=teacher)
+    assert runs[0]["teacher_logits"] == "computed beside each step"
+    assert runs[vocab]["teacher_logits"] == "top-k cached" and runs[vocab]["top_k"] == vocab
+    assert runs[vocab]["cache_bytes"] == 4 * 16 * vocab * 6  # every window: 2 steps x 2 = 4 visited
+    assert runs[vocab]["first_loss"] == pytest.approx(runs[0]["first_loss"], rel=1e-3)
+    assert runs[vocab]["final_loss"] == pytest.approx(runs[0]["final_loss"], rel=1e-2)
+    _, one = heal(drop_layers(teacher, [1, 2]), windows, replace(cfg, steps=1, kd_top_k=8), teacher=teacher)
+    assert one["cache_bytes"] == 2 * 16 * 8 * 6 and math.isfinite(one["final_loss"])  # 1 step x 2 windows
+
+
 def test_lm_distillation_after_healing_with_zero_shot(llama_dir, corpus_txt, sentiment_csv_dir, tmp_path):
     from fusion_prune.greedy import compress
     from fusion_prune.tasks import get_task
@@ -276,10 +309,12 @@ def test_cli_lm_compress_evaluate_and_bad_inputs(llama_dir, corpus_txt, sentimen
     short.write_text("good movie\n\nbad plot\n\nthe actor")
     res = runner.invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
                                "-o", str(out), "--max-length", "16", "--heal-steps", "2", "--max-eval-tokens", "64",
-                               "--signal-samples", "2", "--batch-size", "2"])
+                               "--signal-samples", "2", "--batch-size", "2", "--lm-distill-steps", "1",
+                               "--kd-top-k", "4"])
     assert res.exit_code == 0, res.output
     assert "healed perplexity" in res.output
     r = json.loads((out / "report.json").read_text())
+    assert r["distill"]["teacher_logits"] == "top-k cached" and r["distill"]["top_k"] == 4
     res = runner.invoke(main, ["evaluate", "-m", str(out), "-d", str(corpus_txt), "--max-length", "16",
                                "--max-eval-tokens", "64", "--json"])
     assert res.exit_code == 0, res.output

@@ -16,7 +16,26 @@ from fusion_prune.surgery import drop_layers
 
 
 def test_registry():
-    assert set(KD_LOSSES) == {"soft_kl", "hard_ce", "hidden_mse", "next_token_kl"}
+    assert set(KD_LOSSES) == {"soft_kl", "hard_ce", "hidden_mse", "next_token_kl", "topk_next_token_kl"}
+
+
+def test_topk_kl_is_the_full_kl_at_k_equal_v_and_sparse_kd_below():
+    from distill import next_token_kl, topk_next_token_kl
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g, requires_grad=True), torch.randn(2, 5, 11, generator=g)
+    top = t.topk(11, dim=-1)
+    full = next_token_kl(s, t, temperature=2.0)
+    torch.testing.assert_close(topk_next_token_kl(s, top.values, top.indices, 2.0), full)
+    # k < V: KL(renormalised teacher top-k || student) read at those ids, by hand at one position
+    top3 = t.topk(3, dim=-1)
+    loss = topk_next_token_kl(s, top3.values, top3.indices, 1.0)
+    p = torch.softmax(top3.values, -1)
+    log_q = torch.log_softmax(s.detach(), -1).gather(-1, top3.indices)
+    by_hand = (p * (p.log() - log_q)).sum(-1)[:, :-1].mean()
+    torch.testing.assert_close(loss.detach(), by_hand)
+    loss.backward()
+    assert s.grad is not None and s.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
 
 
 def test_soft_kl_by_hand():
