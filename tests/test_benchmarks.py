@@ -348,3 +348,24 @@ def test_extra_signals_evaluation_compares_fusion_with_and_without_extras():
     assert {f"set: {n}" for n in ex.FEATURE_SETS} <= methods
     table = ex.feature_set_table(res.reset_index(), cost=Path("/nonexistent.json"))
     assert table.count("| not measured |") == len(ex.FEATURE_SETS) and "| 12 + activation_patching | 13 |" in table
+
+
+def test_lm_kd_cache_compares_beside_and_top_k(tmp_path, capsys):
+    """The top-k cache benchmark on a tiny Llama: every mode distils the same pruned student; the
+    cached modes report their cache, and each is set against the teacher-beside mode."""
+    from conftest import make_tokenizer
+    from test_causal_lm import prose, tiny_decoder
+
+    model = tmp_path / "tiny-llama"
+    tiny_decoder("llama").save_pretrained(model)
+    make_tokenizer(model).save_pretrained(model)
+    corpus = tmp_path / "story.txt"
+    corpus.write_text("\n\n".join(prose(60)))
+    res = _load("lm_kd_cache").main(["--model", str(model), "--corpus", str(corpus), "--drop", "2", "--steps", "2",
+                                     "--batch-size", "2", "--max-length", "16", "--max-eval-tokens", "64",
+                                     "--top-k", "4", "--out", str(tmp_path / "kd.json")])
+    beside, top = res["modes"]["beside"], res["modes"]["top-4"]
+    assert beside["cache_bytes"] == 0 and top["cache_bytes"] == 2 * 2 * 16 * 4 * 6  # 2 steps x 2 windows
+    assert all(m["steps"] == 2 and m["perplexity"] > 1 and m["seconds"] > 0 for m in (beside, top))
+    assert json.loads((tmp_path / "kd.json").read_text())["modes"]["top-4"]["cache_bytes"] == top["cache_bytes"]
+    assert "top-4/beside: time" in capsys.readouterr().out

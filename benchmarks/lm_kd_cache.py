@@ -1,0 +1,109 @@
+"""Causal-LM distillation with the teacher beside each step against a top-k teacher cache.
+
+    python benchmarks/lm_kd_cache.py --model smollm2-135m --corpus grimm-tales --steps 10 --top-k 16,64
+
+One pruned student (the deepest layers but the last removed, ``--drop`` of them: no signals, so
+every mode starts from the same weights) is distilled from its teacher for ``--steps`` steps of
+``--batch-size`` windows of ``--max-length`` tokens, once per mode, each mode in a fresh
+subprocess so that its peak memory is its own: ``beside`` (the teacher's full-vocabulary logits
+computed at every step, the default) and ``top-K`` for each K (the teacher's K largest logits per
+token cached once before the steps, ``--kd-top-k K``). Reported per mode: seconds (cache + steps),
+peak resident memory above the level after loading both models, the cache's size, the final
+training loss and the held-out perplexity after distillation. Results go to
+``results/lm-kd-cache/<model>-<corpus>.json``; the last lines print each mode against ``beside``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "lm-kd-cache"
+
+
+def run_mode(args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from signals_cost import PeakRSS
+
+    from fusion_prune.causal_lm import HealConfig, heal, perplexity, token_windows
+    from fusion_prune.models import load_causal_lm
+    from fusion_prune.surgery import drop_layers
+    from fusion_prune.tasks import get_task
+
+    torch.manual_seed(0)
+    data = get_task("causal-lm").load_data(args.corpus)
+    teacher, tok = load_causal_lm(args.model, device="cpu")
+    n = teacher.config.num_hidden_layers
+    student = drop_layers(teacher, list(range(n - 1 - args.drop, n - 1)))
+    train = token_windows(tok, data.train, args.max_length, None, what="train split")
+    test = token_windows(tok, data.test, args.max_length, args.max_eval_tokens, what="test split")
+    k = 0 if args.mode == "beside" else int(args.mode.split("-")[1])
+    cfg = HealConfig(method="full", steps=args.steps, batch_size=args.batch_size, kd_weight=0.5, kd_top_k=k,
+                     seed=0, progress=False)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        student, stats = heal(student, train, cfg, teacher=teacher)
+        seconds = time.perf_counter() - t0
+    ppl = perplexity(student, test, batch_size=args.batch_size)["perplexity"]
+    return {"mode": args.mode, "seconds": seconds, "peak_bytes": rss.delta, "final_loss": stats["final_loss"],
+            "cache_bytes": stats.get("cache_bytes", 0), "cache_seconds": stats.get("cache_seconds", 0.0),
+            "perplexity": ppl, "steps": stats["steps"], "train_windows": len(train)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--corpus", default="grimm-tales")
+    ap.add_argument("--drop", type=int, default=6, help="layers removed before distilling")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-eval-tokens", type=int, default=8192)
+    ap.add_argument("--top-k", default="16,64", help="comma-separated cache sizes")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # internal: one mode in this process
+    args = ap.parse_args(argv)
+    if args.mode:
+        print(json.dumps(run_mode(args)))
+        return {}
+    modes = ["beside", *[f"top-{int(k)}" for k in args.top_k.split(",") if k]]
+    rows = {}
+    for mode in modes:
+        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--corpus", args.corpus,
+               "--drop", str(args.drop), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--max-length", str(args.max_length), "--max-eval-tokens", str(args.max_eval_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
+        rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = rows[mode]
+        print(f"{mode:>8}: {r['seconds']:7.1f} s  peak +{r['peak_bytes'] / 2**20:7.1f} MiB  cache "
+              f"{r['cache_bytes'] / 2**20:6.1f} MiB  loss {r['final_loss']:.4f}  perplexity {r['perplexity']:.2f}",
+              flush=True)
+    from fusion_prune.utils import versions, write_json_atomic
+
+    result = {"model": args.model, "corpus": args.corpus, "drop": args.drop, "steps": args.steps,
+              "batch_size": args.batch_size, "max_length": args.max_length,
+              "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)", "date": time.strftime("%Y-%m-%d"),
+              "modes": rows, "versions": versions()}
+    out = args.out or RESULTS / f"{Path(args.model).name}-{Path(args.corpus).name}.json"
+    write_json_atomic(out, result)
+    for mode in modes[1:]:
+        print(f"{mode}/beside: time {rows[mode]['seconds'] / rows['beside']['seconds']:.2f}x, peak memory "
+              f"{rows[mode]['peak_bytes'] / max(rows['beside']['peak_bytes'], 1):.2f}x, perplexity "
+              f"{rows[mode]['perplexity'] - rows['beside']['perplexity']:+.2f}")
+    print(f"results: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
