@@ -1,28 +1,33 @@
-"""Real causal-LM compression runs on this CPU: smollm2-135m on a prose corpus, to given depths.
+"""Profile lm-cpu: causal-LM compression on real corpora, every strategy through the same loop.
 
-    python benchmarks/lm_compress.py --depths 24,20 --corpus grimm-tales --strategy block-influence
+    python benchmarks/lm_compress.py --corpora grimm-tales --strategies block-influence --depths 24,20
+    python benchmarks/lm_compress.py --corpora grimm-tales,book-excerpts,bbc-news \\
+        --strategies fusion,fusion-verify,block-influence,angular-block,deepest,sleb,taylor,best-signal,activation_patching,random
 
 Budgets (fixed here, documented in benchmarks/README.md): windows of 256 tokens; 4 calibration
-windows per step; LoRA healing 40 steps of 4 windows (r 8, alpha 16, all linear layers);
-distillation 20 steps (KL weight 0.5, T 2); perplexity on at most 8,192 held-out test tokens;
-zero-shot on 100 test examples each of rotten-tomatoes and bbc-news. A finished run (its output
-folder) is skipped, a stopped one resumes; one summary row per run lands in
-``results/lm-cpu/runs.csv``.
+windows per step; no recovery between removals; LoRA healing 40 steps of 4 windows (r 8, alpha 16,
+all linear layers); distillation 20 steps (KL weight 0.5, T 2); perplexity on at most 8,192
+held-out test tokens; zero-shot on 100 test examples each of rotten-tomatoes and bbc-news.
+
+``fusion`` is the shipped LM configuration (the default LM bundle's model, normalisation and
+target) fitted on the shipped LM rows **without** the evaluated corpus (leave-one-corpus-out);
+``fusion-verify`` shortlists with that bundle and lets the measured drop-one NLL on the
+validation windows decide; ``best-signal`` is the signal with the lowest regret on the other
+corpora's rows. No choice reads a test split. A finished run (its folder under ``--runs``) is
+skipped, a stopped one resumes; one row per run lands in ``results/lm-cpu/results.csv``
+(``perplexity`` = after healing and distillation; ``zero_shot_accuracy`` = the student's mean
+over the zero-shot sets).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
 import pandas as pd
-
-from fusion_prune.causal_lm import HealConfig
-from fusion_prune.greedy import CompressConfig, compress
-from fusion_prune.tasks import get_task
-from fusion_prune.utils import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm-cpu"
 ZERO_SHOT = {
@@ -30,45 +35,112 @@ ZERO_SHOT = {
                         "max_samples": 100, "max_length": 128},
     "bbc-news": {"prompt": "{text}\nTopic:", "verbalisers": None, "max_samples": 100, "max_length": 256},
 }
+KEY = ["dataset", "strategy", "seed", "target_layers"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def _loco_bundle(corpus: str, work: Path, rows_glob: str | None = None) -> str:
+    """The shipped LM configuration fitted on the LM rows of every corpus but ``corpus``."""
+    from fusion_prune import fusion as F
+
+    path = work / "bundles" / f"loco-without-{Path(corpus).name}.npz"
+    if not path.is_file():
+        default = F.load_bundle(task="causal-lm")
+        rows = F.read_rows([rows_glob or str(F.DEFAULT_BUNDLES["causal-lm"].parent / "rows-lm" / "*.parquet")])
+        F.fit_bundle(rows[rows.dataset != corpus], default.model_type, default.features, default.feature_norm,
+                     default.target, label="loss_after_drop").save(path)
+    return str(path)
+
+
+def _best_signal(corpus: str, rows_glob: str | None = None) -> str:
+    from fusion_prune import fusion as F
+
+    rows = F.read_rows([rows_glob or str(F.DEFAULT_BUNDLES["causal-lm"].parent / "rows-lm" / "*.parquet")])
+    m = F.baseline_metrics(F.use_label(rows[rows.dataset != corpus], "loss_after_drop"))["signals"]
+    return min(m, key=lambda n: (m[n]["regret"], -m[n]["spearman"]))
+
+
+def result_row(report: dict, corpus: str, strategy: str, seed: int, depth: int) -> dict:
+    """One results.csv row from a compress report."""
+    zs = report.get("zero_shot") or {}
+    student = [v["student"]["accuracy"] for v in zs.values()]
+    return {"dataset": corpus, "strategy": strategy, "seed": seed, "target_layers": depth,
+            "teacher_perplexity": report["teacher_perplexity"], "pruned_perplexity": report["pruned_perplexity"],
+            "healed_perplexity": report["healed_perplexity"], "perplexity": report["student_perplexity"],
+            "zero_shot_accuracy": sum(student) / len(student) if student else None,
+            **{f"zero_shot_{k}_{stage}": v[stage]["accuracy"] for k, v in zs.items()
+               for stage in ("teacher", "pruned", "student")},
+            "selection_seconds": report["selection_seconds"], "wall_seconds": report["wall_seconds"],
+            "kept_layers": " ".join(map(str, report["kept_layers"])),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)"}
+
+
+def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs: Path, out: Path, budgets: dict,
+            rows_glob: str | None = None, log=print) -> dict:
+    """Compress (or resume) one run and upsert its row into ``out/results.csv``."""
+    from fusion_prune.causal_lm import HealConfig
+    from fusion_prune.greedy import CompressConfig, compress
+    from fusion_prune.report import write_table
+    from fusion_prune.tasks import get_task
+
+    folder = runs / f"{Path(corpus).name}-l{depth}-{strategy}-s{seed}"
+    if not (folder / "report.json").is_file():
+        resolved, fusion_path, labels = strategy, None, 0
+        if strategy in ("fusion", "fusion-verify"):
+            fusion_path = _loco_bundle(corpus, runs, rows_glob)
+            labels = budgets["label_windows"] if strategy == "fusion-verify" else 0
+        elif strategy == "best-signal":
+            resolved = _best_signal(corpus, rows_glob)
+        cfg = CompressConfig(target_layers=depth, strategy=resolved, fusion_path=fusion_path, task="causal-lm",
+                             max_length=budgets["max_length"], batch_size=budgets["batch_size"],
+                             signal_samples=budgets["signal_windows"], label_samples=labels,
+                             max_eval_tokens=budgets["max_eval_tokens"], seed=seed, progress=False,
+                             heal=HealConfig(steps=budgets["heal_steps"], batch_size=budgets["batch_size"],
+                                             progress=False),
+                             lm_distill_steps=budgets["distill_steps"], kd_weight=0.5,
+                             zero_shot=budgets["zero_shot"])
+        task = get_task("causal-lm")
+        compress(model, task.load_data(corpus), cfg, folder, resume=True, task=task)
+    row = result_row(json.loads((folder / "report.json").read_text()), corpus, strategy, seed, depth)
+    csv = out / "results.csv"
+    old = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=list(row))
+    if len(old):
+        same = (old[KEY].astype(str).agg("|".join, axis=1) == "|".join(str(row[k]) for k in KEY))
+        old = old[~same]
+    write_table(pd.concat([old, pd.DataFrame([row])], ignore_index=True), csv)
+    log(json.dumps(row))
+    return row
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--corpus", default="grimm-tales")
+    ap.add_argument("--corpora", default="grimm-tales")
+    ap.add_argument("--strategies", default="block-influence")
     ap.add_argument("--depths", default="24,20")
-    ap.add_argument("--strategy", default="block-influence")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0")
     ap.add_argument("--heal-steps", type=int, default=40)
     ap.add_argument("--distill-steps", type=int, default=20)
-    ap.add_argument("--runs", default=str(Path("runs") / "lm-cpu"))
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-eval-tokens", type=int, default=8192)
+    ap.add_argument("--zero-shot-samples", type=int, default=100, help="0: no zero-shot scoring")
+    ap.add_argument("--rows", default=None, help="LM rows for the leave-one-corpus-out bundles (default: shipped)")
+    ap.add_argument("--runs", type=Path, default=Path("runs") / "lm-cpu")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    for depth in [int(d) for d in args.depths.split(",")]:
-        out = Path(args.runs) / f"{args.corpus}-l{depth}-{args.strategy}-s{args.seed}"
-        if not (out / "report.json").is_file():
-            cfg = CompressConfig(target_layers=depth, strategy=args.strategy, task="causal-lm", max_length=256,
-                                 batch_size=4, signal_samples=4, max_eval_tokens=8192, seed=args.seed,
-                                 heal=HealConfig(steps=args.heal_steps, batch_size=4),
-                                 lm_distill_steps=args.distill_steps, kd_weight=0.5, zero_shot=ZERO_SHOT)
-            task = get_task("causal-lm")
-            compress(args.model, task.load_data(args.corpus), cfg, out, resume=True, task=task)
-        r = json.loads((out / "report.json").read_text())
-        row = {"dataset": args.corpus, "strategy": args.strategy, "seed": args.seed, "target_layers": depth,
-               "teacher_perplexity": r["teacher_perplexity"], "pruned_perplexity": r["pruned_perplexity"],
-               "healed_perplexity": r["healed_perplexity"], "perplexity": r["student_perplexity"],
-               **{f"zero_shot_{k}_{stage}": v[stage]["accuracy"] for k, v in (r["zero_shot"] or {}).items()
-                  for stage in ("teacher", "pruned", "student")},
-               "selection_seconds": r["selection_seconds"], "wall_seconds": r["wall_seconds"],
-               "kept_layers": " ".join(map(str, r["kept_layers"])), "machine": f"{platform.machine()} "
-               f"{__import__('os').cpu_count()} cores (CPU)"}
-        csv = RESULTS / "runs.csv"
-        old = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()
-        key = ["dataset", "strategy", "seed", "target_layers"]
-        if len(old):
-            old = old[~(old[key].astype(str).agg("|".join, axis=1) ==
-                        "|".join(str(row[k]) for k in key))]
-        write_text_atomic(csv, pd.concat([old, pd.DataFrame([row])], ignore_index=True).to_csv(index=False))
-        print(json.dumps(row), flush=True)
+    zero_shot = {k: {**v, "max_samples": args.zero_shot_samples} for k, v in ZERO_SHOT.items()} \
+        if args.zero_shot_samples else {}
+    budgets = {"max_length": args.max_length, "batch_size": 4, "signal_windows": 4, "label_windows": 8,
+               "max_eval_tokens": args.max_eval_tokens, "heal_steps": args.heal_steps,
+               "distill_steps": args.distill_steps, "zero_shot": zero_shot}
+    rows = []
+    # seed 0 of everything first, then the extra seeds; the shallower depth last (the longer run)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for corpus in args.corpora.split(","):
+            for strategy in args.strategies.split(","):
+                for depth in [int(d) for d in args.depths.split(",")]:
+                    rows.append(run_one(args.model, corpus, strategy, seed, depth, args.runs, args.out, budgets,
+                                        args.rows, log=lambda m: print(m, flush=True)))
+    return pd.DataFrame(rows)
 
 
 if __name__ == "__main__":

@@ -369,3 +369,42 @@ def test_lm_kd_cache_compares_beside_and_top_k(tmp_path, capsys):
     assert all(m["steps"] == 2 and m["perplexity"] > 1 and m["seconds"] > 0 for m in (beside, top))
     assert json.loads((tmp_path / "kd.json").read_text())["modes"]["top-4"]["cache_bytes"] == top["cache_bytes"]
     assert "top-4/beside: time" in capsys.readouterr().out
+
+
+def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
+    """Profile lm-cpu on a tiny Llama: fusion and fusion-verify get a bundle fitted without the
+    evaluated corpus (the shipped LM configuration), best-signal resolves to a signal, every run
+    adds one row with the issue's columns, and a second call re-runs nothing."""
+    import pandas as pd
+
+    from conftest import make_tokenizer
+    from fusion_prune import fusion as F
+    from test_causal_lm import prose, tiny_decoder
+
+    model = tmp_path / "tiny-llama"
+    tiny_decoder("llama").save_pretrained(model)
+    make_tokenizer(model).save_pretrained(model)
+    corpus = tmp_path / "grimm-tales.txt"
+    corpus.write_text("\n\n".join(prose(60)))
+    lm = _load("lm_compress")
+    args = ["--model", str(model), "--corpora", str(corpus), "--strategies", "fusion,fusion-verify,best-signal,deepest",
+            "--depths", "2", "--max-length", "16", "--heal-steps", "1", "--distill-steps", "1",
+            "--max-eval-tokens", "64", "--zero-shot-samples", "0", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out")]
+    res = lm.main(args)
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert {"dataset", "strategy", "seed", "target_layers", "teacher_perplexity", "pruned_perplexity", "perplexity",
+            "zero_shot_accuracy", "selection_seconds", "kept_layers"} <= set(table.columns)
+    assert sorted(table.strategy) == sorted(["fusion", "fusion-verify", "best-signal", "deepest"]) and len(res) == 4
+    (bundle,) = (tmp_path / "runs" / "bundles").glob("*.npz")
+    shipped, fitted = F.load_bundle(task="causal-lm"), F.load_bundle(bundle)
+    assert (fitted.model_type, fitted.feature_norm, fitted.target) == (shipped.model_type, shipped.feature_norm,
+                                                                       shipped.target)
+    verify = json.loads((tmp_path / "runs" / "grimm-tales.txt-l2-fusion-verify-s0" / "report.json").read_text())
+    assert verify["config"]["label_samples"] == 8 and verify["config"]["fusion_path"] == str(bundle)
+    best = json.loads((tmp_path / "runs" / "grimm-tales.txt-l2-best-signal-s0" / "report.json").read_text())
+    assert best["config"]["strategy"] in __import__("signals").DEFAULT_SIGNALS
+    stamp = (tmp_path / "runs" / "grimm-tales.txt-l2-deepest-s0" / "report.json").stat().st_mtime
+    lm.main(args)  # finished runs are skipped, their rows replaced, not duplicated
+    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 4
+    assert (tmp_path / "runs" / "grimm-tales.txt-l2-deepest-s0" / "report.json").stat().st_mtime == stamp
