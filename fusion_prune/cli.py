@@ -540,13 +540,15 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
                    "the teacher's (before healing).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--strategy", default=None,
-              help="How to pick layers (default: fusion for classifiers, block-influence for causal LMs): fusion, "
+              help="How to pick layers (default, by measurement: activation_patching for classifiers, "
+                   "block-influence for causal LMs): fusion, "
                    "fusion-verify, consensus, top, bottom, alternate, symmetric, deepest, angular-block, "
                    "block-influence, sleb, "
                    "taylor, random, oracle, or a signal name (act_energy, grad_norm, ..., or an opt-in extra such "
                    "as activation_patching).")
 @click.option("--fusion", "fusion_path", type=click.Path(path_type=Path), default=None,
-              help="Fusion bundle for --strategy fusion; default: the shipped one.")
+              help="Fusion bundle for --strategy fusion / fusion-verify (given alone, it selects fusion); "
+                   "default: the shipped one.")
 @click.option("--trust-pickle", is_flag=True,
               help="Also load a joblib (pickle) bundle from before format 2. Unpickling runs any code the file holds.")
 @click.option("--verify-k", default=3, show_default=True, type=int,
@@ -728,10 +730,10 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.pass_context
 def demo(ctx: click.Context, output: Path, overwrite: bool) -> None:
-    """minilm-l6 on rotten-tomatoes, 6 -> 3 layers with the default fusion bundle and distillation."""
+    """minilm-l6 on rotten-tomatoes, 6 -> 3 layers with the default strategy and distillation."""
     # Every option not named here takes compress's own default (click fills them in).
     ctx.invoke(compress, model="minilm-l6", dataset="rotten-tomatoes", target_layers=3, output=output,
-               strategy="fusion", max_length=64, overwrite=overwrite)
+               max_length=64, overwrite=overwrite)
 
 
 if __name__ == "__main__":  # pragma: no cover

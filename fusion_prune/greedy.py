@@ -46,7 +46,7 @@ class CompressConfig:
     """
 
     target_layers: int | None = None
-    strategy: str | None = None  # None: the task's default (fusion for classifiers, block-influence for LMs)
+    strategy: str | None = None  # None: the task's default (activation_patching for classifiers, block-influence for LMs)
     fusion_path: str | None = None  # None: the bundle shipped with fusionprune
     trust_pickle: bool = False  # allow a joblib (pickle) bundle of format /1: unpickling can run code
     finetune_steps: int | None = None  # recovery steps per removed layer (None: 50 classification, 0 causal LM)
@@ -85,6 +85,8 @@ class CompressConfig:
         if self.task not in TASKS:
             raise bad_choice("task", self.task, TASKS)
         lm = self.task == "causal-lm"
+        if self.strategy is None and self.fusion_path is not None:  # a bundle named and no strategy: use it
+            self.strategy = "fusion"
         defaults = {"strategy": TASKS[self.task].default_strategy, "finetune_steps": 0 if lm else 50,
                     "signal_samples": 4 if lm else 256, "label_samples": 0 if lm else 400,
                     "max_length": 512 if lm else 128, "batch_size": 4 if lm else 32,
