@@ -258,8 +258,8 @@ def with_baseline(profile: Profile, results: pd.DataFrame) -> pd.DataFrame:
 
 def _challengers(profile: Profile) -> list[str]:
     """Strategies the versus table sets against top and best-signal: fusion-rf, fusion-verify when
-    the profile runs it, and this profile's own."""
-    own = [s for s in profile.strategies if s not in STRATEGIES or s == "fusion-verify"]
+    the profile runs it, and this profile's own (all it runs when it sits beside a baseline)."""
+    own = [s for s in profile.strategies if profile.baseline or s not in STRATEGIES or s == "fusion-verify"]
     return list(dict.fromkeys(["fusion-rf", *own]))
 
 
