@@ -169,8 +169,7 @@ def _lodo_bundle(rows: pd.DataFrame, dataset: str, model_type: str, folder: Path
 def _best_signal(rows: pd.DataFrame, dataset: str, label: str = "acc_after_drop") -> str:
     from fusion_prune import fusion as F
 
-    m = F.baseline_metrics(F.use_label(rows[rows.dataset != dataset], label))["signals"]
-    return min(m, key=lambda n: (m[n]["regret"], -m[n]["spearman"]))
+    return F.best_signal(F.use_label(rows[rows.dataset != dataset], label))
 
 
 def _teacher(profile: Profile, dataset: str, data, out: Path) -> Path:

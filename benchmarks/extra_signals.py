@@ -22,7 +22,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
@@ -78,8 +77,7 @@ def evaluate(rows: pd.DataFrame) -> pd.DataFrame:
         for e in EXTRAS:
             add(e, lambda s, e=e: signal_removability(s, e))
         for label, pool in (("best-signal (of 12)", base), ("best-signal (of 15)", [*base, *EXTRAS])):
-            m = F.baseline_metrics(train, pool)["signals"]
-            best = min(m, key=lambda n: (m[n]["regret"], -np.nan_to_num(m[n]["spearman"])))
+            best = F.best_signal(train, pool)
             add(label, lambda s, n=best: signal_removability(s, n), signal=best)
         add("consensus (12)", lambda s: consensus_removability(s, base))
     return pd.DataFrame(out)

@@ -38,6 +38,14 @@ ZERO_SHOT = {
 KEY = ["dataset", "strategy", "seed", "target_layers"]
 
 
+def _rows_without(corpus: str, rows_glob: str | None = None) -> pd.DataFrame:
+    """The LM rows (default: the shipped ones) of every corpus but ``corpus``."""
+    from fusion_prune import fusion as F
+
+    rows = F.read_rows([rows_glob or str(F.DEFAULT_BUNDLES["causal-lm"].parent / "rows-lm" / "*.parquet")])
+    return rows[rows.dataset != corpus]
+
+
 def _loco_bundle(corpus: str, work: Path, rows_glob: str | None = None) -> str:
     """The shipped LM configuration fitted on the LM rows of every corpus but ``corpus``."""
     from fusion_prune import fusion as F
@@ -45,8 +53,7 @@ def _loco_bundle(corpus: str, work: Path, rows_glob: str | None = None) -> str:
     path = work / "bundles" / f"loco-without-{Path(corpus).name}.npz"
     if not path.is_file():
         default = F.load_bundle(task="causal-lm")
-        rows = F.read_rows([rows_glob or str(F.DEFAULT_BUNDLES["causal-lm"].parent / "rows-lm" / "*.parquet")])
-        F.fit_bundle(rows[rows.dataset != corpus], default.model_type, default.features, default.feature_norm,
+        F.fit_bundle(_rows_without(corpus, rows_glob), default.model_type, default.features, default.feature_norm,
                      default.target, label="loss_after_drop").save(path)
     return str(path)
 
@@ -54,9 +61,7 @@ def _loco_bundle(corpus: str, work: Path, rows_glob: str | None = None) -> str:
 def _best_signal(corpus: str, rows_glob: str | None = None) -> str:
     from fusion_prune import fusion as F
 
-    rows = F.read_rows([rows_glob or str(F.DEFAULT_BUNDLES["causal-lm"].parent / "rows-lm" / "*.parquet")])
-    m = F.baseline_metrics(F.use_label(rows[rows.dataset != corpus], "loss_after_drop"))["signals"]
-    return min(m, key=lambda n: (m[n]["regret"], -m[n]["spearman"]))
+    return F.best_signal(F.use_label(_rows_without(corpus, rows_glob), "loss_after_drop"))
 
 
 def result_row(report: dict, corpus: str, strategy: str, seed: int, depth: int) -> dict:

@@ -99,10 +99,6 @@ def run_mode(args) -> dict:
             loss.backward()
         model.zero_grad(set_to_none=True)
 
-    def fused(bs):
-        ctx = capture(model, bs, frozenset().union(*(s.needs for s in chosen)))
-        signals_frame(ctx, chosen)
-
     def separate(bs):
         for s in chosen:
             signals_frame(capture(model, bs, s.needs), [s])
@@ -111,7 +107,9 @@ def run_mode(args) -> dict:
         group = [SIGNALS[n] for n in set_names(mode)]
         return lambda bs: signals_frame(capture(model, bs, frozenset().union(*(s.needs for s in group))), group)
 
-    work = {"plain": plain, "fused": fused, "separate": separate}.get(args.mode) or feature_set(args.mode)
+    # "fused" is the feature set of the 12: their needs captured once, every signal from that pass
+    work = {"plain": plain, "separate": separate}.get(args.mode) or feature_set("12" if args.mode == "fused"
+                                                                                 else args.mode)
     work(batches[:1])  # warm-up: lazy allocations and kernels
     if device == "cuda":
         torch.cuda.synchronize()

@@ -410,5 +410,6 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     for p in model.parameters():
         p.requires_grad_(True)
     return model, {"method": cfg.method, "steps": len(losses), "trainable_parameters": int(trainable),
-                   "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), **loss_summary(losses), **kd_stats,
+                   "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), **loss_summary(losses),
+                   **kd_stats,
                    "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}

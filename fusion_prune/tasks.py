@@ -111,9 +111,9 @@ class ClassificationTask(Task):
     label_sort = (["acc_after_drop", "loss_after_drop"], [False, True])
     step_metric_key = "validation_accuracy_after_finetune"
     step_label_key = "measured_acc_after_drop"
-    # The strategy that measured best in the loop (benchmarks/README.md, profiles cpu, cpu-extras,
-    # cpu-2): activation_patching alone is ahead of the shipped fusion bundle after distillation on
-    # 6 of 6 datasets (seeds 0-2, paired). `--strategy fusion` keeps the learned choice.
+    # The strategy that measured best in the loop (benchmarks/README.md, profiles cpu and cpu-extras):
+    # activation_patching alone is ahead of the shipped fusion bundle after distillation on 6 of 6
+    # datasets (seeds 0-2, paired); profile cpu-2 re-checks it. `--strategy fusion` keeps the learned choice.
     default_strategy = "activation_patching"
     budget_field = "max_accuracy_drop"
     teacher_metric_key = "teacher_validation_accuracy"
