@@ -13,8 +13,11 @@ All numbers are leave-one-group-out on measured states (no new model runs):
   configuration (min-max features, rank target).
 * **leave-one-task-out**: a bundle fitted on the classification rows scored on the LM rows, and
   back; and the LM rows' own leave-one-corpus-out.
+* **leave-one-family-out** (when ``fusion_data/rows-mpnet`` holds rows): a bundle fitted on the
+  minilm-l6 rows scored on the mpnet-base rows, and back, beside the best single signal chosen on
+  the training family, the best single signal on the scored rows themselves, and consensus.
 
-Writes benchmarks/results/fusion/verify.csv, tasks.csv and verify.md.
+Writes benchmarks/results/fusion/verify.csv, tasks.csv, families.csv and verify.md.
 """
 
 from __future__ import annotations
@@ -63,6 +66,31 @@ def leave_one_out(rows: pd.DataFrame, model_type: str, norm: str, target: str, k
     return pd.DataFrame(res)
 
 
+def family_transfer(cls: pd.DataFrame, other_dir: Path, norm: str, target: str) -> pd.DataFrame | None:
+    """Bundles fitted on one model family's classification rows, scored on the other's, and back."""
+    from fusion_prune import fusion as F
+
+    paths = sorted(other_dir.glob("*.parquet"))
+    if not paths:
+        return None
+    both = pd.concat([cls, F.use_label(F.read_rows([str(p) for p in paths]), "acc_after_drop")], ignore_index=True)
+    out = F.leave_one_out(both, "family", ["rf", "xgb-rank"], [norm], [target])
+    fams = sorted(both.source_model.unique())
+    out["test"] = out.held_out
+    out["train"] = [next(f for f in fams if f != h) if m.startswith("fusion") or m == "best-signal" else "-"
+                    for h, m in zip(out.held_out, out.method)]
+    out.loc[out.method == "best-signal", "method"] = "best-signal (" + out.signal.astype(str) + ")"
+    extra = []
+    for fam in fams:  # what a single signal could do at best on the scored rows (chosen by looking at them)
+        base = F.baseline_metrics(both[both.source_model == fam])
+        best = min(base["signals"], key=lambda n: base["signals"][n]["regret"])
+        extra.append({"train": "-", "test": fam, "method": f"best signal on the scored rows ({best})",
+                      **base["signals"][best]})
+    out = pd.concat([out, pd.DataFrame(extra)], ignore_index=True)
+    return out[["train", "test", "method", "spearman", "top1", "regret", "states"]].sort_values(
+        ["test", "regret"], kind="stable")
+
+
 def main(argv: list[str] | None = None) -> None:
     from fusion_prune import fusion as F
 
@@ -93,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                       **base["signals"][best]})
         tasks.append({"train": "-", "test": test_name, "method": "consensus", **base["consensus"]})
     tasks = pd.DataFrame(tasks)
+    families = family_transfer(cls, root / "rows-mpnet", norm, target)
     args.out.mkdir(parents=True, exist_ok=True)
+    if families is not None:
+        families.to_csv(args.out / "families.csv", index=False)
     verify.to_csv(args.out / "verify.csv", index=False)
     tasks.to_csv(args.out / "tasks.csv", index=False)
     mean = verify.groupby(["task", "model_type", "k"])[["regret", "top1", "label_cost"]].mean().reset_index()
@@ -109,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
               "|---|---|---|---|---|---|"]
     for r in tasks.itertuples():
         lines.append(f"| {r.train} | {r.test} | {r.method} | {r.spearman:+.3f} | {r.top1:.2f} | {r.regret:.4f} |")
+    if families is not None:
+        lines += ["", "## Leave-one-family-out", "",
+                  "| trained on | scored on | method | Spearman | top-1 | regret | states |", "|---|---|---|---|---|---|---|"]
+        for r in families.itertuples():
+            lines.append(f"| {r.train} | {r.test} | {r.method} | {r.spearman:+.3f} | {r.top1:.2f} | {r.regret:.4f} "
+                         f"| {r.states} |")
     (args.out / "verify.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

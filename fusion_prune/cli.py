@@ -126,6 +126,27 @@ _TEACHER_MARGIN_OPTION = click.option(
     help="Exit 2 when the teacher's validation accuracy is within this of the majority-class share (0: no check).")
 
 
+def _teacher_options(epochs: float):
+    """The teacher's fine-tuning budget, shared by compress and collect (only used when the model has
+    no head for the labels); ``epochs`` is the command's default."""
+    opts = [
+        click.option("--teacher-epochs", default=epochs, show_default=True, type=float,
+                     help="Budget of the teacher's fine-tuning (when the model has no head for the labels)."),
+        click.option("--teacher-lr", default=TEACHER_DEFAULTS["lr"], show_default=True, type=float,
+                     help="Learning rate of the teacher's fine-tuning (small models like 2e-4, base-size ones "
+                          "~5e-5 to 1e-4)."),
+        click.option("--teacher-patience", default=TEACHER_DEFAULTS["patience"], show_default=True, type=int,
+                     help="Early stopping of the teacher's fine-tuning (0: the whole budget)."),
+        _TEACHER_MARGIN_OPTION,
+    ]
+
+    def apply(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return apply
+
+
 @main.command()
 @click.option("--model", "-m", required=True, help="Asset name, local folder, .gguf file or hub id.")
 @_dataset_options
@@ -409,13 +430,14 @@ def analyze(model: str, dataset: str, text_column: str, label_column: str, task:
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--extra", multiple=True, help="Also compute this opt-in signal as a column (repeatable).")
-@_TEACHER_MARGIN_OPTION
+@_teacher_options(epochs=2.0)
 @_task_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def collect(model: str, dataset: str, text_column: str, label_column: str, output: Path, min_layers: int,
             finetune_steps: int, max_train_samples: int, max_eval_samples: int, signal_samples: int,
-            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], teacher_margin: float,
-            task: str | None, overwrite: bool) -> None:
+            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], teacher_epochs: float,
+            teacher_lr: float, teacher_patience: int, teacher_margin: float, task: str | None,
+            overwrite: bool) -> None:
     """Greedy pruning states with signals and measured labels: the rows fit-fusion learns from.
 
     Resumable: run the same command again after an interruption. For a causal LM the sample
@@ -430,7 +452,8 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
     cfg = CollectConfig(min_layers=min_layers, finetune_steps=finetune_steps, signal_samples=signal_samples,
                         max_eval_samples=max_eval_samples, max_length=max_length, seed=seed,
                         recovery_steps=recovery_steps, extra_signals=extra,
-                        teacher=teacher_config(epochs=2, max_train_samples=max_train_samples),
+                        teacher=teacher_config(epochs=teacher_epochs, lr=teacher_lr, patience=teacher_patience,
+                                               max_train_samples=max_train_samples),
                         teacher_margin=teacher_margin)
     from fusion_prune.tasks import detect_task, get_task
 
@@ -496,6 +519,10 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
         png = plot_lodo(pd.DataFrame(rep["per_dataset"]), report.with_suffix(".png"))
         click.echo(f"saved {report} and {png}")
         click.echo(pd.DataFrame(rep["mean"]).set_index("method").round(4).to_string())
+        if "per_family" in rep:
+            fam = pd.DataFrame(rep["per_family"])
+            click.echo("leave-one-family-out (regret; held-out family = the one scored):")
+            click.echo(fam.pivot_table(index="method", columns="held_out", values="regret").round(4).to_string())
 
 
 @main.command("evaluate-fusion")
@@ -518,6 +545,9 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
         click.echo(json.dumps(res, indent=2))
         return
     click.echo(f"{res['states']} states; higher Spearman and top-1, lower regret are better")
+    for what, names in res["unseen"].items():
+        if names:
+            click.echo(f"  rows from {what} the bundle was not fitted on: {', '.join(map(str, names))}")
     lines = [("fusion", res["fusion"]), ("consensus", res["consensus"]), *res["signals"].items()]
     for name, m in lines:
         click.echo(f"  {name:<15} spearman {m['spearman']:+.3f}  top1 {m['top1']:.3f}  regret {m['regret']:.4f}")
@@ -561,13 +591,7 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
               help="Validation examples [400] or windows [0] for the measured drop-one label of each candidate "
                    "(0: only when the strategy needs it).")
 @click.option("--max-train-samples", default=3000, show_default=True, type=int, help="Teacher fine-tuning cap.")
-@click.option("--teacher-epochs", default=TEACHER_DEFAULTS["epochs"], show_default=True, type=float,
-              help="Budget of the teacher's fine-tuning (when the model has no head for the labels).")
-@click.option("--teacher-lr", default=TEACHER_DEFAULTS["lr"], show_default=True, type=float,
-              help="Learning rate of the teacher's fine-tuning (small models like 2e-4, base-size ones ~5e-5).")
-@click.option("--teacher-patience", default=TEACHER_DEFAULTS["patience"], show_default=True, type=int,
-              help="Early stopping of the teacher's fine-tuning (0: the whole budget).")
-@_TEACHER_MARGIN_OPTION
+@_teacher_options(epochs=TEACHER_DEFAULTS["epochs"])
 @click.option("--max-eval-samples", default=None, type=int, help="Cap on reported validation/test examples.")
 @click.option("--step-eval-samples", default=None, type=int,
               help="Cap on the validation examples (windows) recorded after each step.")

@@ -524,9 +524,13 @@ def lodo_report(rows: pd.DataFrame, bundle: FusionBundle, seed: int = 0) -> dict
     table = leave_one_dataset_out(use_label(rows, label), list(FUSION_MODELS), [norm], [tgt], f, seed=seed)
     imp = {mt: importances(fit_bundle(rows, mt, f, norm, tgt, seed, label=label)) for mt in FUSION_MODELS}
     summary = table.groupby("method")[["spearman", "top1", "regret"]].mean()
-    return {"feature_norm": norm, "target": tgt, "label": label, "selection": bundle.cv,
-            "per_dataset": table.to_dict("records"), "mean": summary.reset_index().to_dict("records"),
-            "importances": imp}
+    out = {"feature_norm": norm, "target": tgt, "label": label, "selection": bundle.cv,
+           "per_dataset": table.to_dict("records"), "mean": summary.reset_index().to_dict("records"),
+           "importances": imp}
+    if rows["source_model"].nunique() >= 2:  # rows of several model families: can one teach the other?
+        fam = leave_one_out(use_label(rows, label), "family", list(FUSION_MODELS), [norm], [tgt], f, seed=seed)
+        out["per_family"] = fam.to_dict("records")
+    return out
 
 
 def choice_metrics(rows: pd.DataFrame, scorer: Callable[[pd.DataFrame], np.ndarray]) -> dict:
@@ -566,25 +570,41 @@ def best_signal(rows: pd.DataFrame, features: Sequence[str] = DEFAULT_SIGNALS) -
 
 
 def evaluate_bundle(bundle: FusionBundle, rows: pd.DataFrame) -> dict:
+    """The bundle's choice metrics on ``rows`` beside every single signal and consensus; ``unseen``
+    names the model families and datasets of ``rows`` the bundle was not fitted on (rows of an unseen
+    family make this a leave-one-family-out score)."""
     check_columns(rows, bundle.features)
+    fams = {s["source_model"] for s in bundle.sources}
+    sets = {s["dataset"] for s in bundle.sources}
+    unseen = {"families": sorted(set(rows["source_model"]) - fams), "datasets": sorted(set(rows["dataset"]) - sets)}
     return {"fusion": choice_metrics(rows, bundle.predict), **baseline_metrics(rows, bundle.features),
-            "states": int(rows.groupby(STATE_KEYS).ngroups)}
+            "states": int(rows.groupby(STATE_KEYS).ngroups), "unseen": unseen}
 
 
-def leave_one_dataset_out(rows: pd.DataFrame, model_types: Sequence[str] = ("linear", "rf", "xgb"),
-                          feature_norms: Sequence[str] = ("zscore",), targets: Sequence[str] = ("retention_z",),
-                          features: Sequence[str] = DEFAULT_SIGNALS, seed: int = 0) -> pd.DataFrame:
-    """For each held-out dataset, fusion variants fitted on the others against the baselines.
+#: What a leave-one-out fold holds out: a dataset (the new-data question) or a model family
+#: (``source_model``: a bundle learned on minilm rows, scored on mpnet rows and back).
+HOLD_OUT = {"dataset": "dataset", "family": "source_model"}
+_HOLD_OUT_NOUN = {"dataset": "datasets", "family": "model families (column 'source_model')"}
 
-    ``best-signal`` is the single signal with the lowest mean regret on the *training* datasets of
+
+def leave_one_out(rows: pd.DataFrame, by: str = "dataset", model_types: Sequence[str] = ("linear", "rf", "xgb"),
+                  feature_norms: Sequence[str] = ("zscore",), targets: Sequence[str] = ("retention_z",),
+                  features: Sequence[str] = DEFAULT_SIGNALS, seed: int = 0) -> pd.DataFrame:
+    """For each held-out group (``by``: "dataset" or "family"), fusion variants fitted on the other
+    groups against the baselines; one row per (group, method) with Spearman, top-1 and regret.
+
+    ``best-signal`` is the single signal with the lowest mean regret on the *training* groups of
     the fold (ties: higher Spearman), evaluated on the held-out one.
     """
+    if by not in HOLD_OUT:
+        raise bad_choice("by", by, HOLD_OUT)
+    col = HOLD_OUT[by]
+    groups = sorted(rows[col].unique())
+    if len(groups) < 2:
+        raise BadInputError(f"Leave-one-{by}-out needs rows from at least 2 {_HOLD_OUT_NOUN[by]}. Got {groups}.")
     out = []
-    datasets = sorted(rows["dataset"].unique())
-    if len(datasets) < 2:
-        raise BadInputError(f"Leave-one-dataset-out needs rows from at least 2 datasets. Got {datasets}.")
-    for held in datasets:
-        train, test = rows[rows.dataset != held], rows[rows.dataset == held]
+    for held in groups:
+        train, test = rows[rows[col] != held], rows[rows[col] == held]
         for mt in model_types:
             for norm in feature_norms:
                 for tgt in targets:
@@ -596,6 +616,13 @@ def leave_one_dataset_out(rows: pd.DataFrame, model_types: Sequence[str] = ("lin
         out.append({"held_out": held, "method": "best-signal", "signal": best, **base_test["signals"][best]})
         out.append({"held_out": held, "method": "consensus", **base_test["consensus"]})
     return pd.DataFrame(out)
+
+
+def leave_one_dataset_out(rows: pd.DataFrame, model_types: Sequence[str] = ("linear", "rf", "xgb"),
+                          feature_norms: Sequence[str] = ("zscore",), targets: Sequence[str] = ("retention_z",),
+                          features: Sequence[str] = DEFAULT_SIGNALS, seed: int = 0) -> pd.DataFrame:
+    """:func:`leave_one_out` by dataset: how a bundle does on data it has never seen."""
+    return leave_one_out(rows, "dataset", model_types, feature_norms, targets, features, seed)
 
 
 def lodo_markdown(res: pd.DataFrame, spearman: bool = False) -> str:

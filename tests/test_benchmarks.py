@@ -408,3 +408,21 @@ def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     lm.main(args)  # finished runs are skipped, their rows replaced, not duplicated
     assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 4
     assert (tmp_path / "runs" / "grimm-tales.txt-l2-deepest-s0" / "report.json").stat().st_mtime == stamp
+
+
+def test_fusion_verify_family_transfer_scores_each_family_with_a_bundle_of_the_other(tmp_path):
+    from test_fusion import synthetic_rows
+
+    from fusion_prune import fusion as F
+
+    fv = _load("fusion_verify")
+    rows = synthetic_rows()
+    cls = F.use_label(rows[rows.dataset.isin(["a", "b"])], "acc_after_drop")
+    assert fv.family_transfer(cls, tmp_path / "none", "minmax", "retention_rank") is None  # no other family yet
+    rows[rows.dataset.isin(["c", "d"])].assign(source_model="other").to_parquet(tmp_path / "other.parquet")
+    t = fv.family_transfer(cls, tmp_path, "minmax", "retention_rank")
+    rf = t[t.method == "fusion-rf"].set_index("test")
+    assert dict(rf.train) == {"m": "other", "other": "m"}  # each family scored by a bundle of the other
+    assert (rf.states == 12).all() and (rf.top1 > 0.5).all()  # the shared rule transfers
+    assert t.method.str.startswith("best signal on the scored rows").sum() == 2
+    assert t.method.str.startswith("best-signal (").sum() == 2

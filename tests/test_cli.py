@@ -195,3 +195,29 @@ def test_signals_bad_input(runner, tiny_base_model, sentiment_csv_dir, tmp_path,
     res = runner.invoke(main, ["signals", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir), *args])
     assert res.exit_code == 2 and message in res.stderr
     assert not list(tmp_path.glob("s.*"))
+
+
+def test_collect_takes_the_teacher_budget_like_compress(runner, tiny_base_model, sentiment_csv_dir, tmp_path,
+                                                        monkeypatch):
+    """A base-size model needs a smaller teacher learning rate than the default: collect takes the same
+    --teacher-* options as compress, and they reach the teacher's FinetuneConfig."""
+    import fusion_prune.collect as C
+
+    seen = {}
+
+    def fake_collect(model, data, cfg, output, **kw):
+        seen["cfg"] = cfg
+        import pandas as pd
+        return pd.DataFrame({"step": [0]})
+
+    monkeypatch.setattr(C, "collect", fake_collect)
+    res = runner.invoke(main, ["collect", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir),
+                               "-o", str(tmp_path / "rows.parquet"), "--teacher-epochs", "1.5", "--teacher-lr", "1e-4",
+                               "--teacher-patience", "0", "--max-train-samples", "300"])
+    assert res.exit_code == 0, res.output
+    t = seen["cfg"].teacher
+    assert (t.epochs, t.lr, t.patience, t.max_train_samples) == (1.5, 1e-4, 0, 300)
+    # the default keeps collect's own budget (two epochs), not compress's
+    runner.invoke(main, ["collect", "--model", str(tiny_base_model), "--dataset", str(sentiment_csv_dir),
+                         "-o", str(tmp_path / "rows2.parquet")])
+    assert seen["cfg"].teacher.epochs == 2.0

@@ -198,6 +198,37 @@ def test_lodo_names_best_signal_from_training_folds(rows):
         F.leave_one_dataset_out(rows[rows.dataset == "a"])
 
 
+def test_leave_one_family_out_in_the_function_the_report_and_evaluate_fusion(rows, tmp_path):
+    """Rows of two model families: held out by family, fit-fusion --report adds per_family, and
+    evaluate-fusion names the family a bundle never saw."""
+    two = pd.concat([rows[rows.dataset.isin(["a", "b"])],
+                     rows[rows.dataset.isin(["c", "d"])].assign(source_model="other")])
+    t = F.leave_one_out(two, "family", ["linear"])
+    assert set(t.held_out) == {"m", "other"} and set(t.method) == {"fusion-linear", "best-signal", "consensus"}
+    # the rule is shared by both families, so a bundle from one picks well on the other
+    assert (t[t.method == "fusion-linear"].top1 > 0.5).all()
+    with pytest.raises(BadInputError, match="at least 2 model families"):
+        F.leave_one_out(rows, "family")
+    with pytest.raises(BadInputError, match="by"):
+        F.leave_one_out(two, "task")
+    runner = CliRunner()
+    two[two.source_model == "m"].to_parquet(tmp_path / "m.parquet")
+    two[two.source_model == "other"].to_parquet(tmp_path / "other.parquet")
+    out, report = tmp_path / "f.npz", tmp_path / "rep.json"
+    res = runner.invoke(main, ["fit-fusion", "--data", str(tmp_path / "*.parquet"), "--model-type", "linear",
+                               "--feature-norm", "zscore", "--target", "retention_z", "-o", str(out),
+                               "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    assert "leave-one-family-out" in res.output
+    rep = json.loads(report.read_text())
+    assert {r["held_out"] for r in rep["per_family"]} == {"m", "other"}
+    F.fit_bundle(two[two.source_model == "m"], "linear").save(tmp_path / "m.npz")
+    res = runner.invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "m.npz"), "--data",
+                               str(tmp_path / "other.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "families the bundle was not fitted on: other" in res.output
+
+
 def test_importances(rows):
     imp = F.importances(F.fit_bundle(rows, "rf"))
     assert set(imp) == set(DEFAULT_SIGNALS)
@@ -229,7 +260,8 @@ def test_fit_and_evaluate_fusion_cli(rows, tmp_path):
                                "--json"])
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
-    assert set(m) == {"fusion", "signals", "consensus", "states"} and m["states"] == 6
+    assert set(m) == {"fusion", "signals", "consensus", "states", "unseen"} and m["states"] == 6
+    assert m["unseen"] == {"families": [], "datasets": []}  # d was among the bundle's training rows
     assert set(m["fusion"]) >= {"spearman", "top1", "regret"} and len(m["signals"]) == 12
 
 
