@@ -430,12 +430,15 @@ def analyze(model: str, dataset: str, text_column: str, label_column: str, task:
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--extra", multiple=True, help="Also compute this opt-in signal as a column (repeatable).")
+@click.option("--walk", default="oracle", show_default=True,
+              help="Which layer to drop after labelling a state: oracle (the measured best), random (seeded) or "
+                   "top (the deepest); random and top visit states the oracle never reaches.")
 @_teacher_options(epochs=2.0)
 @_task_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def collect(model: str, dataset: str, text_column: str, label_column: str, output: Path, min_layers: int,
             finetune_steps: int, max_train_samples: int, max_eval_samples: int, signal_samples: int,
-            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], teacher_epochs: float,
+            recovery_steps: int, max_length: int, seed: int, extra: tuple[str, ...], walk: str, teacher_epochs: float,
             teacher_lr: float, teacher_patience: int, teacher_margin: float, task: str | None,
             overwrite: bool) -> None:
     """Greedy pruning states with signals and measured labels: the rows fit-fusion learns from.
@@ -451,7 +454,7 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
     check_output(output, overwrite, kind="file")
     cfg = CollectConfig(min_layers=min_layers, finetune_steps=finetune_steps, signal_samples=signal_samples,
                         max_eval_samples=max_eval_samples, max_length=max_length, seed=seed,
-                        recovery_steps=recovery_steps, extra_signals=extra,
+                        recovery_steps=recovery_steps, extra_signals=extra, walk=walk,
                         teacher=teacher_config(epochs=teacher_epochs, lr=teacher_lr, patience=teacher_patience,
                                                max_train_samples=max_train_samples),
                         teacher_margin=teacher_margin)
@@ -509,7 +512,7 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
     bundle.save(output, overwrite)
     n_datasets = rows["dataset"].nunique()
     click.echo(f"saved {output}: {model_type}, features normalised by {bundle.feature_norm}, target {bundle.target}, "
-               f"{rows.groupby(F.STATE_KEYS).ngroups} states from {n_datasets} datasets")
+               f"{rows.groupby(F.state_keys(rows)).ngroups} states from {n_datasets} datasets")
     if report is not None:
         from fusion_prune.report import plot_lodo
         from fusion_prune.utils import write_json_atomic

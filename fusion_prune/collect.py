@@ -2,7 +2,8 @@
 
 A *state* is (source model, dataset, step, current model). At each state the 12 signals of every
 layer are computed on a calibration sample of the train split and the drop-one labels on the
-validation split; the layer whose removal keeps the most validation accuracy is dropped, the
+validation split; the layer whose removal keeps the most validation accuracy is dropped (the
+oracle's walk; ``walk="random"`` or ``"top"`` visits states the oracle never reaches), the
 model is fine-tuned for a few steps, and the next state follows, down to ``min_layers + 1``
 layers. One row per state x layer (DESIGN.md §4).
 
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fusion_prune.errors import BadInputError
@@ -30,8 +32,25 @@ from fusion_prune.report import write_table
 from fusion_prune.surgery import num_layers
 from fusion_prune.utils import check_output, output_lock, versions
 
-ROW_KEYS = ["source_model", "dataset", "step", "layer", "orig_layer", "n_layers", "acc_before", "acc_after_drop",
-            "loss_after_drop"]
+ROW_KEYS = ["source_model", "dataset", "walk", "step", "layer", "orig_layer", "n_layers", "acc_before",
+            "acc_after_drop", "loss_after_drop"]
+
+
+def _walk_oracle(task, state: pd.DataFrame, rng) -> int:
+    return task.best_candidate(state)
+
+
+def _walk_random(task, state: pd.DataFrame, rng) -> int:
+    return int(rng.choice(state["layer"].to_numpy()))
+
+
+def _walk_top(task, state: pd.DataFrame, rng) -> int:
+    return int(state["layer"].max())
+
+
+#: How collect picks the layer to drop after labelling a state: ``walk(task, state, rng) -> layer``.
+#: Every walk labels every layer of every state it visits; only the states differ.
+WALKS = {"oracle": _walk_oracle, "random": _walk_random, "top": _walk_top}
 
 
 @dataclass
@@ -51,6 +70,8 @@ class CollectConfig:
     recovery_steps: int = 0
     # opt-in extra signals (signals/extra.py) computed beside the 12, as further feature columns
     extra_signals: tuple[str, ...] = ()
+    # which layer to drop after labelling a state (WALKS): the oracle's, or a random / top-first walk
+    walk: str = "oracle"
     teacher: FinetuneConfig = field(default_factory=lambda: teacher_config(epochs=2, max_train_samples=4000))
     # refuse a teacher whose validation accuracy is within this of the majority share (0: no check)
     teacher_margin: float = 0.02
@@ -62,6 +83,10 @@ class CollectConfig:
         validate(self)  # ranges in fusion_prune/params.py
         self.extra_signals = tuple(self.extra_signals)
         check_extra_signals(self.extra_signals)
+        if self.walk not in WALKS:
+            from fusion_prune.errors import bad_choice
+
+            raise bad_choice("walk", self.walk, WALKS)
 
 
 def check_extra_signals(names: Sequence[str]) -> None:
@@ -116,6 +141,8 @@ def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name:
     meta = {"model": str(model_spec), "dataset": dataset_name, "data_sha256": data.content_hash(),
             "config": asdict(cfg)}
     meta["config"].pop("progress")
+    if cfg.walk == "oracle":  # state folders from before walks existed stay resumable
+        meta["config"].pop("walk")
     if lm:
         meta["task"] = task.name
         # A causal LM is never fine-tuned here: the teacher settings play no part in its rows.
@@ -165,6 +192,7 @@ def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name:
         state = lab.table.merge(sig, on=["layer", "orig_layer"])
         state.insert(0, "n_layers", n)
         state.insert(0, "step", step)
+        state.insert(0, "walk", cfg.walk)
         state.insert(0, "dataset", dataset_name)
         state.insert(0, "source_model", str(model_spec))
         state["acc_before"] = lab.acc_before
@@ -181,7 +209,8 @@ def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name:
             state = state.merge(rec, on=["layer", "orig_layer"])
             extra = ["acc_after_recovery"]
         state = state[ROW_KEYS + extra + list(DEFAULT_SIGNALS) + list(cfg.extra_signals)]
-        best = task.best_candidate(state)
+        # seeded per step, so a resumed walk takes the same turns
+        best = WALKS[cfg.walk](task, state, np.random.default_rng([cfg.seed, step]))
         if len(rows) and (rows.step == step).any():  # cannot happen with one-rename checkpoints; guards the rows
             raise RuntimeError(f"collect: state {step} of {dataset_name} is already in the rows")
         rows = pd.concat([rows, state], ignore_index=True)

@@ -30,6 +30,12 @@ from fusion_prune.errors import BadInputError, bad_choice
 from signals import DEFAULT_SIGNALS, SIGNALS
 
 STATE_KEYS = ["source_model", "dataset", "step"]
+
+
+def state_keys(rows: pd.DataFrame) -> list[str]:
+    """The columns that name a state: :data:`STATE_KEYS`, plus ``walk`` where the rows have it (a
+    random walk's step 2 is another state than the oracle's step 2)."""
+    return STATE_KEYS[:2] + (["walk"] if "walk" in rows.columns else []) + STATE_KEYS[2:]
 BUNDLE_FORMAT = "fusionprune-fusion-bundle/2"  # /1 was a joblib pickle of the FusionBundle
 PICKLE_FORMAT = "fusionprune-fusion-bundle/1"
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "fusion_data" / "default-fusion.npz"
@@ -252,7 +258,7 @@ def state_features(state: pd.DataFrame, features: Sequence[str], norm: str) -> n
 
 
 def iter_states(rows: pd.DataFrame):
-    for key, state in rows.groupby(STATE_KEYS, sort=True):
+    for key, state in rows.groupby(state_keys(rows), sort=True):
         yield key, state.sort_values("layer")
 
 
@@ -434,6 +440,8 @@ def read_rows(paths: Sequence[str | Path]) -> pd.DataFrame:
         except Exception as e:
             raise BadInputError(f"The rows file {f!r} could not be read as a table: {type(e).__name__}.") from e
     rows = pd.concat(frames, ignore_index=True)
+    if "walk" in rows.columns:  # rows from before collect had walks are the oracle's
+        rows["walk"] = rows["walk"].fillna("oracle")
     need = STATE_KEYS + ["layer", "acc_before", "acc_after_drop"]
     missing = [c for c in need if c not in rows.columns]
     if missing:
@@ -481,8 +489,8 @@ def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[st
     else:
         x, y = design_matrix(rows, features, feature_norm, target)
         est.fit(x, y)
-    sources = (rows.groupby(["source_model", "dataset"]).step.nunique().reset_index()
-               .rename(columns={"step": "states"}).to_dict("records"))
+    sources = (rows[state_keys(rows)].drop_duplicates().groupby(["source_model", "dataset"]).size()
+               .reset_index(name="states").to_dict("records"))
     return FusionBundle(est, model_type, features, feature_norm, target, sources, cv or {}, _fusion_versions(),
                         time.strftime("%Y-%m-%dT%H:%M:%S"), label=label)
 
@@ -578,7 +586,7 @@ def evaluate_bundle(bundle: FusionBundle, rows: pd.DataFrame) -> dict:
     sets = {s["dataset"] for s in bundle.sources}
     unseen = {"families": sorted(set(rows["source_model"]) - fams), "datasets": sorted(set(rows["dataset"]) - sets)}
     return {"fusion": choice_metrics(rows, bundle.predict), **baseline_metrics(rows, bundle.features),
-            "states": int(rows.groupby(STATE_KEYS).ngroups), "unseen": unseen}
+            "states": int(rows.groupby(state_keys(rows)).ngroups), "unseen": unseen}
 
 
 #: What a leave-one-out fold holds out: a dataset (the new-data question) or a model family

@@ -48,6 +48,23 @@ def test_rows_table(three_layer_model, sentiment_csv_dir, tmp_path):
     assert not (tmp_path / "rows.parquet.state").exists()  # the state folder is gone once done
 
 
+def test_a_top_first_walk_visits_other_states_and_keeps_them_apart(three_layer_model, sentiment_csv_dir, tmp_path):
+    """walk="top" drops the deepest layer whatever the labels say; its rows carry walk="top", and
+    read_rows keeps its step 1 apart from the oracle's step 1 of the same dataset."""
+    from fusion_prune import fusion as F
+
+    data = load_dataset(str(sentiment_csv_dir))
+    top = collect(str(three_layer_model), data, _cfg(walk="top"), tmp_path / "top.parquet", dataset_name="toy")
+    assert (top.walk == "top").all() and sorted(top[top.step == 1].orig_layer) == [0, 1]
+    oracle = top.assign(walk="oracle", step=top.step)  # stand-in for the oracle's rows of the same dataset
+    oracle.drop(columns=["walk"]).to_parquet(tmp_path / "old.parquet")  # rows from before walks existed
+    rows = F.read_rows([str(tmp_path / "top.parquet"), str(tmp_path / "old.parquet")])
+    assert set(rows.walk) == {"top", "oracle"}
+    assert len(list(F.iter_states(rows))) == 4  # 2 states per walk, not 2 merged ones
+    with pytest.raises(BadInputError, match="'walk' parameter .* Got 'sideways'"):
+        _cfg(walk="sideways")
+
+
 def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_path, monkeypatch):
     data = load_dataset(str(sentiment_csv_dir))
     full = collect(str(three_layer_model), data, _cfg(), tmp_path / "a.parquet")
