@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.fusionprune-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast assets clean fusion-rows fusion-rows-lm fusion-bundle compare
+.PHONY: install demo test test-fast assets clean fusion-rows fusion-rows-lm fusion-rows-random fusion-rows-mpnet fusion-bundle compare
 
 install: $(STAMP)
 
@@ -60,6 +60,30 @@ fusion-rows-lm: $(STAMP)
 	  test -f $(FUSION_DATA)/rows-lm/smollm2-135m-$$c.parquet || \
 	  $(CLI) collect --model smollm2-135m --dataset $$c -o $(FUSION_DATA)/rows-lm/smollm2-135m-$$c.parquet $(LM_COLLECT_ARGS) \
 	  || exit 1; \
+	done
+
+# Rows of a seeded random walk (collect --walk random), settings as fusion-rows: states the oracle
+# never visits. benchmarks/walks.py measures whether the fusion chooses better with them.
+fusion-rows-random: $(STAMP)
+	mkdir -p $(FUSION_DATA)/rows-random
+	for d in $(FUSION_DATASETS); do \
+	  test -f $(FUSION_DATA)/rows-random/minilm-l6-$$d.parquet || \
+	  $(CLI) collect --model minilm-l6 --dataset $$d -o $(FUSION_DATA)/rows-random/minilm-l6-$$d.parquet $(COLLECT_ARGS) \
+	  --walk random || exit 1; \
+	done
+
+# A second encoder family for leave-one-family-out (benchmarks/fusion_verify.py): mpnet-base 12 -> 6,
+# capped for the 2-core CPU (a base-size teacher wants a smaller learning rate than minilm's).
+MPNET_DATASETS     ?= rotten-tomatoes bbc-news
+MPNET_COLLECT_ARGS ?= --min-layers 6 --finetune-steps 20 --max-train-samples 600 --max-eval-samples 200 \
+                      --signal-samples 64 --max-length 64 --teacher-epochs 1 --teacher-lr 1e-4 --seed 0
+
+fusion-rows-mpnet: $(STAMP)
+	mkdir -p $(FUSION_DATA)/rows-mpnet
+	for d in $(MPNET_DATASETS); do \
+	  test -f $(FUSION_DATA)/rows-mpnet/mpnet-base-$$d.parquet || \
+	  $(CLI) collect --model mpnet-base --dataset $$d -o $(FUSION_DATA)/rows-mpnet/mpnet-base-$$d.parquet \
+	  $(MPNET_COLLECT_ARGS) || exit 1; \
 	done
 
 # The shipped bundles, one per task, from the shipped rows (settings chosen by leave-one-out regret).

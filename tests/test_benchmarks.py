@@ -426,3 +426,20 @@ def test_fusion_verify_family_transfer_scores_each_family_with_a_bundle_of_the_o
     assert (rf.states == 12).all() and (rf.top1 > 0.5).all()  # the shared rule transfers
     assert t.method.str.startswith("best signal on the scored rows").sum() == 2
     assert t.method.str.startswith("best-signal (").sum() == 2
+
+
+def test_walks_holds_out_both_walks_of_a_dataset(tmp_path):
+    from test_fusion import synthetic_rows
+
+    walks = _load("walks")
+    oracle = synthetic_rows()
+    other = synthetic_rows(seed=1).assign(walk="random")
+    oracle.to_parquet(tmp_path / "o.parquet")
+    other[other.dataset != "d"].to_parquet(tmp_path / "r.parquet")  # d: oracle rows only, so never held out
+    t = walks.main(["--oracle", str(tmp_path / "o.parquet"), "--other", str(tmp_path / "r.parquet"),
+                    "--out", str(tmp_path / "out")])
+    assert sorted(t.held_out.unique()) == ["a", "b", "c"] and len(t) == 3 * 3 * 2
+    states = t.groupby("train").train_states.first()  # 6 states per dataset; the held-out one never trains
+    assert states.to_dict() == {"oracle": 18, "oracle + other walk": 30, "other walk": 12}
+    assert (t[t.train == "oracle"].top1 > 0.5).all()  # the shared rule transfers to both kinds of state
+    assert "| oracle states | oracle | 18 |" in (tmp_path / "out" / "walks.md").read_text()
