@@ -66,6 +66,18 @@ def leave_one_out(rows: pd.DataFrame, model_type: str, norm: str, target: str, k
     return pd.DataFrame(res)
 
 
+def expected_random(rows: pd.DataFrame) -> dict:
+    """Regret and top-1 of a uniformly random layer, in expectation: the scale a regret is read against."""
+    from fusion_prune import fusion as F
+
+    regret, top1 = [], []
+    for _, state in F.iter_states(rows):
+        acc = state["acc_after_drop"].to_numpy(dtype=float)
+        regret.append(acc.max() - acc.mean())
+        top1.append(float(np.mean(acc == acc.max())))
+    return {"spearman": 0.0, "top1": float(np.mean(top1)), "regret": float(np.mean(regret)), "states": len(regret)}
+
+
 def family_transfer(cls: pd.DataFrame, other_dir: Path, norm: str, target: str) -> pd.DataFrame | None:
     """Bundles fitted on one model family's classification rows, scored on the other's, and back."""
     from fusion_prune import fusion as F
@@ -86,6 +98,8 @@ def family_transfer(cls: pd.DataFrame, other_dir: Path, norm: str, target: str) 
         best = min(base["signals"], key=lambda n: base["signals"][n]["regret"])
         extra.append({"train": "-", "test": fam, "method": f"best signal on the scored rows ({best})",
                       **base["signals"][best]})
+        extra.append({"train": "-", "test": fam, "method": "random layer (expected)",
+                      **expected_random(both[both.source_model == fam])})
     out = pd.concat([out, pd.DataFrame(extra)], ignore_index=True)
     return out[["train", "test", "method", "spearman", "top1", "regret", "states"]].sort_values(
         ["test", "regret"], kind="stable")

@@ -426,6 +426,8 @@ def test_fusion_verify_family_transfer_scores_each_family_with_a_bundle_of_the_o
     assert (rf.states == 12).all() and (rf.top1 > 0.5).all()  # the shared rule transfers
     assert t.method.str.startswith("best signal on the scored rows").sum() == 2
     assert t.method.str.startswith("best-signal (").sum() == 2
+    rnd = t[t.method == "random layer (expected)"].set_index("test")
+    assert len(rnd) == 2 and (rnd.regret > rf.regret).all()  # a random layer is the scale, and worse
 
 
 def test_walks_holds_out_both_walks_of_a_dataset(tmp_path):
