@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     res = evaluate(rows)
     write_table(res, args.out / "lodo.csv")
     md = (f"# Opt-in extra signals as fusion features ({len(files)} datasets, "
-          f"{rows.groupby(F.state_keys(rows)).ngroups} states)\n\nEach cell: regret / top-1 of the chosen layer by "
+          f"{F.count_states(rows)} states)\n\nEach cell: regret / top-1 of the chosen layer by "
           "drop-one validation accuracy, averaged over the held-out dataset's states (6, 5, 4 layers). "
           "Regenerate: `python benchmarks/extra_signals.py --evaluate-only`.\n\n" + F.lodo_markdown(res, spearman=True) + "\n"
           "\n## Feature sets: regret against cost\n\n" + feature_set_table(res))

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                .groupby(["variant", "method", "feature_norm", "target"])[["spearman", "top1", "regret"]].mean()
                .reset_index().sort_values(["variant", "regret", "spearman"], ascending=[True, True, False]))
     lines = ["# Fusion: leave-one-dataset-out grid", "",
-             f"{rows.groupby(F.state_keys(rows)).ngroups} states from {rows.dataset.nunique()} datasets "
+             f"{F.count_states(rows)} states from {rows.dataset.nunique()} datasets "
              f"({', '.join(sorted(rows.dataset.unique()))}); means over held-out datasets.", "",
              "| variant | method | features | target | Spearman | top-1 | regret |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r.variant} | {r.method} | {r.feature_norm} | {r.target} | {r.spearman:.3f} | {r.top1:.3f} | "

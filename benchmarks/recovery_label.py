@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     shipped = F.read_rows([str(F.DEFAULT_BUNDLE.parent / "rows" / "*.parquet")])
     res = evaluate(rows, shipped)
     write_table(res, args.out / "lodo.csv")
-    md = (f"# Label after recovery ({len(files)} datasets, {rows.groupby(F.state_keys(rows)).ngroups} states, "
+    md = (f"# Label after recovery ({len(files)} datasets, {F.count_states(rows)} states, "
           f"{args.recovery_steps} recovery steps)\n\nEach cell: regret / top-1 of the chosen layer, judged by "
           "its validation accuracy **after recovery**, averaged over the held-out dataset's states "
           "(6, 5, 4 layers). Regenerate: `python benchmarks/recovery_label.py --evaluate-only`.\n\n"

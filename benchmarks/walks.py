@@ -49,7 +49,7 @@ def compare_walks(oracle: pd.DataFrame, other: pd.DataFrame, seed: int = 0) -> p
                 continue
             b = F.fit_bundle(train, CONFIG["model_type"], F.DEFAULT_SIGNALS, CONFIG["feature_norm"],
                              CONFIG["target"], seed)
-            n_train = train[F.state_keys(train)].drop_duplicates().shape[0]
+            n_train = F.count_states(train)
             for test_name, test in tests.items():
                 out.append({"held_out": held, "train": train_name, "train_states": n_train, "scored": test_name,
                             **F.choice_metrics(test, b.predict)})

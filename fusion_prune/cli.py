@@ -512,7 +512,7 @@ def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, feature_nor
     bundle.save(output, overwrite)
     n_datasets = rows["dataset"].nunique()
     click.echo(f"saved {output}: {model_type}, features normalised by {bundle.feature_norm}, target {bundle.target}, "
-               f"{rows.groupby(F.state_keys(rows)).ngroups} states from {n_datasets} datasets")
+               f"{F.count_states(rows)} states from {n_datasets} datasets")
     if report is not None:
         from fusion_prune.report import plot_lodo
         from fusion_prune.utils import write_json_atomic

@@ -36,6 +36,20 @@ def state_keys(rows: pd.DataFrame) -> list[str]:
     """The columns that name a state: :data:`STATE_KEYS`, plus ``walk`` where the rows have it (a
     random walk's step 2 is another state than the oracle's step 2)."""
     return STATE_KEYS[:2] + (["walk"] if "walk" in rows.columns else []) + STATE_KEYS[2:]
+
+
+def _fill_walk(rows: pd.DataFrame) -> pd.DataFrame:
+    # Tables concatenated from rows with and without a walk column hold NaN there: those are the
+    # oracle's (collect had no other walk before), and groupby would silently drop NaN keys.
+    if "walk" in rows.columns and rows["walk"].isna().any():
+        return rows.fillna({"walk": "oracle"})
+    return rows
+
+
+def count_states(rows: pd.DataFrame) -> int:
+    """Number of distinct states in ``rows``."""
+    rows = _fill_walk(rows)
+    return int(rows.groupby(state_keys(rows)).ngroups)
 BUNDLE_FORMAT = "fusionprune-fusion-bundle/2"  # /1 was a joblib pickle of the FusionBundle
 PICKLE_FORMAT = "fusionprune-fusion-bundle/1"
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "fusion_data" / "default-fusion.npz"
@@ -258,6 +272,7 @@ def state_features(state: pd.DataFrame, features: Sequence[str], norm: str) -> n
 
 
 def iter_states(rows: pd.DataFrame):
+    rows = _fill_walk(rows)
     for key, state in rows.groupby(state_keys(rows), sort=True):
         yield key, state.sort_values("layer")
 
@@ -489,7 +504,7 @@ def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[st
     else:
         x, y = design_matrix(rows, features, feature_norm, target)
         est.fit(x, y)
-    sources = (rows[state_keys(rows)].drop_duplicates().groupby(["source_model", "dataset"]).size()
+    sources = (_fill_walk(rows)[state_keys(rows)].drop_duplicates().groupby(["source_model", "dataset"]).size()
                .reset_index(name="states").to_dict("records"))
     return FusionBundle(est, model_type, features, feature_norm, target, sources, cv or {}, _fusion_versions(),
                         time.strftime("%Y-%m-%dT%H:%M:%S"), label=label)
@@ -586,7 +601,7 @@ def evaluate_bundle(bundle: FusionBundle, rows: pd.DataFrame) -> dict:
     sets = {s["dataset"] for s in bundle.sources}
     unseen = {"families": sorted(set(rows["source_model"]) - fams), "datasets": sorted(set(rows["dataset"]) - sets)}
     return {"fusion": choice_metrics(rows, bundle.predict), **baseline_metrics(rows, bundle.features),
-            "states": int(rows.groupby(state_keys(rows)).ngroups), "unseen": unseen}
+            "states": count_states(rows), "unseen": unseen}
 
 
 #: What a leave-one-out fold holds out: a dataset (the new-data question) or a model family

@@ -201,8 +201,10 @@ def test_lodo_names_best_signal_from_training_folds(rows):
 def test_leave_one_family_out_in_the_function_the_report_and_evaluate_fusion(rows, tmp_path):
     """Rows of two model families: held out by family, fit-fusion --report adds per_family, and
     evaluate-fusion names the family a bundle never saw."""
+    # the second family's rows come from a collect with walks: a NaN walk (older rows) is the oracle's
     two = pd.concat([rows[rows.dataset.isin(["a", "b"])],
-                     rows[rows.dataset.isin(["c", "d"])].assign(source_model="other")])
+                     rows[rows.dataset.isin(["c", "d"])].assign(source_model="other", walk="oracle")])
+    assert F.count_states(two) == 24 and len(list(F.iter_states(two))) == 24
     t = F.leave_one_out(two, "family", ["linear"])
     assert set(t.held_out) == {"m", "other"} and set(t.method) == {"fusion-linear", "best-signal", "consensus"}
     # the rule is shared by both families, so a bundle from one picks well on the other
