@@ -28,13 +28,12 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "lm-kd-cache"
 
 
-def run_mode(args) -> dict:
+def pruned_student(args):
+    """(teacher, student, train windows (N, T), test windows (M, T)): ``args.model`` with its
+    ``args.drop`` deepest layers but the last removed (no signals: every mode starts alike)."""
     import torch
 
-    sys.path.insert(0, str(HERE))
-    from signals_cost import PeakRSS
-
-    from fusion_prune.causal_lm import HealConfig, heal, perplexity, token_windows
+    from fusion_prune.causal_lm import token_windows
     from fusion_prune.models import load_causal_lm
     from fusion_prune.surgery import drop_layers
     from fusion_prune.tasks import get_task
@@ -46,6 +45,44 @@ def run_mode(args) -> dict:
     student = drop_layers(teacher, list(range(n - 1 - args.drop, n - 1)))
     train = token_windows(tok, data.train, args.max_length, None, what="train split")
     test = token_windows(tok, data.test, args.max_length, args.max_eval_tokens, what="test split")
+    return teacher, student, train, test
+
+
+def add_student_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The options of :func:`pruned_student` and of the training budget, shared by the LM benchmarks."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--corpus", default="grimm-tales")
+    ap.add_argument("--drop", type=int, default=6, help="deepest layers (but the last) removed first")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-eval-tokens", type=int, default=8192)
+
+
+def student_argv(args) -> list[str]:
+    """The command-line form of :func:`add_student_args`'s options, for a per-mode subprocess."""
+    return ["--model", args.model, "--corpus", args.corpus, "--drop", str(args.drop), "--steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+            "--max-eval-tokens", str(args.max_eval_tokens)]
+
+
+def print_against(rows: dict[str, dict], reference: str) -> None:
+    """One line per row but ``reference``: its time, peak memory and perplexity against the reference's."""
+    ref = rows[reference]
+    for name, r in rows.items():
+        if name != reference:
+            print(f"{name}/{reference}: time {r['seconds'] / ref['seconds']:.2f}x, peak memory "
+                  f"{r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x, perplexity "
+                  f"{r['perplexity'] - ref['perplexity']:+.2f}")
+
+
+def run_mode(args) -> dict:
+    sys.path.insert(0, str(HERE))
+    from signals_cost import PeakRSS
+
+    from fusion_prune.causal_lm import HealConfig, heal, perplexity
+
+    teacher, student, train, test = pruned_student(args)
     k = 0 if args.mode == "beside" else int(args.mode.split("-")[1])
     cfg = HealConfig(method="full", steps=args.steps, batch_size=args.batch_size, kd_weight=0.5, kd_top_k=k,
                      seed=0, progress=False)
@@ -61,13 +98,7 @@ def run_mode(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--corpus", default="grimm-tales")
-    ap.add_argument("--drop", type=int, default=6, help="layers removed before distilling")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--max-eval-tokens", type=int, default=8192)
+    add_student_args(ap, steps=10)
     ap.add_argument("--top-k", default="16,64", help="comma-separated cache sizes")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # internal: one mode in this process
@@ -78,9 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     modes = ["beside", *[f"top-{int(k)}" for k in args.top_k.split(",") if k]]
     rows = {}
     for mode in modes:
-        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--corpus", args.corpus,
-               "--drop", str(args.drop), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--max-eval-tokens", str(args.max_eval_tokens)]
+        cmd = [sys.executable, __file__, "--mode", mode, *student_argv(args)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
@@ -97,10 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
               "modes": rows, "versions": versions()}
     out = args.out or RESULTS / f"{Path(args.model).name}-{Path(args.corpus).name}.json"
     write_json_atomic(out, result)
-    for mode in modes[1:]:
-        print(f"{mode}/beside: time {rows[mode]['seconds'] / rows['beside']['seconds']:.2f}x, peak memory "
-              f"{rows[mode]['peak_bytes'] / max(rows['beside']['peak_bytes'], 1):.2f}x, perplexity "
-              f"{rows[mode]['perplexity'] - rows['beside']['perplexity']:+.2f}")
+    print_against(rows, "beside")
     print(f"results: {out}")
     return result
 

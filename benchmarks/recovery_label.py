@@ -128,8 +128,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     help="only tabulate the in-loop profiles cpu-recovery and cpu-recovery-at-once (loop.md)")
     args = ap.parse_args(argv)
     if args.loop:
-        from fusion_prune.utils import write_text_atomic
-
         found = {p: pd.read_csv(f) for p in LOOP_ARMS if (f := HERE / "results" / p / "results.csv").is_file()}
         md = ("# Label after recovery, in the loop\n\nfusion-rf of each arm minus the other arms and `top`, on "
               "the cells both ran (same seed, teacher, budget and test sample). Arms: bundles fitted on "

@@ -294,9 +294,10 @@ def zero_shot(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt:
 
 @dataclass
 class HealConfig:
-    """Healing after the layers are gone: LoRA (merged afterwards), full fine-tuning, or none."""
+    """Healing after the layers are gone: LoRA (merged afterwards), QLoRA (LoRA on a 4-bit NF4 copy
+    of the base, merged into the full-precision weights), full fine-tuning, or none."""
 
-    method: str = "lora"  # "lora", "full" or "none"
+    method: str = "lora"  # "lora", "qlora", "full" or "none"
     steps: int = 60
     batch_size: int = 4
     lr: float = 2e-4
@@ -323,7 +324,7 @@ class HealConfig:
         validate(self)  # ranges in fusion_prune/params.py
 
 
-HEAL_METHODS = ("lora", "full", "none")
+HEAL_METHODS = ("lora", "qlora", "full", "none")
 
 
 def _lora(model, cfg: HealConfig):
@@ -341,11 +342,62 @@ def _lora(model, cfg: HealConfig):
                             f"{type(model).__name__}: {first}") from e
 
 
+def _quantised_copy(model, progress: bool = True):
+    """A 4-bit NF4 copy of ``model`` (bitsandbytes, double quantisation, as QLoRA quantises its base)
+    on the model's device, prepared for adapter training; ``model`` itself is left as it is."""
+    import tempfile
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise BadInputError("The '--heal' option 'qlora' needs bitsandbytes, which is not installed: "
+                            "pip install 'fusionprune[qlora]' (or choose --heal lora)") from e
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    device = next(model.parameters()).device
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    # Through a saved copy: transformers quantises while it loads, and the saved folder is the
+    # same plain one the output becomes (the surgery already renumbered the layers).
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fusionprune-qlora-") as tmp:
+            model.save_pretrained(tmp)
+            q = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, dtype=torch.float32,
+                                                     device_map={"": device.index if device.type == "cuda" else "cpu"})
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
+
+
+def _merge_adapters(student, trained, cfg: HealConfig):
+    """``student`` with the LoRA adapters of ``trained`` (a peft model on its quantised copy) merged
+    into its full-precision weights: a plain model of the student's class."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = {k: v.detach().float() for k, v in get_peft_model_state_dict(trained, save_embedding_layers=False).items()}
+    merged = _lora(student, cfg)  # the same adapter placement on the full-precision modules
+    result = set_peft_model_state_dict(merged, adapters)
+    if result.unexpected_keys:  # a trained adapter with no full-precision module to merge into
+        raise RuntimeError(f"QLoRA adapters without a full-precision module: {result.unexpected_keys[:3]}")
+    return merged.merge_and_unload()
+
+
 def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple[nn.Module, dict]:
     """Train ``student`` on token windows (N, T) for ``cfg.steps``; returns (model, stats).
 
     LoRA adapters are merged into the weights before returning, so the result is a plain model
     of the input's class (the input module itself is trained in place and may be the result).
+    QLoRA trains the adapters on a 4-bit NF4 copy of ``student`` (whose own weights wait on the CPU
+    meanwhile, so that the accelerator holds the 4-bit base only) and merges them into
+    ``student``'s full-precision weights, as the QLoRA paper deploys; the merged model is not the
+    one the adapters were trained against, so measure it after healing (``compress`` does).
     With ``cfg.kd_weight > 0`` the loss is ``(1 - w) * next-token CE + w * T^2 KL(teacher || student)``
     over the vocabulary at every position, the teacher running beside each step; with
     ``cfg.kd_top_k = k`` the teacher's top-k logits of every window are cached first and the KL is
@@ -363,7 +415,12 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         raise ValueError("kd_weight > 0 needs a teacher")
     set_seed(cfg.seed)
     t0 = time.perf_counter()
-    model = _lora(student, cfg) if cfg.method == "lora" else student
+    device = next(student.parameters()).device
+    if cfg.method == "qlora":
+        model = _lora(_quantised_copy(student, cfg.progress), cfg)
+        student.to("cpu")
+    else:
+        model = _lora(student, cfg) if cfg.method == "lora" else student
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator = make_accelerator()
     cache, kd_stats = None, {}
@@ -407,6 +464,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     model = accelerator.unwrap_model(model)
     if cfg.method == "lora":
         model = model.merge_and_unload()
+    elif cfg.method == "qlora":
+        model = _merge_adapters(student, model, cfg).to(device)
     for p in model.parameters():
         p.requires_grad_(True)
     return model, {"method": cfg.method, "steps": len(losses), "trainable_parameters": int(trainable),

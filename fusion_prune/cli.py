@@ -611,8 +611,9 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
 @click.option("--distill-data", type=click.Choice(["all", "unseen"]), default="all", show_default=True,
               help="unseen: distil on train examples the teacher was not fine-tuned on first (known when the "
                    "teacher was fine-tuned here or by 'fusionprune finetune' with a sample cap).")
-@click.option("--heal", type=click.Choice(["lora", "full", "none"]), default="lora", show_default=True,
-              help="Causal LM: healing after the removals (LoRA adapters are merged into the weights).")
+@click.option("--heal", type=click.Choice(["lora", "qlora", "full", "none"]), default="lora", show_default=True,
+              help="Causal LM: healing after the removals (LoRA adapters are merged into the weights; qlora "
+                   "trains them on a 4-bit NF4 copy of the base and needs bitsandbytes).")
 @click.option("--heal-steps", default=60, show_default=True, type=int, help="Causal LM: healing steps.")
 @click.option("--heal-lr", default=2e-4, show_default=True, type=float)
 @click.option("--lora-r", default=8, show_default=True, type=int)

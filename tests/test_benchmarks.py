@@ -350,9 +350,7 @@ def test_extra_signals_evaluation_compares_fusion_with_and_without_extras():
     assert table.count("| not measured |") == len(ex.FEATURE_SETS) and "| 12 + activation_patching | 13 |" in table
 
 
-def test_lm_kd_cache_compares_beside_and_top_k(tmp_path, capsys):
-    """The top-k cache benchmark on a tiny Llama: every mode distils the same pruned student; the
-    cached modes report their cache, and each is set against the teacher-beside mode."""
+def _tiny_llama_and_corpus(tmp_path: Path) -> tuple[Path, Path]:
     from conftest import make_tokenizer
     from test_causal_lm import prose, tiny_decoder
 
@@ -361,6 +359,13 @@ def test_lm_kd_cache_compares_beside_and_top_k(tmp_path, capsys):
     make_tokenizer(model).save_pretrained(model)
     corpus = tmp_path / "story.txt"
     corpus.write_text("\n\n".join(prose(60)))
+    return model, corpus
+
+
+def test_lm_kd_cache_compares_beside_and_top_k(tmp_path, capsys):
+    """The top-k cache benchmark on a tiny Llama: every mode distils the same pruned student; the
+    cached modes report their cache, and each is set against the teacher-beside mode."""
+    model, corpus = _tiny_llama_and_corpus(tmp_path)
     res = _load("lm_kd_cache").main(["--model", str(model), "--corpus", str(corpus), "--drop", "2", "--steps", "2",
                                      "--batch-size", "2", "--max-length", "16", "--max-eval-tokens", "64",
                                      "--top-k", "4", "--out", str(tmp_path / "kd.json")])
@@ -369,6 +374,25 @@ def test_lm_kd_cache_compares_beside_and_top_k(tmp_path, capsys):
     assert all(m["steps"] == 2 and m["perplexity"] > 1 and m["seconds"] > 0 for m in (beside, top))
     assert json.loads((tmp_path / "kd.json").read_text())["modes"]["top-4"]["cache_bytes"] == top["cache_bytes"]
     assert "top-4/beside: time" in capsys.readouterr().out
+
+
+def test_lm_heal_compares_methods_on_one_pruned_student(tmp_path, capsys):
+    """The healing benchmark on a tiny Llama: LoRA, QLoRA and full fine-tuning heal the same pruned
+    student; LoRA and QLoRA train the same adapters, full training trains every weight."""
+    pytest.importorskip("bitsandbytes")
+    model, corpus = _tiny_llama_and_corpus(tmp_path)
+    res = _load("lm_heal").main(["--model", str(model), "--corpus", str(corpus), "--drop", "2", "--steps", "2",
+                                 "--batch-size", "2", "--max-length", "16", "--max-eval-tokens", "64",
+                                 "--out", str(tmp_path / "heal.json")])
+    m = res["methods"]
+    assert set(m) == {"lora", "qlora", "full"}
+    assert m["lora"]["trainable_parameters"] == m["qlora"]["trainable_parameters"] < m["full"]["trainable_parameters"]
+    assert len({r["pruned_perplexity"] for r in m.values()}) == 1  # one starting point
+    assert all(r["steps"] == 2 and r["perplexity"] > 1 for r in m.values())
+    assert json.loads((tmp_path / "heal.json").read_text())["methods"]["qlora"]["steps"] == 2
+    assert "qlora/lora: time" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _load("lm_heal").main(["--methods", "lora,dora"])
 
 
 def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):

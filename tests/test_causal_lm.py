@@ -227,6 +227,85 @@ def test_lm_output_reloads_and_generates_the_same(llama_dir, corpus_txt, tmp_pat
     assert again.config.num_hidden_layers == 2 and [l.self_attn.layer_idx for l in again.model.layers] == [0, 1]
 
 
+def test_qlora_trains_on_a_4bit_copy_and_merges_into_full_precision(llama_dir, tmp_path):
+    """QLoRA: the adapters train on an NF4 copy (Linear4bit modules), are merged as W + (alpha / r) B A
+    into the full-precision weights (norms and embeddings untouched), and the output reloads."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    from fusion_prune.causal_lm import HealConfig, _lora, _merge_adapters, _quantised_copy, heal
+    from fusion_prune.models import load_causal_lm
+    from fusion_prune.surgery import drop_layers
+
+    model, _ = load_causal_lm(str(llama_dir))
+    cfg = HealConfig(method="qlora", steps=2, batch_size=2, lr=1e-2, progress=False)
+    # the merge by hand: random adapters on the quantised copy land in the full-precision weights
+    student = drop_layers(model, [1, 2])
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    q = _lora(_quantised_copy(student, progress=False), cfg)
+    assert isinstance(q.base_model.model.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
+    torch.manual_seed(1)
+    adapters = {n: p for n, p in q.named_parameters() if "lora_" in n}
+    for n, p in adapters.items():
+        p.data.normal_(0, 0.1)
+    merged = _merge_adapters(student, q, cfg)
+    scale = cfg.lora_alpha / cfg.lora_r
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        a = adapters[f"base_model.model.{name}.lora_A.default.weight"]
+        b = adapters[f"base_model.model.{name}.lora_B.default.weight"]
+        torch.testing.assert_close(merged.get_submodule(name).weight - before[f"{name}.weight"], scale * b @ a)
+    assert torch.equal(merged.model.norm.weight, before["model.norm.weight"])
+    assert torch.equal(merged.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+
+    # heal end to end: a plain model whose adapted projections moved, which saves and reloads
+    windows = torch.randint(5, 20, (4, 16), generator=torch.Generator().manual_seed(3))
+    pruned = drop_layers(model, [1, 2])
+    w0 = {k: v.clone() for k, v in pruned.state_dict().items()}
+    healed, stats = heal(pruned, windows, cfg)
+    assert stats["method"] == "qlora" and stats["steps"] == 2 and math.isfinite(stats["final_loss"])
+    assert type(healed).__name__ == "LlamaForCausalLM" and all(p.dtype == torch.float32 for p in healed.parameters())
+    changed = {k for k in w0 if not torch.equal(healed.state_dict()[k], w0[k])}
+    assert changed and all(k.endswith("_proj.weight") for k in changed)
+    healed.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(healed.eval()(prompt).logits, again(prompt).logits)
+
+
+def test_cli_compress_heals_with_qlora(llama_dir, corpus_txt, tmp_path):
+    """--heal qlora end to end: the report's student perplexity is the saved (merged) model's."""
+    pytest.importorskip("bitsandbytes")
+    from fusion_prune.cli import main
+
+    out = tmp_path / "out"
+    runner = CliRunner()
+    res = runner.invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
+                               "-o", str(out), "--max-length", "16", "--heal", "qlora", "--heal-steps", "2",
+                               "--max-eval-tokens", "64", "--signal-samples", "2", "--batch-size", "2",
+                               "--lm-distill-steps", "1"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["heal"]["method"] == "qlora" and r["heal"]["steps"] == 2 and r["distill"]["method"] == "qlora"
+    res = runner.invoke(main, ["evaluate", "-m", str(out), "-d", str(corpus_txt), "--max-length", "16",
+                               "--max-eval-tokens", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["perplexity"] == pytest.approx(r["student_perplexity"], rel=1e-4)
+
+
+def test_qlora_without_bitsandbytes_is_one_clear_error(llama_dir, monkeypatch):
+    import sys
+
+    from fusion_prune.causal_lm import HealConfig, heal
+    from fusion_prune.models import load_causal_lm
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    model, _ = load_causal_lm(str(llama_dir))
+    with pytest.raises(BadInputError, match=r"'--heal' option 'qlora' needs bitsandbytes"):
+        heal(model, torch.randint(5, 20, (2, 8)), HealConfig(method="qlora", steps=1, progress=False))
+
+
 def test_heal_with_a_top_k_teacher_cache(llama_dir):
     """The teacher's top-k logits cached once equal its logits' top k; at k = V with every window
     visited the cached distillation follows the beside-the-step one (up to the float16 cache); with
