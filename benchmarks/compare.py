@@ -104,7 +104,7 @@ PROFILES["cpu-2"] = replace(PROFILES["cpu"], strategies=["fusion-rf", "activatio
                                                          "symmetric", "deepest", "angular-block", "best-signal",
                                                          "top", "alternate"],
                             seeds={s: MULTI for s in ("fusion-rf", "activation_patching", "fusion-verify",
-                                                      "symmetric", "angular-block")},
+                                                      "symmetric", "angular-block", "deepest")},
                             control=[], teachers="cpu", paired=True)
 # ... and one layer deeper (6 -> 2), where a wrong choice has less room to be undone by recovery:
 # the same teachers, budget and strategies, seed 0 (results in benchmarks/results/cpu-2-deep).

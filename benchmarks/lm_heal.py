@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
               f"perplexity {r['pruned_perplexity']:.2f} -> {r['perplexity']:.2f}", flush=True)
     from fusion_prune.utils import versions, write_json_atomic
 
-    result = {"model": args.model, "corpus": args.corpus, "drop": args.drop, "steps": args.steps,
+    result = {"model": args.model, "corpus": args.corpus, "drop": args.drop, "drop_layers": args.drop_layers,
+              "steps": args.steps,
               "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
               "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)", "date": time.strftime("%Y-%m-%d"),
               "methods": rows, "versions": versions()}
-    out = args.out or RESULTS / f"{Path(args.model).name}-{Path(args.corpus).name}.json"
+    tag = f"-drop-{args.drop_layers.replace(',', '-')}" if args.drop_layers else ""
+    out = args.out or RESULTS / f"{Path(args.model).name}-{Path(args.corpus).name}{tag}.json"
     write_json_atomic(out, result)
     if "lora" in rows:
         print_against(rows, "lora")

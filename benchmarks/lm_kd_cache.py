@@ -30,7 +30,8 @@ RESULTS = HERE / "results" / "lm-kd-cache"
 
 def pruned_student(args):
     """(teacher, student, train windows (N, T), test windows (M, T)): ``args.model`` with its
-    ``args.drop`` deepest layers but the last removed (no signals: every mode starts alike)."""
+    ``args.drop`` deepest layers but the last removed, or the layers ``args.drop_layers`` names
+    (no signals: every mode starts alike)."""
     import torch
 
     from fusion_prune.causal_lm import token_windows
@@ -42,7 +43,8 @@ def pruned_student(args):
     data = get_task("causal-lm").load_data(args.corpus)
     teacher, tok = load_causal_lm(args.model, device="cpu")
     n = teacher.config.num_hidden_layers
-    student = drop_layers(teacher, list(range(n - 1 - args.drop, n - 1)))
+    gone = [int(i) for i in args.drop_layers.split(",")] if args.drop_layers else list(range(n - 1 - args.drop, n - 1))
+    student = drop_layers(teacher, gone)
     train = token_windows(tok, data.train, args.max_length, None, what="train split")
     test = token_windows(tok, data.test, args.max_length, args.max_eval_tokens, what="test split")
     return teacher, student, train, test
@@ -53,6 +55,8 @@ def add_student_args(ap: argparse.ArgumentParser, steps: int) -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--corpus", default="grimm-tales")
     ap.add_argument("--drop", type=int, default=6, help="deepest layers (but the last) removed first")
+    ap.add_argument("--drop-layers", default="", help="comma-separated layer indices to remove instead of --drop "
+                    "(e.g. the layers a compress run removed)")
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
@@ -61,7 +65,8 @@ def add_student_args(ap: argparse.ArgumentParser, steps: int) -> None:
 
 def student_argv(args) -> list[str]:
     """The command-line form of :func:`add_student_args`'s options, for a per-mode subprocess."""
-    return ["--model", args.model, "--corpus", args.corpus, "--drop", str(args.drop), "--steps", str(args.steps),
+    return ["--model", args.model, "--corpus", args.corpus, "--drop", str(args.drop), "--drop-layers", args.drop_layers,
+            "--steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
             "--max-eval-tokens", str(args.max_eval_tokens)]
 
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
     from fusion_prune.utils import versions, write_json_atomic
 
-    result = {"model": args.model, "corpus": args.corpus, "drop": args.drop, "steps": args.steps,
+    result = {"model": args.model, "corpus": args.corpus, "drop": args.drop, "drop_layers": args.drop_layers,
+              "steps": args.steps,
               "batch_size": args.batch_size, "max_length": args.max_length,
               "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)", "date": time.strftime("%Y-%m-%d"),
               "modes": rows, "versions": versions()}

@@ -381,7 +381,7 @@ def test_lm_heal_compares_methods_on_one_pruned_student(tmp_path, capsys):
     student; LoRA and QLoRA train the same adapters, full training trains every weight."""
     pytest.importorskip("bitsandbytes")
     model, corpus = _tiny_llama_and_corpus(tmp_path)
-    res = _load("lm_heal").main(["--model", str(model), "--corpus", str(corpus), "--drop", "2", "--steps", "2",
+    res = _load("lm_heal").main(["--model", str(model), "--corpus", str(corpus), "--drop-layers", "0,2", "--steps", "2",
                                  "--batch-size", "2", "--max-length", "16", "--max-eval-tokens", "64",
                                  "--out", str(tmp_path / "heal.json")])
     m = res["methods"]
@@ -389,7 +389,8 @@ def test_lm_heal_compares_methods_on_one_pruned_student(tmp_path, capsys):
     assert m["lora"]["trainable_parameters"] == m["qlora"]["trainable_parameters"] < m["full"]["trainable_parameters"]
     assert len({r["pruned_perplexity"] for r in m.values()}) == 1  # one starting point
     assert all(r["steps"] == 2 and r["perplexity"] > 1 for r in m.values())
-    assert json.loads((tmp_path / "heal.json").read_text())["methods"]["qlora"]["steps"] == 2
+    saved = json.loads((tmp_path / "heal.json").read_text())
+    assert saved["methods"]["qlora"]["steps"] == 2 and saved["drop_layers"] == "0,2"
     assert "qlora/lora: time" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         _load("lm_heal").main(["--methods", "lora,dora"])
