@@ -399,7 +399,8 @@ def test_lm_heal_compares_methods_on_one_pruned_student(tmp_path, capsys):
 def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     """Profile lm-cpu on a tiny Llama: fusion and fusion-verify get a bundle fitted without the
     evaluated corpus (the shipped LM configuration), best-signal resolves to a signal, every run
-    adds one row with the issue's columns, and a second call re-runs nothing."""
+    adds one row with the issue's columns (and its recovery steps), and a second call re-runs
+    nothing."""
     import pandas as pd
 
     from conftest import make_tokenizer
@@ -413,7 +414,7 @@ def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     corpus.write_text("\n\n".join(prose(60)))
     lm = _load("lm_compress")
     args = ["--model", str(model), "--corpora", str(corpus), "--strategies", "fusion,fusion-verify,best-signal,deepest",
-            "--depths", "2", "--max-length", "16", "--heal-steps", "1", "--distill-steps", "1",
+            "--depths", "2", "--max-length", "16", "--finetune-steps", "1", "--heal-steps", "1", "--distill-steps", "1",
             "--max-eval-tokens", "64", "--zero-shot-samples", "0", "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out")]
     res = lm.main(args)
@@ -421,6 +422,7 @@ def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     assert {"dataset", "strategy", "seed", "target_layers", "teacher_perplexity", "pruned_perplexity", "perplexity",
             "zero_shot_accuracy", "selection_seconds", "kept_layers"} <= set(table.columns)
     assert sorted(table.strategy) == sorted(["fusion", "fusion-verify", "best-signal", "deepest"]) and len(res) == 4
+    assert (table.finetune_steps == 1).all()  # recovery between removals, recorded per row
     (bundle,) = (tmp_path / "runs" / "bundles").glob("*.npz")
     shipped, fitted = F.load_bundle(task="causal-lm"), F.load_bundle(bundle)
     assert (fitted.model_type, fitted.feature_norm, fitted.target) == (shipped.model_type, shipped.feature_norm,
