@@ -75,6 +75,7 @@ def result_row(report: dict, corpus: str, strategy: str, seed: int, depth: int) 
             **{f"zero_shot_{k}_{stage}": v[stage]["accuracy"] for k, v in zs.items()
                for stage in ("teacher", "pruned", "student")},
             "finetune_steps": report["config"].get("finetune_steps", 0),
+            "heal": (report.get("heal") or {}).get("method"), "heal_steps": (report.get("heal") or {}).get("steps"),
             "selection_seconds": report["selection_seconds"], "wall_seconds": report["wall_seconds"],
             "kept_layers": " ".join(map(str, report["kept_layers"])),
             "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)"}
@@ -101,8 +102,8 @@ def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs:
                              signal_samples=budgets["signal_windows"], label_samples=labels,
                              max_eval_tokens=budgets["max_eval_tokens"], seed=seed, progress=False,
                              finetune_steps=budgets.get("finetune_steps", 0),
-                             heal=HealConfig(steps=budgets["heal_steps"], batch_size=budgets["batch_size"],
-                                             progress=False),
+                             heal=HealConfig(method=budgets.get("heal", "lora"), steps=budgets["heal_steps"],
+                                             batch_size=budgets["batch_size"], progress=False),
                              lm_distill_steps=budgets["distill_steps"], kd_weight=0.5,
                              zero_shot=budgets["zero_shot"])
         task = get_task("causal-lm")
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--finetune-steps", type=int, default=0,
                     help="full fine-tuning steps per removed layer between removals (0: none, the LM default)")
+    ap.add_argument("--heal", default="lora", choices=["lora", "qlora", "full", "none"],
+                    help="healing after the removals (compress's --heal)")
     ap.add_argument("--heal-steps", type=int, default=40)
     ap.add_argument("--distill-steps", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=256)
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if args.zero_shot_samples else {}
     budgets = {"max_length": args.max_length, "batch_size": 4, "signal_windows": 4, "label_windows": 8,
                "max_eval_tokens": args.max_eval_tokens, "heal_steps": args.heal_steps,
-               "distill_steps": args.distill_steps, "zero_shot": zero_shot, "finetune_steps": args.finetune_steps}
+               "distill_steps": args.distill_steps, "zero_shot": zero_shot, "finetune_steps": args.finetune_steps,
+               "heal": args.heal}
     rows = []
     # seed 0 of everything first, then the extra seeds; the shallower depth last (the longer run)
     for seed in [int(s) for s in args.seeds.split(",")]:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_student_args(ap, steps=20)
     ap.add_argument("--lr", type=float, default=2e-4, help="the same for every method (compress's default)")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="JSON file to write (default: results/lm-heal/<model>-<corpus>[-drop-...].json)")
     ap.add_argument("--method", default=None, help=argparse.SUPPRESS)  # internal: one method in this process
     args = ap.parse_args(argv)
     if args.method:
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"--methods: expected some of {', '.join(METHODS)}; received {', '.join(unknown)}")
+    if args.out is not None and args.out.is_dir():  # checked now, not after the methods have run
+        ap.error(f"--out: expected a JSON file path; received the folder {str(args.out)!r}")
     rows = {}
     for method in methods:
         cmd = [sys.executable, __file__, "--method", method, *student_argv(args), "--lr", str(args.lr)]

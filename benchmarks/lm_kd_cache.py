@@ -105,12 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_student_args(ap, steps=10)
     ap.add_argument("--top-k", default="16,64", help="comma-separated cache sizes")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="JSON file to write (default: results/lm-kd-cache/<model>-<corpus>.json)")
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # internal: one mode in this process
     args = ap.parse_args(argv)
     if args.mode:
         print(json.dumps(run_mode(args)))
         return {}
+    if args.out is not None and args.out.is_dir():  # checked now, not after the modes have run
+        ap.error(f"--out: expected a JSON file path; received the folder {str(args.out)!r}")
     modes = ["beside", *[f"top-{int(k)}" for k in args.top_k.split(",") if k]]
     rows = {}
     for mode in modes:

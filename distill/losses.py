@@ -48,20 +48,33 @@ def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 
 def topk_next_token_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
-                       temperature: float = 2.0) -> torch.Tensor:
+                       temperature: float = 2.0, teacher_log_tail: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`next_token_kl` against a teacher kept as its top-k logits per position.
 
     ``student_logits``: (B, T, V); ``teacher_values``, ``teacher_indices``: (B, T, k), the teacher's k
-    largest logits and their token ids. The teacher distribution is the softmax of those k logits
-    (its mass renormalised onto them, as sparse KD does); the student's log-probabilities are taken
-    over the whole vocabulary and read at the k ids. With k = V this equals :func:`next_token_kl`.
-    Averaged over the B * (T - 1) predicting positions, times T^2.
+    largest logits and their token ids; ``teacher_log_tail``: (B, T), the log of the teacher's
+    probability mass outside those k at ``temperature`` (:func:`distill.teacher_topk_logits`).
+
+    With the tail (the default of the cache) the KL is taken over k + 1 bins, the k ids and "any
+    other token", with the teacher's exact probabilities: a proper KL, never above the full one,
+    and equal to it at k = V. Without it the teacher's mass is renormalised onto the k ids (the
+    sparse KD of the literature); that target is sharper than the teacher and pushes the student
+    to put no mass elsewhere; on smollm2-135m with k = 16 it left perplexity *worse* than no
+    distillation (benchmarks/README.md). Averaged over the B * (T - 1) predicting positions, times T^2.
     """
     t = temperature
-    s_log = F.log_softmax(student_logits[:, :-1].float() / t, -1).gather(-1, teacher_indices[:, :-1].long())
+    z = student_logits[:, :-1].float() / t
+    ids = teacher_indices[:, :-1].long()
+    log_norm = torch.logsumexp(z, -1, keepdim=True)
+    s_log = z.gather(-1, ids) - log_norm  # (B, T - 1, k)
     t_log = F.log_softmax(teacher_values[:, :-1].float() / t, -1)
-    kl = (t_log.exp() * (t_log - s_log)).sum(-1)  # (B, T - 1)
-    return kl.mean() * t * t
+    if teacher_log_tail is None or ids.shape[-1] >= z.shape[-1]:  # renormalised, or no tail to keep
+        return (t_log.exp() * (t_log - s_log)).sum(-1).mean() * t * t
+    t_tail = teacher_log_tail[:, :-1].float().unsqueeze(-1)  # (B, T - 1, 1)
+    t_log = t_log + torch.log1p(-t_tail.exp().clamp(max=1 - 1e-6))  # exact teacher log-probabilities
+    s_tail = torch.logsumexp(z.scatter(-1, ids, float("-inf")), -1, keepdim=True) - log_norm
+    t_all, s_all = torch.cat([t_log, t_tail], -1), torch.cat([s_log, s_tail], -1)
+    return (t_all.exp() * (t_all - s_all)).sum(-1).mean() * t * t
 
 
 KD_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"soft_kl": soft_kl, "hard_ce": hard_ce, "hidden_mse": hidden_mse,

@@ -66,28 +66,39 @@ def teacher_logits(teacher, tokenizer, df: pd.DataFrame, batch_size: int, max_le
 
 @torch.no_grad()
 def teacher_topk_logits(teacher, windows: torch.Tensor, k: int, batch_size: int,
-                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                        device: torch.device | str = "cpu",
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A causal-LM teacher's k largest next-token logits for every window, once, on the CPU.
 
-    ``windows``: (N, T) token ids. Returns ``values`` (N, T, k) float16 and ``indices`` (N, T, k)
-    int32 in window order: N * T * k * 6 bytes instead of N * T * V * 4 for full logits (SmolLM2,
-    V = 49,152, k = 64: 512x smaller), so the teacher need not run beside each distillation step.
+    ``windows``: (N, T) token ids. Returns ``values`` (N, T, k) float16, ``indices`` (N, T, k)
+    int32 and ``log_tail`` (N, T) float32, the log of the probability mass outside the k at
+    ``temperature`` (so that :func:`distill.losses.topk_next_token_kl` keeps the teacher's exact
+    probabilities; -inf at k = V), in window order: N * T * (k * 6 + 4) bytes instead of
+    N * T * V * 4 for full logits (SmolLM2, V = 49,152, k = 64: about 500x smaller), so the
+    teacher need not run beside each distillation step.
     """
     n, length = windows.shape
     values = torch.empty(n, length, k, dtype=torch.float16)
     indices = torch.empty(n, length, k, dtype=torch.int32)
+    log_tail = torch.empty(n, length, dtype=torch.float32)
     was_training = teacher.training
     teacher.eval()
     try:
-        for start in range(0, n, batch_size):
-            ids = windows[start:start + batch_size].to(device)
-            logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            top = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
-            values[start:start + len(ids)] = top.values.half().cpu()
-            indices[start:start + len(ids)] = top.indices.int().cpu()
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                ids = windows[start:start + batch_size].to(device)
+                logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+                top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+                z = logits / temperature
+                rest = torch.logsumexp(z.scatter(-1, top.indices, float("-inf")), -1) - torch.logsumexp(z, -1)
+                # clamped so that a near-certain teacher keeps a finite (negligible) tail; exact -inf at k = V
+                tail = rest if k >= logits.shape[-1] else rest.clamp_min(-80.0)
+                values[start:start + len(ids)] = top.values.half().cpu()
+                indices[start:start + len(ids)] = top.indices.int().cpu()
+                log_tail[start:start + len(ids)] = tail.cpu()
     finally:
         teacher.train(was_training)
-    return values, indices
+    return values, indices, log_tail
 
 
 def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: list[str], cfg: DistillConfig,

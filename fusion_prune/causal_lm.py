@@ -400,8 +400,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     one the adapters were trained against, so measure it after healing (``compress`` does).
     With ``cfg.kd_weight > 0`` the loss is ``(1 - w) * next-token CE + w * T^2 KL(teacher || student)``
     over the vocabulary at every position, the teacher running beside each step; with
-    ``cfg.kd_top_k = k`` the teacher's top-k logits of every window are cached first and the KL is
-    taken over them (:func:`distill.losses.topk_next_token_kl`).
+    ``cfg.kd_top_k = k`` the teacher's top-k logits and its mass outside them are cached first and
+    the KL is taken over those k + 1 bins (:func:`distill.losses.topk_next_token_kl`).
     """
     from distill.losses import next_token_kl, topk_next_token_kl
     from distill.trainer import teacher_topk_logits
@@ -435,9 +435,9 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
             windows = windows[pick.sort().values]
         t1 = time.perf_counter()
         cache = teacher_topk_logits(teacher, windows, cfg.kd_top_k, cfg.batch_size,
-                                    next(teacher.parameters()).device)
+                                    next(teacher.parameters()).device, temperature=cfg.temperature)
         kd_stats = {"teacher_logits": "top-k cached", "top_k": cache[0].shape[-1],
-                    "cache_bytes": int(cache[0].numel() * 2 + cache[1].numel() * 4),
+                    "cache_bytes": int(cache[0].numel() * 2 + cache[1].numel() * 4 + cache[2].numel() * 4),
                     "cache_seconds": round(time.perf_counter() - t1, 2)}
     elif cfg.kd_weight:
         kd_stats = {"teacher_logits": "computed beside each step"}
@@ -448,8 +448,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         logits = out.logits
         loss, _ = task_loss(m, out, batch)  # mean next-token cross-entropy
         if cache is not None:
-            values, ids = (c[index].to(logits.device) for c in cache)
-            kd = topk_next_token_kl(logits, values, ids, cfg.temperature)
+            values, ids, tail = (c[index].to(logits.device) for c in cache)
+            kd = topk_next_token_kl(logits, values, ids, cfg.temperature, teacher_log_tail=tail)
             loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
         elif cfg.kd_weight:
             with torch.no_grad():

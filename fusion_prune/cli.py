@@ -625,8 +625,8 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
 @click.option("--kd-weight", default=0.5, show_default=True, type=float,
               help="Causal LM: weight of the KL term in those steps (the rest is next-token loss).")
 @click.option("--kd-top-k", default=0, show_default=True, type=int,
-              help="Causal LM: cache the teacher's top-k logits per token before distilling (0: run the "
-                   "teacher beside each step, full vocabulary).")
+              help="Causal LM: cache the teacher's top-k logits per token (and its mass outside them) before "
+                   "distilling (0: run the teacher beside each step, full vocabulary).")
 @click.option("--max-eval-tokens", default=8192, show_default=True, type=int,
               help="Causal LM: held-out tokens for perplexity.")
 @click.option("--zero-shot", "zero_shot", multiple=True,

@@ -370,7 +370,7 @@ def test_lm_kd_cache_compares_beside_and_top_k(tmp_path, capsys):
                                      "--batch-size", "2", "--max-length", "16", "--max-eval-tokens", "64",
                                      "--top-k", "4", "--out", str(tmp_path / "kd.json")])
     beside, top = res["modes"]["beside"], res["modes"]["top-4"]
-    assert beside["cache_bytes"] == 0 and top["cache_bytes"] == 2 * 2 * 16 * 4 * 6  # 2 steps x 2 windows
+    assert beside["cache_bytes"] == 0 and top["cache_bytes"] == 2 * 2 * 16 * (4 * 6 + 4)  # 2 steps x 2 windows, k ids + the tail
     assert all(m["steps"] == 2 and m["perplexity"] > 1 and m["seconds"] > 0 for m in (beside, top))
     assert json.loads((tmp_path / "kd.json").read_text())["modes"]["top-4"]["cache_bytes"] == top["cache_bytes"]
     assert "top-4/beside: time" in capsys.readouterr().out

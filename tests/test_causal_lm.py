@@ -317,10 +317,13 @@ def test_heal_with_a_top_k_teacher_cache(llama_dir):
 
     teacher, _ = load_causal_lm(str(llama_dir))
     windows = torch.randint(5, 20, (4, 16), generator=torch.Generator().manual_seed(3))
-    values, ids = teacher_topk_logits(teacher, windows, 5, batch_size=3)
+    values, ids, tail = teacher_topk_logits(teacher, windows, 5, batch_size=3, temperature=2.0)
     with torch.no_grad():
-        ref = teacher(input_ids=windows).logits.topk(5, dim=-1)
+        logits = teacher(input_ids=windows).logits
+        ref = logits.topk(5, dim=-1)
     assert values.shape == ids.shape == (4, 16, 5) and values.dtype == torch.float16 and ids.dtype == torch.int32
+    rest = 1 - torch.softmax(logits / 2.0, -1).gather(-1, ref.indices).sum(-1)  # mass outside the top 5 at T = 2
+    torch.testing.assert_close(tail.exp(), rest, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(values.float(), ref.values, atol=1e-2, rtol=1e-2)
     assert (ids.long() == ref.indices).float().mean() > 0.99  # ties aside
     vocab = teacher.config.vocab_size
@@ -331,11 +334,11 @@ def test_heal_with_a_top_k_teacher_cache(llama_dir):
         _, runs[k] = heal(student, windows, replace(cfg, kd_top_k=k), teacher=teacher)
     assert runs[0]["teacher_logits"] == "computed beside each step"
     assert runs[vocab]["teacher_logits"] == "top-k cached" and runs[vocab]["top_k"] == vocab
-    assert runs[vocab]["cache_bytes"] == 4 * 16 * vocab * 6  # every window: 2 steps x 2 = 4 visited
+    assert runs[vocab]["cache_bytes"] == 4 * 16 * (vocab * 6 + 4)  # every window: 2 steps x 2 = 4 visited
     assert runs[vocab]["first_loss"] == pytest.approx(runs[0]["first_loss"], rel=1e-3)
     assert runs[vocab]["final_loss"] == pytest.approx(runs[0]["final_loss"], rel=1e-2)
     _, one = heal(drop_layers(teacher, [1, 2]), windows, replace(cfg, steps=1, kd_top_k=8), teacher=teacher)
-    assert one["cache_bytes"] == 2 * 16 * 8 * 6 and math.isfinite(one["final_loss"])  # 1 step x 2 windows
+    assert one["cache_bytes"] == 2 * 16 * (8 * 6 + 4) and math.isfinite(one["final_loss"])  # 1 step x 2 windows
 
 
 def test_lm_distillation_after_healing_with_zero_shot(llama_dir, corpus_txt, sentiment_csv_dir, tmp_path):

@@ -38,6 +38,45 @@ def test_topk_kl_is_the_full_kl_at_k_equal_v_and_sparse_kd_below():
     assert s.grad is not None and s.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
 
 
+def test_topk_kl_with_the_tail_is_the_kl_over_k_plus_one_bins():
+    """With the teacher's mass outside its top k kept as one bin, the loss is the exact KL over the k
+    ids and "the rest": by hand from the full teacher, never above the full KL, the full KL at k = V."""
+    from distill import next_token_kl, teacher_topk_logits, topk_next_token_kl
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 5, 11, generator=g, requires_grad=True), torch.randn(2, 5, 11, generator=g) * 3
+    temp = 2.0
+    full = next_token_kl(s, t, temperature=temp)
+
+    class Teacher(torch.nn.Module):  # returns the fixed logits t, as a causal LM's output would
+        training = False
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return type("Out", (), {"logits": t[: len(input_ids)]})()
+
+    windows = torch.zeros(2, 5, dtype=torch.long)
+    for k in (3, 11):
+        values, ids, tail = teacher_topk_logits(Teacher(), windows, k, batch_size=2, temperature=temp)
+        assert values.shape == ids.shape == (2, 5, k) and tail.shape == (2, 5)
+        loss = topk_next_token_kl(s, values, ids, temp, teacher_log_tail=tail)
+        if k == 11:
+            assert torch.isinf(tail).all() and (tail < 0).all()
+            torch.testing.assert_close(loss, full, atol=1e-3, rtol=1e-3)  # float16 values
+            continue
+        p = torch.softmax(t / temp, -1)
+        q = torch.softmax(s.detach() / temp, -1)
+        mask = torch.zeros_like(p, dtype=torch.bool).scatter(-1, ids.long(), True)
+        p_bins = torch.cat([p.gather(-1, ids.long()), (p * ~mask).sum(-1, keepdim=True)], -1)
+        q_bins = torch.cat([q.gather(-1, ids.long()), (q * ~mask).sum(-1, keepdim=True)], -1)
+        by_hand = (p_bins * (p_bins.log() - q_bins.log())).sum(-1)[:, :-1].mean() * temp * temp
+        torch.testing.assert_close(loss.detach(), by_hand, atol=2e-3, rtol=2e-3)
+        assert 0 <= loss.item() <= full.item() + 1e-4
+        renormalised = topk_next_token_kl(s, values, ids, temp)  # the sparse-KD target, without the tail
+        assert renormalised.item() != pytest.approx(loss.item(), rel=1e-3)
+        loss.backward()
+        assert torch.isfinite(s.grad).all() and s.grad[:, -1].abs().sum() == 0
+
+
 def test_soft_kl_by_hand():
     s = torch.tensor([[0.0, 0.0]])
     t = torch.tensor([[math.log(3.0), 0.0]])  # teacher probabilities (3/4, 1/4) at T = 1
