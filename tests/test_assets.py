@@ -99,3 +99,11 @@ def test_dataset_asset_loads_through_data(fake_asset):
     assert ds.labels == ["hockey", "space"]
     assert len(ds.test) == 3 and len(ds.train) + len(ds.validation) == 3
     assert ds.notes[0] == "asset toy-news from toy==0.0.1"
+
+
+def test_smollm2_without_gguf_is_one_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    with pytest.raises(BadInputError, match=r"needs the 'gguf' package.*fusionprune\[gguf\]"):
+        assets.ASSETS["smollm2-135m"].convert([], tmp_path)

@@ -396,6 +396,35 @@ def test_lm_heal_compares_methods_on_one_pruned_student(tmp_path, capsys):
         _load("lm_heal").main(["--methods", "lora,dora"])
 
 
+def test_lm_heal_choice_heals_each_removed_set_once_and_resumes(tmp_path):
+    """Healing the choices of an LM profile: two strategies that removed the same layers share one
+    healing run (same healed perplexity, named in ``shared_with``), two workers split the sets
+    without overlap, and a second call heals nothing."""
+    import pandas as pd
+
+    model, corpus = _tiny_llama_and_corpus(tmp_path)
+    choice = tmp_path / "choice.csv"
+    common = {"dataset": str(corpus), "seed": 0, "target_layers": 2, "teacher_perplexity": 10.0,
+              "selection_seconds": 1.0}
+    pd.DataFrame([{**common, "strategy": "sleb", "kept_layers": "0 3", "pruned_perplexity": 30.0},
+                  {**common, "strategy": "angular-block", "kept_layers": "0 3", "pruned_perplexity": 30.0},
+                  {**common, "strategy": "deepest", "kept_layers": "0 1", "pruned_perplexity": 90.0}]).to_csv(choice)
+    hc = _load("lm_heal_choice")
+    assert hc.removed_layers("0 3", 4) == "1,2"
+    args = ["--choice", str(choice), "--model", str(model), "--depth", "4", "--steps", "1", "--max-length", "16",
+            "--max-eval-tokens", "64", "--out", str(tmp_path / "out")]
+    first = hc.main(args + ["--worker", "0/2"])  # sleb's set first (the ORDER), then nothing else for worker 0
+    assert sorted(first.strategy) == ["angular-block", "sleb"]
+    assert hc.main(args + ["--worker", "1/2"]).strategy.tolist() == ["deepest"]
+    table = pd.read_csv(tmp_path / "out" / "results.csv").set_index("strategy")
+    assert len(table) == 3 and table.loc["sleb", "perplexity"] == table.loc["angular-block", "perplexity"]
+    assert table.loc["sleb", "shared_with"] == "angular-block" and table.loc["deepest", "heal_steps"] == 1
+    assert (table.perplexity > 1).all() and (table.kept_layers.astype(str) != "").all()
+    assert hc.main(args).empty  # every row is there: nothing is healed again
+    with pytest.raises(SystemExit):
+        hc.main(args + ["--worker", "2/2"])
+
+
 def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     """Profile lm-cpu on a tiny Llama: fusion and fusion-verify get a bundle fitted without the
     evaluated corpus (the shipped LM configuration), best-signal resolves to a signal, every run
