@@ -15,7 +15,8 @@ and reloading. Two strategies that removed the same layers on a corpus share one
 
 One row per (corpus, strategy, seed, depth) of the choice results lands in
 ``results/lm-cpu-healed/results.csv`` with the ``lm-cpu`` columns (``perplexity`` = after
-healing) plus ``heal_seconds`` and ``shared_with``. Finished rows are skipped, so a stopped run
+healing) plus ``heal_seconds`` and ``shared_with``, and ``results.md`` beside it
+(``--summary-only`` rewrites it). Finished rows are skipped, so a stopped run
 resumes; ``--worker i/n`` takes every n-th distinct removed set, so workers never overlap.
 """
 
@@ -60,7 +61,8 @@ def plan(choice: pd.DataFrame, depth: int) -> list[tuple[str, str, list[int]]]:
 
 
 def upsert(rows: list[dict], csv: Path) -> None:
-    """Replace the rows with the same :data:`KEY` in ``csv`` (locked: workers share the file)."""
+    """Replace the rows with the same :data:`KEY` in ``csv`` and rewrite ``results.md`` beside it
+    (locked: workers share the files)."""
     from fusion_prune.report import write_table
 
     csv.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,44 @@ def upsert(rows: list[dict], csv: Path) -> None:
             key = lambda df: df[KEY].astype(str).agg("|".join, axis=1)  # noqa: E731
             old = old[~key(old).isin(set(key(new)))]
         write_table(pd.concat([old, new], ignore_index=True), csv)
+        _write_summary(csv)  # under the lock: a later worker's table is never overwritten by an older one
+
+
+def _write_summary(csv: Path) -> pd.DataFrame:
+    from fusion_prune.utils import write_text_atomic
+
+    table = pd.read_csv(csv)
+    write_text_atomic(csv.with_name("results.md"), summary(table))
+    return table
+
+
+def summary(table: pd.DataFrame) -> str:
+    """Markdown: per strategy and depth, pruned -> healed perplexity on each corpus and the
+    geometric means over the corpora it has (sorted by the healed mean; a strategy missing a
+    corpus is marked and sorted last)."""
+    import numpy as np
+
+    corpora = sorted(table.dataset.unique())
+    out = []
+    for depth, d in table.groupby("target_layers"):
+        teacher = d.groupby("dataset").teacher_perplexity.first()
+        out += [f"30 -> {depth} layers (seed {', '.join(map(str, sorted(d.seed.unique())))}): test perplexity "
+                "after removal -> after healing", "",
+                "| strategy | " + " | ".join(f"{Path(c).name} (teacher {teacher[c]:.1f})" for c in corpora)
+                + " | geometric mean after removal | geometric mean healed | selection s (mean) |",
+                "|---|" + "---|" * (len(corpora) + 3)]
+        rows = []
+        for strategy, g in d.groupby("strategy"):
+            g = g.groupby("dataset").mean(numeric_only=True)  # seeds averaged
+            full = set(g.index) == set(corpora)
+            gm = lambda col: float(np.exp(np.log(g[col]).mean()))  # noqa: E731
+            cells = [f"{g.pruned_perplexity[c]:.3g} -> **{g.perplexity[c]:.3g}**" if c in g.index else "—"
+                     for c in corpora]
+            rows.append((not full, gm("perplexity"), f"| `{strategy}` | " + " | ".join(cells)
+                         + f" | {gm('pruned_perplexity'):.4g}{'' if full else ' (partial)'} | "
+                         f"{gm('perplexity'):.4g}{'' if full else ' (partial)'} | {g.selection_seconds.mean():.0f} |"))
+        out += [r for *_, r in sorted(rows)] + [""]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -87,7 +127,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--max-eval-tokens", type=int, default=8192, help="held-out test tokens at most (lm-cpu's)")
     ap.add_argument("--worker", default="0/1", help="i/n: this process takes every n-th removed set from the i-th")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--summary-only", action="store_true", help="rewrite results.md from results.csv and stop")
     args = ap.parse_args(argv)
+    csv = args.out / "results.csv"
+    if args.summary_only:
+        if not csv.is_file():
+            ap.error(f"--summary-only: expected {str(csv)!r} to exist; it does not (run without it first)")
+        return _write_summary(csv)
     if not args.choice.is_file():
         ap.error(f"--choice: expected an existing results.csv; received {str(args.choice)!r}")
     try:
@@ -96,7 +142,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     except (ValueError, AssertionError):
         ap.error(f"--worker: expected i/n with 0 <= i < n; received {args.worker!r}")
     choice = pd.read_csv(args.choice)
-    csv = args.out / "results.csv"
     done = set(pd.read_csv(csv)[KEY].astype(str).agg("|".join, axis=1)) if csv.is_file() else set()
     out = []
     for j, (corpus, gone, idx) in enumerate(plan(choice, args.depth)):

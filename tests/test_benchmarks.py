@@ -420,7 +420,10 @@ def test_lm_heal_choice_heals_each_removed_set_once_and_resumes(tmp_path):
     assert len(table) == 3 and table.loc["sleb", "perplexity"] == table.loc["angular-block", "perplexity"]
     assert table.loc["sleb", "shared_with"] == "angular-block" and table.loc["deepest", "heal_steps"] == 1
     assert (table.perplexity > 1).all() and (table.kept_layers.astype(str) != "").all()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| `deepest` |" in md and "geometric mean healed" in md and "->" in md
     assert hc.main(args).empty  # every row is there: nothing is healed again
+    assert len(hc.main(["--out", str(tmp_path / "out"), "--summary-only"])) == 3
     with pytest.raises(SystemExit):
         hc.main(args + ["--worker", "2/2"])
 
