@@ -11,7 +11,8 @@ so the healed comparison is made here instead, on exactly the layers each choice
 teacher with those layers dropped is healed with LoRA (``--steps`` steps of 4 windows of 256
 tokens, r 8, alpha 16, every linear layer, lr 2e-4; :func:`lm_heal.run_method`, the same code and
 budget for every strategy) and scored on the same held-out test tokens (at most 8,192) after saving
-and reloading. Two strategies that removed the same layers on a corpus share one healing run.
+and reloading. Two strategies that removed the same layers on a corpus share one healing run (also
+when one of them is added to the choice results later).
 
 One row per (corpus, strategy, seed, depth) of the choice results lands in
 ``results/lm-cpu-healed/results.csv`` with the ``lm-cpu`` columns (``perplexity`` = after
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     except (ValueError, AssertionError):
         ap.error(f"--worker: expected i/n with 0 <= i < n; received {args.worker!r}")
     choice = pd.read_csv(args.choice)
-    done = set(pd.read_csv(csv)[KEY].astype(str).agg("|".join, axis=1)) if csv.is_file() else set()
+    healed = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=[*KEY, "kept_layers", "heal_steps"])
+    done = set(healed[KEY].astype(str).agg("|".join, axis=1))
     out = []
     for j, (corpus, gone, idx) in enumerate(plan(choice, args.depth)):
         if j % n != i:
@@ -151,9 +153,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if not todo:
             continue
         t0 = time.perf_counter()
-        r = run_method(Namespace(model=args.model, corpus=corpus, drop=0, drop_layers=gone, steps=args.steps,
-                                 batch_size=4, max_length=args.max_length,
-                                 max_eval_tokens=args.max_eval_tokens, lr=2e-4, method="lora"))
+        same = healed[(healed.dataset == corpus) & (healed.heal_steps == args.steps)
+                      & (healed.kept_layers.map(lambda k: removed_layers(k, args.depth)) == gone)]
+        if len(same):  # a strategy added later removed a set already healed: its result is reused
+            old = same.iloc[0]
+            r = {"pruned_perplexity": old.pruned_perplexity, "perplexity": old.perplexity,
+                 "steps": old.heal_steps, "seconds": old.heal_seconds, "machine": old.machine, "date": old.date}
+        else:
+            r = run_method(Namespace(model=args.model, corpus=corpus, drop=0, drop_layers=gone, steps=args.steps,
+                                     batch_size=4, max_length=args.max_length,
+                                     max_eval_tokens=args.max_eval_tokens, lr=2e-4, method="lora"))
         names = [choice.loc[k, "strategy"] for k in idx]
         rows = []
         for k in idx:
@@ -164,8 +173,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                          "selection_seconds": c.selection_seconds, "kept_layers": c.kept_layers,
                          "heal": "lora", "heal_steps": r["steps"], "heal_seconds": r["seconds"],
                          "shared_with": " ".join(s for s in names if s != c.strategy),
-                         "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)",
-                         "date": time.strftime("%Y-%m-%d")})
+                         "machine": r.get("machine", f"{platform.machine()} {os.cpu_count()} cores (CPU)"),
+                         "date": r.get("date", time.strftime("%Y-%m-%d"))})
         upsert(rows, csv)
         out += rows
         print(json.dumps({"corpus": corpus, "removed": gone, "strategies": names, "pruned": r["pruned_perplexity"],

@@ -423,7 +423,12 @@ def test_lm_heal_choice_heals_each_removed_set_once_and_resumes(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| `deepest` |" in md and "geometric mean healed" in md and "->" in md
     assert hc.main(args).empty  # every row is there: nothing is healed again
-    assert len(hc.main(["--out", str(tmp_path / "out"), "--summary-only"])) == 3
+    more = pd.read_csv(choice, index_col=0)
+    pd.concat([more, more.iloc[[0]].assign(strategy="fusion")]).to_csv(choice)  # a later strategy, sleb's set
+    added = hc.main(args)
+    assert added.set_index("strategy").loc["fusion", "perplexity"] == table.loc["sleb", "perplexity"]
+    assert added.set_index("strategy").loc["fusion", "heal_seconds"] == table.loc["sleb", "heal_seconds"]  # no new run
+    assert len(hc.main(["--out", str(tmp_path / "out"), "--summary-only"])) == 4
     with pytest.raises(SystemExit):
         hc.main(args + ["--worker", "2/2"])
 
