@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--depth", type=int, default=30, help="the teacher's layer count")
     ap.add_argument("--steps", type=int, default=20, help="LoRA healing steps")
+    ap.add_argument("--target-layers", default="", help="comma-separated depths to heal (default: every depth "
+                    "in --choice)")
     ap.add_argument("--max-length", type=int, default=256, help="tokens per window (lm-cpu's)")
     ap.add_argument("--max-eval-tokens", type=int, default=8192, help="held-out test tokens at most (lm-cpu's)")
     ap.add_argument("--worker", default="0/1", help="i/n: this process takes every n-th removed set from the i-th")
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     except (ValueError, AssertionError):
         ap.error(f"--worker: expected i/n with 0 <= i < n; received {args.worker!r}")
     choice = pd.read_csv(args.choice)
+    if args.target_layers:
+        choice = choice[choice.target_layers.isin([int(d) for d in args.target_layers.split(",")])]
     healed = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=[*KEY, "kept_layers", "heal_steps"])
     done = set(healed[KEY].astype(str).agg("|".join, axis=1))
     out = []

@@ -413,6 +413,7 @@ def test_lm_heal_choice_heals_each_removed_set_once_and_resumes(tmp_path):
     assert hc.removed_layers("0 3", 4) == "1,2"
     args = ["--choice", str(choice), "--model", str(model), "--depth", "4", "--steps", "1", "--max-length", "16",
             "--max-eval-tokens", "64", "--out", str(tmp_path / "out")]
+    assert hc.main(args + ["--target-layers", "3"]).empty  # no choice row at that depth: nothing to heal
     first = hc.main(args + ["--worker", "0/2"])  # sleb's set first (the ORDER), then nothing else for worker 0
     assert sorted(first.strategy) == ["angular-block", "sleb"]
     assert hc.main(args + ["--worker", "1/2"]).strategy.tolist() == ["deepest"]
