@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import pandas as pd
@@ -66,6 +64,8 @@ def _best_signal(corpus: str, rows_glob: str | None = None) -> str:
 
 def result_row(report: dict, corpus: str, strategy: str, seed: int, depth: int) -> dict:
     """One results.csv row from a compress report."""
+    from fusion_prune.utils import machine_description
+
     zs = report.get("zero_shot") or {}
     student = [v["student"]["accuracy"] for v in zs.values()]
     return {"dataset": corpus, "strategy": strategy, "seed": seed, "target_layers": depth,
@@ -78,7 +78,7 @@ def result_row(report: dict, corpus: str, strategy: str, seed: int, depth: int) 
             "heal": (report.get("heal") or {}).get("method"), "heal_steps": (report.get("heal") or {}).get("steps"),
             "selection_seconds": report["selection_seconds"], "wall_seconds": report["wall_seconds"],
             "kept_layers": " ".join(map(str, report["kept_layers"])),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)"}
+            "machine": machine_description()}
 
 
 def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs: Path, out: Path, budgets: dict,

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,21 +34,29 @@ def run_method(args) -> dict:
     from signals_cost import PeakRSS
     from transformers import AutoModelForCausalLM
 
+    import torch
+
     from fusion_prune.causal_lm import HealConfig, heal, perplexity
 
-    _, student, train, test = pruned_student(args)
+    teacher, student, train, test = pruned_student(args)
+    del teacher  # not used here: free its memory before healing
+    device = next(student.parameters()).device
     pruned = perplexity(student, test, batch_size=args.batch_size)["perplexity"]
     cfg = HealConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=0,
                      progress=False)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         healed, stats = heal(student, train, cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:  # measured as a user gets it: saved, then reloaded
         healed.save_pretrained(tmp)
-        again = AutoModelForCausalLM.from_pretrained(tmp).eval()
+        again = AutoModelForCausalLM.from_pretrained(tmp).to(device).eval()
     ppl = perplexity(again, test, batch_size=args.batch_size)["perplexity"]
     return {"method": args.method, "seconds": seconds, "peak_bytes": rss.delta,
+            # on a GPU the accelerator's memory during the steps is what QLoRA saves, not the host's
+            "gpu_peak_bytes": stats.get("gpu_peak_bytes"),
             "trainable_parameters": stats["trainable_parameters"], "first_loss": stats["first_loss"],
             "final_loss": stats["final_loss"], "pruned_perplexity": pruned, "perplexity": ppl,
             "steps": stats["steps"], "train_windows": len(train)}
@@ -86,12 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{method:>6}: {r['seconds']:7.1f} s  peak +{r['peak_bytes'] / 2**20:7.1f} MiB  trainable "
               f"{r['trainable_parameters'] / 1e6:6.2f} M  loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}  "
               f"perplexity {r['pruned_perplexity']:.2f} -> {r['perplexity']:.2f}", flush=True)
-    from fusion_prune.utils import versions, write_json_atomic
+    from fusion_prune.utils import machine_description, versions, write_json_atomic
 
     result = {"model": args.model, "corpus": args.corpus, "drop": args.drop, "drop_layers": args.drop_layers,
               "steps": args.steps,
               "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
-              "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)", "date": time.strftime("%Y-%m-%d"),
+              "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
               "methods": rows, "versions": versions()}
     tag = f"-drop-{args.drop_layers.replace(',', '-')}" if args.drop_layers else ""
     out = args.out or RESULTS / f"{Path(args.model).name}-{Path(args.corpus).name}{tag}.json"

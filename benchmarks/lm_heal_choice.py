@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
-import platform
 import sys
 import time
 from argparse import Namespace
@@ -119,6 +117,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     sys.path.insert(0, str(HERE))
     from lm_heal import run_method
 
+    from fusion_prune.utils import machine_description
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--choice", type=Path, default=CHOICE, help="results.csv of an lm_compress run with no healing")
     ap.add_argument("--model", default="smollm2-135m")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                          "selection_seconds": c.selection_seconds, "kept_layers": c.kept_layers,
                          "heal": "lora", "heal_steps": r["steps"], "heal_seconds": r["seconds"],
                          "shared_with": " ".join(s for s in names if s != c.strategy),
-                         "machine": r.get("machine", f"{platform.machine()} {os.cpu_count()} cores (CPU)"),
+                         "machine": r.get("machine", machine_description()),
                          "date": r.get("date", time.strftime("%Y-%m-%d"))})
         upsert(rows, csv)
         out += rows

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -41,7 +39,7 @@ def pruned_student(args):
 
     torch.manual_seed(0)
     data = get_task("causal-lm").load_data(args.corpus)
-    teacher, tok = load_causal_lm(args.model, device="cpu")
+    teacher, tok = load_causal_lm(args.model)  # this process's GPU when it has one, else the CPU
     n = teacher.config.num_hidden_layers
     gone = [int(i) for i in args.drop_layers.split(",")] if args.drop_layers else list(range(n - 1 - args.drop, n - 1))
     student = drop_layers(teacher, gone)
@@ -125,12 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{mode:>8}: {r['seconds']:7.1f} s  peak +{r['peak_bytes'] / 2**20:7.1f} MiB  cache "
               f"{r['cache_bytes'] / 2**20:6.1f} MiB  loss {r['final_loss']:.4f}  perplexity {r['perplexity']:.2f}",
               flush=True)
-    from fusion_prune.utils import versions, write_json_atomic
+    from fusion_prune.utils import machine_description, versions, write_json_atomic
 
     result = {"model": args.model, "corpus": args.corpus, "drop": args.drop, "drop_layers": args.drop_layers,
               "steps": args.steps,
               "batch_size": args.batch_size, "max_length": args.max_length,
-              "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)", "date": time.strftime("%Y-%m-%d"),
+              "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
               "modes": rows, "versions": versions()}
     out = args.out or RESULTS / f"{Path(args.model).name}-{Path(args.corpus).name}.json"
     write_json_atomic(out, result)

@@ -448,7 +448,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         logits = out.logits
         loss, _ = task_loss(m, out, batch)  # mean next-token cross-entropy
         if cache is not None:
-            values, ids, tail = (c[index].to(logits.device) for c in cache)
+            # the cache lies on the CPU, the prepared batch (index too) on the accelerator
+            values, ids, tail = (c[index.cpu()].to(logits.device) for c in cache)
             kd = topk_next_token_kl(logits, values, ids, cfg.temperature, teacher_log_tail=tail)
             loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
         elif cfg.kd_weight:
@@ -458,9 +459,13 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         return loss
 
     loader = window_loader(windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    cuda = device.type == "cuda"
+    if cuda:  # the training steps' peak: for QLoRA the 4-bit base, not the copy it was made from
+        torch.cuda.reset_peak_memory_stats(device)
     losses, _ = run_steps(model, loader, compute_loss, accelerator, epochs=1.0, max_steps=cfg.steps, lr=cfg.lr,
                           weight_decay=0.0, warmup_ratio=0.05, grad_clip=1.0, progress=cfg.progress,
                           desc=f"heal ({cfg.method}{', KD' if cfg.kd_weight else ''})")
+    memory = {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(device))} if cuda else {}
     model = accelerator.unwrap_model(model)
     if cfg.method == "lora":
         model = model.merge_and_unload()
@@ -470,5 +475,5 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         p.requires_grad_(True)
     return model, {"method": cfg.method, "steps": len(losses), "trainable_parameters": int(trainable),
                    "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), **loss_summary(losses),
-                   **kd_stats,
+                   **kd_stats, **memory,
                    "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}

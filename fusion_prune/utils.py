@@ -209,6 +209,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+def machine_description() -> str:
+    """Where a measurement ran, for result rows: ``"NVIDIA H200 (CUDA)"`` when this process has a
+    GPU, else ``"x86_64 2 cores (CPU)"``."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA)"
+    return f"{platform.machine()} {os.cpu_count()} cores (CPU)"
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     import torch
