@@ -92,8 +92,8 @@ def summary(table: pd.DataFrame) -> str:
 
     corpora = sorted(table.dataset.unique())
     out = []
+    teacher = table.groupby("dataset").teacher_perplexity.first()  # a depth may lack a corpus so far
     for depth, d in table.groupby("target_layers"):
-        teacher = d.groupby("dataset").teacher_perplexity.first()
         out += [f"30 -> {depth} layers (seed {', '.join(map(str, sorted(d.seed.unique())))}): test perplexity "
                 "after removal -> after healing", "",
                 "| strategy | " + " | ".join(f"{Path(c).name} (teacher {teacher[c]:.1f})" for c in corpora)

@@ -434,6 +434,32 @@ def test_lm_heal_choice_heals_each_removed_set_once_and_resumes(tmp_path):
         hc.main(args + ["--worker", "2/2"])
 
 
+def test_lm_heal_choice_summary_of_a_depth_that_lacks_a_corpus():
+    """While workers fill the table, a depth can lack a corpus that another depth has: the summary
+    still names every corpus's teacher, marks the gap and the partial means, and sorts that row last
+    (it raised KeyError on the first GPU run, when a 20-layer row landed before any 24-layer one)."""
+    import pandas as pd
+
+    hc = _load("lm_heal_choice")
+    row = {"seed": 0, "selection_seconds": 1.0, "kept_layers": "0 1"}
+    table = pd.DataFrame([
+        {**row, "dataset": "a", "strategy": "sleb", "target_layers": 20, "teacher_perplexity": 10.0,
+         "pruned_perplexity": 40.0, "perplexity": 20.0},
+        {**row, "dataset": "a", "strategy": "fusion", "target_layers": 24, "teacher_perplexity": 10.0,
+         "pruned_perplexity": 30.0, "perplexity": 15.0},
+        {**row, "dataset": "b", "strategy": "fusion", "target_layers": 24, "teacher_perplexity": 5.0,
+         "pruned_perplexity": 12.0, "perplexity": 6.0},
+        {**row, "dataset": "b", "strategy": "sleb", "target_layers": 24, "teacher_perplexity": 5.0,
+         "pruned_perplexity": 11.0, "perplexity": 5.0},
+        {**row, "dataset": "a", "strategy": "sleb", "target_layers": 24, "teacher_perplexity": 10.0,
+         "pruned_perplexity": 28.0, "perplexity": 14.0}])
+    md = hc.summary(table)
+    assert "30 -> 20 layers" in md and "b (teacher 5.0)" in md.split("30 -> 24")[0]
+    depth20 = md.split("30 -> 24")[0]
+    assert "| `sleb` | 40 -> **20** | — | 40 (partial) | 20 (partial) | 1 |" in depth20
+    depth24 = md.split("30 -> 24")[1]
+    assert depth24.index("`sleb`") < depth24.index("`fusion`")  # sorted by the healed geometric mean
+
 def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     """Profile lm-cpu on a tiny Llama: fusion and fusion-verify get a bundle fitted without the
     evaluated corpus (the shipped LM configuration), best-signal resolves to a signal, every run

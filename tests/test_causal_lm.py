@@ -83,7 +83,7 @@ def test_perplexity_is_exp_of_mean_next_token_nll(llama_dir):
     windows = torch.randint(5, 20, (3, 10), generator=torch.Generator().manual_seed(0))
     res = perplexity(model, windows, batch_size=2)
     with torch.no_grad():
-        logits = model(input_ids=windows).logits
+        logits = model(input_ids=windows.to(model.device)).logits.cpu()  # the model may sit on a GPU
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
     assert res["tokens"] == 3 * 9
     assert res["nll"] == pytest.approx(float(nll), rel=1e-5)
@@ -97,7 +97,7 @@ def test_cached_prefix_nll_labels_equal_drop_then_evaluate(decoder_dir):
 
     model, _ = load_causal_lm(str(decoder_dir))
     windows = torch.randint(5, 20, (4, 12), generator=torch.Generator().manual_seed(1))
-    batches = window_batches(windows, 2, "cpu")
+    batches = window_batches(windows, 2, model.device)
     fast, slow = drop_one_nll(model, batches), drop_one_nll_naive(model, batches)
     np.testing.assert_allclose(fast.table.loss_after_drop, slow.table.loss_after_drop, rtol=1e-5)
     assert fast.table.acc_after_drop.tolist() == slow.table.acc_after_drop.tolist()
@@ -113,7 +113,7 @@ def test_lm_signals_are_the_12_and_finite(decoder_dir):
 
     model, _ = load_causal_lm(str(decoder_dir))
     windows = torch.randint(5, 20, (6, 33), generator=torch.Generator().manual_seed(2))
-    table = signals_on_batches(model, window_batches(windows, 3, "cpu"), [*DEFAULT_SIGNALS, "block_influence"],
+    table = signals_on_batches(model, window_batches(windows, 3, model.device), [*DEFAULT_SIGNALS, "block_influence"],
                                lm_stride=4, progress=False)
     assert list(table.columns) == ["layer", "orig_layer", *DEFAULT_SIGNALS, "block_influence"]
     assert len(table) == 4 and np.isfinite(table[list(DEFAULT_SIGNALS)].to_numpy()).all()
@@ -218,8 +218,8 @@ def test_lm_output_reloads_and_generates_the_same(llama_dir, corpus_txt, tmp_pat
     assert stats["method"] == "lora" and stats["trainable_parameters"] < sum(p.numel() for p in model.parameters())
     assert type(healed).__name__ == "LlamaForCausalLM"  # LoRA merged: a plain model again
     healed.save_pretrained(tmp_path / "m")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    prompt = torch.tensor([[5, 6, 7, 8]])
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").to(healed.device).eval()
+    prompt = torch.tensor([[5, 6, 7, 8]], device=healed.device)
     gen = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         assert healed.eval().generate(prompt, **gen).tolist() == again.generate(prompt, **gen).tolist()
@@ -268,8 +268,8 @@ def test_qlora_trains_on_a_4bit_copy_and_merges_into_full_precision(llama_dir, t
     changed = {k for k in w0 if not torch.equal(healed.state_dict()[k], w0[k])}
     assert changed and all(k.endswith("_proj.weight") for k in changed)
     healed.save_pretrained(tmp_path / "m")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    prompt = torch.tensor([[5, 6, 7, 8]])
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").to(healed.device).eval()
+    prompt = torch.tensor([[5, 6, 7, 8]], device=healed.device)
     with torch.no_grad():
         torch.testing.assert_close(healed.eval()(prompt).logits, again(prompt).logits)
 
@@ -317,9 +317,10 @@ def test_heal_with_a_top_k_teacher_cache(llama_dir):
 
     teacher, _ = load_causal_lm(str(llama_dir))
     windows = torch.randint(5, 20, (4, 16), generator=torch.Generator().manual_seed(3))
-    values, ids, tail = teacher_topk_logits(teacher, windows, 5, batch_size=3, temperature=2.0)
+    values, ids, tail = teacher_topk_logits(teacher, windows, 5, batch_size=3, device=teacher.device,
+                                            temperature=2.0)
     with torch.no_grad():
-        logits = teacher(input_ids=windows).logits
+        logits = teacher(input_ids=windows.to(teacher.device)).logits.cpu()
         ref = logits.topk(5, dim=-1)
     assert values.shape == ids.shape == (4, 16, 5) and values.dtype == torch.float16 and ids.dtype == torch.int32
     rest = 1 - torch.softmax(logits / 2.0, -1).gather(-1, ref.indices).sum(-1)  # mass outside the top 5 at T = 2

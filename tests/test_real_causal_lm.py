@@ -34,7 +34,8 @@ def test_drop_one_nll_on_real_model_equals_naive(smol):
     from fusion_prune.labels import drop_one_nll, drop_one_nll_naive
 
     model, tok = smol
-    batches = window_batches(token_windows(tok, load_corpus("grimm-tales").validation, 48, 48), 1, "cpu")
+    batches = window_batches(token_windows(tok, load_corpus("grimm-tales").validation, 48, 48), 1,
+                             model.device)
     fast, slow = drop_one_nll(model, batches), drop_one_nll_naive(model, batches)
     np.testing.assert_allclose(fast.table.loss_after_drop, slow.table.loss_after_drop, rtol=1e-4)
     assert fast.table.loss_after_drop.min() > fast.loss_before - 0.5  # no single removal helps much
