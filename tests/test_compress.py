@@ -243,7 +243,7 @@ def test_default_strategy_is_the_measured_best_and_a_named_bundle_selects_fusion
     from fusion_prune.greedy import CompressConfig
 
     assert CompressConfig(target_layers=2).strategy == "activation_patching"
-    assert CompressConfig(target_layers=2, task="causal-lm").strategy == "sleb"
+    assert CompressConfig(target_layers=2, task="causal-lm").strategy == "fusion-verify"
     assert CompressConfig(target_layers=2, fusion_path="my.npz").strategy == "fusion"
     assert CompressConfig(target_layers=2, fusion_path="my.npz", strategy="fusion-verify").strategy == "fusion-verify"
 
