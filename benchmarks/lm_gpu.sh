@@ -12,7 +12,7 @@
 #   3. lm_heal_choice.py: every removed set of results/lm-cpu-choice healed with STEPS LoRA steps
 #      (10x the lm-cpu-healed budget), three workers;
 #   4. lm_compress.py: sleb and fusion-verify on grimm-tales to 24 layers end to end on the GPU
-#      (LoRA STEPS, distillation STEPS/2 with the top-k cache, zero-shot 100 examples a task);
+#      (LoRA STEPS, distillation STEPS/2 with the teacher beside each step, zero-shot 100 examples a task);
 #   5. the causal-LM tests on a machine with CUDA (models land on the GPU there).
 # OUT receives at most eight files (run.log, speed.json, healed.csv, lm-gpu.csv, lm-heal-20.json,
 # lm-heal-STEPS.json and the two compress reports); each step's exit status is in run.log.
