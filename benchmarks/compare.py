@@ -337,9 +337,11 @@ def mean_ranks(results: pd.DataFrame, metric: str) -> pd.Series:
 def paired_table(part: pd.DataFrame, challengers: list[str], datasets: list[str],
                  rivals: tuple[str, ...] = RIVALS) -> str:
     """Each challenger minus each rival on the seeds both ran (same seed: same test sample, so its
-    noise cancels), averaged per dataset; the number of (dataset, seed) pairs and the wins."""
-    lines = ["| challenger | minus | metric | " + " | ".join(datasets) + " | mean | wins | pairs |",
-             "|" + "---|" * (len(datasets) + 6)]
+    noise cancels), averaged per dataset; the wins, the number of (dataset, seed) pairs, and the
+    standard error of the mean difference over those pairs (sd / sqrt(pairs)): a "mean" within
+    about two of it is not told apart from zero."""
+    lines = ["| challenger | minus | metric | " + " | ".join(datasets) + " | mean | wins | pairs | se of pairs |",
+             "|" + "---|" * (len(datasets) + 7)]
     for challenger in challengers:
         for rival in (r for r in rivals if r != challenger):
             for metric in ("accuracy", "accuracy_kd"):
@@ -350,8 +352,9 @@ def paired_table(part: pd.DataFrame, challengers: list[str], datasets: list[str]
                     continue
                 per = diff.groupby(level="dataset").mean()
                 cells = [f"{per[d]:+.4f}" if d in per.index else "" for d in datasets]
+                se = f"{diff.std() / len(diff) ** 0.5:.4f}" if len(diff) > 1 else ""
                 lines.append(f"| {challenger} | {rival} | {metric} | " + " | ".join(cells)
-                             + f" | {per.mean():+.4f} | {int((per > 0).sum())}/{len(per)} | {len(diff)} |")
+                             + f" | {per.mean():+.4f} | {int((per > 0).sum())}/{len(per)} | {len(diff)} | {se} |")
     return "\n".join(lines)
 
 
@@ -366,19 +369,24 @@ def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("f
         datasets = [d for d in DATASETS if d in set(part.dataset)] + sorted(set(part.dataset) - set(DATASETS))
         ranks = {c: mean_ranks(part, c).xs(target) for c in ("accuracy", "accuracy_kd")}
         order = [s for s in STRATEGIES if s in set(part.strategy)] + sorted(set(part.strategy) - set(STRATEGIES))
-        head = "| strategy | " + " | ".join(datasets) + " | mean rank |"
+        head = "| strategy | " + " | ".join(datasets) + " | mean over datasets | mean rank |"
         lines = [f"Test accuracy after pruning + fine-tuning / after distillation, {target} layers "
-                 "(mean ± sd over seeds where there are several; rank 1 is best, mean over datasets).", "",
-                 head, "|" + "---|" * (len(datasets) + 2)]
+                 "(mean ± sd over seeds where there are several; the mean over datasets of those means, "
+                 "blank unless the strategy ran on every dataset; rank 1 is best, mean over datasets).", "",
+                 head, "|" + "---|" * (len(datasets) + 3)]
         teacher = part.groupby("dataset").teacher_accuracy.mean()
-        lines.append("| teacher | " + " | ".join(f"{teacher[d]:.4f}" for d in datasets) + " | |")
+        lines.append("| teacher | " + " | ".join(f"{teacher[d]:.4f}" for d in datasets)
+                     + f" | {teacher.mean():.4f} | |")
+        means = part.groupby(["strategy", "dataset"])[["accuracy", "accuracy_kd"]].mean()
         for s in order:
             cells = []
             for d in datasets:
                 c = part[(part.dataset == d) & (part.strategy == s)]
                 cells.append(f"{_fmt(c.accuracy)} / {_fmt(c.accuracy_kd)}" if len(c) else "")
-            lines.append(f"| {s} | " + " | ".join(cells) + f" | {ranks['accuracy'].get(s, float('nan')):.2f} / "
-                         f"{ranks['accuracy_kd'].get(s, float('nan')):.2f} |")
+            m = means.xs(s)
+            overall = f"{m.accuracy.mean():.4f} / {m.accuracy_kd.mean():.4f}" if len(m) == len(datasets) else ""
+            lines.append(f"| {s} | " + " | ".join(cells) + f" | {overall} | "
+                         f"{ranks['accuracy'].get(s, float('nan')):.2f} / {ranks['accuracy_kd'].get(s, float('nan')):.2f} |")
         out[f"wide-{target}"] = "\n".join(lines)
         # head to head: per dataset, mean over seeds of each side, then the difference
         blocks = []

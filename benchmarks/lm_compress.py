@@ -12,11 +12,11 @@ held-out test tokens; zero-shot on 100 test examples each of rotten-tomatoes and
 ``fusion`` is the shipped LM configuration (the default LM bundle's model, normalisation and
 target) fitted on the shipped LM rows **without** the evaluated corpus (leave-one-corpus-out);
 ``fusion-verify`` shortlists with that bundle and lets the measured drop-one NLL on the
-validation windows decide; ``best-signal`` is the signal with the lowest regret on the other
-corpora's rows. No choice reads a test split. A finished run (its folder under ``--runs``) is
-skipped, a stopped one resumes; one row per run lands in ``results/lm-cpu/results.csv``
-(``perplexity`` = after healing and distillation; ``zero_shot_accuracy`` = the student's mean
-over the zero-shot sets).
+validation windows decide (8, or ``--verify-windows N``: a row named ``fusion-verify-wN``);
+``best-signal`` is the signal with the lowest regret on the other corpora's rows. No choice
+reads a test split. A finished run (its folder under ``--runs``) is skipped, a stopped one
+resumes; one row per run lands in ``results/lm-cpu/results.csv`` (``perplexity`` = after healing
+and distillation; ``zero_shot_accuracy`` = the student's mean over the zero-shot sets).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ ZERO_SHOT = {
     "bbc-news": {"prompt": "{text}\nTopic:", "verbalisers": None, "max_samples": 100, "max_length": 256},
 }
 KEY = ["dataset", "strategy", "seed", "target_layers"]
+VERIFY_WINDOWS = 8  # validation windows fusion-verify measures its shortlist on (SLEB: the 4 calibration windows)
 
 
 def _rows_without(corpus: str, rows_glob: str | None = None) -> pd.DataFrame:
@@ -89,12 +90,13 @@ def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs:
     from fusion_prune.report import write_table
     from fusion_prune.tasks import get_task
 
-    folder = runs / f"{Path(corpus).name}-l{depth}-{strategy}-s{seed}"
+    labels = budgets.get("label_windows", VERIFY_WINDOWS) if strategy == "fusion-verify" else 0
+    name = f"{strategy}-w{labels}" if labels and labels != VERIFY_WINDOWS else strategy  # its own row
+    folder = runs / f"{Path(corpus).name}-l{depth}-{name}-s{seed}"
     if not (folder / "report.json").is_file():
-        resolved, fusion_path, labels = strategy, None, 0
+        resolved, fusion_path = strategy, None
         if strategy in ("fusion", "fusion-verify"):
             fusion_path = _loco_bundle(corpus, runs, rows_glob)
-            labels = budgets["label_windows"] if strategy == "fusion-verify" else 0
         elif strategy == "best-signal":
             resolved = _best_signal(corpus, rows_glob)
         cfg = CompressConfig(target_layers=depth, strategy=resolved, fusion_path=fusion_path, task="causal-lm",
@@ -108,7 +110,7 @@ def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs:
                              zero_shot=budgets["zero_shot"])
         task = get_task("causal-lm")
         compress(model, task.load_data(corpus), cfg, folder, resume=True, task=task)
-    row = result_row(json.loads((folder / "report.json").read_text()), corpus, strategy, seed, depth)
+    row = result_row(json.loads((folder / "report.json").read_text()), corpus, name, seed, depth)
     csv = out / "results.csv"
     old = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=list(row))
     if len(old):
@@ -135,13 +137,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
     ap.add_argument("--zero-shot-samples", type=int, default=100, help="0: no zero-shot scoring")
+    ap.add_argument("--verify-windows", type=int, default=VERIFY_WINDOWS,
+                    help="validation windows fusion-verify measures its shortlist on; another count than "
+                         f"{VERIFY_WINDOWS} is its own row, fusion-verify-wN")
     ap.add_argument("--rows", default=None, help="LM rows for the leave-one-corpus-out bundles (default: shipped)")
     ap.add_argument("--runs", type=Path, default=Path("runs") / "lm-cpu")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     zero_shot = {k: {**v, "max_samples": args.zero_shot_samples} for k, v in ZERO_SHOT.items()} \
         if args.zero_shot_samples else {}
-    budgets = {"max_length": args.max_length, "batch_size": 4, "signal_windows": 4, "label_windows": 8,
+    budgets = {"max_length": args.max_length, "batch_size": 4, "signal_windows": 4,
+               "label_windows": args.verify_windows,
                "max_eval_tokens": args.max_eval_tokens, "heal_steps": args.heal_steps,
                "distill_steps": args.distill_steps, "zero_shot": zero_shot, "finetune_steps": args.finetune_steps,
                "heal": args.heal}

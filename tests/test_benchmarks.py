@@ -307,7 +307,8 @@ def test_paired_table_uses_only_the_seeds_both_ran():
     rows = pd.DataFrame([dict(dataset=d, strategy=s, seed=k, accuracy=v, accuracy_kd=v) for (d, s, k), v in acc.items()])
     table = compare.paired_table(rows, ["ap"], ["a", "b"], rivals=("top", "best-signal"))
     # a: seed 0 only (+0.10); b: seed 0 only (-0.05); the unpaired seeds 1 are ignored
-    assert "| ap | top | accuracy | +0.1000 | -0.0500 | +0.0250 | 1/2 | 2 |" in table
+    # se of pairs: sd(+0.10, -0.05) / sqrt(2) = 0.075
+    assert "| ap | top | accuracy | +0.1000 | -0.0500 | +0.0250 | 1/2 | 2 | 0.0750 |" in table
     assert "best-signal" not in table  # never run: no row
 
 
@@ -322,6 +323,22 @@ def test_versus_table_leaves_out_rivals_that_were_not_run():
     versus = compare.tables(pd.DataFrame(rows))["versus-3"]
     assert "nan" not in versus and "best-signal" not in versus
     assert "| top | accuracy | +0.1000 | -0.0500 | +0.0250 | 1/2 |" in versus
+
+
+def test_wide_table_means_over_datasets_only_for_strategies_run_on_every_dataset():
+    import pandas as pd
+
+    compare = _load("compare")
+    rows = [dict(profile="p", dataset=d, target_layers=3, strategy=s, resolved_strategy=s, seed=k,
+                 teacher_accuracy=0.9, accuracy=acc, accuracy_kd=acc + 0.01, accuracy_ft=None,
+                 selection_seconds=1.0, wall_seconds=2.0, kept_layers="[0, 1, 2]")
+            for d, s, k, acc in [("a", "fusion-rf", 0, 0.8), ("a", "fusion-rf", 1, 0.6), ("b", "fusion-rf", 0, 0.6),
+                                 ("a", "top", 0, 0.5)]]
+    wide = compare.tables(pd.DataFrame(rows))["wide-3"]
+    # fusion-rf: seeds averaged per dataset first (a 0.7, b 0.6), then the datasets: 0.65
+    assert "| 0.6500 / 0.6600 |" in wide.splitlines()[5]
+    top = next(line for line in wide.splitlines() if line.startswith("| top |"))
+    assert top == "| top | 0.5000 / 0.5100 |  |  | 2.00 / 2.00 |"  # one dataset of two: no mean over datasets
 
 
 def test_extra_signals_evaluation_compares_fusion_with_and_without_extras():
