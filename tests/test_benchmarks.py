@@ -516,6 +516,12 @@ def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     lm.main(args)  # finished runs are skipped, their rows replaced, not duplicated
     assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 4
     assert (tmp_path / "runs" / "grimm-tales.txt-l2-deepest-s0" / "report.json").stat().st_mtime == stamp
+    # fusion-verify on another window count is a row of its own, beside the default one
+    lm.main([*args[:5], "fusion-verify", *args[6:], "--verify-windows", "4"])
+    assert sorted(pd.read_csv(tmp_path / "out" / "results.csv").strategy) == sorted(
+        ["fusion", "fusion-verify", "fusion-verify-w4", "best-signal", "deepest"])
+    w4 = json.loads((tmp_path / "runs" / "grimm-tales.txt-l2-fusion-verify-w4-s0" / "report.json").read_text())
+    assert w4["config"]["label_samples"] == 4 and w4["config"]["strategy"] == "fusion-verify"
 
 
 def test_fusion_verify_family_transfer_scores_each_family_with_a_bundle_of_the_other(tmp_path):
