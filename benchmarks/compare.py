@@ -102,9 +102,9 @@ PROFILES = {
 # fixed rule the fusion must beat. Seed 0 everywhere first, dataset by dataset.
 PROFILES["cpu-2"] = replace(PROFILES["cpu"], strategies=["fusion-rf", "activation_patching", "fusion-verify",
                                                          "symmetric", "deepest", "angular-block", "best-signal",
-                                                         "top", "alternate"],
+                                                         "top", "alternate", "oracle"],
                             seeds={s: MULTI for s in ("fusion-rf", "activation_patching", "fusion-verify",
-                                                      "symmetric", "angular-block", "deepest")},
+                                                      "symmetric", "angular-block", "deepest", "oracle")},
                             control=[], teachers="cpu", paired=True)
 # ... and one layer deeper (6 -> 2), where a wrong choice has less room to be undone by recovery:
 # the same teachers, budget and strategies, seed 0 (results in benchmarks/results/cpu-2-deep).
@@ -195,6 +195,13 @@ def _cells(profile: Profile) -> list[tuple[str, int, str, int]]:
     cells = [(d, t, s, seed) for d in profile.datasets for t in profile.targets for s in profile.strategies
              for seed in profile.seeds.get(s, profile.default_seeds)]
     return sorted(cells, key=lambda c: (c[3] != profile.default_seeds[0], c[3], profile.datasets.index(c[0])))
+
+
+def only_seeds(profile: Profile, keep: list[int]) -> Profile:
+    """``profile`` with each strategy's seeds cut to those in ``keep`` (a strategy run on none of
+    them gets no cell): runs one seed of a profile without running seeds it never asked for."""
+    return replace(profile, seeds={s: [k for k in profile.seeds.get(s, profile.default_seeds) if k in keep]
+                                   for s in profile.strategies})
 
 
 @contextlib.contextmanager
@@ -483,6 +490,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     ap.add_argument("--datasets", default=None, help="comma-separated subset")
     ap.add_argument("--strategies", default=None, help="comma-separated subset")
+    ap.add_argument("--seeds", default=None, help="comma-separated subset of each strategy's seeds")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<profile>)")
     ap.add_argument("--work", type=Path, default=None, help="teachers, bundles, cells in progress (default OUT/work)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (two 1-thread workers beat one)")
@@ -501,6 +509,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if unknown:
             ap.error(f"--strategies: unknown {sorted(unknown)}; expected some of {valid}")
         profile = replace(profile, strategies=args.strategies.split(","))
+    if args.seeds:
+        profile = only_seeds(profile, [int(k) for k in args.seeds.split(",")])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.summary_only:
         out = args.out or RESULTS / args.profile

@@ -312,6 +312,15 @@ def test_paired_table_uses_only_the_seeds_both_ran():
     assert "best-signal" not in table  # never run: no row
 
 
+def test_only_seeds_cuts_each_strategys_seeds_and_adds_none():
+    compare = _load("compare")
+    p = compare.replace(compare.PROFILES["cpu"], strategies=["fusion-rf", "top", "oracle"], datasets=["a"],
+                        seeds={"fusion-rf": [0, 1, 2], "top": [0, 1]})  # oracle: default_seeds [0]
+    assert compare._cells(compare.only_seeds(p, [2])) == [("a", 3, "fusion-rf", 2)]
+    assert sorted(c[2:] for c in compare._cells(compare.only_seeds(p, [0, 1]))) == [
+        ("fusion-rf", 0), ("fusion-rf", 1), ("oracle", 0), ("top", 0), ("top", 1)]
+
+
 def test_versus_table_leaves_out_rivals_that_were_not_run():
     import pandas as pd
 
