@@ -39,9 +39,10 @@ STRATEGIES = ["fusion-rf", "fusion-verify", "fusion-xgb", "fusion-linear", "cons
               "activation_patching", "angular-block", "symmetric", "deepest", "alternate", "top", "bottom",
               "random", "oracle"]
 # What fusion-rf (the shipped configuration) and fusion-verify are set against, pair by pair on shared
-# seeds: every single criterion and fixed rule the issue names (fixed rules: no signals at all).
+# seeds: every single criterion and fixed rule the issue names (fixed rules: no signals at all), and the
+# oracle (every layer's drop-one measured) as the reference a shortlist is measured against.
 RIVALS = ("activation_patching", "angular-block", "best-signal", "symmetric", "deepest", "alternate", "top",
-          "fusion-rf")
+          "fusion-rf", "oracle")
 COLUMNS = ["profile", "dataset", "target_layers", "strategy", "resolved_strategy", "seed", "teacher_accuracy",
            "accuracy", "accuracy_kd", "accuracy_ft", "selection_seconds", "wall_seconds", "kept_layers"]
 

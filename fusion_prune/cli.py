@@ -573,8 +573,8 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
                    "the teacher's (before healing).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--strategy", default=None,
-              help="How to pick layers (default, by measurement: activation_patching for classifiers, "
-                   "fusion-verify for causal LMs): fusion, "
+              help="How to pick layers (default, by measurement: oracle, the measured drop-one accuracy, for "
+                   "classifiers; fusion-verify for causal LMs): fusion, "
                    "fusion-verify, consensus, top, bottom, alternate, symmetric, deepest, angular-block, "
                    "block-influence, sleb, "
                    "taylor, random, oracle, or a signal name (act_energy, grad_norm, ..., or an opt-in extra such "

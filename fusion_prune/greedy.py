@@ -46,7 +46,7 @@ class CompressConfig:
     """
 
     target_layers: int | None = None
-    strategy: str | None = None  # None: the task's default (activation_patching for classifiers, fusion-verify for LMs)
+    strategy: str | None = None  # None: the task's default (oracle for classifiers, fusion-verify for LMs)
     fusion_path: str | None = None  # None: the bundle shipped with fusionprune
     trust_pickle: bool = False  # allow a joblib (pickle) bundle of format /1: unpickling can run code
     finetune_steps: int | None = None  # recovery steps per removed layer (None: 50 classification, 0 causal LM)

@@ -182,11 +182,12 @@ def test_recovery_loop_table_pairs_the_arms_on_shared_seeds():
     lines = rec.loop_table(res).splitlines()
     row = {tuple(c.strip() for c in l.split("|")[1:4]): l for l in lines[2:]}
     recovered, at_once, shipped = rec.LOOP_ARMS.values()
-    assert "+0.2000" in row[(recovered, at_once, "accuracy")] and row[(recovered, at_once, "accuracy")].endswith("| 1 |")
+    # one pair: no standard error
+    assert "+0.2000" in row[(recovered, at_once, "accuracy")] and row[(recovered, at_once, "accuracy")].endswith("| 1 |  |")
     assert "+0.3000" in row[(recovered, shipped, "accuracy")]  # seeds 0 and 1: (0.3 + 0.3) / 2, two pairs
-    assert row[(recovered, shipped, "accuracy")].endswith("| 1/1 | 2 |")
+    assert row[(recovered, shipped, "accuracy")].endswith("| 1/1 | 2 | 0.0000 |")  # equal differences: se 0
     assert "+0.5000" in row[(recovered, "top", "accuracy")]
-    assert "+0.1000" in row[(at_once, shipped, "accuracy")] and row[(at_once, shipped, "accuracy")].endswith("| 1 |")
+    assert "+0.1000" in row[(at_once, shipped, "accuracy")] and row[(at_once, shipped, "accuracy")].endswith("| 1 |  |")
     assert not any("oracle" in l for l in lines)  # only the arms and top
     assert (at_once, recovered, "accuracy") not in row and len(lines) == 2 + 2 * 5  # no pair twice
     assert rec.loop_table({}) == ""

@@ -235,14 +235,14 @@ def test_demo_is_minilm_on_rotten_tomatoes_to_three_layers(monkeypatch, tmp_path
     cfg = seen["cfg"]
     assert (seen["model"], seen["dataset"]) == ("minilm-l6", "rotten-tomatoes")
     # the demo runs compress's default strategy: the one that measured best in the loop
-    assert (cfg.target_layers, cfg.strategy, cfg.fusion_path, cfg.max_length) == (3, "activation_patching", None, 64)
+    assert (cfg.target_layers, cfg.strategy, cfg.fusion_path, cfg.max_length) == (3, "oracle", None, 64)
     assert cfg.distill is not None and cfg.distill.max_train_samples == 3000 and cfg.teacher.lr == 2e-4
 
 
 def test_default_strategy_is_the_measured_best_and_a_named_bundle_selects_fusion():
     from fusion_prune.greedy import CompressConfig
 
-    assert CompressConfig(target_layers=2).strategy == "activation_patching"
+    assert CompressConfig(target_layers=2).strategy == "oracle"
     assert CompressConfig(target_layers=2, task="causal-lm").strategy == "fusion-verify"
     assert CompressConfig(target_layers=2, fusion_path="my.npz").strategy == "fusion"
     assert CompressConfig(target_layers=2, fusion_path="my.npz", strategy="fusion-verify").strategy == "fusion-verify"
