@@ -108,8 +108,9 @@ PROFILES["cpu-2"] = replace(PROFILES["cpu"], strategies=["fusion-rf", "activatio
                                                       "symmetric", "angular-block", "deepest", "oracle")},
                             control=[], teachers="cpu", paired=True)
 # ... and one layer deeper (6 -> 2), where a wrong choice has less room to be undone by recovery:
-# the same teachers, budget and strategies, seed 0 (results in benchmarks/results/cpu-2-deep).
-PROFILES["cpu-2-deep"] = replace(PROFILES["cpu-2"], targets=[2], seeds={})
+# the same teachers, budget and strategies, seed 0, then seeds 1-2 for the leading six and the oracle
+# (results in benchmarks/results/cpu-2-deep).
+PROFILES["cpu-2-deep"] = replace(PROFILES["cpu-2"], targets=[2])
 
 # Does the label after recovery help in the full loop? fusion-rf fitted on the rows of
 # benchmarks/recovery_label.py (the cpu teachers' 6-5-4 states), once on each label, on the cpu
