@@ -113,7 +113,7 @@ class ClassificationTask(Task):
     step_label_key = "measured_acc_after_drop"
     # The strategy that measured best in the loop (benchmarks/README.md, profile cpu-2: the same teachers
     # for every rule, six datasets, seeds 0-2, paired): measured drop-one accuracy is first after
-    # distillation, fusion-verify made the same choices at 2.8x its selection time, and compress records
+    # distillation, fusion-verify kept the same layers at 2.8x its selection time, and compress records
     # every layer's drop-one label each step anyway (label_samples), so on a classifier measuring costs
     # nothing extra. `--strategy fusion` keeps the learned choice.
     default_strategy = "oracle"
