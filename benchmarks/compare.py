@@ -146,6 +146,19 @@ PROFILES["cpu-extras"] = replace(PROFILES["cpu"], strategies=["activation_patchi
 PROFILES["gpu-kd"] = Profile("minilm-l6", [3], strategies=["fusion-rf", "top"], control=["fusion-rf", "top"],
                              teacher_samples=None, teacher_epochs=3.0, finetune_steps=100, signal_samples=512,
                              label_samples=1000, distill_samples=None, distill_epochs=2.0, max_eval_samples=None)
+# The cpu-2 question with strong teachers and the budget a GPU affords (benchmarks/gpu_2.sh): minilm-l6
+# 6 -> 3, teachers fine-tuned on every training row for 3 epochs, 100 recovery steps a layer, one
+# epoch of distillation over every training row, full test sets; the oracle (the classifier default)
+# against the leading strategies of cpu-2, fastest datasets first so that whole datasets land first.
+PROFILES["gpu-2"] = Profile("minilm-l6", [3], datasets=["bbc-news", "election-tweets", "rotten-tomatoes",
+                                                         "reuters-r8", "reuters-r52", "20newsgroups"],
+                            strategies=["oracle", "fusion-verify", "activation_patching", "angular-block",
+                                        "deepest", "symmetric", "fusion-rf"],
+                            seeds={s: MULTI for s in ("oracle", "fusion-verify", "activation_patching",
+                                                      "angular-block", "deepest", "symmetric", "fusion-rf")},
+                            teacher_samples=None, teacher_epochs=3.0, finetune_steps=100, signal_samples=512,
+                            label_samples=1000, distill_samples=None, distill_epochs=1.0, max_eval_samples=None,
+                            control=[], paired=True)
 
 
 def _slug(spec: str) -> str:
@@ -419,8 +432,9 @@ def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("f
             if len(lines) > 2 or challenger == challengers[0]:
                 blocks.append("\n".join(lines))
         out[f"versus-{target}"] = "\n\n".join(blocks)
-        if paired:
-            out[f"paired-{target}"] = paired_table(part, list(challengers), datasets)
+        if paired:  # and the classifier default of compress, the oracle, against the same rivals
+            default = ["oracle"] if "oracle" in set(part.strategy) else []
+            out[f"paired-{target}"] = paired_table(part, list(dict.fromkeys([*challengers, *default])), datasets)
         ctrl = part[part.accuracy_ft.notna()] if "accuracy_ft" in part else part.iloc[:0]
         if len(ctrl):
             lines = ["| dataset | strategy | seeds | after pruning | plain fine-tune | distillation | KD minus fine-tune |",
@@ -497,6 +511,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--work", type=Path, default=None, help="teachers, bundles, cells in progress (default OUT/work)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (two 1-thread workers beat one)")
     ap.add_argument("--summary-only", action="store_true", help="rewrite results.md and the plots, run nothing")
+    ap.add_argument("--teachers-only", action="store_true",
+                    help="fine-tune the teachers of the chosen datasets and stop (one such process a dataset "
+                         "trains them side by side while workers wait for them)")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -520,6 +537,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         summarise(with_baseline(profile, done), out, challengers=_challengers(profile),
                   paired=bool(profile.baseline) or profile.paired)
         return done
+    if args.teachers_only:
+        from fusion_prune.data import load_dataset
+
+        work = args.work or (args.out or RESULTS / args.profile) / "work"
+        for dataset in profile.datasets:
+            print(f"teacher {dataset}: {_teacher(profile, dataset, load_dataset(dataset), work)}", flush=True)
+        return _read((args.out or RESULTS / args.profile) / "results.csv")
     return run(profile, args.profile, args.out, log=lambda m: print(m, flush=True), work=args.work)
 
 

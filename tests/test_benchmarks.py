@@ -116,6 +116,7 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
         for rival in ("activation_patching", "angular-block", "best-signal", "symmetric", "deepest", "top"):
             assert f"| {challenger} | {rival} | accuracy_kd |" in md
     assert "| fusion-verify | fusion-rf | accuracy |" in md
+    assert "| oracle | deepest | accuracy_kd |" in md  # the classifier default against the same rivals
     assert (out / "mean_rank.png").is_file()
     again = compare.run(profile, "tiny", out, log=lambda m: None)  # every cell done: nothing re-runs
     assert len(again) == len(res)
@@ -311,6 +312,30 @@ def test_paired_table_uses_only_the_seeds_both_ran():
     # se of pairs: sd(+0.10, -0.05) / sqrt(2) = 0.075
     assert "| ap | top | accuracy | +0.1000 | -0.0500 | +0.0250 | 1/2 | 2 | 0.0750 |" in table
     assert "best-signal" not in table  # never run: no row
+
+
+def test_teachers_only_trains_each_teacher_once_and_runs_no_cell(tiny_base_model, sentiment_csv_dir, tmp_path,
+                                                                  monkeypatch):
+    """benchmarks/gpu_2.sh starts one ``--teachers-only`` job a dataset beside the workers."""
+    compare = _load("compare")
+    tiny = compare.Profile(str(tiny_base_model), [1], datasets=[str(sentiment_csv_dir)], strategies=["deepest"],
+                           teacher_samples=64, teacher_epochs=1, teacher_margin=0, max_eval_samples=20,
+                           max_length=16, batch_size=8)
+    monkeypatch.setitem(compare.PROFILES, "tiny", tiny)
+    out = tmp_path / "cmp"
+    done = compare.main(["--profile", "tiny", "--out", str(out), "--teachers-only"])
+    teacher = out / "work" / "teachers" / sentiment_csv_dir.name
+    assert (teacher / "fusionprune_run.json").is_file() and (teacher / "model.safetensors").is_file()
+    assert len(done) == 0 and not (out / "results.csv").exists() and not (out / "reports").exists()
+    stamp = (teacher / "model.safetensors").stat().st_mtime_ns
+    compare.main(["--profile", "tiny", "--out", str(out), "--teachers-only"])  # there already: kept as it is
+    assert (teacher / "model.safetensors").stat().st_mtime_ns == stamp
+    # the GPU profile: full data, strong teachers, the oracle first among the leading strategies, seeds 0-2
+    gpu2 = compare.PROFILES["gpu-2"]
+    assert (gpu2.teacher_samples, gpu2.distill_samples, gpu2.max_eval_samples) == (None, None, None)
+    assert gpu2.strategies[0] == "oracle" and gpu2.paired and not gpu2.control
+    assert all(gpu2.seeds[s] == [0, 1, 2] for s in gpu2.strategies)
+    assert set(gpu2.datasets) == set(compare.DATASETS)
 
 
 def test_only_seeds_cuts_each_strategys_seeds_and_adds_none():
