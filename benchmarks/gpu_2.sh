@@ -24,16 +24,8 @@ mkdir -p "$OUT" "$WORK"
 LOG=$OUT/run.log
 RES=$WORK/$PROFILE
 
-run() {  # run TAG CMD...: CMD's output into run.log, each line tagged, then its exit status
-    local tag=$1; shift
-    echo "[$tag] start $(date +%T): $*" >> "$LOG"
-    timeout "$LIMIT" "$@" 2>&1 | sed -u "s/^/[$tag] /" >> "$LOG"
-    echo "[$tag] exit ${PIPESTATUS[0]} at $(date +%T)" >> "$LOG"
-}
-
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
-} >> "$LOG" 2>&1
+. "$(dirname "$0")/gpu_run.sh"  # run TAG CMD..., versions MODULE...
+versions transformers accelerate
 
 for d in ${DATASETS//,/ }; do
     run "teacher-$d" $PY benchmarks/compare.py --profile "$PROFILE" --datasets "$d" --out "$RES" --teachers-only &

@@ -26,16 +26,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/run.log
 
-run() {  # run TAG CMD...: CMD's output into run.log, each line tagged, then its exit status
-    local tag=$1; shift
-    echo "[$tag] start $(date +%T): $*" >> "$LOG"
-    timeout "$LIMIT" "$@" 2>&1 | sed -u "s/^/[$tag] /" >> "$LOG"
-    echo "[$tag] exit ${PIPESTATUS[0]} at $(date +%T)" >> "$LOG"
-}
-
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $PY -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
-  $PY -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"; } >> "$LOG" 2>&1
+. "$(dirname "$0")/gpu_run.sh"  # run TAG CMD..., versions MODULE...
+versions transformers peft accelerate bitsandbytes
 
 run speed $PY benchmarks/speed.py --model smollm2-135m --depths 30,24,20 --batch-size 8 --seq-len 256 \
     --dtype bf16 --generate 64 --repeats 7 --out "$OUT/speed.json"
