@@ -150,12 +150,10 @@ PROFILES["gpu-kd"] = Profile("minilm-l6", [3], strategies=["fusion-rf", "top"], 
 # 6 -> 3, teachers fine-tuned on every training row for 3 epochs, 100 recovery steps a layer, one
 # epoch of distillation over every training row, full test sets; the oracle (the classifier default)
 # against the leading strategies of cpu-2, fastest datasets first so that whole datasets land first.
+_GPU_2 = ["oracle", "fusion-verify", "activation_patching", "angular-block", "deepest", "symmetric", "fusion-rf"]
 PROFILES["gpu-2"] = Profile("minilm-l6", [3], datasets=["bbc-news", "election-tweets", "rotten-tomatoes",
                                                          "reuters-r8", "reuters-r52", "20newsgroups"],
-                            strategies=["oracle", "fusion-verify", "activation_patching", "angular-block",
-                                        "deepest", "symmetric", "fusion-rf"],
-                            seeds={s: MULTI for s in ("oracle", "fusion-verify", "activation_patching",
-                                                      "angular-block", "deepest", "symmetric", "fusion-rf")},
+                            strategies=_GPU_2, seeds={s: MULTI for s in _GPU_2},
                             teacher_samples=None, teacher_epochs=3.0, finetune_steps=100, signal_samples=512,
                             label_samples=1000, distill_samples=None, distill_epochs=1.0, max_eval_samples=None,
                             control=[], paired=True)
@@ -432,8 +430,11 @@ def tables(results: pd.DataFrame, challengers: list[str] | tuple[str, ...] = ("f
             if len(lines) > 2 or challenger == challengers[0]:
                 blocks.append("\n".join(lines))
         out[f"versus-{target}"] = "\n\n".join(blocks)
-        if paired:  # and the classifier default of compress, the oracle, against the same rivals
-            default = ["oracle"] if "oracle" in set(part.strategy) else []
+        if paired:  # and the classifier default of compress against the same rivals, when it was run
+            from fusion_prune.tasks import ClassificationTask
+
+            default = [ClassificationTask.default_strategy]
+            default = default if default[0] in set(part.strategy) else []
             out[f"paired-{target}"] = paired_table(part, list(dict.fromkeys([*challengers, *default])), datasets)
         ctrl = part[part.accuracy_ft.notna()] if "accuracy_ft" in part else part.iloc[:0]
         if len(ctrl):
@@ -531,8 +532,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.seeds:
         profile = only_seeds(profile, [int(k) for k in args.seeds.split(",")])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = args.out or RESULTS / args.profile
     if args.summary_only:
-        out = args.out or RESULTS / args.profile
         done = _read(out / "results.csv")
         summarise(with_baseline(profile, done), out, challengers=_challengers(profile),
                   paired=bool(profile.baseline) or profile.paired)
@@ -540,11 +541,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.teachers_only:
         from fusion_prune.data import load_dataset
 
-        work = args.work or (args.out or RESULTS / args.profile) / "work"
         for dataset in profile.datasets:
-            print(f"teacher {dataset}: {_teacher(profile, dataset, load_dataset(dataset), work)}", flush=True)
-        return _read((args.out or RESULTS / args.profile) / "results.csv")
-    return run(profile, args.profile, args.out, log=lambda m: print(m, flush=True), work=args.work)
+            print(f"teacher {dataset}: {_teacher(profile, dataset, load_dataset(dataset), args.work or out / 'work')}",
+                  flush=True)
+        return _read(out / "results.csv")
+    return run(profile, args.profile, out, log=lambda m: print(m, flush=True), work=args.work)
 
 
 if __name__ == "__main__":
