@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from fusion_prune.data import load_dataset
-    from fusion_prune.finetune import subsample
+    from fusion_prune.data import subsample
     from fusion_prune.labels import drop_one_labels, drop_one_labels_naive
     from fusion_prune.models import load_classifier
     from fusion_prune.surgery import num_layers

@@ -78,7 +78,7 @@ def run_mode(args) -> dict:
     import torch
 
     from fusion_prune.data import load_dataset
-    from fusion_prune.finetune import make_loader, subsample
+    from fusion_prune.data import make_loader, subsample
     from fusion_prune.models import load_classifier
     from signals import DEFAULT_SIGNALS, SIGNALS, signals_frame
     from signals.capture import capture, task_loss

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from fusion_prune.data import load_dataset
-from fusion_prune.finetune import FinetuneConfig, evaluate, majority_share, subsample, train
+from fusion_prune.finetune import FinetuneConfig, evaluate, majority_share, train
+from fusion_prune.data import subsample
 from fusion_prune.models import load_classifier
 
 OUT = Path(__file__).parent / "results" / "teacher_plateau"

@@ -19,7 +19,8 @@ import torch
 from distill.layer_map import layer_map
 from distill.losses import hard_ce, hidden_mse, soft_kl
 from fusion_prune.errors import BadInputError
-from fusion_prune.finetune import label_map, loss_summary, make_accelerator, make_loader, run_steps, subsample
+from fusion_prune.data import label_map, make_loader, subsample
+from fusion_prune.training import loss_summary, make_accelerator, run_steps
 from fusion_prune.utils import set_seed
 
 

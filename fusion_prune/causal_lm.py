@@ -405,7 +405,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     """
     from distill.losses import next_token_kl, topk_next_token_kl
     from distill.trainer import teacher_topk_logits
-    from fusion_prune.finetune import loss_summary, make_accelerator, run_steps
+    from fusion_prune.training import loss_summary, make_accelerator, run_steps
     from fusion_prune.utils import set_seed
     from signals.capture import task_loss
 

@@ -213,7 +213,8 @@ def evaluate(model: str, dataset: str, text_column: str, label_column: str, task
              batch_size: int | None, max_length: int | None, max_samples: int | None, max_eval_tokens: int | None,
              zero_shot: bool, prompt: str, verbalisers: str | None, as_json: bool) -> None:
     """Accuracy of a classifier, or perplexity (or zero-shot accuracy) of a causal LM, on a dataset split."""
-    from fusion_prune.finetune import RUN_RECORD, evaluate as run, subsample
+    from fusion_prune.finetune import RUN_RECORD, evaluate as run
+    from fusion_prune.data import subsample
     from fusion_prune.models import load_causal_lm, load_classifier, resolve, resolve_max_length
     from fusion_prune.tasks import detect_task
 
@@ -736,7 +737,7 @@ def distill_cmd(teacher: str, student: str, dataset: str, text_column: str, labe
     from distill import DistillConfig
     from fusion_prune.api import distill_to_folder
     from fusion_prune.data import load_dataset
-    from fusion_prune.finetune import make_accelerator
+    from fusion_prune.training import make_accelerator
 
     cfg = DistillConfig(epochs=epochs, max_steps=max_steps, max_train_samples=max_train_samples,
                         batch_size=batch_size, lr=lr, temperature=temperature, soft_weight=soft_weight,

@@ -25,8 +25,10 @@ import numpy as np
 import pandas as pd
 
 from fusion_prune.errors import BadInputError
-from fusion_prune.finetune import (FinetuneConfig, check_teacher, evaluate, make_accelerator, majority_share, subsample,
-                                   teacher_config, train)
+from fusion_prune.data import subsample
+from fusion_prune.finetune import (FinetuneConfig, check_teacher, evaluate, majority_share, teacher_config,
+                                   train)
+from fusion_prune.training import make_accelerator
 from fusion_prune.labels import drop_one_labels_recovered
 from fusion_prune.report import write_table
 from fusion_prune.surgery import num_layers

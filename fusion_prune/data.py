@@ -23,9 +23,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 from fusion_prune import assets
 from fusion_prune.errors import BadInputError
@@ -304,3 +308,67 @@ def _carve(df: pd.DataFrame, fraction: float, seed: int, spec: str) -> tuple[pd.
     stratify = df["label"] if counts.min() >= 2 and len(df) * fraction >= len(counts) else None
     a, b = train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
     return a.reset_index(drop=True), b.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- sampling and batching
+
+
+def subsample_positions(df: pd.DataFrame, n: int | None, seed: int) -> np.ndarray:
+    """Row positions (n,) of the rows ``subsample(df, n, seed)`` returns, in its order."""
+    if n is None or n >= len(df):
+        return np.arange(len(df))
+    return df.reset_index(drop=True).sample(n=n, random_state=seed).index.to_numpy()
+
+
+def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most ``n`` rows of ``df``, drawn with ``seed`` (all of them, in order, if ``n`` is None)."""
+    if n is None or n >= len(df):
+        return df
+    return df.iloc[subsample_positions(df, n, seed)].reset_index(drop=True)
+
+
+def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
+                shuffle: bool = False, seed: int = 0, with_index: bool = False) -> DataLoader:
+    """Batches of ``input_ids``/``attention_mask`` (B, T ≤ max_length) and ``labels`` (B,).
+
+    With ``with_index`` each batch also holds ``index`` (B,): the rows' positions in ``df``.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    texts = df["text"].tolist()
+    labels = df["label"].to_numpy()
+
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
+                        padding=True, return_tensors="pt")
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        enc["labels"] = torch.as_tensor(labels[idx], dtype=torch.long)
+        if with_index:
+            enc["index"] = torch.as_tensor(idx, dtype=torch.long)
+        return enc
+
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(list(range(len(df))), batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=collate)
+
+
+def label_map(model_config, data_labels: list[str]) -> np.ndarray:
+    """Array mapping dataset class id -> model class id, matched by class name.
+
+    A model whose head has only generic names (``LABEL_0``...) and the same number of classes is
+    mapped position by position.
+    """
+    id2label = {int(k): str(v) for k, v in (model_config.id2label or {}).items()}
+    names = [id2label[i] for i in range(len(id2label))]
+    generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+    if generic and len(names) == len(data_labels):
+        return np.arange(len(data_labels))
+    index = {n: i for i, n in enumerate(names)}
+    missing = [n for n in data_labels if n not in index]
+    if missing:
+        raise BadInputError(
+            f"The dataset's labels {missing[:5]} are not classes of the model; expected labels among {names[:10]}"
+            + (" ..." if len(names) > 10 else "") + "."
+        )
+    return np.array([index[n] for n in data_labels])

@@ -8,7 +8,6 @@ on the fly with dynamic padding: short corpora (tweets, reviews) pay only for th
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from fusion_prune.data import TextDataset
+from fusion_prune.data import TextDataset, label_map, make_loader, subsample
 from fusion_prune.errors import BadInputError
 from fusion_prune.params import TEACHER_DEFAULTS, validate
+from fusion_prune.training import loss_summary, make_accelerator, run_steps
 from fusion_prune.utils import atomic_dir, check_output, output_lock, set_seed, versions, write_json_atomic
 
 RUN_RECORD = "fusionprune_run.json"
@@ -61,109 +60,6 @@ class FinetuneConfig:
 def teacher_config(**overrides) -> FinetuneConfig:
     """A FinetuneConfig with the teacher defaults (:data:`TEACHER_DEFAULTS`), then ``overrides``."""
     return FinetuneConfig(**{**TEACHER_DEFAULTS, **overrides})
-
-
-def make_accelerator(mixed_precision: str = "auto"):
-    """An Accelerator with bf16 autocast on CUDA (when supported) and full precision elsewhere."""
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    # cpu=True on a machine without CUDA: only then does accelerate run several CPU processes
-    # (torchrun / `accelerate launch --multi_gpu`) as one MULTI_CPU job over gloo.
-    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
-
-
-def subsample_positions(df: pd.DataFrame, n: int | None, seed: int) -> np.ndarray:
-    """Row positions (n,) of the rows ``subsample(df, n, seed)`` returns, in its order."""
-    if n is None or n >= len(df):
-        return np.arange(len(df))
-    return df.reset_index(drop=True).sample(n=n, random_state=seed).index.to_numpy()
-
-
-def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
-    """At most ``n`` rows of ``df``, drawn with ``seed`` (all of them, in order, if ``n`` is None)."""
-    if n is None or n >= len(df):
-        return df
-    return df.iloc[subsample_positions(df, n, seed)].reset_index(drop=True)
-
-
-def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
-                shuffle: bool = False, seed: int = 0, with_index: bool = False) -> DataLoader:
-    """Batches of ``input_ids``/``attention_mask`` (B, T ≤ max_length) and ``labels`` (B,).
-
-    With ``with_index`` each batch also holds ``index`` (B,): the rows' positions in ``df``.
-    """
-    texts = df["text"].tolist()
-    labels = df["label"].to_numpy()
-
-    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
-                        padding=True, return_tensors="pt")
-        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        enc["labels"] = torch.as_tensor(labels[idx], dtype=torch.long)
-        if with_index:
-            enc["index"] = torch.as_tensor(idx, dtype=torch.long)
-        return enc
-
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(list(range(len(df))), batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      collate_fn=collate)
-
-
-def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_steps: int | None, lr: float,
-              weight_decay: float, warmup_ratio: float, grad_clip: float, progress: bool,
-              desc: str, min_steps: int = 0, on_step=None) -> tuple[list[float], int]:
-    """The one training loop: AdamW with linear warm-up and decay; returns (losses, steps an epoch).
-
-    ``compute_loss(model, batch) -> scalar`` is called under autocast. ``model`` and ``loader``
-    are prepared with ``accelerator`` here, so that under several processes an epoch counts the
-    steps of one process's shard. ``on_step(step, model) -> bool`` runs after every step (every
-    process) and stops training when it returns True. The model is trained in place and left in
-    eval mode.
-    """
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    # Weight decay on matrices only: biases and LayerNorm gains are not decayed (as in BERT).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    wrapped, opt, loader = accelerator.prepare(model, opt, loader)
-    total = max_steps or max(1, math.ceil(epochs * len(loader)), min_steps)
-    sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total)
-    wrapped.train()
-    losses: list[float] = []
-    bar = tqdm(total=total, desc=desc, disable=not (progress and accelerator.is_local_main_process), dynamic_ncols=True)
-    try:
-        while len(losses) < total:
-            for batch in loader:
-                with accelerator.autocast():
-                    loss = compute_loss(wrapped, batch)
-                accelerator.backward(loss)
-                if grad_clip:
-                    accelerator.clip_grad_norm_(wrapped.parameters(), grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-                if on_step is not None and on_step(len(losses), wrapped):
-                    total = len(losses)  # stopped early: the outer loop ends too
-                if len(losses) >= total:
-                    break
-    finally:
-        bar.close()
-        model.eval()
-    return losses, len(loader)
-
-
-def loss_summary(losses: list[float]) -> dict:
-    return {"first_loss": losses[0] if losses else None,
-            "final_loss": float(np.mean(losses[-20:])) if losses else None}
 
 
 class EarlyStopping:
@@ -275,27 +171,6 @@ def predict(model, tokenizer, df: pd.DataFrame, batch_size: int = 64, max_length
     finally:
         model.train(was_training)
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
-
-
-def label_map(model_config, data_labels: list[str]) -> np.ndarray:
-    """Array mapping dataset class id -> model class id, matched by class name.
-
-    A model whose head has only generic names (``LABEL_0``...) and the same number of classes is
-    mapped position by position.
-    """
-    id2label = {int(k): str(v) for k, v in (model_config.id2label or {}).items()}
-    names = [id2label[i] for i in range(len(id2label))]
-    generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
-    if generic and len(names) == len(data_labels):
-        return np.arange(len(data_labels))
-    index = {n: i for i, n in enumerate(names)}
-    missing = [n for n in data_labels if n not in index]
-    if missing:
-        raise BadInputError(
-            f"The dataset's labels {missing[:5]} are not classes of the model; expected labels among {names[:10]}"
-            + (" ..." if len(names) > 10 else "") + "."
-        )
-    return np.array([index[n] for n in data_labels])
 
 
 def evaluate(model, tokenizer, df: pd.DataFrame, data_labels: list[str], batch_size: int = 64,

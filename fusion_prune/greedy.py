@@ -127,7 +127,7 @@ def _teacher_data(model_spec: str, data) -> dict | None:
 
 def _distill_rows(train_df, teacher_data: dict | None, n: int | None, seed: int):
     """(rows, record): ``n`` train rows (all when None), those the teacher did not see first."""
-    from fusion_prune.finetune import subsample_positions
+    from fusion_prune.data import subsample_positions
 
     seen = np.zeros(len(train_df), dtype=bool)
     if teacher_data is not None:

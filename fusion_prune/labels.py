@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fusion_prune.errors import BadInputError
-from fusion_prune.finetune import label_map, make_loader
+from fusion_prune.data import label_map, make_loader
 from fusion_prune.surgery import drop_layers, kept_layers, layer_list, temporary_layers
 
 
@@ -217,7 +217,8 @@ def drop_one_labels_recovered(model, tokenizer, train_df: pd.DataFrame, data: pd
     """
     from tqdm.auto import tqdm
 
-    from fusion_prune.finetune import FinetuneConfig, evaluate, make_accelerator, train
+    from fusion_prune.finetune import FinetuneConfig, evaluate, train
+    from fusion_prune.training import make_accelerator
 
     _check_classifier(model)
     n = len(layer_list(model))

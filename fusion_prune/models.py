@@ -283,19 +283,6 @@ def check_max_length(model, max_length: int, param: str = "max_length") -> None:
                             f"Got {max_length}.")
 
 
-def plain_copy(model):
-    """A GGUF-loaded model as a plain model of the same class: transformers refuses to save a model
-    loaded from GGUF although its dequantised weights are ordinary float tensors, so build the
-    class from a clean config and copy the weights."""
-    from transformers import AutoConfig
-
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    clean = type(model)(AutoConfig.for_model(**cfg))
-    clean.load_state_dict(model.state_dict())
-    return clean
-
-
 def load_causal_lm(spec: str | Path, device: str | None = "auto"):
     """Load ``spec`` as a causal LM: ``(model, tokenizer)``.
 
@@ -325,6 +312,8 @@ def load_causal_lm(spec: str | Path, device: str | None = "auto"):
                                 "causal-LM class in transformers; expected a decoder.") from e
         raise _load_error(str(spec), e) from e
     if src.gguf_file:
+        from fusion_prune.surgery import plain_copy
+
         model = plain_copy(model)
     tok = load_tokenizer(spec)
     if model.config.pad_token_id is None:

@@ -249,3 +249,16 @@ def temporary_layers(model: nn.Module, modules: list[nn.Module], positions: list
         parent._modules[attr] = original
         for name, value in saved.items():
             setattr(config, name, value)
+
+
+def plain_copy(model):
+    """A GGUF-loaded model as a plain model of the same class: transformers refuses to save a model
+    loaded from GGUF although its dequantised weights are ordinary float tensors, so build the
+    class from a clean config and copy the weights."""
+    from transformers import AutoConfig
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean = type(model)(AutoConfig.for_model(**cfg))
+    clean.load_state_dict(model.state_dict())
+    return clean

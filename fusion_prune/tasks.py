@@ -139,7 +139,7 @@ class ClassificationTask(Task):
         return load_classifier(spec, self.data.labels)
 
     def _eval_sets(self, cfg):
-        from fusion_prune.finetune import subsample
+        from fusion_prune.data import subsample
 
         # The per-step validation accuracy is a record, not an input to any choice: it may use fewer examples.
         val = subsample(self.data.validation, cfg.step_eval_samples or cfg.max_eval_samples, cfg.seed)
@@ -153,7 +153,8 @@ class ClassificationTask(Task):
                         progress=False)
 
     def prepare_teacher(self, model, tok, cfg, ready, model_spec, log):
-        from fusion_prune.finetune import FinetuneConfig, check_teacher, make_accelerator, majority_share, train
+        from fusion_prune.finetune import FinetuneConfig, check_teacher, majority_share, train
+        from fusion_prune.training import make_accelerator
         from fusion_prune.greedy import _teacher_data
 
         info: dict = {"teacher_finetuned": not ready}
@@ -174,7 +175,7 @@ class ClassificationTask(Task):
         return info
 
     def calibration_batches(self, model, tok, cfg, step):
-        from fusion_prune.finetune import make_loader, subsample
+        from fusion_prune.data import make_loader, subsample
 
         device = next(model.parameters()).device
         calib = subsample(self.data.train, cfg.signal_samples, cfg.seed + step)
@@ -186,7 +187,7 @@ class ClassificationTask(Task):
         return signals_on_batches(model, batches, names, progress=False)
 
     def drop_one(self, model, tok, cfg, only=None):
-        from fusion_prune.finetune import subsample
+        from fusion_prune.data import subsample
         from fusion_prune.labels import drop_one_labels
 
         return drop_one_labels(model, tok, subsample(self.data.validation, cfg.label_samples or None, cfg.seed),
@@ -198,7 +199,8 @@ class ClassificationTask(Task):
         return drop_one_on_batches(model, batches, classification_score)
 
     def recover(self, model, tok, steps, cfg, seed):
-        from fusion_prune.finetune import FinetuneConfig, make_accelerator, train
+        from fusion_prune.finetune import FinetuneConfig, train
+        from fusion_prune.training import make_accelerator
 
         fcfg = FinetuneConfig(max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length,
                               seed=seed, warmup_ratio=0.0, progress=False)
@@ -382,7 +384,7 @@ class CausalLMTask(Task):
     def _zero_shot(self, model, tok, name: str, cfg) -> dict:
         from fusion_prune.causal_lm import parse_verbalisers, zero_shot
         from fusion_prune.data import load_dataset
-        from fusion_prune.finetune import subsample
+        from fusion_prune.data import subsample
 
         spec = cfg.zero_shot[name]
         if name not in self._zero_shot_sets:  # the same examples for the teacher, pruned and final model

@@ -59,7 +59,7 @@ def _lock_file(path: Path) -> Path:
     """``<cache>/locks/<hash of the absolute path>-<name>.lock``: outside the user's folders."""
     import hashlib
 
-    from fusion_prune.assets import home
+    from fusion_prune.cache import home
 
     key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
     return home() / "locks" / f"{key}-{path.name[:60]}.lock"

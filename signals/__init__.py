@@ -91,7 +91,7 @@ def compute_signals(model, tokenizer, data: pd.DataFrame, signals: Sequence[str]
     token windows (``fusion_prune.tasks.CausalLMTask.signals`` builds them).
     """
     from fusion_prune.errors import BadInputError
-    from fusion_prune.finetune import make_loader, subsample
+    from fusion_prune.data import make_loader, subsample
 
     resolve_signals(signals)
     _check_head(model)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from fusion_prune.analyze import analyze
 from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
-from fusion_prune.finetune import subsample
+from fusion_prune.data import subsample
 from fusion_prune.labels import drop_one_labels
 from fusion_prune.models import load_classifier
 from signals import DEFAULT_SIGNALS

@@ -62,7 +62,8 @@ def test_early_stopping_stops_at_a_plateau_and_keeps_the_best_weights(base3, sen
     # the last `patience` checks gained nothing over the best, which came before them
     assert all(a <= best for _, a in curve[-2:]) and es["best_step"] <= stats["steps"] - 2 * 5
     # the model ends with the best weights: its validation accuracy is the best of the curve
-    from fusion_prune.finetune import evaluate, subsample
+    from fusion_prune.finetune import evaluate
+    from fusion_prune.data import subsample
 
     val = subsample(data.validation, cfg.early_stopping_samples, cfg.seed)
     assert evaluate(model, tok, val, data.labels, max_length=16)["accuracy"] == pytest.approx(best, abs=1e-4)

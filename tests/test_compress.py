@@ -251,7 +251,7 @@ def test_default_strategy_is_the_measured_best_and_a_named_bundle_selects_fusion
 def test_distill_rows_put_what_the_teacher_did_not_see_first():
     import pandas as pd
 
-    from fusion_prune.finetune import subsample, subsample_positions
+    from fusion_prune.data import subsample, subsample_positions
 
     df = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
     seen = set(subsample(df, 60, 0).text)

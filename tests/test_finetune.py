@@ -10,7 +10,8 @@ from transformers import AutoModelForSequenceClassification
 
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
-from fusion_prune.finetune import RUN_RECORD, FinetuneConfig, evaluate, finetune, label_map
+from fusion_prune.finetune import RUN_RECORD, FinetuneConfig, evaluate, finetune
+from fusion_prune.data import label_map
 from fusion_prune.models import head_labels, load_classifier
 
 

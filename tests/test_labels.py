@@ -94,7 +94,8 @@ def test_recovered_labels_equal_drop_train_evaluate(tmp_path):
     import copy
 
     from fusion_prune.data import load_dataset
-    from fusion_prune.finetune import FinetuneConfig, evaluate, make_accelerator, train
+    from fusion_prune.finetune import FinetuneConfig, evaluate, train
+    from fusion_prune.training import make_accelerator
     from fusion_prune.labels import drop_one_labels_recovered
     from fusion_prune.models import load_classifier
     from fusion_prune.surgery import drop_layers

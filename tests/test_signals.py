@@ -11,7 +11,7 @@ import transformers as T
 
 import signals as S
 from fusion_prune.errors import BadInputError
-from fusion_prune.finetune import make_loader
+from fusion_prune.data import make_loader
 from signals import DEFAULT_SIGNALS, SIGNALS, compute_signals
 from signals.capture import capture
 from signals.information import pooled_mi

@@ -1,0 +1,78 @@
+"""The one training loop every trainer shares (fine-tuning, recovery, distillation, healing).
+
+It runs on :class:`accelerate.Accelerator`, so the same code runs on CPU, on one GPU (bf16
+autocast) and, under ``accelerate launch``, on several GPUs or processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def make_accelerator(mixed_precision: str = "auto"):
+    """An Accelerator with bf16 autocast on CUDA (when supported) and full precision elsewhere."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True on a machine without CUDA: only then does accelerate run several CPU processes
+    # (torchrun / `accelerate launch --multi_gpu`) as one MULTI_CPU job over gloo.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
+
+
+def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_steps: int | None, lr: float,
+              weight_decay: float, warmup_ratio: float, grad_clip: float, progress: bool,
+              desc: str, min_steps: int = 0, on_step=None) -> tuple[list[float], int]:
+    """The one training loop: AdamW with linear warm-up and decay; returns (losses, steps an epoch).
+
+    ``compute_loss(model, batch) -> scalar`` is called under autocast. ``model`` and ``loader``
+    are prepared with ``accelerator`` here, so that under several processes an epoch counts the
+    steps of one process's shard. ``on_step(step, model) -> bool`` runs after every step (every
+    process) and stops training when it returns True. The model is trained in place and left in
+    eval mode.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    # Weight decay on matrices only: biases and LayerNorm gains are not decayed (as in BERT).
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    wrapped, opt, loader = accelerator.prepare(model, opt, loader)
+    total = max_steps or max(1, math.ceil(epochs * len(loader)), min_steps)
+    sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total)
+    wrapped.train()
+    losses: list[float] = []
+    bar = tqdm(total=total, desc=desc, disable=not (progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    try:
+        while len(losses) < total:
+            for batch in loader:
+                with accelerator.autocast():
+                    loss = compute_loss(wrapped, batch)
+                accelerator.backward(loss)
+                if grad_clip:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                if on_step is not None and on_step(len(losses), wrapped):
+                    total = len(losses)  # stopped early: the outer loop ends too
+                if len(losses) >= total:
+                    break
+    finally:
+        bar.close()
+        model.eval()
+    return losses, len(loader)
+
+
+def loss_summary(losses: list[float]) -> dict:
+    return {"first_loss": losses[0] if losses else None,
+            "final_loss": float(np.mean(losses[-20:])) if losses else None}
