@@ -61,7 +61,7 @@ class Profile:
     teacher_margin: float = 0.02
     finetune_steps: int = 50
     signal_samples: int = 256
-    label_samples: int = 400
+    drop_one_samples: int = 400
     distill_samples: int | None = 2000
     distill_epochs: float = 1.0
     max_eval_samples: int | None = 1000
@@ -88,11 +88,11 @@ PROFILES = {
     "cpu": Profile("minilm-l6", [3], strategies=[*_STRATEGIES_2026_11_22, "activation_patching"],
                    seeds={"random": MULTI, "fusion-rf": MULTI, "top": MULTI, "activation_patching": MULTI},
                    teacher_samples=2000, teacher_epochs=2.0, finetune_steps=25, signal_samples=128,
-                   label_samples=256, distill_samples=1500, max_eval_samples=1000, step_eval_samples=256,
+                   drop_one_samples=256, distill_samples=1500, max_eval_samples=1000, step_eval_samples=256,
                    max_length=64),
     "gpu": Profile("mpnet-base", [6, 4], seeds={"random": MULTI, "fusion-rf": MULTI, "fusion-xgb": MULTI,
                                                 "fusion-linear": MULTI, "top": MULTI},
-                   teacher_samples=None, distill_samples=None, max_eval_samples=None, label_samples=1000,
+                   teacher_samples=None, distill_samples=None, max_eval_samples=None, drop_one_samples=1000,
                    signal_samples=512, finetune_steps=200, teacher_epochs=3.0),
 }
 
@@ -145,7 +145,7 @@ PROFILES["cpu-extras"] = replace(PROFILES["cpu"], strategies=["activation_patchi
 # row, for distillation and for its plain fine-tuning control alike): sized for one GPU.
 PROFILES["gpu-kd"] = Profile("minilm-l6", [3], strategies=["fusion-rf", "top"], control=["fusion-rf", "top"],
                              teacher_samples=None, teacher_epochs=3.0, finetune_steps=100, signal_samples=512,
-                             label_samples=1000, distill_samples=None, distill_epochs=2.0, max_eval_samples=None)
+                             drop_one_samples=1000, distill_samples=None, distill_epochs=2.0, max_eval_samples=None)
 # The cpu-2 question with strong teachers and the budget a GPU affords (benchmarks/gpu_2.sh): minilm-l6
 # 6 -> 3, teachers fine-tuned on every training row for 3 epochs, 100 recovery steps a layer, one
 # epoch of distillation over every training row, full test sets; the oracle (the classifier default)
@@ -155,7 +155,7 @@ PROFILES["gpu-2"] = Profile("minilm-l6", [3], datasets=["bbc-news", "election-tw
                                                          "reuters-r8", "reuters-r52", "20newsgroups"],
                             strategies=_GPU_2, seeds={s: MULTI for s in _GPU_2},
                             teacher_samples=None, teacher_epochs=3.0, finetune_steps=100, signal_samples=512,
-                            label_samples=1000, distill_samples=None, distill_epochs=1.0, max_eval_samples=None,
+                            drop_one_samples=1000, distill_samples=None, distill_epochs=1.0, max_eval_samples=None,
                             control=[], paired=True)
 
 
@@ -178,14 +178,14 @@ def _lodo_bundle(rows: pd.DataFrame, dataset: str, model_type: str, folder: Path
         default = F.load_bundle() if F.DEFAULT_BUNDLE.is_file() else None
         norm, target = (default.feature_norm, default.target) if default else ("zscore", "retention_z")
         F.fit_bundle(rows[rows.dataset != dataset], model_type, [*F.DEFAULT_SIGNALS, *extras], norm, target,
-                     label=label).save(path)
+                     measured=label).save(path)
     return str(path)
 
 
 def _best_signal(rows: pd.DataFrame, dataset: str, label: str = "acc_after_drop") -> str:
     from fusion_prune import fusion as F
 
-    return F.best_signal(F.use_label(rows[rows.dataset != dataset], label))
+    return F.best_signal(F.use_measured(rows[rows.dataset != dataset], label))
 
 
 def _teacher(profile: Profile, dataset: str, data, out: Path) -> Path:
@@ -290,7 +290,7 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
     """Run one cell through ``compress`` and append its row."""
     from distill import DistillConfig
     from fusion_prune.data import load_dataset
-    from fusion_prune.greedy import CompressConfig, compress
+    from fusion_prune.loop import CompressConfig, compress
     from fusion_prune.report import write_table
 
     with _locked(csv.with_suffix(".lock")):  # finished earlier, by this worker or another
@@ -309,10 +309,10 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
         resolved = "fusion"
     elif strategy == "best-signal":
         resolved = _best_signal(rows, dataset, profile.label)
-    cfg = CompressConfig(
+    cfg = CompressConfig.from_options(
         target_layers=target, strategy=resolved, fusion_path=fusion_path,
         finetune_steps=profile.finetune_steps, signal_samples=profile.signal_samples,
-        label_samples=profile.label_samples if resolved in ("oracle", "fusion-verify") else 0,
+        drop_one_samples=profile.drop_one_samples if resolved in ("oracle", "fusion-verify") else 0,
         max_eval_samples=profile.max_eval_samples, max_length=profile.max_length,
         batch_size=profile.batch_size, seed=seed, progress=False,
         distill=DistillConfig(epochs=profile.distill_epochs, max_train_samples=profile.distill_samples,

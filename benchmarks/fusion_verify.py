@@ -44,7 +44,7 @@ def verify_metrics(rows: pd.DataFrame, bundle, ks) -> list[dict]:
     for k in ks:
         regret, top1, cost = [], [], []
         for _, state in F.iter_states(rows):
-            acc = state["acc_after_drop"].to_numpy(dtype=np.float64)  # (LM rows: minus NLL, see use_label)
+            acc = state["score_after_drop"].to_numpy(dtype=np.float64)  # (LM rows: minus NLL, see use_measured)
             short = np.argsort(-bundle.predict(state), kind="stable")[:k]
             chosen = acc[short].max() if k > 1 else acc[short[0]]
             regret.append(acc.max() - chosen)
@@ -72,7 +72,7 @@ def expected_random(rows: pd.DataFrame) -> dict:
 
     regret, top1 = [], []
     for _, state in F.iter_states(rows):
-        acc = state["acc_after_drop"].to_numpy(dtype=float)
+        acc = state["score_after_drop"].to_numpy(dtype=float)
         regret.append(acc.max() - acc.mean())
         top1.append(float(np.mean(acc == acc.max())))
     return {"spearman": 0.0, "top1": float(np.mean(top1)), "regret": float(np.mean(regret)), "states": len(regret)}
@@ -85,7 +85,7 @@ def family_transfer(cls: pd.DataFrame, other_dir: Path, norm: str, target: str) 
     paths = sorted(other_dir.glob("*.parquet"))
     if not paths:
         return None
-    both = pd.concat([cls, F.use_label(F.read_rows([str(p) for p in paths]), "acc_after_drop")], ignore_index=True)
+    both = pd.concat([cls, F.use_measured(F.read_rows([str(p) for p in paths]), "acc_after_drop")], ignore_index=True)
     out = F.leave_one_out(both, "family", ["rf", "xgb-rank"], [norm], [target])
     fams = sorted(both.source_model.unique())
     out["test"] = out.held_out
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     root = F.DEFAULT_BUNDLE.parent
-    cls = F.use_label(F.read_rows([str(root / "rows" / "*.parquet")]), "acc_after_drop")
-    lm = F.use_label(F.read_rows([str(root / "rows-lm" / "*.parquet")]), "loss_after_drop")
+    cls = F.use_measured(F.read_rows([str(root / "rows" / "*.parquet")]), "acc_after_drop")
+    lm = F.use_measured(F.read_rows([str(root / "rows-lm" / "*.parquet")]), "loss_after_drop")
     norm, target = "minmax", "retention_rank"  # the shipped configuration
     parts = []
     for task, rows in (("classification", cls), ("causal-lm", lm)):

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fusion_prune.data import load_dataset
     from fusion_prune.data import subsample
-    from fusion_prune.labels import drop_one_labels, drop_one_labels_naive
+    from fusion_prune.dropone import drop_one_accuracy, drop_one_accuracy_naive
     from fusion_prune.models import load_classifier
     from fusion_prune.surgery import num_layers
     from fusion_prune.utils import versions, write_json_atomic
@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok, _ = load_classifier(args.model, data.labels)
     df = subsample(data.validation, args.samples, 0)
     kw = dict(batch_size=args.batch_size, max_length=args.max_length)
-    drop_one_labels(model, tok, df.iloc[: args.batch_size], data.labels, **kw)  # warm-up
+    drop_one_accuracy(model, tok, df.iloc[: args.batch_size], data.labels, **kw)  # warm-up
     t0 = time.perf_counter()
-    cached = drop_one_labels(model, tok, df, data.labels, **kw)
+    cached = drop_one_accuracy(model, tok, df, data.labels, **kw)
     t_cached = time.perf_counter() - t0
     t0 = time.perf_counter()
-    naive = drop_one_labels_naive(model, tok, df, data.labels, **kw)
+    naive = drop_one_accuracy_naive(model, tok, df, data.labels, **kw)
     t_naive = time.perf_counter() - t0
     L = num_layers(model)
     same = cached.table["acc_after_drop"].tolist() == naive.table["acc_after_drop"].tolist()

@@ -41,7 +41,7 @@ def _rows_without(corpus: str, rows_glob: str | None = None) -> pd.DataFrame:
     """The LM rows (default: the shipped ones) of every corpus but ``corpus``."""
     from fusion_prune import fusion as F
 
-    rows = F.read_rows([rows_glob or str(F.DEFAULT_BUNDLES["causal-lm"].parent / "rows-lm" / "*.parquet")])
+    rows = F.read_rows([rows_glob or str(F.DEFAULT_BUNDLE.parent / "rows-lm" / "*.parquet")])
     return rows[rows.dataset != corpus]
 
 
@@ -51,7 +51,7 @@ def _loco_bundle(corpus: str, work: Path, rows_glob: str | None = None) -> str:
 
     path = work / "bundles" / f"loco-without-{Path(corpus).name}.npz"
     if not path.is_file():
-        default = F.load_bundle(task="causal-lm")
+        default = F.load_bundle(CausalLMTask.default_bundle)
         F.fit_bundle(_rows_without(corpus, rows_glob), default.model_type, default.features, default.feature_norm,
                      default.target, label="loss_after_drop").save(path)
     return str(path)
@@ -60,7 +60,7 @@ def _loco_bundle(corpus: str, work: Path, rows_glob: str | None = None) -> str:
 def _best_signal(corpus: str, rows_glob: str | None = None) -> str:
     from fusion_prune import fusion as F
 
-    return F.best_signal(F.use_label(_rows_without(corpus, rows_glob), "loss_after_drop"))
+    return F.best_signal(F.use_measured(_rows_without(corpus, rows_glob), "loss_after_drop"))
 
 
 def result_row(report: dict, corpus: str, strategy: str, seed: int, depth: int) -> dict:
@@ -85,8 +85,8 @@ def result_row(report: dict, corpus: str, strategy: str, seed: int, depth: int) 
 def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs: Path, out: Path, budgets: dict,
             rows_glob: str | None = None, log=print) -> dict:
     """Compress (or resume) one run and upsert its row into ``out/results.csv``."""
-    from fusion_prune.causal_lm import HealConfig
-    from fusion_prune.greedy import CompressConfig, compress
+    from fusion_prune.heal import HealConfig
+    from fusion_prune.loop import CompressConfig, compress
     from fusion_prune.report import write_table
     from fusion_prune.tasks import get_task
 
@@ -99,9 +99,9 @@ def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs:
             fusion_path = _loco_bundle(corpus, runs, rows_glob)
         elif strategy == "best-signal":
             resolved = _best_signal(corpus, rows_glob)
-        cfg = CompressConfig(target_layers=depth, strategy=resolved, fusion_path=fusion_path, task="causal-lm",
+        cfg = CompressConfig.from_options(target_layers=depth, strategy=resolved, fusion_path=fusion_path, task="causal-lm",
                              max_length=budgets["max_length"], batch_size=budgets["batch_size"],
-                             signal_samples=budgets["signal_windows"], label_samples=labels,
+                             signal_samples=budgets["signal_windows"], drop_one_samples=labels,
                              max_eval_tokens=budgets["max_eval_tokens"], seed=seed, progress=False,
                              finetune_steps=budgets.get("finetune_steps", 0),
                              heal=HealConfig(method=budgets.get("heal", "lora"), steps=budgets["heal_steps"],

@@ -36,7 +36,8 @@ def run_method(args) -> dict:
 
     import torch
 
-    from fusion_prune.causal_lm import HealConfig, heal, perplexity
+    from fusion_prune.heal import HealConfig, heal
+    from fusion_prune.lm import perplexity
 
     teacher, student, train, test = pruned_student(args)
     del teacher  # not used here: free its memory before healing

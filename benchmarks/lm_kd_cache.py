@@ -32,7 +32,7 @@ def pruned_student(args):
     (no signals: every mode starts alike)."""
     import torch
 
-    from fusion_prune.causal_lm import token_windows
+    from fusion_prune.corpus import token_windows
     from fusion_prune.models import load_causal_lm
     from fusion_prune.surgery import drop_layers
     from fusion_prune.tasks import get_task
@@ -83,7 +83,8 @@ def run_mode(args) -> dict:
     sys.path.insert(0, str(HERE))
     from signals_cost import PeakRSS
 
-    from fusion_prune.causal_lm import HealConfig, heal, perplexity
+    from fusion_prune.heal import HealConfig, heal
+    from fusion_prune.lm import perplexity
 
     teacher, student, train, test = pruned_student(args)
     k = 0 if args.mode == "beside" else int(args.mode.split("-")[1])

@@ -56,19 +56,19 @@ def evaluate(rows: pd.DataFrame, shipped: pd.DataFrame) -> pd.DataFrame:
     for held in sorted(rows.dataset.unique()):
         train, test = rows[rows.dataset != held], rows[rows.dataset == held]
         # every method is judged by what the loop lives with; the at-once label stays readable
-        scored = F.use_label(test.assign(acc_at_once=test["acc_after_drop"]), "acc_after_recovery")
+        scored = F.use_measured(test.assign(acc_at_once=test["acc_after_drop"]), "acc_after_recovery")
 
         def add(method: str, scorer, **extra) -> None:
             out.append({"held_out": held, "method": method, **extra, **F.choice_metrics(scored, scorer)})
 
         for label in ("acc_after_drop", "acc_after_recovery"):  # the two classifier labels
-            b = F.fit_bundle(train, "rf", feats, norm, target, label=label)
+            b = F.fit_bundle(train, "rf", feats, norm, target, measured=label)
             add(f"fusion-rf ({label})", b.predict)
         b = F.fit_bundle(shipped[shipped.dataset != held], "rf", feats, norm, target)
         add("fusion-rf (shipped rows)", b.predict)
         add("oracle before recovery", lambda s: s["acc_at_once"].to_numpy() - 1e-6 * s["loss_after_drop"].to_numpy())
         add("top", lambda s: s["layer"].to_numpy(dtype=np.float64))
-        base = F.baseline_metrics(F.use_label(train, "acc_after_recovery"), feats)["signals"]
+        base = F.baseline_metrics(F.use_measured(train, "acc_after_recovery"), feats)["signals"]
         best = min(base, key=lambda n: (base[n]["regret"], -np.nan_to_num(base[n]["spearman"])))
         add("best-signal", lambda s, n=best: signal_removability(s, n), signal=best)
         add("consensus", lambda s: consensus_removability(s, feats))

@@ -67,10 +67,10 @@ class Analysis:
         methods = list(self.ranks.columns)
         lines = [f"# Layer analysis: {m['model']} on {m['dataset']}", "",
                  f"{m['layers']} layers ({m['task']}); signals on {m['samples']} calibration "
-                 f"{'windows' if m['task'] == 'causal-lm' else 'examples'} of the {m['split']!r} split, seed "
+                 f"{m['unit']} of the {m['split']!r} split, seed "
                  f"{m['seed']}; fusion bundle: {m['fusion'] or 'none'}"
-                 + (f"; measured: {m['metric']} on {m['label_samples']} validation "
-                    f"{'windows' if m['task'] == 'causal-lm' else 'examples'} without each layer"
+                 + (f"; measured: {m['metric']} on {m['drop_one_samples']} validation "
+                    f"{m['unit']} without each layer"
                     if MEASURED in methods else "") + f". {m['seconds']:.0f} s.", "",
                  "## The layer each method would remove first", "",
                  "| method | first | second | third |" + (" Spearman with measured |" if MEASURED in methods else ""),
@@ -117,7 +117,7 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
 
 def analyze(model: str, dataset, *, task: str | None = None, text_column: str = "text", label_column: str = "label",
             samples: int | None = None, split: str = "validation", extras: Sequence[str] | None = None,
-            measure: bool = False, label_samples: int | None = None, fusion: str | Path | None = "default",
+            measure: bool = False, drop_one_samples: int | None = None, fusion: str | Path | None = "default",
             batch_size: int | None = None, max_length: int | None = None, seed: int = 0,
             progress: bool = True) -> Analysis:
     """Rank ``model``'s layers by every signal (the 12 and ``extras``; None: every opt-in extra),
@@ -128,53 +128,47 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
     signals`` draws. Causal LMs: on ``samples`` (4) calibration windows of the train split, the
     windows ``compress`` draws at its first step. The model must be trained for the task.
     """
-    from fusion_prune.api import _task_for
+    from fusion_prune.config import StepConfig
     from fusion_prune.fusion import load_bundle
-    from fusion_prune.greedy import CompressConfig
+    from fusion_prune.tasks import task_for
     from fusion_prune.strategies import consensus_removability, signal_removability
-    from signals import DEFAULT_SIGNALS, SIGNALS, compute_signals, resolve_signals
+    from signals import DEFAULT_SIGNALS, SIGNALS, resolve_signals
 
     t0 = time.perf_counter()
     if extras is None:
         extras = [n for n in SIGNALS if n not in DEFAULT_SIGNALS]
     names = list(dict.fromkeys([*DEFAULT_SIGNALS, *extras]))
     resolve_signals(names)
-    t, data = _task_for(model, dataset, task, text_column, label_column)
-    lm = t.name == "causal-lm"
+    t, data = task_for(model, dataset, task, text_column, label_column)
     if split not in ("train", "validation", "test"):
         raise BadInputError(f"The 'split' parameter must be one of {{'train', 'validation', 'test'}}. Got {split!r}.")
     net, tok, ready = t.load_model(str(model))
     if not ready:
         raise BadInputError(f"The model {str(model)!r} has no classification head trained for the labels of "
                             f"{data.spec!r}; expected a fine-tuned classifier (run `fusionprune finetune` first).")
-    cfg = CompressConfig(target_layers=1, task=t.name, signal_samples=samples, label_samples=label_samples,
-                         batch_size=batch_size if batch_size is not None else (None if lm else 16),
-                         max_length=max_length, seed=seed, distill=None, progress=False)
-    if lm:
-        table = t.signals(net, tok, t.calibration_batches(net, tok, cfg, 0), names, cfg)
-        split = "train"
-    else:
-        table = compute_signals(net, tok, data.split(split), names, batch_size=cfg.batch_size,
-                                max_length=cfg.max_length, max_samples=cfg.signal_samples, seed=seed,
-                                progress=progress)
+    step = StepConfig(signal_samples=samples, drop_one_samples=drop_one_samples,
+                      batch_size=batch_size if batch_size is not None else t.analysis_batch_size,
+                      max_length=max_length, seed=seed, progress=False)
+    t.resolve_step(step)
+    table, split, n_samples = t.analysis_signals(net, tok, step, names, split, progress)
     table = table.sort_values("layer").reset_index(drop=True)
     scores = {n: signal_removability(table, n) for n in names}
     scores[CONSENSUS] = consensus_removability(table)
     bundle = None
     if fusion is not None:
-        bundle = load_bundle(None if str(fusion) == "default" else fusion, task=t.name)
+        bundle = load_bundle(t.default_bundle if str(fusion) == "default" else fusion)
         missing = [f for f in bundle.features if f not in table.columns]
         if missing:
             raise BadInputError(f"The fusion bundle needs signals {missing} that were not computed; expected them "
                                 f"among --extras. Got extras {list(extras)}.")
         scores[FUSION] = bundle.predict(table)
     if measure:
-        if not cfg.label_samples:
-            cfg.label_samples = 400 if not lm else 8
-        labels = t.drop_one(net, tok, cfg).table.sort_values("layer").reset_index(drop=True)
-        table = table.merge(labels.drop(columns=["orig_layer"], errors="ignore"), on="layer")
-        cols, asc = t.label_sort  # best to remove first: sort by the task's own order
-        key = labels.sort_values(cols, ascending=asc)["layer"].to_numpy()
+        if not step.drop_one_samples:
+            step.drop_one_samples = t.analysis_drop_one_samples
+        dropone = t.drop_one(net, tok, step).table.sort_values("layer").reset_index(drop=True)
+        table = table.merge(dropone.drop(columns=["orig_layer"], errors="ignore"), on="layer")
+        cols, asc = t.drop_one_order  # best to remove first: sort by the task's own order
+        key = dropone.sort_values(cols, ascending=asc)["layer"].to_numpy()
         measured = np.empty(len(key))
         measured[key] = np.arange(len(key), 0, -1, dtype=np.float64)  # a score: higher = removed first
         scores[MEASURED] = measured
@@ -185,12 +179,10 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
                               for a in methods], index=methods, columns=methods)
     meta = {"model": str(model), "dataset": str(data.spec), "model_name": Path(str(model)).name or str(model),
             "dataset_name": Path(str(data.spec)).name or str(data.spec), "task": t.name, "layers": len(table),
-            "samples": int(min(cfg.signal_samples, len(data.split(split)) if not lm else cfg.signal_samples)),
-            "split": split, "seed": seed, "signals": names,
+            "samples": int(n_samples), "unit": t.unit, "split": split, "seed": seed, "signals": names,
             "fusion": str(fusion) if bundle is not None else None,
             "metric": t.metric,
-            "label_samples": (min(cfg.label_samples, len(data.validation)) if not lm else cfg.label_samples)
-            if measure else None,
+            "drop_one_samples": t.count_drop_one(step) if measure else None,
             "seconds": round(time.perf_counter() - t0, 1)}
     return Analysis(table, removability, ranks, agreement, meta)
 

@@ -8,14 +8,16 @@
     result.report["student_accuracy"], result.model, result.save("minilm-4")
 
 Models and datasets are anything the CLI accepts (asset names, folders, files, hub names);
-every keyword of :class:`fusion_prune.greedy.CompressConfig` is a keyword of :func:`compress`.
+every field of :class:`fusion_prune.loop.CompressConfig` and of the task's finish config
+(:class:`~fusion_prune.tasks.ClassificationFinish`, :class:`~fusion_prune.tasks.CausalLMFinish`) is a
+keyword of :func:`compress`, with the defaults ``fusionprune compress`` has.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +25,8 @@ import pandas as pd
 
 from fusion_prune.errors import BadInputError
 from fusion_prune.fusion import FusionBundle, load_bundle
+from fusion_prune.report import CompressReport
+from fusion_prune.tasks import task_for
 
 
 @dataclass
@@ -35,7 +39,7 @@ class CompressResult:
 
     model: Any
     tokenizer: Any
-    report: dict
+    report: CompressReport
     path: Path
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -55,20 +59,6 @@ class CompressResult:
                 f"kept {self.report.get('kept_layers')}, {metric}, saved at {str(self.path)!r})")
 
 
-def _task_for(model: str, dataset, task: str | None, text_column: str, label_column: str):
-    """(Task with its data loaded, data) for a dataset spec or an already loaded dataset."""
-    from fusion_prune.causal_lm import TextCorpus
-    from fusion_prune.data import TextDataset
-    from fusion_prune.tasks import detect_task, get_task
-
-    if isinstance(dataset, (TextDataset, TextCorpus)):
-        t = get_task(task or ("causal-lm" if isinstance(dataset, TextCorpus) else "classification"))
-        t.data = dataset
-        return t, dataset
-    t = get_task(detect_task(str(model), str(dataset), task, label_column))
-    return t, t.load_data(str(dataset), text_column, label_column)
-
-
 def compress(model: str, dataset, target_layers: int | None = None, output: str | Path | None = None, *,
              task: str | None = None, text_column: str = "text", label_column: str = "label",
              resume: bool = False, overwrite: bool = False, **options: Any) -> CompressResult:
@@ -76,19 +66,18 @@ def compress(model: str, dataset, target_layers: int | None = None, output: str 
     ``max_accuracy_drop=0.01`` would be broken, whichever comes first), then heal / distil.
 
     ``dataset``: a spec (asset, file, folder) or a loaded ``TextDataset`` / ``TextCorpus``.
-    ``options``: fields of :class:`~fusion_prune.greedy.CompressConfig` (``strategy``,
-    ``finetune_steps``, ``distill``, ``heal``, ...). Returns a :class:`CompressResult`; the
-    folder ``output`` (or a temporary one) holds the model and ``report.json``.
+    ``options``: fields of :class:`~fusion_prune.loop.CompressConfig` (``strategy``,
+    ``finetune_steps``, ...) and of the task's finish config (``distill``, ``heal``,
+    ``heal_steps``, ...), as :meth:`CompressConfig.from_options` reads them. Returns a
+    :class:`CompressResult`; the folder ``output`` (or a temporary one) holds the model and
+    ``report.json``.
     """
-    from fusion_prune.greedy import CompressConfig, compress as run
+    from fusion_prune.loop import CompressConfig, compress as run
 
-    known = {f.name for f in fields(CompressConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise BadInputError(f"compress() got unknown options {unknown}; expected fields of CompressConfig: "
-                            f"{sorted(known - {'target_layers', 'task'})}.")
-    t, data = _task_for(model, dataset, task, text_column, label_column)
-    cfg = CompressConfig(target_layers=target_layers, task=t.name, **options)
+    if options.get("task") is not None or "target_layers" in options:
+        raise BadInputError("compress() takes 'task' and 'target_layers' as its own keywords; expected them once.")
+    t, data = task_for(model, dataset, task, text_column, label_column)
+    cfg = CompressConfig.from_options(task=t.name, target_layers=target_layers, **options)
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="fusionprune-")) / "model"
     report = run(str(model), data, cfg, out, resume=resume, overwrite=overwrite, task=t)
     net, tok, _ = t.load_model(str(out))
@@ -104,24 +93,27 @@ def compute_signals(model: str, dataset, *, samples: int | None = None, signals:
     12 defaults and any opt-in ``signals``). ``samples``: calibration examples (classifiers,
     default 256) or token windows of ``max_length`` (causal LMs, default 4).
     """
-    from fusion_prune.greedy import CompressConfig
+    from fusion_prune.config import StepConfig
     from signals import DEFAULT_SIGNALS, resolve_signals
 
     names = list(dict.fromkeys([*DEFAULT_SIGNALS, *(signals or [])]))
     resolve_signals(names)
-    t, _ = _task_for(model, dataset, task, text_column, label_column)
+    t, _ = task_for(model, dataset, task, text_column, label_column)
     net, tok, _ = t.load_model(str(model))
-    # The settings of one pruning step; target_layers is not used to measure.
-    cfg = CompressConfig(target_layers=1, task=t.name, signal_samples=samples, batch_size=batch_size,
-                         max_length=max_length, seed=seed, distill=None, progress=False)
-    return t.signals(net, tok, t.calibration_batches(net, tok, cfg, 0), names, cfg)
+    step = StepConfig(signal_samples=samples, batch_size=batch_size, max_length=max_length, seed=seed, progress=False)
+    t.resolve_step(step)
+    return t.signals(net, t.calibration_batches(net, tok, step, 0), names)
 
 
 def load_fusion(path: str | Path | None = None, trust_pickle: bool = False, task: str = "classification"
                 ) -> FusionBundle:
     """A fusion bundle (default: the one shipped for ``task``, "classification" or "causal-lm").
     ``bundle.predict(table)`` scores a signals table."""
-    return load_bundle(path, trust_pickle=trust_pickle, task=task)
+    from fusion_prune.tasks import TASKS, bad_choice
+
+    if path is None and task not in TASKS:
+        raise bad_choice("task", task, TASKS)
+    return load_bundle(path if path is not None else TASKS[task].default_bundle, trust_pickle=trust_pickle)
 
 
 def prune(model, layers: Sequence[int]):

@@ -385,7 +385,7 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
 @click.option("--extras", default="all", show_default=True,
               help="Opt-in signals beside the 12: all, none, or comma-separated names.")
 @click.option("--measure", is_flag=True, help="Also measure the validation metric without each layer (the reference).")
-@click.option("--label-samples", default=None, type=int, help="Validation examples [400] or windows [8] for --measure.")
+@click.option("--drop-one-samples", default=None, type=int, help="Validation examples [400] or windows [8] for --measure.")
 @click.option("--fusion", "fusion_path", default="default", show_default=True,
               help="Fusion bundle whose ranking is shown (default: the shipped one; 'none': no bundle).")
 @click.option("--batch-size", default=None, type=int, help="[classification 16, causal LM 4]")
@@ -393,7 +393,7 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, o
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def analyze(model: str, dataset: str, text_column: str, label_column: str, task: str | None, output: Path,
-            samples: int | None, split: str, extras: str, measure: bool, label_samples: int | None, fusion_path: str,
+            samples: int | None, split: str, extras: str, measure: bool, drop_one_samples: int | None, fusion_path: str,
             batch_size: int | None, max_length: int | None, seed: int, overwrite: bool) -> None:
     """Every signal's, consensus's and the fusion bundle's ranking of MODEL's layers, their agreement, and
     (--measure) the measured metric without each layer: analysis.md, plots and a parquet table."""
@@ -405,7 +405,7 @@ def analyze(model: str, dataset: str, text_column: str, label_column: str, task:
                             "fit-fusion, 'default' or 'none'.")
     names = None if extras == "all" else [] if extras == "none" else [e.strip() for e in extras.split(",") if e.strip()]
     a = run(model, dataset, task=task, text_column=text_column, label_column=label_column, samples=samples,
-            split=split, extras=names, measure=measure, label_samples=label_samples,
+            split=split, extras=names, measure=measure, drop_one_samples=drop_one_samples,
             fusion=None if fusion_path == "none" else fusion_path, batch_size=batch_size, max_length=max_length,
             seed=seed)
     a.save(output, overwrite=overwrite)
@@ -544,7 +544,7 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
 
     rows = F.read_rows(data)
     bundle = F.load_bundle(fusion_path, trust_pickle=trust_pickle)
-    res = F.evaluate_bundle(bundle, F.use_label(rows, label))
+    res = F.evaluate_bundle(bundle, F.use_measured(rows, label))
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -591,7 +591,7 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
               help="Recovery steps per removed layer, after each drop [classification 50, causal LM 0].")
 @click.option("--signal-samples", default=None, type=int,
               help="Calibration examples [256] or token windows of --max-length [4].")
-@click.option("--label-samples", default=None, type=int,
+@click.option("--drop-one-samples", default=None, type=int,
               help="Validation examples [400] or windows [0] for the measured drop-one label of each candidate "
                    "(0: only when the strategy needs it).")
 @click.option("--max-train-samples", default=3000, show_default=True, type=int, help="Teacher fine-tuning cap.")
@@ -641,7 +641,7 @@ def evaluate_fusion(fusion_path: Path | None, trust_pickle: bool, data: tuple[st
 def compress(model: str, dataset: str, text_column: str, label_column: str, task: str | None,
              target_layers: int | None, max_accuracy_drop: float | None, max_perplexity_increase: float | None,
              teacher_patience: int, teacher_margin: float, output: Path, strategy: str | None, fusion_path: Path | None, trust_pickle: bool, verify_k: int, finetune_steps: int | None,
-             signal_samples: int | None, label_samples: int | None, max_train_samples: int, teacher_epochs: float,
+             signal_samples: int | None, drop_one_samples: int | None, max_train_samples: int, teacher_epochs: float,
              teacher_lr: float, max_eval_samples: int | None, step_eval_samples: int | None, max_length: int | None,
              batch_size: int | None, lr: float, distill_epochs: float, distill_samples: int, temperature: float,
              hidden_weight: float, no_distill: bool, distill_control: bool, distill_data: str, heal: str,
@@ -651,9 +651,9 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
     """Remove layers down to --target-layers or a budget, recovering after each removal, then distil
     (classifiers) or heal with LoRA and optionally distil (causal LMs)."""
     from distill import DistillConfig
-    from fusion_prune.causal_lm import HealConfig
+    from fusion_prune.heal import HealConfig
     from fusion_prune.finetune import teacher_config
-    from fusion_prune.greedy import CompressConfig, compress as run
+    from fusion_prune.loop import CompressConfig, compress as run
     from fusion_prune.tasks import detect_task, get_task
 
     if fusion_path is not None and strategy in (None, "fusion", "fusion-verify") and not fusion_path.is_file():
@@ -663,7 +663,7 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
     cfg = CompressConfig(
         target_layers=target_layers, strategy=strategy, fusion_path=str(fusion_path) if fusion_path else None, trust_pickle=trust_pickle,
         verify_k=verify_k,
-        finetune_steps=finetune_steps, signal_samples=signal_samples, label_samples=label_samples,
+        finetune_steps=finetune_steps, signal_samples=signal_samples, drop_one_samples=drop_one_samples,
         max_eval_samples=max_eval_samples, step_eval_samples=step_eval_samples, max_length=max_length,
         batch_size=batch_size, lr=lr, seed=seed, task=task_name,
         teacher=teacher_config(epochs=teacher_epochs, lr=teacher_lr, max_train_samples=max_train_samples,

@@ -1,58 +1,52 @@
-"""Collect fusion training rows: greedy pruning states with signals and measured labels.
+"""Collect fusion training rows: pruning states with signals and measured drop-one values.
 
 A *state* is (source model, dataset, step, current model). At each state the 12 signals of every
-layer are computed on a calibration sample of the train split and the drop-one labels on the
-validation split; the layer whose removal keeps the most validation accuracy is dropped (the
-oracle's walk; ``walk="random"`` or ``"top"`` visits states the oracle never reaches), the
-model is fine-tuned for a few steps, and the next state follows, down to ``min_layers + 1``
-layers. One row per state x layer (DESIGN.md §4).
+layer are computed on a calibration sample of the train split and the drop-one table on the
+validation split; a *walk* picks the layer to drop (the oracle's: the measured best;
+``walk="random"`` or ``"top"`` visits states the oracle never reaches), the model recovers for a
+few steps, and the next state follows, down to ``min_layers + 1`` layers. One row per state x
+layer (docs/design.md, "Rows").
 
-The run is resumable state by state: after every state the rows so far and the current model are
-written (atomically) next to the output, and a second call with the same arguments continues.
-The test split is never read.
+``collect`` is the pruning loop of ``compress`` (:func:`fusion_prune.loop.prune_loop`) with a hook
+that writes the rows: the same step, the same checkpoint after every state (model and rows
+swapped in together), the same resume check. A second call with the same arguments continues an
+interrupted walk. The test split is never read.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
+from fusion_prune.config import StepConfig
 from fusion_prune.errors import BadInputError
-from fusion_prune.data import subsample
-from fusion_prune.finetune import (FinetuneConfig, check_teacher, evaluate, majority_share, teacher_config,
-                                   train)
-from fusion_prune.training import make_accelerator
-from fusion_prune.labels import drop_one_labels_recovered
+from fusion_prune.finetune import FinetuneConfig, teacher_config
 from fusion_prune.report import write_table
 from fusion_prune.surgery import num_layers
-from fusion_prune.utils import check_output, output_lock, versions
+from fusion_prune.utils import check_output, output_lock
+
+log = logging.getLogger(__name__)
 
 ROW_KEYS = ["source_model", "dataset", "walk", "step", "layer", "orig_layer", "n_layers", "acc_before",
             "acc_after_drop", "loss_after_drop"]
 
 
-def _walk_oracle(task, state: pd.DataFrame, rng) -> int:
-    return task.best_candidate(state)
+def _walk_random(m, seed: int, k: int) -> list[int]:
+    # Its own generator (seeded by [seed, step]), as the shipped random-walk rows were collected with.
+    return [int(np.random.default_rng([seed, k]).choice(m.drop_one.table["layer"].to_numpy()))]
 
 
-def _walk_random(task, state: pd.DataFrame, rng) -> int:
-    return int(rng.choice(state["layer"].to_numpy()))
-
-
-def _walk_top(task, state: pd.DataFrame, rng) -> int:
-    return int(state["layer"].max())
-
-
-#: How collect picks the layer to drop after labelling a state: ``walk(task, state, rng) -> layer``.
-#: Every walk labels every layer of every state it visits; only the states differ.
-WALKS = {"oracle": _walk_oracle, "random": _walk_random, "top": _walk_top}
+#: How collect picks the layer to drop after measuring a state: a strategy (its name in
+#: fusion_prune.strategies.STRATEGIES) or, for the random walk, its own chooser. Every walk measures
+#: every layer of every state it visits; only the states differ.
+WALKS: dict[str, str | Callable] = {"oracle": "oracle", "top": "top", "random": _walk_random}
 
 
 @dataclass
@@ -78,6 +72,14 @@ class CollectConfig:
     # refuse a teacher whose validation accuracy is within this of the majority share (0: no check)
     teacher_margin: float = 0.02
     progress: bool = True
+
+    def step(self) -> StepConfig:
+        """The settings of one pruning step of the walk (every state is measured on
+        ``max_eval_samples`` validation examples)."""
+        return StepConfig(finetune_steps=self.finetune_steps, signal_samples=self.signal_samples,
+                          drop_one_samples=self.max_eval_samples or 0, max_eval_samples=self.max_eval_samples,
+                          max_length=self.max_length, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+                          progress=self.progress)
 
     def __post_init__(self) -> None:
         from fusion_prune.params import validate
@@ -108,15 +110,13 @@ def _state_dir(out: Path) -> Path:
 
 def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_name: str | None = None,
             task=None, overwrite: bool = False) -> pd.DataFrame:
-    """Walk the greedy trajectory and write the rows table to ``out`` (parquet or CSV).
+    """Walk the pruning trajectory and write the rows table to ``out`` (parquet or CSV).
 
-    ``data`` is what ``task.load_data`` returned (default task: classification). Each state goes
-    through the same pruning step as ``compress`` (:func:`fusion_prune.greedy.measure_state`, the
-    oracle's choice, :func:`fusion_prune.greedy.apply_drop`). Causal-LM rows hold next-token
-    accuracy in ``acc_before``/``acc_after_drop``, the mean next-token NLL in
-    ``loss_before``/``loss_after_drop``, and ``task`` = "causal-lm"; the layer dropped is the one
-    of lowest NLL. ``out`` is locked for the whole walk; an interrupted walk resumes from
-    ``<out>.state`` (checked against the arguments and the data's content).
+    ``data`` is what ``task.load_data`` returned (default task: classification). Causal-LM rows
+    hold next-token accuracy in ``acc_before``/``acc_after_drop``, the mean next-token NLL in
+    ``loss_before``/``loss_after_drop``, and ``task``; the oracle's walk drops the layer of lowest
+    NLL. ``out`` is locked for the whole walk; an interrupted walk resumes from ``<out>.state``
+    (checked against the arguments and the data's content).
     """
     check_output(out, overwrite, kind="file")
     with output_lock(out):
@@ -125,115 +125,78 @@ def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_
 
 def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name: str | None, task,
              overwrite: bool) -> pd.DataFrame:
-    from fusion_prune.greedy import CompressConfig, apply_drop, load_checkpoint_record, measure_state, save_checkpoint
+    from fusion_prune.checkpoint import RunFolder
+    from fusion_prune.loop import prune_loop, run_meta
+    from fusion_prune.report import StepRecord
     from fusion_prune.strategies import STRATEGIES
-    from fusion_prune.tasks import get_task
+    from fusion_prune.tasks import DEFAULT_TASK, get_task
     from signals import DEFAULT_SIGNALS
 
     if task is None:
-        task = get_task("classification")
+        task = get_task(DEFAULT_TASK)
     if task.data is None:
         task.data = data
-    lm = task.name == "causal-lm"
-    if lm and cfg.recovery_steps:
-        raise BadInputError("The 'recovery_steps' parameter is for classifiers only; expected 0 for a causal LM. "
-                            f"Got {cfg.recovery_steps}.")
-    state_dir = _state_dir(out)
+    step = cfg.step()
+    if cfg.recovery_steps:
+        task.recovered_drop_one(None, None, cfg.recovery_steps, step, cfg.seed)  # refused where not available
     dataset_name = dataset_name or data.spec
-    meta = {"model": str(model_spec), "dataset": dataset_name, "data_sha256": data.content_hash(),
-            "config": asdict(cfg)}
-    meta["config"].pop("progress")
-    if cfg.walk == "oracle":  # state folders from before walks existed stay resumable
-        meta["config"].pop("walk")
-    if lm:
-        meta["task"] = task.name
-        # A causal LM is never fine-tuned here: the teacher settings play no part in its rows.
-        meta["config"].pop("teacher")
-        meta["config"].pop("teacher_margin")
-    # One pruning step for collect and compress: the oracle's walk with labels on every state.
-    step_cfg = CompressConfig(target_layers=cfg.min_layers, strategy="oracle", task=task.name,
-                              finetune_steps=cfg.finetune_steps, signal_samples=cfg.signal_samples,
-                              label_samples=cfg.max_eval_samples or 0, max_length=cfg.max_length,
-                              batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, teacher=cfg.teacher,
-                              distill=None, progress=cfg.progress)
-    rows = pd.DataFrame()
-    checkpoint = state_dir / "checkpoint"  # model, rows and next step: swapped in together
-    saved = load_checkpoint_record(checkpoint)
+    meta = run_meta(model_spec, data, cfg) | {"dataset": dataset_name, "task": task.name}
+    run = RunFolder(_state_dir(out), meta, resume="auto", overwrite=False, current="checkpoint")
+    saved = run.start()
     if saved is not None:
-        if saved["meta"] != json.loads(json.dumps(meta, default=str)):
-            what = "data of other content" if saved["meta"].get("data_sha256") != meta["data_sha256"] else "other arguments"
-            raise BadInputError(f"The state folder {str(state_dir)!r} belongs to a run with {what}; "
-                                "expected the same arguments and data to resume (or delete it).")
-        rows = pd.read_parquet(checkpoint / "rows.parquet")
-        model, tok, _ = task.load_model(str(checkpoint))
-        step = saved["next_step"]
-        _log(f"resuming {dataset_name} at step {step} ({len(rows)} rows)")
+        rows = pd.read_parquet(run.current / "rows.parquet")
+        model, tok, _ = task.load_model(str(run.current))
+        history = [StepRecord.from_dict(h, task.step_measured_key, task.step_metric_key) for h in saved["history"]]
+        info = saved["info"]
+        log.info("resuming %s at step %d (%d rows)", dataset_name, len(history), len(rows))
     else:
-        model, tok, trained = task.load_model(model_spec)
-        step = 0
+        model, tok, ready = task.load_model(model_spec)
         if num_layers(model) <= cfg.min_layers:
             raise BadInputError(f"The 'min_layers' parameter must be below the model's depth {num_layers(model)}. "
                                 f"Got {cfg.min_layers}.")
-        if not trained:
-            _log(f"{model_spec} has no head for {dataset_name}: fine-tuning a teacher first")
-            tcfg = FinetuneConfig(**{**asdict(cfg.teacher), "max_length": cfg.max_length, "seed": cfg.seed,
-                                     "progress": cfg.progress})
-            train(model, tok, data.train, tcfg, make_accelerator(tcfg.mixed_precision), val_df=data.validation,
-                  data_labels=data.labels)
-        if not lm:
-            val = subsample(data.validation, cfg.max_eval_samples, cfg.seed)
-            acc = evaluate(model, tok, val, data.labels, cfg.batch_size * 2, cfg.max_length)["accuracy"]
-            check_teacher(acc, majority_share(val["label"].to_numpy()), cfg.teacher_margin,
-                          f"The teacher of {dataset_name!r}" + (" (fine-tuned here)" if not trained else ""))
+        # Trains the teacher when the model has no head, and refuses one that learned nothing; collect
+        # keeps none of its facts.
+        task.prepare_teacher(model, tok, step, cfg.teacher, cfg.teacher_margin, ready, str(model_spec))
+        info = {"teacher_layers": num_layers(model)}
+        rows, history = pd.DataFrame(), []
     names = [*DEFAULT_SIGNALS, *cfg.extra_signals]
-    while num_layers(model) > cfg.min_layers:
+    walk = WALKS[cfg.walk]
+    choose = ((lambda m: walk(m, cfg.seed, len(history))) if callable(walk)
+              else (lambda m: STRATEGIES[walk].fn(m.state)))
+
+    def on_state(k: int, m, drop: list[int]) -> dict:
+        nonlocal rows
         t0 = time.perf_counter()
-        n = num_layers(model)
-        _, sig, lab, _ = measure_state(task, model, tok, step_cfg, step, STRATEGIES["oracle"], names,
-                                       want_labels=True)
-        state = lab.table.merge(sig, on=["layer", "orig_layer"])
-        state.insert(0, "n_layers", n)
-        state.insert(0, "step", step)
-        state.insert(0, "walk", cfg.walk)
-        state.insert(0, "dataset", dataset_name)
-        state.insert(0, "source_model", str(model_spec))
-        state["acc_before"] = lab.acc_before
-        extra = []
-        if lm:
-            state["loss_before"] = lab.loss_before
-            state["task"] = task.name
-            extra = ["loss_before", "task"]
+        state = m.drop_one.table.merge(m.signals, on=["layer", "orig_layer"])
+        for i, (name, value) in enumerate((("source_model", str(model_spec)), ("dataset", dataset_name),
+                                           ("walk", cfg.walk), ("step", k), ("n_layers", m.state.n_layers))):
+            state.insert(i, name, value)
+        state["acc_before"] = m.drop_one.acc_before
+        extra = list(task.row_extras(m.drop_one))
+        for name, value in task.row_extras(m.drop_one).items():
+            state[name] = value
         if cfg.recovery_steps:
-            rec = drop_one_labels_recovered(model, tok, data.train, subsample(data.validation, cfg.max_eval_samples,
-                                                                               cfg.seed), data.labels,
-                                            cfg.recovery_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                            max_length=cfg.max_length, seed=cfg.seed + step)
+            rec = task.recovered_drop_one(m.state.model, tok, cfg.recovery_steps, step, cfg.seed + k)
             state = state.merge(rec, on=["layer", "orig_layer"])
             extra = ["acc_after_recovery"]
         state = state[ROW_KEYS + extra + list(DEFAULT_SIGNALS) + list(cfg.extra_signals)]
-        # seeded per step, so a resumed walk takes the same turns
-        best = WALKS[cfg.walk](task, state, np.random.default_rng([cfg.seed, step]))
-        if len(rows) and (rows.step == step).any():  # cannot happen with one-rename checkpoints; guards the rows
-            raise RuntimeError(f"collect: state {step} of {dataset_name} is already in the rows")
+        if len(rows) and (rows.step == k).any():  # cannot happen with one-rename checkpoints; guards the rows
+            raise RuntimeError(f"collect: state {k} of {dataset_name} is already in the rows")
         rows = pd.concat([rows, state], ignore_index=True)
-        apply_drop(task, model, tok, [best], step_cfg, step)
-        step += 1
-        save_checkpoint(checkpoint, model, tok, {"meta": meta, "next_step": step, "versions": versions()},
-                        {"rows.parquet": rows})
-        _log(f"{dataset_name} step {step - 1}: {n} layers, accuracy before {lab.acc_before:.3f}, dropped layer "
-             f"{best} (orig {state.orig_layer[state.layer == best].iloc[0]}), {time.perf_counter() - t0:.0f} s")
+        log.info("%s step %d: %d layers, accuracy before %.3f, dropped layer %d (orig %d), %.0f s", dataset_name,
+                 k, m.state.n_layers, m.drop_one.acc_before, drop[0], m.state.orig_layers[drop[0]],
+                 time.perf_counter() - t0)
+        return {"rows.parquet": rows}
+
+    prune_loop(task, model, tok, step, choose, run, history, info, floor=cfg.min_layers, signal_names=names,
+               needs=STRATEGIES["oracle"], want_drop_one=True, record_metric=False, on_state=on_state)
     write_table(rows, out, overwrite)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    run.done()
     return rows
 
 
-def _log(msg: str) -> None:
-    import sys
-
-    print(f"[fusionprune] {msg}", file=sys.stderr, flush=True)
-
-
-def collect_many(models: dict[str, str | Path], cfg: CollectConfig, out: str | Path, log=_log) -> list[Path]:
+def collect_many(models: dict[str, str | Path], cfg: CollectConfig, out: str | Path,
+                 log: Callable[[str], None] = log.info) -> list[Path]:
     """Rows for several datasets, ``{dataset: model}``, into ``out/rows/<dataset>.parquet``.
 
     A finished dataset is skipped and an interrupted one resumes; a model folder that does not

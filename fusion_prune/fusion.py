@@ -53,10 +53,8 @@ def count_states(rows: pd.DataFrame) -> int:
 BUNDLE_FORMAT = "fusionprune-fusion-bundle/2"  # /1 was a joblib pickle of the FusionBundle
 PICKLE_FORMAT = "fusionprune-fusion-bundle/1"
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "fusion_data" / "default-fusion.npz"
-#: The shipped bundle of each task: learned from that task's rows (the classification bundle does not
-#: transfer to causal LMs: benchmarks/README.md). ``make fusion-bundle`` rebuilds both.
-DEFAULT_BUNDLES = {"classification": DEFAULT_BUNDLE,
-                   "causal-lm": DEFAULT_BUNDLE.with_name("default-fusion-lm.npz")}
+#: Each task names its own shipped bundle (``Task.default_bundle``): the classification bundle does not
+#: transfer to causal LMs (benchmarks/journal.md). ``make fusion-bundle`` rebuilds both.
 
 # --------------------------------------------------------------------------- registries
 
@@ -249,9 +247,9 @@ NORMALISATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 #: Targets computed from one state's rows.
 TARGETS: dict[str, Callable[[pd.DataFrame], np.ndarray]] = {
-    "retention": lambda s: (s["acc_after_drop"] / max(float(s["acc_before"].iloc[0]), 1e-9)).to_numpy(),
-    "retention_z": lambda s: _z(s["acc_after_drop"].to_numpy(dtype=np.float64)),
-    "retention_rank": lambda s: _rank(s["acc_after_drop"].to_numpy(dtype=np.float64)),
+    "retention": lambda s: (s["score_after_drop"] / max(float(s["score_before"].iloc[0]), 1e-9)).to_numpy(),
+    "retention_z": lambda s: _z(s["score_after_drop"].to_numpy(dtype=np.float64)),
+    "retention_rank": lambda s: _rank(s["score_after_drop"].to_numpy(dtype=np.float64)),
 }
 
 
@@ -272,7 +270,11 @@ def state_features(state: pd.DataFrame, features: Sequence[str], norm: str) -> n
 
 
 def iter_states(rows: pd.DataFrame):
+    """(state key, that state's rows sorted by layer) for every state; rows that were not given a
+    measured column (:func:`use_measured`) are scored by ``acc_after_drop``."""
     rows = _fill_walk(rows)
+    if "score_after_drop" not in rows.columns:
+        rows = use_measured(rows, "acc_after_drop")
     for key, state in rows.groupby(state_keys(rows), sort=True):
         yield key, state.sort_values("layer")
 
@@ -304,7 +306,7 @@ class FusionBundle:
     versions: dict = field(default_factory=dict)
     created: str = ""
     format: str = BUNDLE_FORMAT
-    label: str = "acc_after_drop"  # the measured column the target was computed from (see use_label)
+    measured: str = "acc_after_drop"  # the measured column the target was computed from (see use_measured)
 
     def predict(self, table: pd.DataFrame) -> np.ndarray:
         """Predicted target per layer of ONE state's signals table (higher = more removable)."""
@@ -331,7 +333,7 @@ class FusionBundle:
     def describe(self) -> dict:
         return {"model_type": self.model_type, "features": self.features, "feature_norm": self.feature_norm,
                 "target": self.target, "sources": self.sources, "cv": self.cv, "versions": self.versions,
-                "created": self.created, "label": self.label}
+                "created": self.created, "measured": self.measured}
 
 
 def _fusion_versions() -> dict:
@@ -379,7 +381,9 @@ def _load_npz_bundle(path: Path) -> FusionBundle:
         estimator = CODECS[codec][1](model)
     except (KeyError, ValueError, TypeError) as e:
         raise _not_a_bundle(path, f"incomplete {codec} model: {type(e).__name__} {e}") from None
-    fields = ("model_type", "features", "feature_norm", "target", "sources", "cv", "versions", "created", "label")
+    if "label" in meta and "measured" not in meta:  # bundles written before the rename (the shipped ones)
+        meta["measured"] = meta.pop("label")
+    fields = ("model_type", "features", "feature_norm", "target", "sources", "cv", "versions", "created", "measured")
     missing = [f for f in fields if f not in meta]
     if missing:
         raise _not_a_bundle(path, f"metadata lacks {missing}")
@@ -400,15 +404,14 @@ def _load_pickle_bundle(path: Path) -> FusionBundle:
 
 
 def load_bundle(path: str | Path | None = None, features: Sequence[str] | None = None,
-                trust_pickle: bool = False, task: str = "classification") -> FusionBundle:
-    """Load a bundle (default: the one shipped for ``task``); check it and, if given, its feature columns.
+                trust_pickle: bool = False) -> FusionBundle:
+    """Load a bundle (default: the classifier bundle; each task names its own, ``Task.default_bundle``);
+    check it and, if given, its feature columns.
 
     ``.npz`` bundles are read without unpickling. A joblib pickle (bundle format /1, written before 2026-11-23)
     is refused unless ``trust_pickle``: unpickling runs whatever code the file holds.
     """
-    if path is None and task not in DEFAULT_BUNDLES:
-        raise bad_choice("task", task, DEFAULT_BUNDLES)
-    path = Path(path) if path is not None else DEFAULT_BUNDLES[task]
+    path = Path(path) if path is not None else DEFAULT_BUNDLE
     if not path.is_file():
         raise BadInputError(f"The fusion bundle {str(path)!r} does not exist; expected a file written by fit-fusion.")
     with open(path, "rb") as f:
@@ -464,30 +467,31 @@ def read_rows(paths: Sequence[str | Path]) -> pd.DataFrame:
     return rows
 
 
-LABELS = ("acc_after_drop", "acc_after_recovery", "loss_after_drop")
+#: measured columns a fusion model can learn from: (column, the intact model's column, higher is better)
+MEASURED = {"acc_after_drop": ("acc_before", True), "acc_after_recovery": ("acc_before", True),
+            "loss_after_drop": ("loss_before", False)}
+HOW_MEASURED = {"acc_after_recovery": "collect --recovery-steps N", "loss_after_drop": "collect --task causal-lm"}
 
 
-def use_label(rows: pd.DataFrame, label: str) -> pd.DataFrame:
-    """``rows`` with ``acc_after_drop`` replaced by the measured column ``label``, so that targets,
-    fitting and every choice metric (regret, top-1, Spearman) use it; the input is not changed."""
-    if label not in LABELS:
-        raise bad_choice("label", label, LABELS)
-    need = [label, "loss_before"] if label == "loss_after_drop" else [label]
+def use_measured(rows: pd.DataFrame, measured: str) -> pd.DataFrame:
+    """``rows`` with ``score_after_drop`` / ``score_before``: the measured column ``measured`` (and the
+    intact model's) oriented so that higher is better (an NLL is negated). Targets, fitting and every
+    choice metric (regret, top-1, Spearman) read these; the input is not changed."""
+    if measured not in MEASURED:
+        raise bad_choice("measured", measured, MEASURED)
+    before, higher = MEASURED[measured]
+    need = [measured, before]
     if not set(need) <= set(rows.columns):
-        how = ("collect --task causal-lm" if label == "loss_after_drop" else "collect --recovery-steps N")
-        raise BadInputError(f"The 'label' parameter {label!r} needs columns {need}, which these rows lack; expected "
-                            f"rows from `{how}`.")
-    if label == "acc_after_drop":
-        return rows
-    if label == "loss_after_drop":  # causal-LM rows: lower NLL is better, so learn and judge its negative
-        return rows.assign(acc_after_drop=-rows["loss_after_drop"], acc_before=-rows["loss_before"])
-    return rows.assign(acc_after_drop=rows[label])
+        raise BadInputError(f"The 'measured' parameter {measured!r} needs columns {need}, which these rows lack; "
+                            f"expected rows from `{HOW_MEASURED.get(measured, 'collect')}`.")
+    sign = 1.0 if higher else -1.0
+    return rows.assign(score_after_drop=sign * rows[measured], score_before=sign * rows[before])
 
 
 def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[str] = DEFAULT_SIGNALS,
                feature_norm: str = "zscore", target: str = "retention_z", seed: int = 0,
-               cv: dict | None = None, label: str = "acc_after_drop") -> FusionBundle:
-    """Fit one fusion model on all ``rows`` (target computed from the measured column ``label``)."""
+               cv: dict | None = None, measured: str = "acc_after_drop") -> FusionBundle:
+    """Fit one fusion model on all ``rows`` (target computed from the measured column ``measured``)."""
     if model_type not in FUSION_MODELS:
         raise bad_choice("model_type", model_type, FUSION_MODELS)
     if feature_norm not in NORMALISATIONS:
@@ -496,7 +500,7 @@ def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[st
         raise bad_choice("target", target, TARGETS)
     features = list(features)
     check_columns(rows, features)
-    rows = use_label(rows, label)
+    rows = use_measured(rows, measured)
     est = FUSION_MODELS[model_type](seed)
     if model_type in GROUPED_MODELS:
         x, y, qid = design_matrix(rows, features, feature_norm, target, groups=True)
@@ -507,11 +511,11 @@ def fit_bundle(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[st
     sources = (_fill_walk(rows)[state_keys(rows)].drop_duplicates().groupby(["source_model", "dataset"]).size()
                .reset_index(name="states").to_dict("records"))
     return FusionBundle(est, model_type, features, feature_norm, target, sources, cv or {}, _fusion_versions(),
-                        time.strftime("%Y-%m-%dT%H:%M:%S"), label=label)
+                        time.strftime("%Y-%m-%dT%H:%M:%S"), measured=measured)
 
 
 def fit_selected(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[str] = DEFAULT_SIGNALS,
-                 feature_norm: str = "auto", target: str = "auto", label: str = "acc_after_drop",
+                 feature_norm: str = "auto", target: str = "auto", measured: str = "acc_after_drop",
                  seed: int = 0, record_cv: bool = False) -> FusionBundle:
     """What ``fit-fusion`` does: pick the feature normalisation and target by leave-one-dataset-out
     regret ("auto"; ties: higher Spearman), then fit on all ``rows``; the grid is recorded in the
@@ -519,7 +523,7 @@ def fit_selected(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[
     retention_z. ``record_cv`` cross-validates (and records) a fixed setting too."""
     features = list(features)
     check_columns(rows, features)
-    labelled = use_label(rows, label)  # every metric below (regret, LODO) is then in this label
+    labelled = use_measured(rows, measured)  # every metric below (regret, LODO) is then in this measure
     norms = list(NORMALISATIONS) if feature_norm == "auto" else [feature_norm]
     targets = list(TARGETS) if target == "auto" else [target]
     cv: dict = {}
@@ -534,7 +538,7 @@ def fit_selected(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[
     elif len(norms) > 1 or len(targets) > 1:
         feature_norm, target = "zscore", "retention_z"
         cv = {"scheme": "none: rows from one dataset", "chosen": {"feature_norm": feature_norm, "target": target}}
-    return fit_bundle(rows, model_type, features, feature_norm, target, seed, cv, label=label)
+    return fit_bundle(rows, model_type, features, feature_norm, target, seed, cv, measured=measured)
 
 
 def lodo_report(rows: pd.DataFrame, bundle: FusionBundle, seed: int = 0) -> dict:
@@ -543,15 +547,15 @@ def lodo_report(rows: pd.DataFrame, bundle: FusionBundle, seed: int = 0) -> dict
     n = rows["dataset"].nunique()
     if n < 2:
         raise BadInputError(f"The '--report' option needs rows from at least 2 datasets. Got {n}.")
-    f, norm, tgt, label = bundle.features, bundle.feature_norm, bundle.target, bundle.label
-    table = leave_one_dataset_out(use_label(rows, label), list(FUSION_MODELS), [norm], [tgt], f, seed=seed)
-    imp = {mt: importances(fit_bundle(rows, mt, f, norm, tgt, seed, label=label)) for mt in FUSION_MODELS}
+    f, norm, tgt, measured = bundle.features, bundle.feature_norm, bundle.target, bundle.measured
+    table = leave_one_dataset_out(use_measured(rows, measured), list(FUSION_MODELS), [norm], [tgt], f, seed=seed)
+    imp = {mt: importances(fit_bundle(rows, mt, f, norm, tgt, seed, measured=measured)) for mt in FUSION_MODELS}
     summary = table.groupby("method")[["spearman", "top1", "regret"]].mean()
-    out = {"feature_norm": norm, "target": tgt, "label": label, "selection": bundle.cv,
+    out = {"feature_norm": norm, "target": tgt, "measured": measured, "selection": bundle.cv,
            "per_dataset": table.to_dict("records"), "mean": summary.reset_index().to_dict("records"),
            "importances": imp}
     if rows["source_model"].nunique() >= 2:  # rows of several model families: can one teach the other?
-        fam = leave_one_out(use_label(rows, label), "family", list(FUSION_MODELS), [norm], [tgt], f, seed=seed)
+        fam = leave_one_out(use_measured(rows, measured), "family", list(FUSION_MODELS), [norm], [tgt], f, seed=seed)
         out["per_family"] = fam.to_dict("records")
     return out
 
@@ -566,7 +570,7 @@ def choice_metrics(rows: pd.DataFrame, scorer: Callable[[pd.DataFrame], np.ndarr
     rho, top1, regret = [], [], []
     for _, state in iter_states(rows):
         score = np.asarray(scorer(state), dtype=np.float64)
-        acc = state["acc_after_drop"].to_numpy(dtype=np.float64)
+        acc = state["score_after_drop"].to_numpy(dtype=np.float64)
         chosen = acc[int(np.argmax(score))]
         top1.append(float(chosen == acc.max()))
         regret.append(float(acc.max() - chosen))

@@ -83,7 +83,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     # sizes and counts
     "batch_size": _count(), "eval_batch_size": _count(), "max_length": Interval(int, 2, None),
     "target_layers": _count(none_ok=True), "min_layers": _count(),
-    "signal_samples": _count(), "samples": _count(), "label_samples": _count(0),
+    "signal_samples": _count(), "samples": _count(), "drop_one_samples": _count(0),
     "max_steps": _count(none_ok=True), "max_train_samples": _count(none_ok=True),
     "max_eval_samples": _count(none_ok=True), "max_samples": _count(none_ok=True),
     "step_eval_samples": _count(none_ok=True), "distill_samples": _count(none_ok=True),

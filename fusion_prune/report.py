@@ -1,14 +1,115 @@
-"""Reports and plots. Figures are written through a temp file and a rename, never half-written."""
+"""Reports and plots: the typed report of ``compress`` and the figures and markdown made from it.
+
+Figures are written through a temp file and a rename, never half-written. What a report says
+about one task's metric (its results table, its step table, its metric plot) comes from the
+task (:class:`fusion_prune.tasks.Task`); the rest is shared here.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from fusion_prune.utils import atomic_file, write_text_atomic
+
+
+@dataclass
+class StepRecord:
+    """One pruning step: what was removed, what was measured, what it cost."""
+
+    step: int
+    layers_before: int
+    dropped: list[int]  # current indices
+    dropped_orig: list[int]  # original indices
+    kept_layers: list[int]
+    predicted: float | None  # the bundle's prediction for the removed layer (one removal a step)
+    measured: float | None  # the measured drop-one value of the removed layer
+    metric: float | None  # the task's validation metric after the step's recovery (None: not recorded)
+    finetune_steps: int
+    selection_seconds: float
+    parameters: int | None = None
+    throughput: float | None = None
+    seconds: float = 0.0
+    signals: dict | None = None  # the signals table, column -> values
+    drop_one: dict | None = None  # the drop-one table, column -> values
+    #: the report.json names of ``measured`` and ``metric`` (the task's: e.g. measured_nll_after_drop)
+    measured_key: str = field(default="measured_after_drop", repr=False)
+    metric_key: str = field(default="validation_metric", repr=False)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "layers_before": self.layers_before, "dropped": self.dropped,
+                "dropped_orig": self.dropped_orig, "kept_layers": self.kept_layers, "predicted": self.predicted,
+                self.measured_key: self.measured, self.metric_key: self.metric, "finetune_steps": self.finetune_steps,
+                "selection_seconds": self.selection_seconds, "parameters": self.parameters,
+                "throughput": self.throughput, "seconds": self.seconds, "signals": self.signals,
+                "drop_one": self.drop_one}
+
+    @classmethod
+    def from_dict(cls, d: dict, measured_key: str, metric_key: str) -> StepRecord:
+        """Read back what :meth:`to_dict` wrote (a checkpoint's history); older keys are accepted."""
+        return cls(d["step"], d["layers_before"], d["dropped"], d["dropped_orig"], d["kept_layers"], d.get("predicted"),
+                   d.get(measured_key), d.get(metric_key), d.get("finetune_steps", 0), d.get("selection_seconds", 0.0),
+                   d.get("parameters"), d.get("throughput"), d.get("seconds", 0.0), d.get("signals"),
+                   d.get("drop_one", d.get("labels")), measured_key, metric_key)
+
+
+@dataclass
+class CompressReport(Mapping):
+    """What ``compress`` made and measured. ``report.json`` is :meth:`to_dict`; the report also reads as
+    that mapping (``report["student_layers"]``), for code written against the JSON."""
+
+    model: str
+    dataset: str
+    strategy: str
+    task: str
+    metric: str  # the task's headline metric ("accuracy", "perplexity")
+    teacher_metric_key: str
+    results: dict  # the task's finish: teacher / pruned / student metrics, distillation or healing stats
+    teacher_layers: int
+    student_layers: int
+    kept_layers: list[int]
+    history: list[StepRecord]
+    info: dict
+    budget: dict | None
+    student_parameters: int
+    accuracy_to_size: float | None
+    config: dict
+    fusion_bundle: dict | None
+    selection_seconds: float
+    wall_seconds: float
+    versions: dict
+
+    @property
+    def model_name(self) -> str:
+        return _name(self.model)
+
+    @property
+    def dataset_name(self) -> str:
+        return _name(self.dataset)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "dataset": self.dataset, "strategy": self.strategy, "task": self.task,
+                **self.results, "teacher_layers": self.teacher_layers, "student_layers": self.student_layers,
+                "kept_layers": self.kept_layers, "history": [e.to_dict() for e in self.history], "info": self.info,
+                "budget": self.budget, "student_parameters": self.student_parameters,
+                "accuracy_to_size": self.accuracy_to_size, "config": self.config, "fusion_bundle": self.fusion_bundle,
+                "selection_seconds": self.selection_seconds, "wall_seconds": self.wall_seconds,
+                "versions": self.versions}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
@@ -102,8 +203,9 @@ def _name(spec) -> str:
     return Path(str(spec)).name or str(spec)
 
 
-def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series: list[tuple[list, str, str]],
-                   ylabel: str, title: str, log: bool = False, budget: float | None = None, **title_kw) -> Path:
+def plot_per_step(report: CompressReport, path: str | os.PathLike, teacher: float,
+                  series: list[tuple[list, str, str]], ylabel: str, title: str, log: bool = False,
+                  budget: float | None = None, **title_kw) -> Path:
     """A metric against the depth reached after each step (x: layers, inverted, integer ticks), the
     teacher dashed and, when given, the budget's limit dotted.
 
@@ -112,9 +214,9 @@ def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    depth = [e["layers_before"] - len(e["dropped"]) for e in report["history"]]
+    depth = [e.layers_before - len(e.dropped) for e in report.history]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.axhline(teacher, color="grey", ls="--", label=f"teacher ({report['teacher_layers']} layers)")
+    ax.axhline(teacher, color="grey", ls="--", label=f"teacher ({report.teacher_layers} layers)")
     if budget is not None:
         ax.axhline(budget, color="tab:red", ls=":", label="budget limit")
     for values, fmt, label in series:
@@ -124,41 +226,26 @@ def _plot_per_step(report: dict, path: str | os.PathLike, teacher: float, series
     ax.set_xlabel("layers")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(report["teacher_layers"] + 0.5, min([*depth, report["teacher_layers"]]) - 0.5)
+    ax.set_xlim(report.teacher_layers + 0.5, min([*depth, report.teacher_layers]) - 0.5)
     ax.legend(fontsize=8)
     ax.set_title(title, **title_kw)
     return _save_figure(fig, path)
 
 
-def plot_accuracy(report: dict, path: str | os.PathLike) -> Path:
-    """Validation accuracy against depth after each step (and the measured drop-one accuracy before recovery)."""
-    h = report["history"]
-    series = [([e["validation_accuracy_after_finetune"] for e in h], "o-", "after short fine-tune")]
-    measured = [e["measured_acc_after_drop"] for e in h]
-    if any(m is not None for m in measured):
-        series.append((measured, "x:", "right after the drop"))
-    teacher = report["info"]["teacher_validation_accuracy"]
-    title = f"{_name(report['model'])} on {_name(report['dataset'])}: validation accuracy ({report['strategy']})"
-    return _plot_per_step(report, path, teacher, series, "validation accuracy", title,
-                          budget=report["info"].get("budget_limit"), fontsize=9)
-
-
-def depth_table(report: dict) -> pd.DataFrame:
+def depth_table(report: CompressReport) -> pd.DataFrame:
     """One row per depth reached (the teacher first): parameters, measured throughput and its
     speed-up, and the validation metric after that step."""
-    info, lm = report["info"], report.get("task") == "causal-lm"
-    key, teacher_key = (("validation_perplexity", "teacher_validation_perplexity") if lm
-                        else ("validation_accuracy_after_finetune", "teacher_validation_accuracy"))
-    rows = [{"layers": report["teacher_layers"], "parameters": info.get("teacher_parameters"),
-             "throughput": info.get("teacher_throughput"), "validation": info.get(teacher_key)}]
-    rows += [{"layers": e["layers_before"] - len(e["dropped"]), "parameters": e.get("parameters"),
-              "throughput": e.get("throughput"), "validation": e[key]} for e in report["history"]]
+    info = report.info
+    rows = [{"layers": report.teacher_layers, "parameters": info.get("teacher_parameters"),
+             "throughput": info.get("teacher_throughput"), "validation": info.get(report.teacher_metric_key)}]
+    rows += [{"layers": e.layers_before - len(e.dropped), "parameters": e.parameters,
+              "throughput": e.throughput, "validation": e.metric} for e in report.history]
     t = pd.DataFrame(rows)
     t["speedup"] = t["throughput"] / t["throughput"].iloc[0] if t["throughput"].notna().all() else np.nan
     return t
 
 
-def plot_size_speed(report: dict, path: str | os.PathLike) -> Path:
+def plot_size_speed(report: CompressReport, path: str | os.PathLike) -> Path:
     """Parameters (millions) and measured forward throughput against depth."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
@@ -172,155 +259,70 @@ def plot_size_speed(report: dict, path: str | os.PathLike) -> Path:
     ax.set_xlim(t["layers"].max() + 0.5, t["layers"].min() - 0.5)
     ax2 = ax.twinx()
     ax2.plot(t["layers"], t["throughput"], "s--", color="tab:orange", label="throughput")
-    ax2.set_ylabel(report["info"].get("throughput_unit", "examples/s") + " (one forward, measured)",
+    ax2.set_ylabel(report.info.get("throughput_unit", "examples/s") + " (one forward, measured)",
                    color="tab:orange")
-    ax.set_title(f"{_name(report['model'])}: size and measured speed by depth", fontsize=9)
+    ax.set_title(f"{report.model_name}: size and measured speed by depth", fontsize=9)
     return _save_figure(fig, path)
 
 
-def _depth_lines(report: dict) -> list[str]:
+def _depth_lines(report: CompressReport) -> list[str]:
     t = depth_table(report)
     if t["parameters"].isna().any():  # a report from before these were recorded
         return []
-    unit = report["info"].get("throughput_unit", "examples/s")
-    metric = "validation perplexity" if report.get("task") == "causal-lm" else "validation accuracy"
-    lines = [f"| layers | parameters | {unit} (measured) | speed-up | {metric} |", "|---|---|---|---|---|"]
+    unit = report.info.get("throughput_unit", "examples/s")
+    lines = [f"| layers | parameters | {unit} (measured) | speed-up | validation {report.metric} |",
+             "|---|---|---|---|---|"]
     for r in t.itertuples():
         lines.append(f"| {r.layers} | {r.parameters:,} | {r.throughput:.1f} | {r.speedup:.2f}x | {r.validation:.4f} |")
     lines.append("")
-    if report.get("accuracy_to_size") is not None:
-        lines += [f"Accuracy-to-size ratio {report['accuracy_to_size']:.3f}: the fraction of the teacher's test "
+    if report.accuracy_to_size is not None:
+        lines += [f"Accuracy-to-size ratio {report.accuracy_to_size:.3f}: the fraction of the teacher's test "
                   "accuracy kept, divided by the fraction of its parameters kept (above 1: accuracy shrank less "
                   "than the model).", ""]
-    b = report.get("budget")
+    b = report.budget
     if b:
         stop = b["stopped"]
         lines += [f"Budget `{b['parameter']}` = {b['value']}: " + (
             f"removing original layer(s) {stop['dropped_orig']} at {stop['layers_before']} layers broke it, so that "
-            f"step was undone and the run stopped at {report['student_layers']} layers." if stop
+            f"step was undone and the run stopped at {report.student_layers} layers." if stop
             else "never broken; the run stopped at the target depth."), ""]
     lines += ["![size and speed](plots/size_speed.png)", ""]
     return lines
 
 
-def plot_kept_layers(report: dict, path: str | os.PathLike) -> Path:
+def plot_kept_layers(report: CompressReport, path: str | os.PathLike) -> Path:
     """Which original layers remain after each step."""
     plt = _plt()
-    L = report["teacher_layers"]
-    rows = [list(range(L))] + [e["kept_layers"] for e in report["history"]]
+    L = report.teacher_layers
+    rows = [list(range(L))] + [e.kept_layers for e in report.history]
     grid = np.array([[1.0 if l in r else 0.0 for l in range(L)] for r in rows])
     fig, ax = plt.subplots(figsize=(1.5 + 0.35 * L, 1.0 + 0.35 * len(rows)))
     ax.imshow(grid, cmap="Greens", vmin=0, vmax=1.3, aspect="auto")
     ax.set_xticks(range(L))
-    ax.set_yticks(range(len(rows)), ["teacher"] + [f"step {e['step']}" for e in report["history"]])
+    ax.set_yticks(range(len(rows)), ["teacher"] + [f"step {e.step}" for e in report.history])
     ax.set_xlabel("original layer (green: kept)")
-    ax.set_title(f"{_name(report['model'])}: kept layers after each step ({report['strategy']})", fontsize=9)
+    ax.set_title(f"{report.model_name}: kept layers after each step ({report.strategy})", fontsize=9)
     return _save_figure(fig, path)
 
 
-def plot_perplexity(report: dict, path: str | os.PathLike) -> Path:
-    """Validation perplexity after each step of a causal-LM run (log scale), teacher dashed."""
-    h = report["history"]
-    title = f"{_name(report['model'])} on {_name(report['dataset'])}: validation perplexity ({report['strategy']})"
-    teacher = report["info"]["teacher_validation_perplexity"]
-    return _plot_per_step(report, path, teacher, [([e["validation_perplexity"] for e in h], "o-", "after each removal")],
-                          "validation perplexity", title, log=True, budget=report["info"].get("budget_limit"),
-                          fontsize=9)
-
-
-def _lm_report_lines(report: dict) -> list[str]:
-    fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
-    lines = [
-        f"# fusionprune compress (causal LM): {report['model']} on {report['dataset']}", "",
-        f"Strategy `{report['strategy']}`: {report['teacher_layers']} -> {report['student_layers']} layers, "
-        f"kept original layers {report['kept_layers']}.", "",
-        f"Test perplexity over {report['test_tokens']} predicted tokens (windows of "
-        f"{report['config']['max_length']} tokens, no overlap; see fusion_prune/causal_lm.py):", "",
-        "| stage | test perplexity |", "|---|---|",
-        f"| teacher | {report['teacher_perplexity']:.3f} |",
-        f"| pruned, before healing | {report['pruned_perplexity']:.3f} |",
-        f"| healed ({(report.get('heal') or {}).get('method', 'none')}, {(report.get('heal') or {}).get('steps', 0)} "
-        f"steps) | {report['healed_perplexity']:.3f} |",
-        f"| after distillation | {report['student_perplexity']:.3f} |" if report.get("distill") else "", "",
-    ]
-    if report.get("zero_shot"):
-        lines += ["| zero-shot accuracy | teacher | pruned | final | majority share |", "|---|---|---|---|---|"]
-        for name, z in report["zero_shot"].items():
-            lines.append(f"| {name} | {z['teacher']['accuracy']:.3f} | {z['pruned']['accuracy']:.3f} | "
-                         f"{z['student']['accuracy']:.3f} | {z['teacher']['majority_share']:.3f} |")
-        lines.append("")
-    lines += [f"Wall time {report['wall_seconds']:.0f} s; time spent choosing layers {report['selection_seconds']:.1f} s.",
-              "", "| step | layers | dropped (original) | measured NLL right after | validation perplexity |",
-              "|---|---|---|---|---|"]
-    for e in report["history"]:
-        lines.append(f"| {e['step']} | {e['layers_before']} | {e['dropped_orig']} | "
-                     f"{fmt(e['measured_nll_after_drop'])} | {e['validation_perplexity']:.3f} |")
-    lines += ["", "![perplexity](plots/perplexity.png)", "", *_depth_lines(report),
-              "![kept layers](plots/kept_layers.png)", ""]
-    return lines
-
-
-def write_compress_report(report: dict, folder: str | os.PathLike) -> None:
-    """report.json, report.md and plots/ in ``folder``."""
+def write_compress_report(report: CompressReport, folder: str | os.PathLike, task) -> None:
+    """report.json, report.md and plots/ in ``folder``: the shared parts here, the task's own
+    results table, step table and metric plot from ``task`` (:class:`fusion_prune.tasks.Task`)."""
     from fusion_prune.utils import write_json_atomic
 
     folder = Path(folder)
-    if report.get("task") == "causal-lm":
-        write_json_atomic(folder / "report.json", report)
-        plot_perplexity(report, folder / "plots" / "perplexity.png")
-        plot_kept_layers(report, folder / "plots" / "kept_layers.png")
-        if report["info"].get("teacher_parameters") is not None:
-            plot_size_speed(report, folder / "plots" / "size_speed.png")
-        for e in report["history"]:
-            if e["signals"] is not None:
-                plot_signals_heatmap(pd.DataFrame(e["signals"]), folder / "plots" / f"signals_step{e['step']}.png",
-                                     title=f"signals at step {e['step']} ({e['layers_before']} layers)")
-        write_text_atomic(folder / "report.md", "\n".join(_lm_report_lines(report)) + "\n")
-        return
-    write_json_atomic(folder / "report.json", report)
     plots = folder / "plots"
-    plot_accuracy(report, plots / "accuracy.png")
+    write_json_atomic(folder / "report.json", report.to_dict())
+    metric_lines = task.report_plots(report, plots)
     plot_kept_layers(report, plots / "kept_layers.png")
-    if report["info"].get("teacher_parameters") is not None:
+    if report.info.get("teacher_parameters") is not None:
         plot_size_speed(report, plots / "size_speed.png")
-    for e in report["history"]:
-        if e["signals"] is not None:
-            plot_signals_heatmap(pd.DataFrame(e["signals"]), plots / f"signals_step{e['step']}.png",
-                                 title=f"signals at step {e['step']} ({e['layers_before']} layers)")
-    lines = [
-        f"# fusionprune compress: {report['model']} on {report['dataset']}",
-        "",
-        f"Strategy `{report['strategy']}`: {report['teacher_layers']} -> {report['student_layers']} layers, "
-        f"kept original layers {report['kept_layers']}.",
-        "",
-        "| | test accuracy | macro-F1 |",
-        "|---|---|---|",
-        f"| teacher | {report['teacher_accuracy']:.4f} | {report['teacher_macro_f1']:.4f} |",
-        f"| pruned + fine-tuned | {report['pruned_accuracy']:.4f} | |",
-        f"| after distillation | {report['student_accuracy']:.4f} | {report['student_macro_f1']:.4f} |",
-        *([f"| control: same steps, hard labels only | {report['control_accuracy']:.4f} | |"]
-          if report.get("control_accuracy") is not None else []),
-        "",
-        f"{report['test_examples']} test examples; wall time {report['wall_seconds']:.0f} s; "
-        f"time spent choosing layers {report['selection_seconds']:.1f} s.",
-        "",
-        "| step | layers | dropped (original) | predicted | measured right after | validation after fine-tune |",
-        "|---|---|---|---|---|---|",
-    ]
-    target = (report.get("fusion_bundle") or {}).get("target")
-    if target:  # what "predicted" is depends on the bundle: only the 'retention' target is a fraction kept
-        meaning = {"retention": "the predicted fraction of accuracy kept",
-                   "retention_rank": "the predicted rank of the candidate among this step's layers "
-                                     "(0 = worst to drop, 1 = best), not an accuracy",
-                   "retention_z": "the predicted z-score of the accuracy after the drop among this step's "
-                                  "layers, not an accuracy"}.get(target, f"the bundle's target {target!r}")
-        lines[-2:-2] = [f"`predicted` is {meaning}; `measured right after` is the validation accuracy "
-                        "with the layer removed, before fine-tuning.", ""]
-    for e in report["history"]:
-        fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"| {e['step']} | {e['layers_before']} | {e['dropped_orig']} | {fmt(e['predicted'])} | "
-                     f"{fmt(e['measured_acc_after_drop'])} | {e['validation_accuracy_after_finetune']:.4f} |")
-    lines += ["", "![accuracy](plots/accuracy.png)", "", *_depth_lines(report), "![kept layers](plots/kept_layers.png)", ""]
-    lines += [f"![signals step {e['step']}](plots/signals_step{e['step']}.png)" for e in report["history"]
-              if e["signals"] is not None]
+    for e in report.history:
+        if e.signals is not None:
+            plot_signals_heatmap(pd.DataFrame(e.signals), plots / f"signals_step{e.step}.png",
+                                 title=f"signals at step {e.step} ({e.layers_before} layers)")
+    lines = [*task.report_section(report), *task.step_table(report), *metric_lines, *_depth_lines(report),
+             "![kept layers](plots/kept_layers.png)", ""]
+    lines += [f"![signals step {e.step}](plots/signals_step{e.step}.png)" for e in report.history
+              if e.signals is not None]
     write_text_atomic(folder / "report.md", "\n".join(lines) + "\n")

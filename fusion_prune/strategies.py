@@ -49,18 +49,14 @@ class StrategyState:
     target_layers: int
     orig_layers: list[int]  # original index of each current layer
     signals: pd.DataFrame | None = None  # one row per current layer, when the strategy needs signals
-    labels: pd.DataFrame | None = None  # drop-one accuracies, when the strategy needs labels
+    drop_one: pd.DataFrame | None = None  # the drop-one table, when the strategy needs it
     bundle: object | None = None
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     full_layers: int | None = None  # depth of the original model (default: inferred from orig_layers)
-    task: object | None = None  # the fusion_prune.tasks.Task being compressed (None: classification)
+    task: object | None = None  # the fusion_prune.tasks.Task being compressed (strategies that measure need it)
     # measure(layers) -> drop-one table with only those (current) layers measured on validation data
     measure: Callable[[list[int]], pd.DataFrame] | None = None
     verify_k: int = 3  # fusion-verify's shortlist
-
-    @property
-    def causal_lm(self) -> bool:
-        return getattr(self.task, "name", "classification") == "causal-lm"
 
 
 @dataclass(frozen=True)
@@ -68,25 +64,23 @@ class Strategy:
     name: str
     fn: Callable[[StrategyState], list[int]]  # -> current indices of the layer(s) to drop now
     needs_signals: bool = False
-    needs_labels: bool = False
+    needs_drop_one: bool = False
     needs_bundle: bool = False
     one_shot: bool = False  # removes every layer down to the target in one step
     doc: str = ""
     extra_signals: tuple[str, ...] = ()  # opt-in signals (beside the 12) the loop must compute for it
-    classification_only: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, needs_signals: bool = False, needs_labels: bool = False, needs_bundle: bool = False,
-                      one_shot: bool = False, extra_signals: Sequence[str] = (),
-                      classification_only: bool = False) -> Callable:
+def register_strategy(name: str, needs_signals: bool = False, needs_drop_one: bool = False,
+                      needs_bundle: bool = False, one_shot: bool = False, extra_signals: Sequence[str] = ()) -> Callable:
     def wrap(fn: Callable[[StrategyState], list[int]]) -> Callable:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = Strategy(name, fn, needs_signals, needs_labels, needs_bundle, one_shot,
-                                    (fn.__doc__ or "").strip(), tuple(extra_signals), classification_only)
+        STRATEGIES[name] = Strategy(name, fn, needs_signals, needs_drop_one, needs_bundle, one_shot,
+                                    (fn.__doc__ or "").strip(), tuple(extra_signals))
         return fn
     return wrap
 
@@ -103,15 +97,13 @@ def _fusion(s: StrategyState) -> list[int]:
 
 @register_strategy("fusion-verify", needs_signals=True, needs_bundle=True)
 def _fusion_verify(s: StrategyState) -> list[int]:
-    """The fusion bundle shortlists its top k layers (--verify-k); the measured drop-one label
+    """The fusion bundle shortlists its top k layers (--verify-k); the measured drop-one metric
     (as the oracle's, on k of the L layers) decides among them."""
-    from fusion_prune.tasks import ClassificationTask
-
     scores = s.bundle.predict(s.signals.sort_values("layer"))
     short = [int(i) for i in np.argsort(-scores, kind="stable")[: s.verify_k]]
     if len(short) == 1:
         return short
-    return [(s.task or ClassificationTask()).best_candidate(s.measure(short).dropna(subset=["loss_after_drop"]))]
+    return [s.task.best_candidate(s.measure(short).dropna(subset=["loss_after_drop"]))]
 
 
 # Every signal, the opt-in extras too, is a strategy by its own rule; an extra is computed only
@@ -176,9 +168,11 @@ def _angular_block(s: StrategyState) -> list[int]:
     from signals.capture import block_angular_distance
 
     n = s.n_layers - s.target_layers
-    # Gromov et al. measure decoders at the last token (it has seen the whole sequence); for
-    # classifiers the mean over real tokens is kept (it is what every measured result used).
-    start = int(np.argmin(block_angular_distance(s.model, s.batches, n, last_token=s.causal_lm)))
+    # Gromov et al. measure decoders at the last token (it has seen the whole sequence); where the
+    # task reads every position (classifiers) the mean over real tokens is kept (what every measured
+    # result used). The task says which.
+    start = int(np.argmin(block_angular_distance(s.model, s.batches, n,
+                                                 last_token=getattr(s.task, "summary_at_last_token", False))))
     return list(range(start, start + n))
 
 
@@ -188,13 +182,11 @@ def _random(s: StrategyState) -> list[int]:
     return [int(s.rng.integers(s.n_layers))]
 
 
-@register_strategy("oracle", needs_labels=True)
+@register_strategy("oracle", needs_drop_one=True)
 def _oracle(s: StrategyState) -> list[int]:
     """The layer whose removal measurably keeps the most validation accuracy (causal LM: the
-    lowest validation NLL)."""
-    from fusion_prune.tasks import ClassificationTask
-
-    return [(s.task or ClassificationTask()).best_candidate(s.labels)]
+    lowest validation NLL): the task's order of the drop-one table."""
+    return [s.task.best_candidate(s.drop_one)]
 
 
 # --------------------------------------------------------------------------- criteria from the LLM papers

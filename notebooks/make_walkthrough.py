@@ -32,9 +32,9 @@ cells = [
     md("## 3. What the fusion model predicts\nThe shipped bundle was trained on greedy states of other runs; it scores "
        "each layer's removability. Next to it, the measured accuracy with each layer removed."),
     code("from fusion_prune.fusion import load_bundle\n"
-         "from fusion_prune.labels import drop_one_labels\n\n"
+         "from fusion_prune.dropone import drop_one_accuracy\n\n"
          "bundle = load_bundle()\n"
-         "measured = drop_one_labels(teacher, tok, data.validation.iloc[:300], data.labels, max_length=64)\n"
+         "measured = drop_one_accuracy(teacher, tok, data.validation.iloc[:300], data.labels, max_length=64)\n"
          "view = measured.table.assign(predicted=bundle.predict(table))\n"
          "fig, ax = plt.subplots(1, 2, figsize=(9, 3))\n"
          "ax[0].bar(view.layer, view.predicted); ax[0].set_title('fusion: predicted removability')\n"
@@ -51,8 +51,8 @@ cells = [
     md("## 5. Compress 6 → 4 layers\nThe greedy loop on the teacher above: signals → fusion → drop → short "
        "fine-tune, then distillation."),
     code("from distill import DistillConfig\n"
-         "from fusion_prune.greedy import CompressConfig, compress\n\n"
-         "cfg = CompressConfig(target_layers=4, finetune_steps=10, signal_samples=64, label_samples=200,\n"
+         "from fusion_prune.loop import CompressConfig, compress\n\n"
+         "cfg = CompressConfig.from_options(target_layers=4, finetune_steps=10, signal_samples=64, drop_one_samples=200,\n"
          "                     max_eval_samples=300, max_length=64,\n"
          "                     distill=DistillConfig(max_steps=20, max_train_samples=640), progress=False)\n"
          "report = compress('walkthrough_teacher', data, cfg, 'walkthrough_out', overwrite=True)\n"

@@ -15,70 +15,14 @@ Adding a signal is one decorated function::
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from signals import capture  # the engine module (signals.capture.capture runs the pass)
-from signals.capture import NEEDS, SignalContext
-
-Rule = Literal["prune_lowest", "prune_highest"]
-SignalFn = Callable[[SignalContext], np.ndarray]
-
-#: The default 12-dimensional feature vector, in DESIGN.md order.
-DEFAULT_SIGNALS: tuple[str, ...] = (
-    "act_inhibition", "act_intensity", "act_energy", "mi_task", "mi_prediction", "grad_norm", "grad_fisher",
-    "grad_taylor", "weight_norm", "weight_entropy", "attn_entropy", "repr_angular",
-)
-
-
-@dataclass(frozen=True)
-class Signal:
-    name: str
-    family: str
-    rule: Rule
-    needs: frozenset[str]
-    fn: SignalFn
-    default: bool
-    doc: str
-
-    def direction(self) -> int:
-        """+1 if a high value means important (prune lowest), -1 otherwise."""
-        return 1 if self.rule == "prune_lowest" else -1
-
-
-SIGNALS: dict[str, Signal] = {}
-
-
-def register_signal(name: str, family: str, needs: Sequence[str], rule: Rule,
-                    default: bool = False) -> Callable[[SignalFn], SignalFn]:
-    """Register ``fn(ctx) -> (n_layers,)`` as signal ``name``; duplicate names are rejected."""
-    if rule not in ("prune_lowest", "prune_highest"):
-        raise ValueError(f"rule must be 'prune_lowest' or 'prune_highest', got {rule!r}")
-    if set(needs) - NEEDS:
-        raise ValueError(f"unknown needs {sorted(set(needs) - NEEDS)}; expected a subset of {sorted(NEEDS)}")
-
-    def wrap(fn: SignalFn) -> SignalFn:
-        if name in SIGNALS:
-            raise ValueError(f"signal {name!r} is registered twice")
-        SIGNALS[name] = Signal(name, family, rule, frozenset(needs), fn, default, (fn.__doc__ or "").strip())
-        return fn
-
-    return wrap
-
-
-def resolve_signals(names: Sequence[str] | None) -> list[Signal]:
-    """The requested signals (default: the 12), checked against the registry."""
-    from fusion_prune.errors import bad_choice
-
-    names = list(DEFAULT_SIGNALS if names is None else names)
-    for n in names:
-        if n not in SIGNALS:
-            raise bad_choice("signals", n, SIGNALS)
-    return [SIGNALS[n] for n in dict.fromkeys(names)]
-
+from signals.capture import SignalContext
+from signals.registry import DEFAULT_SIGNALS, SIGNALS, Rule, Signal, SignalFn, register_signal, resolve_signals
 
 def compute_signals(model, tokenizer, data: pd.DataFrame, signals: Sequence[str] | None = None, *,
                     batch_size: int = 16, max_length: int = 128, max_samples: int | None = 256, seed: int = 0,
@@ -108,11 +52,11 @@ def compute_signals(model, tokenizer, data: pd.DataFrame, signals: Sequence[str]
 
 
 def signals_on_batches(model, batches: list[dict], signals: Sequence[str] | None = None, *, mi_cap: int = 2048,
-                       lm_stride: int | None = None, progress: bool = True) -> pd.DataFrame:
+                       token_stride: int | None = None, progress: bool = True) -> pd.DataFrame:
     """The signals table of ``model`` from ready batches on its device: one shared pass.
 
     Each batch holds ``input_ids``/``attention_mask`` (B, T) and ``labels`` (B,) (classifier) or
-    is a batch of token windows (causal LM, ``lm_stride`` = spacing of the predicting positions
+    is a batch of token windows (causal LM, ``token_stride`` = spacing of the predicting positions
     used by the MI signals).
     """
     from tqdm.auto import tqdm
@@ -122,7 +66,7 @@ def signals_on_batches(model, batches: list[dict], signals: Sequence[str] | None
     needs = frozenset().union(*(s.needs for s in chosen))
     bar = tqdm(total=len(batches), desc="signals", disable=not progress, dynamic_ncols=True)
     try:
-        ctx = capture.capture(model, batches, needs, mi_cap=mi_cap, progress=bar.update, lm_stride=lm_stride)
+        ctx = capture.capture(model, batches, needs, mi_cap=mi_cap, progress=bar.update, token_stride=token_stride)
         return signals_frame(ctx, chosen)
     finally:
         bar.close()

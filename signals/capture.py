@@ -7,8 +7,8 @@ accumulates streaming, per-layer statistics into a :class:`SignalContext`:
   per-example energies (token-level statistics use the attention mask);
 * ``inputs``: the angular distance between each layer's input and output token vectors;
 * ``pooled``: mean-pooled layer outputs (a capped buffer, for mutual information), gold labels
-  and the model's own predictions. For a causal LM (``lm_stride``) an "example" is one predicting
-  position instead: every ``lm_stride``-th token's hidden state, its gold next token and the
+  and the model's own predictions. For a causal LM (``token_stride``) an "example" is one predicting
+  position instead: every ``token_stride``-th token's hidden state, its gold next token and the
   model's predicted next token;
 * ``attentions``: entropy of the attention rows (eager attention for this pass only);
 * ``grads``: the gradient of the mean calibration loss per layer parameter, and the per-batch
@@ -64,8 +64,9 @@ class SignalContext:
     # grads
     grad_sq_sum: np.ndarray = None
     mean_grads: list[list[torch.Tensor]] = field(default_factory=list)
-    #: "classification" (one pooled example per sequence) or "causal-lm" (one per predicting position)
-    task: str = "classification"
+    #: False: one pooled example per sequence, labelled by its class; True: one per predicting token
+    #: position, labelled by the next token (set by ``token_stride``)
+    token_examples: bool = False
 
     def __post_init__(self) -> None:
         for name in ("act_sum", "act_elems", "norm_sum", "tokens", "energy_sum", "angular_sum", "influence_sum",
@@ -169,13 +170,14 @@ def task_loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs: Iterable[str],
-            mi_cap: int = 2048, progress: Callable | None = None, lm_stride: int | None = None) -> SignalContext:
+            mi_cap: int = 2048, progress: Callable | None = None, token_stride: int | None = None) -> SignalContext:
     """Run the shared pass over ``batches`` and return the accumulated :class:`SignalContext`.
 
     Each batch holds ``input_ids`` and ``attention_mask`` (B, T) and ``labels`` (B,), already on
     the model's device. ``needs`` selects what is recorded; "weights" and "passes" need no pass.
-    ``lm_stride``: the model is a causal LM; its pooled examples are the hidden states at every
-    ``lm_stride``-th position (:func:`lm_positions`), labelled by the next token there.
+    ``token_stride``: the examples are token positions, not sequences (a causal LM): the pooled
+    examples are the hidden states at every ``token_stride``-th position (:func:`lm_positions`),
+    labelled by the next token there.
     """
     needs = set(needs)
     unknown = needs - NEEDS
@@ -185,7 +187,7 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
     layers = layer_list(model)
     n = len(layers)
     ctx = SignalContext(model, layers, batches, n, kept_layers(model.config),
-                        task="causal-lm" if lm_stride else "classification")
+                        token_examples=bool(token_stride))
     data_needs = needs & {"outputs", "inputs", "pooled", "attentions", "grads"}
     if not data_needs:
         return ctx
@@ -212,7 +214,7 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
                     ctx.angular_sum[idx] += float((torch.arccos(cos) / torch.pi * m).sum())
                     ctx.influence_sum[idx] += float(((1.0 - cos) * m).sum())
                 if "pooled" in needs and pooled_count[idx] < mi_cap:
-                    if lm_stride:  # one example per predicting position: (B * P, hidden)
+                    if token_stride:  # one example per predicting position: (B * P, hidden)
                         pooled = h_out[:, mask_now["positions"]].reshape(-1, h_out.shape[-1])
                     else:
                         pooled = (h_out * m3).sum(1) / ntok.unsqueeze(-1)
@@ -249,8 +251,8 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
             for batch in batches:
                 mask_now["mask"] = batch["attention_mask"]
                 mask_now["size"] = len(batch["input_ids"])
-                if lm_stride:
-                    mask_now["positions"] = lm_positions(batch["attention_mask"], lm_stride)
+                if token_stride:
+                    mask_now["positions"] = lm_positions(batch["attention_mask"], token_stride)
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 with torch.set_grad_enabled("grads" in needs):
                     out = model(**inputs, output_attentions=True) if ask_attentions else model(**inputs)
@@ -264,7 +266,7 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
                         raise RuntimeError("the model returned no attention probabilities under eager attention")
                     for idx, a in enumerate(out.attentions):
                         _add_attention_entropy(ctx, idx, a, batch["attention_mask"])
-                if "pooled" in needs and lm_stride:
+                if "pooled" in needs and token_stride:
                     pos = mask_now["positions"]
                     ctx.labels.append(batch["input_ids"][:, pos + 1].reshape(-1).cpu().numpy())
                     ctx.predictions.append(out.logits[:, pos].argmax(-1).reshape(-1).detach().cpu().numpy())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from signals import register_signal
+from signals.registry import register_signal
 from signals.capture import SignalContext, restored_state, scale_output, skip_layer, task_loss
 
 MC_SAMPLES = 8

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from signals import register_signal
+from signals.registry import register_signal
 from signals.capture import SignalContext
 
 N_COMPONENTS = 8
@@ -58,7 +58,7 @@ def pooled_mi(x: np.ndarray, y: np.ndarray, n_components: int = N_COMPONENTS, se
 
 def _mi(ctx: SignalContext, which: str) -> np.ndarray:
     y = ctx.label_array(which)
-    if ctx.task == "causal-lm":
+    if ctx.token_examples:  # next-token labels: a vocabulary of classes, bucketed
         gold, y = bucket_tokens(ctx.label_array("labels"), y)
         y = gold if which == "labels" else y
     return np.array([pooled_mi(ctx.pooled_array(i), y[: len(ctx.pooled_array(i))]) for i in range(ctx.n_layers)])

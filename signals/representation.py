@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from signals import register_signal
+from signals.registry import register_signal
 from signals.capture import SignalContext
 
 

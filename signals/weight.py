@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from signals import register_signal
+from signals.registry import register_signal
 from signals.capture import SignalContext
 
 HIST_BINS = 256

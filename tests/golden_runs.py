@@ -42,14 +42,14 @@ def make_inputs(root: Path) -> dict[str, Path]:
 def options(task: str, strategy: str) -> dict:
     """compress() keywords of each case (the public API, stable across the restructuring)."""
     from distill import DistillConfig
-    from fusion_prune.causal_lm import HealConfig
+    from fusion_prune.heal import HealConfig
 
     if task == "classification":
-        return dict(target_layers=1, strategy=strategy, finetune_steps=2, signal_samples=32, label_samples=40,
+        return dict(target_layers=1, strategy=strategy, finetune_steps=2, signal_samples=32, drop_one_samples=40,
                     max_eval_samples=60, max_length=16, batch_size=8, lr=1e-3, seed=0,
                     distill=DistillConfig(max_steps=3, batch_size=8, progress=False), progress=False)
     return dict(target_layers=2, task="causal-lm", strategy=strategy, max_length=16, batch_size=2, signal_samples=2,
-                label_samples=2, max_eval_tokens=64, step_eval_samples=2,
+                drop_one_samples=2, max_eval_tokens=64, step_eval_samples=2,
                 heal=HealConfig(steps=3, batch_size=2, progress=False), progress=False)
 
 
@@ -66,7 +66,7 @@ def summary(report: dict, model) -> dict:
         "kept_layers": report["kept_layers"],
         "dropped": [h["dropped_orig"] for h in report["history"]],
         "steps": [{**{k: h[k] for k in step_keys if k in h},
-                   "drop_one_losses": (h.get("labels") or {}).get("loss_after_drop")} for h in report["history"]],
+                   "drop_one_losses": (h.get("drop_one") or h.get("labels") or {}).get("loss_after_drop")} for h in report["history"]],
         "metrics": {k: report[k] for k in metric_keys if report.get(k) is not None},
         "weights": [float(sum(p.detach().double().sum() for p in model.parameters())),
                     float(sum(p.detach().double().pow(2).sum() for p in model.parameters()))],

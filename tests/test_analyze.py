@@ -11,7 +11,7 @@ from fusion_prune.analyze import analyze
 from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
 from fusion_prune.data import subsample
-from fusion_prune.labels import drop_one_labels
+from fusion_prune.dropone import drop_one_accuracy
 from fusion_prune.models import load_classifier
 from signals import DEFAULT_SIGNALS
 
@@ -25,7 +25,7 @@ def teacher(sentiment_csv_dir, tmp_path_factory):
 
 
 def test_numbers_equal_signals_and_labels_for_the_same_inputs(teacher, sentiment_csv_dir, bundle_path, tmp_path):
-    a = analyze(str(teacher), str(sentiment_csv_dir), samples=32, measure=True, label_samples=30,
+    a = analyze(str(teacher), str(sentiment_csv_dir), samples=32, measure=True, drop_one_samples=30,
                 fusion=bundle_path, max_length=16, extras=["activation_patching"], progress=False)
     # the signals: what `fusionprune signals` writes for the same model, sample and settings
     res = CliRunner().invoke(main, ["signals", "-m", str(teacher), "-d", str(sentiment_csv_dir), "--samples", "32",
@@ -38,7 +38,7 @@ def test_numbers_equal_signals_and_labels_for_the_same_inputs(teacher, sentiment
     # the measured reference: the drop-one labels collect and compress compute
     data = load_dataset(str(sentiment_csv_dir))
     net, tok, _ = load_classifier(str(teacher), data.labels)
-    lab = drop_one_labels(net, tok, subsample(data.validation, 30, 0), data.labels, batch_size=32,
+    lab = drop_one_accuracy(net, tok, subsample(data.validation, 30, 0), data.labels, batch_size=32,
                           max_length=16).table
     np.testing.assert_allclose(a.table["acc_after_drop"], lab.sort_values("layer")["acc_after_drop"])
     # ranks follow the scores; the measured method removes the layer of best drop-one accuracy first
@@ -61,7 +61,7 @@ def test_numbers_equal_signals_and_labels_for_the_same_inputs(teacher, sentiment
 def test_cli_writes_the_report(teacher, sentiment_csv_dir, bundle_path, tmp_path):
     out = tmp_path / "a"
     res = CliRunner().invoke(main, ["analyze", "-m", str(teacher), "-d", str(sentiment_csv_dir), "--samples", "32",
-                                    "--max-length", "16", "--extras", "none", "--measure", "--label-samples", "30",
+                                    "--max-length", "16", "--extras", "none", "--measure", "--drop-one-samples", "30",
                                     "--fusion", str(bundle_path), "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "first layer to remove" in res.output

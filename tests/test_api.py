@@ -46,7 +46,7 @@ def test_prune_returns_a_copy(teacher):  # noqa: F811
 
 def test_compress_returns_a_result_that_saves(teacher, sentiment_csv_dir, tmp_path):  # noqa: F811
     res = compress(str(teacher), str(sentiment_csv_dir), target_layers=1, strategy="top", finetune_steps=1,
-                   signal_samples=16, label_samples=0, max_eval_samples=40, max_length=16, batch_size=8,
+                   signal_samples=16, drop_one_samples=0, max_eval_samples=40, max_length=16, batch_size=8,
                    distill=None, progress=False)
     assert isinstance(res, CompressResult) and num_layers(res.model) == 1 and res.tokenizer is not None
     assert res.report["student_layers"] == 1 and "kept" in repr(res)

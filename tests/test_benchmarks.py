@@ -89,7 +89,7 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     synthetic_rows().to_parquet(rows)
     profile = compare.Profile(str(tiny_base_model), [1], datasets=[str(sentiment_csv_dir)],
                               seeds={"random": [0, 1]}, teacher_samples=200, teacher_epochs=1, teacher_margin=0, finetune_steps=1,
-                              signal_samples=16, label_samples=16, distill_samples=32, max_eval_samples=40,
+                              signal_samples=16, drop_one_samples=16, distill_samples=32, max_eval_samples=40,
                               max_length=16, batch_size=8, rows=str(rows), paired=True)
     out = tmp_path / "cmp"
     res = compare.run(profile, "tiny", out, log=lambda m: None)
@@ -100,7 +100,7 @@ def test_compare_runs_every_strategy_and_resumes(tiny_base_model, sentiment_csv_
     # fusion-verify: the rf bundle (the shipped configuration, fitted without the dataset) shortlists
     # and the drop-one label decides: its selection measures labels, fusion-rf's does not
     verify = json.loads((out / "reports" / f"{sentiment_csv_dir.name}-l1-fusion-verify-s0.json").read_text())
-    assert verify["config"]["strategy"] == "fusion-verify" and verify["config"]["label_samples"] == 16
+    assert verify["config"]["strategy"] == "fusion-verify" and verify["config"]["drop_one_samples"] == 16
     assert verify["config"]["fusion_path"].endswith("lodo-rf-without-" + sentiment_csv_dir.name + ".npz")
     # one teacher per dataset, shared by every seed; heavy files under work/, one report per cell kept
     assert len(list((out / "work" / "bundles").glob("*.npz"))) == 3
@@ -540,11 +540,11 @@ def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     assert sorted(table.strategy) == sorted(["fusion", "fusion-verify", "best-signal", "deepest"]) and len(res) == 4
     assert (table.finetune_steps == 1).all()  # recovery between removals, recorded per row
     (bundle,) = (tmp_path / "runs" / "bundles").glob("*.npz")
-    shipped, fitted = F.load_bundle(task="causal-lm"), F.load_bundle(bundle)
+    shipped, fitted = F.load_bundle(CausalLMTask.default_bundle), F.load_bundle(bundle)
     assert (fitted.model_type, fitted.feature_norm, fitted.target) == (shipped.model_type, shipped.feature_norm,
                                                                        shipped.target)
     verify = json.loads((tmp_path / "runs" / "grimm-tales.txt-l2-fusion-verify-s0" / "report.json").read_text())
-    assert verify["config"]["label_samples"] == 8 and verify["config"]["fusion_path"] == str(bundle)
+    assert verify["config"]["drop_one_samples"] == 8 and verify["config"]["fusion_path"] == str(bundle)
     best = json.loads((tmp_path / "runs" / "grimm-tales.txt-l2-best-signal-s0" / "report.json").read_text())
     assert best["config"]["strategy"] in __import__("signals").DEFAULT_SIGNALS
     stamp = (tmp_path / "runs" / "grimm-tales.txt-l2-deepest-s0" / "report.json").stat().st_mtime
@@ -556,7 +556,7 @@ def test_lm_profile_runs_fusion_loco_and_resumes(tmp_path):
     assert sorted(pd.read_csv(tmp_path / "out" / "results.csv").strategy) == sorted(
         ["fusion", "fusion-verify", "fusion-verify-w4", "best-signal", "deepest"])
     w4 = json.loads((tmp_path / "runs" / "grimm-tales.txt-l2-fusion-verify-w4-s0" / "report.json").read_text())
-    assert w4["config"]["label_samples"] == 4 and w4["config"]["strategy"] == "fusion-verify"
+    assert w4["config"]["drop_one_samples"] == 4 and w4["config"]["strategy"] == "fusion-verify"
 
 
 def test_fusion_verify_family_transfer_scores_each_family_with_a_bundle_of_the_other(tmp_path):
@@ -566,7 +566,7 @@ def test_fusion_verify_family_transfer_scores_each_family_with_a_bundle_of_the_o
 
     fv = _load("fusion_verify")
     rows = synthetic_rows()
-    cls = F.use_label(rows[rows.dataset.isin(["a", "b"])], "acc_after_drop")
+    cls = F.use_measured(rows[rows.dataset.isin(["a", "b"])], "acc_after_drop")
     assert fv.family_transfer(cls, tmp_path / "none", "minmax", "retention_rank") is None  # no other family yet
     rows[rows.dataset.isin(["c", "d"])].assign(source_model="other").to_parquet(tmp_path / "other.parquet")
     t = fv.family_transfer(cls, tmp_path, "minmax", "retention_rank")

@@ -14,7 +14,7 @@ from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
 from fusion_prune.finetune import FinetuneConfig, check_teacher, finetune, majority_share, train
-from fusion_prune.greedy import CompressConfig, compress
+from fusion_prune.loop import CompressConfig, compress
 from fusion_prune.models import load_classifier
 from fusion_prune.tasks import ClassificationTask
 
@@ -109,9 +109,9 @@ def test_compress_refuses_a_weak_teacher_given_with_model(base3, noise_dir, tmp_
 
 
 def _budget_cfg(**kw):
-    base = dict(strategy="top", finetune_steps=1, signal_samples=16, label_samples=0, max_eval_samples=40,
+    base = dict(strategy="top", finetune_steps=1, signal_samples=16, drop_one_samples=0, max_eval_samples=40,
                 max_length=16, batch_size=8, distill=None, progress=False)
-    return CompressConfig(**{**base, **kw})
+    return CompressConfig.from_options(**{**base, **kw})
 
 
 def test_budget_alone_goes_as_deep_as_it_allows(teacher3, sentiment_csv_dir, tmp_path):
@@ -183,7 +183,7 @@ def test_budget_cli_summary_and_independent_check(teacher3, sentiment_csv_dir, t
     """The budget holds on validation, and the saved model evaluates to the reported numbers."""
     res = CliRunner().invoke(main, ["compress", "-m", str(teacher3), "-d", str(sentiment_csv_dir),
                                     "--max-accuracy-drop", "0.1", "--strategy", "top", "--finetune-steps", "3",
-                                    "--signal-samples", "16", "--label-samples", "0", "--max-length", "16",
+                                    "--signal-samples", "16", "--drop-one-samples", "0", "--max-length", "16",
                                     "--no-distill", "-o", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert "budget            max_accuracy_drop 0.1" in res.output

@@ -62,7 +62,7 @@ def corpus_txt(tmp_path_factory):
 
 
 def test_windows_follow_the_protocol(llama_dir):
-    from fusion_prune.causal_lm import token_windows
+    from fusion_prune.corpus import token_windows
     from fusion_prune.models import load_tokenizer
 
     tok = load_tokenizer(str(llama_dir))
@@ -76,7 +76,7 @@ def test_windows_follow_the_protocol(llama_dir):
 
 
 def test_perplexity_is_exp_of_mean_next_token_nll(llama_dir):
-    from fusion_prune.causal_lm import perplexity
+    from fusion_prune.lm import perplexity
     from fusion_prune.models import load_causal_lm
 
     model, _ = load_causal_lm(str(llama_dir))
@@ -91,8 +91,8 @@ def test_perplexity_is_exp_of_mean_next_token_nll(llama_dir):
 
 
 def test_cached_prefix_nll_labels_equal_drop_then_evaluate(decoder_dir):
-    from fusion_prune.causal_lm import window_batches
-    from fusion_prune.labels import drop_one_nll, drop_one_nll_naive
+    from fusion_prune.corpus import window_batches
+    from fusion_prune.dropone import drop_one_nll, drop_one_nll_naive
     from fusion_prune.models import load_causal_lm
 
     model, _ = load_causal_lm(str(decoder_dir))
@@ -107,14 +107,14 @@ def test_cached_prefix_nll_labels_equal_drop_then_evaluate(decoder_dir):
 
 
 def test_lm_signals_are_the_12_and_finite(decoder_dir):
-    from fusion_prune.causal_lm import window_batches
+    from fusion_prune.corpus import window_batches
     from fusion_prune.models import load_causal_lm
     from signals import DEFAULT_SIGNALS, signals_on_batches
 
     model, _ = load_causal_lm(str(decoder_dir))
     windows = torch.randint(5, 20, (6, 33), generator=torch.Generator().manual_seed(2))
     table = signals_on_batches(model, window_batches(windows, 3, model.device), [*DEFAULT_SIGNALS, "block_influence"],
-                               lm_stride=4, progress=False)
+                               token_stride=4, progress=False)
     assert list(table.columns) == ["layer", "orig_layer", *DEFAULT_SIGNALS, "block_influence"]
     assert len(table) == 4 and np.isfinite(table[list(DEFAULT_SIGNALS)].to_numpy()).all()
     assert (table.block_influence >= 0).all() and (table.block_influence <= 2).all()
@@ -150,7 +150,7 @@ def test_last_token_angular_distance_by_hand():
 
 
 def test_zero_shot_scores_single_and_multi_token_verbalisers(llama_dir):
-    from fusion_prune.causal_lm import zero_shot
+    from fusion_prune.lm import zero_shot
     from fusion_prune.models import load_causal_lm
 
     model, tok = load_causal_lm(str(llama_dir))
@@ -175,23 +175,23 @@ def test_detection_and_its_errors(llama_dir, corpus_txt, sentiment_csv_dir, tiny
 
 
 def _lm_cfg(**kw):
-    from fusion_prune.causal_lm import HealConfig
-    from fusion_prune.greedy import CompressConfig
+    from fusion_prune.heal import HealConfig
+    from fusion_prune.loop import CompressConfig
 
     base = dict(target_layers=2, task="causal-lm", max_length=16, batch_size=2, signal_samples=2, max_eval_tokens=64,
                 step_eval_samples=2, heal=HealConfig(steps=3, batch_size=2, progress=False), progress=False)
-    return CompressConfig(**{**base, **kw})
+    return CompressConfig.from_options(**{**base, **kw})
 
 
 @pytest.mark.parametrize("strategy", ["block-influence", "angular-block", "deepest", "sleb", "taylor", "fusion",
                                       "oracle", "random"])
 def test_lm_compress_every_strategy(llama_dir, corpus_txt, tmp_path, strategy):
-    from fusion_prune.greedy import compress
+    from fusion_prune.loop import compress
     from fusion_prune.tasks import get_task
 
     task = get_task("causal-lm")
     data = task.load_data(str(corpus_txt))
-    cfg = _lm_cfg(strategy=strategy, label_samples=2 if strategy == "oracle" else 0)
+    cfg = _lm_cfg(strategy=strategy, drop_one_samples=2 if strategy == "oracle" else 0)
     r = compress(str(llama_dir), data, cfg, tmp_path / "out", task=task)
     assert r["student_layers"] == 2 and len(r["kept_layers"]) == 2
     for key in ("teacher_perplexity", "pruned_perplexity", "healed_perplexity", "student_perplexity"):
@@ -207,7 +207,7 @@ def test_lm_compress_every_strategy(llama_dir, corpus_txt, tmp_path, strategy):
 def test_lm_output_reloads_and_generates_the_same(llama_dir, corpus_txt, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from fusion_prune.causal_lm import HealConfig, heal
+    from fusion_prune.heal import HealConfig, heal
     from fusion_prune.models import load_causal_lm
     from fusion_prune.surgery import drop_layers
 
@@ -234,7 +234,7 @@ def test_qlora_trains_on_a_4bit_copy_and_merges_into_full_precision(llama_dir, t
     from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM
 
-    from fusion_prune.causal_lm import HealConfig, _lora, _merge_adapters, _quantised_copy, heal
+    from fusion_prune.heal import HealConfig, _lora, _merge_adapters, _quantised_copy, heal
     from fusion_prune.models import load_causal_lm
     from fusion_prune.surgery import drop_layers
 
@@ -297,7 +297,7 @@ def test_cli_compress_heals_with_qlora(llama_dir, corpus_txt, tmp_path):
 def test_qlora_without_bitsandbytes_is_one_clear_error(llama_dir, monkeypatch):
     import sys
 
-    from fusion_prune.causal_lm import HealConfig, heal
+    from fusion_prune.heal import HealConfig, heal
     from fusion_prune.models import load_causal_lm
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
@@ -311,7 +311,7 @@ def test_heal_with_a_top_k_teacher_cache(llama_dir):
     visited the cached distillation follows the beside-the-step one (up to the float16 cache); with
     fewer steps than windows only the windows the steps visit are cached."""
     from distill import teacher_topk_logits
-    from fusion_prune.causal_lm import HealConfig, heal
+    from fusion_prune.heal import HealConfig, heal
     from fusion_prune.models import load_causal_lm
     from fusion_prune.surgery import drop_layers
 
@@ -343,7 +343,7 @@ def test_heal_with_a_top_k_teacher_cache(llama_dir):
 
 
 def test_lm_distillation_after_healing_with_zero_shot(llama_dir, corpus_txt, sentiment_csv_dir, tmp_path):
-    from fusion_prune.greedy import compress
+    from fusion_prune.loop import compress
     from fusion_prune.tasks import get_task
 
     task = get_task("causal-lm")
@@ -357,7 +357,7 @@ def test_lm_distillation_after_healing_with_zero_shot(llama_dir, corpus_txt, sen
 
 
 def test_lm_compress_resumes(llama_dir, corpus_txt, tmp_path, monkeypatch):
-    from fusion_prune import greedy
+    from fusion_prune import loop as greedy
     from fusion_prune.tasks import get_task
 
     cfg = _lm_cfg(strategy="block-influence", target_layers=1)
@@ -444,7 +444,7 @@ def test_quantised_model_is_refused(llama_dir, tmp_path):
 
 
 def test_corpus_from_folder_and_column(tmp_path):
-    from fusion_prune.causal_lm import load_corpus
+    from fusion_prune.corpus import load_corpus
 
     (tmp_path / "docs").mkdir()
     for i, t in enumerate(prose(10)):

@@ -68,7 +68,7 @@ def test_a_top_first_walk_visits_other_states_and_keeps_them_apart(three_layer_m
 def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_path, monkeypatch):
     data = load_dataset(str(sentiment_csv_dir))
     full = collect(str(three_layer_model), data, _cfg(), tmp_path / "a.parquet")
-    from fusion_prune import greedy as G
+    from fusion_prune import loop as greedy as G
 
     real_step, calls = G.apply_drop, []
 
@@ -116,7 +116,7 @@ def test_recovery_labels_column_and_fitting_on_it(three_layer_model, sentiment_c
     assert rows.acc_after_recovery.between(0, 1).all() and len(rows) == 3 + 2
     both = pd.concat([rows, rows.assign(dataset="b")])
     both.to_parquet(tmp_path / "both.parquet")
-    relabelled = F.use_label(both, "acc_after_recovery")
+    relabelled = F.use_measured(both, "acc_after_recovery")
     assert (relabelled.acc_after_drop == both.acc_after_recovery).all() and "acc_after_drop" in both
     bundle = tmp_path / "b.npz"
     res = CliRunner().invoke(main, ["fit-fusion", "--data", str(tmp_path / "both.parquet"), "-o", str(bundle),
@@ -126,7 +126,7 @@ def test_recovery_labels_column_and_fitting_on_it(three_layer_model, sentiment_c
     assert F.load_bundle(bundle).describe()["label"] == "acc_after_recovery"
     # rows without the column: one line naming what to do
     with pytest.raises(BadInputError, match="--recovery-steps"):
-        F.use_label(both.drop(columns="acc_after_recovery"), "acc_after_recovery")
+        F.use_measured(both.drop(columns="acc_after_recovery"), "acc_after_recovery")
     with pytest.raises(BadInputError, match="recovery_steps"):
         _cfg(recovery_steps=-1)
 
@@ -137,7 +137,7 @@ def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model,
 
     from fusion_prune import fusion as F
     from fusion_prune.cli import main
-    from fusion_prune.greedy import CompressConfig, compress
+    from fusion_prune.loop import CompressConfig, compress
 
     data = load_dataset(str(sentiment_csv_dir))
     rows = collect(str(three_layer_model), data, _cfg(extra_signals=("activation_patching",)),
@@ -152,8 +152,8 @@ def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model,
     assert F.load_bundle(bundle).features == [*DEFAULT_SIGNALS, "activation_patching"]
     # the loop computes the bundle's extra at every step (else predict would refuse the table)
     report = compress(str(three_layer_model), data,
-                      CompressConfig(target_layers=2, strategy="fusion", fusion_path=str(bundle), finetune_steps=1,
-                                     signal_samples=16, label_samples=0, max_eval_samples=20, max_length=16,
+                      CompressConfig.from_options(target_layers=2, strategy="fusion", fusion_path=str(bundle), finetune_steps=1,
+                                     signal_samples=16, drop_one_samples=0, max_eval_samples=20, max_length=16,
                                      batch_size=8, distill=None, progress=False,
                                      teacher=FinetuneConfig(epochs=1, batch_size=16, max_length=16),
                                      teacher_margin=0.0),  # a one-epoch teacher: not what this test is about
@@ -168,7 +168,7 @@ def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model,
         _cfg(extra_signals=("act_energy",))
     odd = F.fit_bundle(rows.assign(pos=rows.layer * 1.0), "linear", [*DEFAULT_SIGNALS, "pos"]).save(tmp_path / "o.npz")
     with pytest.raises(BadInputError, match=r"expected signals fusionprune computes.*Got \['pos'\]"):
-        compress(str(three_layer_model), data, CompressConfig(target_layers=2, strategy="fusion",
+        compress(str(three_layer_model), data, CompressConfig.from_options(target_layers=2, strategy="fusion",
                                                               fusion_path=str(odd), distill=None, progress=False),
                  tmp_path / "out2")
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()

@@ -14,12 +14,12 @@ import pytest
 import transformers as T
 from click.testing import CliRunner
 
-import fusion_prune.greedy as G
+import fusion_prune.loop as G
 from distill import DistillConfig
 from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
-from fusion_prune.greedy import CompressConfig, compress
+from fusion_prune.loop import CompressConfig, compress
 from fusion_prune.strategies import STRATEGIES
 from signals import DEFAULT_SIGNALS
 
@@ -33,10 +33,10 @@ def teacher(sentiment_csv_dir, tmp_path_factory):
 
 
 def _cfg(strategy="top", **kw):
-    base = dict(target_layers=1, strategy=strategy, finetune_steps=2, signal_samples=32, label_samples=40,
+    base = dict(target_layers=1, strategy=strategy, finetune_steps=2, signal_samples=32, drop_one_samples=40,
                 max_eval_samples=60, max_length=16, batch_size=8, lr=1e-3, distill=None, progress=False)
     base.update(kw)
-    return CompressConfig(**base)
+    return CompressConfig.from_options(**base)
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -207,7 +207,7 @@ def test_compress_bad_input_exits_2_and_touches_nothing(teacher, sentiment_csv_d
 def test_compress_cli_summary(teacher, sentiment_csv_dir, tmp_path):
     res = CliRunner().invoke(main, ["compress", "--model", str(teacher), "--dataset", str(sentiment_csv_dir),
                                     "--target-layers", "2", "--strategy", "top", "-o", str(tmp_path / "o"),
-                                    "--finetune-steps", "2", "--signal-samples", "16", "--label-samples", "16",
+                                    "--finetune-steps", "2", "--signal-samples", "16", "--drop-one-samples", "16",
                                     "--max-length", "16", "--distill-epochs", "1", "--distill-samples", "64",
                                     "--distill-control", "--distill-data", "unseen"])
     assert res.exit_code == 0, res.output
@@ -221,7 +221,7 @@ def test_compress_cli_summary(teacher, sentiment_csv_dir, tmp_path):
 
 def test_demo_is_minilm_on_rotten_tomatoes_to_three_layers(monkeypatch, tmp_path):
     """The README's first command: its configuration, without running it (make demo runs it)."""
-    import fusion_prune.greedy as greedy
+    import fusion_prune.loop as greedy
 
     seen = {}
 
@@ -240,12 +240,12 @@ def test_demo_is_minilm_on_rotten_tomatoes_to_three_layers(monkeypatch, tmp_path
 
 
 def test_default_strategy_is_the_measured_best_and_a_named_bundle_selects_fusion():
-    from fusion_prune.greedy import CompressConfig
+    from fusion_prune.loop import CompressConfig
 
-    assert CompressConfig(target_layers=2).strategy == "oracle"
-    assert CompressConfig(target_layers=2, task="causal-lm").strategy == "fusion-verify"
-    assert CompressConfig(target_layers=2, fusion_path="my.npz").strategy == "fusion"
-    assert CompressConfig(target_layers=2, fusion_path="my.npz", strategy="fusion-verify").strategy == "fusion-verify"
+    assert CompressConfig.from_options(target_layers=2).strategy == "oracle"
+    assert CompressConfig.from_options(target_layers=2, task="causal-lm").strategy == "fusion-verify"
+    assert CompressConfig.from_options(target_layers=2, fusion_path="my.npz").strategy == "fusion"
+    assert CompressConfig.from_options(target_layers=2, fusion_path="my.npz", strategy="fusion-verify").strategy == "fusion-verify"
 
 
 def test_distill_rows_put_what_the_teacher_did_not_see_first():
@@ -281,7 +281,7 @@ def test_unseen_distill_data_reads_the_teachers_run_record(teacher, sentiment_cs
 
 def test_fusion_verify_between_fusion_and_the_oracle(teacher, sentiment_csv_dir, bundle_path, monkeypatch):
     """k = 1 is the bundle's own choice; k = L is the oracle's; only the shortlist is measured."""
-    import fusion_prune.labels as labels_mod
+    import fusion_prune.dropone as labels_mod
     from fusion_prune.fusion import load_bundle
     from fusion_prune.tasks import ClassificationTask
 
@@ -318,7 +318,7 @@ def test_fusion_verify_from_the_cli(teacher, sentiment_csv_dir, bundle_path, tmp
     res = CliRunner().invoke(main, ["compress", "--model", str(teacher), "--dataset", str(sentiment_csv_dir),
                                     "--target-layers", "2", "--strategy", "fusion-verify", "--verify-k", "2",
                                     "--fusion", str(bundle_path), "-o", str(tmp_path / "o"), "--finetune-steps", "1",
-                                    "--signal-samples", "16", "--label-samples", "16", "--max-length", "16",
+                                    "--signal-samples", "16", "--drop-one-samples", "16", "--max-length", "16",
                                     "--no-distill"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o" / "report.json").read_text())

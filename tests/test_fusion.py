@@ -302,10 +302,10 @@ def test_lodo_markdown_one_row_per_method_with_means():
 def test_lm_rows_are_judged_by_negative_nll(rows, tmp_path):
     """--label loss_after_drop: the layer of lowest NLL is the best choice; regret is in nats."""
     lm = rows.assign(loss_before=2.0, loss_after_drop=3.0 - rows.acc_after_drop, task="causal-lm")
-    used = F.use_label(lm, "loss_after_drop")
+    used = F.use_measured(lm, "loss_after_drop")
     assert (used.acc_after_drop == -lm.loss_after_drop).all() and (used.acc_before == -2.0).all()
     with pytest.raises(BadInputError, match="collect --task causal-lm"):
-        F.use_label(rows, "loss_after_drop")
+        F.use_measured(rows, "loss_after_drop")
     lm.to_parquet(tmp_path / "lm.parquet")
     F.fit_bundle(rows, "linear").save(tmp_path / "b.npz")
     res = CliRunner().invoke(main, ["evaluate-fusion", "--fusion", str(tmp_path / "b.npz"), "--data",
@@ -335,13 +335,17 @@ def test_the_ranker_is_fitted_per_state(rows, monkeypatch):
 
 
 def test_each_task_has_its_default_bundle(rows, tmp_path, monkeypatch):
-    """load_bundle() picks the bundle shipped for the task; a missing one is one clear error."""
-    assert F.load_bundle().describe() == F.load_bundle(task="classification").describe()
+    """Each task names its shipped bundle; load_fusion(task=...) loads it; a missing one is one clear error."""
+    from fusion_prune.api import load_fusion
+    from fusion_prune.tasks import CausalLMTask, ClassificationTask
+
+    assert F.load_bundle().describe() == load_fusion(task="classification").describe()
+    assert ClassificationTask.default_bundle == F.DEFAULT_BUNDLE and CausalLMTask.default_bundle.is_file()
     lm = F.fit_bundle(rows, "linear").save(tmp_path / "lm.npz")
-    monkeypatch.setitem(F.DEFAULT_BUNDLES, "causal-lm", lm)
-    assert F.load_bundle(task="causal-lm").model_type == "linear"
-    monkeypatch.setitem(F.DEFAULT_BUNDLES, "causal-lm", tmp_path / "missing.npz")
+    monkeypatch.setattr(CausalLMTask, "default_bundle", lm)
+    assert load_fusion(task="causal-lm").model_type == "linear"
+    monkeypatch.setattr(CausalLMTask, "default_bundle", tmp_path / "missing.npz")
     with pytest.raises(BadInputError, match="missing.npz' does not exist"):
-        F.load_bundle(task="causal-lm")
+        load_fusion(task="causal-lm")
     with pytest.raises(BadInputError, match="'task' parameter"):
-        F.load_bundle(task="vision")
+        load_fusion(task="vision")

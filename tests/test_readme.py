@@ -23,8 +23,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 #: appended to each tour command: sizes for a tiny model, not different behaviour
 FAST = {
     "finetune": ["--max-length", "16", "--batch-size", "16", "--lr", "3e-3", "--min-steps", "40"],
-    "analyze": ["--samples", "32", "--max-length", "16", "--label-samples", "30", "--extras", "activation_patching"],
-    "compress": ["--max-length", "16", "--finetune-steps", "2", "--signal-samples", "16", "--label-samples", "0",
+    "analyze": ["--samples", "32", "--max-length", "16", "--drop-one-samples", "30", "--extras", "activation_patching"],
+    "compress": ["--max-length", "16", "--finetune-steps", "2", "--signal-samples", "16", "--drop-one-samples", "0",
                  "--distill-samples", "64", "--batch-size", "16"],
     "evaluate": ["--max-length", "16"],
     "inspect": [],

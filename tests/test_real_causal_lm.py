@@ -17,7 +17,8 @@ def smol():
 
 
 def test_prose_corpus_asset_and_perplexity(smol):
-    from fusion_prune.causal_lm import load_corpus, perplexity, token_windows
+    from fusion_prune.corpus import load_corpus, token_windows
+    from fusion_prune.lm import perplexity
 
     model, tok = smol
     corpus = load_corpus("grimm-tales")
@@ -30,8 +31,8 @@ def test_prose_corpus_asset_and_perplexity(smol):
 
 
 def test_drop_one_nll_on_real_model_equals_naive(smol):
-    from fusion_prune.causal_lm import load_corpus, token_windows, window_batches
-    from fusion_prune.labels import drop_one_nll, drop_one_nll_naive
+    from fusion_prune.corpus import load_corpus, token_windows, window_batches
+    from fusion_prune.dropone import drop_one_nll, drop_one_nll_naive
 
     model, tok = smol
     batches = window_batches(token_windows(tok, load_corpus("grimm-tales").validation, 48, 48), 1,

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from fusion_prune import greedy as G
+from fusion_prune import loop as greedy as G
 from fusion_prune.cli import main
 from fusion_prune.errors import BadInputError
 from fusion_prune.utils import OUTPUT_MARKER, atomic_dir, atomic_file, check_output, output_lock
@@ -194,7 +194,7 @@ def test_a_kill_between_model_and_record_resumes_consistently(teacher, sentiment
     from fusion_prune.data import load_dataset
 
     data = load_dataset(str(sentiment_csv_dir))
-    cfg = G.CompressConfig(target_layers=1, strategy="top", finetune_steps=1, signal_samples=16, label_samples=0,
+    cfg = G.CompressConfig.from_options(target_layers=1, strategy="top", finetune_steps=1, signal_samples=16, drop_one_samples=0,
                            max_eval_samples=40, max_length=16, batch_size=8, distill=DistillConfig(max_steps=1),
                            progress=False)
     full = G.compress(str(teacher), data, cfg, tmp_path / "a")
@@ -214,7 +214,7 @@ def test_resume_checks_the_data_content_not_its_path(teacher, sentiment_csv_dir,
     from fusion_prune.data import load_dataset
 
     data = load_dataset(str(sentiment_csv_dir))
-    cfg = G.CompressConfig(target_layers=1, strategy="top", finetune_steps=0, signal_samples=16, label_samples=0,
+    cfg = G.CompressConfig.from_options(target_layers=1, strategy="top", finetune_steps=0, signal_samples=16, drop_one_samples=0,
                            max_eval_samples=40, max_length=16, batch_size=8, distill=None, progress=False)
 
     def stop(*a, **k):
@@ -272,7 +272,7 @@ def test_bad_numbers_exit_2_in_one_line_before_anything_loads(args, message, tmp
 
 def test_the_constraint_table_checks_every_config():
     from distill import DistillConfig
-    from fusion_prune.causal_lm import HealConfig
+    from fusion_prune.heal import HealConfig
     from fusion_prune.collect import CollectConfig
     from fusion_prune.finetune import FinetuneConfig
     from fusion_prune.params import CONSTRAINTS
@@ -281,8 +281,8 @@ def test_the_constraint_table_checks_every_config():
                             (lambda **k: DistillConfig(**k), "soft_weight", -0.1),
                             (lambda **k: CollectConfig(**k), "signal_samples", 0),
                             (lambda **k: HealConfig(**k), "lora_r", 0),
-                            (lambda **k: G.CompressConfig(target_layers=1, **k), "label_samples", -1),
-                            (lambda **k: G.CompressConfig(target_layers=1, **k), "batch_size", True)]:
+                            (lambda **k: G.CompressConfig.from_options(target_layers=1, **k), "drop_one_samples", -1),
+                            (lambda **k: G.CompressConfig.from_options(target_layers=1, **k), "batch_size", True)]:
         with pytest.raises(BadInputError, match=re.escape(f"The '{name}' parameter must be {CONSTRAINTS[name].describe()}")):
             make(**{name: bad})
 

@@ -1,4 +1,4 @@
-"""Measured labels: the accuracy of a classifier with each single layer removed (no fine-tuning).
+"""Drop-one measurement: the metric of a model with each single layer removed (no fine-tuning).
 
 For every batch, one intact forward records each layer's input. The model with layer ``l``
 removed computes exactly "the input of layer ``l``, then layers ``l+1..L-1``, then the head", so
@@ -44,7 +44,7 @@ class _CachedInput(nn.Module):
 
 
 @dataclass
-class DropLabels:
+class DropOne:
     """``acc_before`` of the intact model and, per layer, the accuracy with that layer removed."""
 
     acc_before: float
@@ -139,15 +139,15 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
 
 
 def drop_one_on_batches(model, batches: list[dict], score: Scorer, progress: bool = False,
-                        desc: str = "labels", only: Sequence[int] | None = None) -> DropLabels:
-    """:func:`drop_one_scores` as a :class:`DropLabels` table: accuracy and mean loss per removal."""
+                        desc: str = "labels", only: Sequence[int] | None = None) -> DropOne:
+    """:func:`drop_one_scores` as a :class:`DropOne` table: accuracy and mean loss per removal."""
     t0 = time.perf_counter()
     before, after = drop_one_scores(model, batches, score, progress, desc, only)
-    return _drop_labels(model, before, after, time.perf_counter() - t0)
+    return _drop_one_table(model, before, after, time.perf_counter() - t0)
 
 
-def drop_one_labels(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
-                    max_length: int = 128, progress: bool = False, only: Sequence[int] | None = None) -> DropLabels:
+def drop_one_accuracy(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
+                    max_length: int = 128, progress: bool = False, only: Sequence[int] | None = None) -> DropOne:
     """Accuracy (and mean loss) of ``model`` on ``data`` with each single layer (or each of ``only``)
     removed, cached."""
     _check_classifier(model)
@@ -155,22 +155,22 @@ def drop_one_labels(model, tokenizer, data: pd.DataFrame, data_labels: list[str]
     return drop_one_on_batches(model, batches, classification_score, progress, only=only)
 
 
-def drop_one_nll(model, batches: list[dict], progress: bool = False, only: Sequence[int] | None = None) -> DropLabels:
+def drop_one_nll(model, batches: list[dict], progress: bool = False, only: Sequence[int] | None = None) -> DropOne:
     """Next-token accuracy (``acc_after_drop``) and mean next-token NLL (``loss_after_drop``) of a
     causal LM with each single layer (or each of ``only``) removed, on token-window ``batches``;
     cached prefixes. ``examples`` counts predicted tokens."""
     return drop_one_on_batches(model, batches, next_token_score, progress, desc="NLL labels", only=only)
 
 
-def _drop_labels(model, before: np.ndarray, after: np.ndarray, seconds: float) -> DropLabels:
+def _drop_one_table(model, before: np.ndarray, after: np.ndarray, seconds: float) -> DropOne:
     count = max(before[2], 1)
     table = pd.DataFrame({"layer": np.arange(len(after)), "orig_layer": kept_layers(model.config),
                           "acc_after_drop": after[:, 0] / count, "loss_after_drop": after[:, 1] / count})
-    return DropLabels(before[0] / count, table, int(before[2]), seconds, loss_before=before[1] / count)
+    return DropOne(before[0] / count, table, int(before[2]), seconds, loss_before=before[1] / count)
 
 
 @torch.no_grad()
-def drop_one_naive(model, batches: list[dict], score: Scorer) -> DropLabels:
+def drop_one_naive(model, batches: list[dict], score: Scorer) -> DropOne:
     """The labels the slow way: drop each layer (a copy) and evaluate the whole model."""
     t0 = time.perf_counter()
     kw = {"use_cache": False} if _takes_cache(model) else {}
@@ -182,18 +182,18 @@ def drop_one_naive(model, batches: list[dict], score: Scorer) -> DropLabels:
 
     n = len(layer_list(model))
     after = np.stack([run(drop_layers(model, [l])) for l in range(n)])
-    return _drop_labels(model, run(model), after, time.perf_counter() - t0)
+    return _drop_one_table(model, run(model), after, time.perf_counter() - t0)
 
 
-def drop_one_labels_naive(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
-                          max_length: int = 128) -> DropLabels:
-    """:func:`drop_one_labels` the slow way (the reference its tests compare with)."""
+def drop_one_accuracy_naive(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int = 64,
+                          max_length: int = 128) -> DropOne:
+    """:func:`drop_one_accuracy` the slow way (the reference its tests compare with)."""
     _check_classifier(model)
     return drop_one_naive(model, list(_batches(model, tokenizer, data, data_labels, batch_size, max_length)),
                           classification_score)
 
 
-def drop_one_nll_naive(model, batches: list[dict]) -> DropLabels:
+def drop_one_nll_naive(model, batches: list[dict]) -> DropOne:
     """:func:`drop_one_nll` the slow way."""
     return drop_one_naive(model, batches, next_token_score)
 
@@ -204,7 +204,7 @@ def _takes_cache(model) -> bool:
     return "use_cache" in inspect.signature(type(model).forward).parameters
 
 
-def drop_one_labels_recovered(model, tokenizer, train_df: pd.DataFrame, data: pd.DataFrame, data_labels: list[str],
+def drop_one_recovered(model, tokenizer, train_df: pd.DataFrame, data: pd.DataFrame, data_labels: list[str],
                               steps: int, batch_size: int = 32, lr: float = 1e-4, max_length: int = 128,
                               seed: int = 0, progress: bool = False) -> pd.DataFrame:
     """Accuracy on ``data`` of each single-layer removal **after** ``steps`` recovery steps.

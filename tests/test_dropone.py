@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 from fusion_prune.errors import BadInputError
-from fusion_prune.labels import drop_one_labels, drop_one_labels_naive
+from fusion_prune.dropone import drop_one_accuracy, drop_one_accuracy_naive
 from fusion_prune.surgery import layer_list
 
 from conftest import make_tokenizer, sentiment_frame, tiny_bert_config
@@ -44,8 +44,8 @@ def test_cached_equals_naive_exactly(mt):
     cfg.initializer_range = 0.3  # a random model whose predictions depend on every layer
     model = T.AutoModelForSequenceClassification.from_config(cfg).eval()
     tok, df, labels = _IdTokenizer(), _frame(), ["LABEL_0", "LABEL_1", "LABEL_2"]
-    cached = drop_one_labels(model, tok, df, labels, batch_size=8)
-    naive = drop_one_labels_naive(model, tok, df, labels, batch_size=8)
+    cached = drop_one_accuracy(model, tok, df, labels, batch_size=8)
+    naive = drop_one_accuracy_naive(model, tok, df, labels, batch_size=8)
     assert cached.acc_before == naive.acc_before
     assert cached.table["acc_after_drop"].tolist() == naive.table["acc_after_drop"].tolist()
     np.testing.assert_allclose(cached.table["loss_after_drop"], naive.table["loss_after_drop"], rtol=1e-5)
@@ -72,7 +72,7 @@ def test_labels_on_a_trained_tiny_classifier(tmp_path):
              tmp_path / "clf")
     model = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf")
     tok = T.AutoTokenizer.from_pretrained(tmp_path / "clf")
-    res = drop_one_labels(model, tok, data.test, data.labels, max_length=16)
+    res = drop_one_accuracy(model, tok, data.test, data.labels, max_length=16)
     assert res.acc_before >= 0.95 and res.examples == 80
     assert res.table.columns.tolist() == ["layer", "orig_layer", "acc_after_drop", "loss_after_drop"]
     assert ((res.table.acc_after_drop >= 0) & (res.table.acc_after_drop <= 1)).all()
@@ -81,11 +81,11 @@ def test_labels_on_a_trained_tiny_classifier(tmp_path):
 def test_labels_refuse_non_classifiers_and_single_layer():
     m = T.AutoModelForCausalLM.from_config(CONFIGS["llama"]())
     with pytest.raises(BadInputError, match="must be a sequence classifier"):
-        drop_one_labels(m, _IdTokenizer(), _frame(), ["a", "b", "c"])
+        drop_one_accuracy(m, _IdTokenizer(), _frame(), ["a", "b", "c"])
     cfg = CONFIGS["bert"]()
     cfg.num_hidden_layers, cfg.num_labels = 1, 3
     with pytest.raises(BadInputError, match="has 1 layer"):
-        drop_one_labels(T.AutoModelForSequenceClassification.from_config(cfg), _IdTokenizer(), _frame(),
+        drop_one_accuracy(T.AutoModelForSequenceClassification.from_config(cfg), _IdTokenizer(), _frame(),
                         ["LABEL_0", "LABEL_1", "LABEL_2"])
 
 
@@ -96,7 +96,7 @@ def test_recovered_labels_equal_drop_train_evaluate(tmp_path):
     from fusion_prune.data import load_dataset
     from fusion_prune.finetune import FinetuneConfig, evaluate, train
     from fusion_prune.training import make_accelerator
-    from fusion_prune.labels import drop_one_labels_recovered
+    from fusion_prune.dropone import drop_one_recovered
     from fusion_prune.models import load_classifier
     from fusion_prune.surgery import drop_layers
 
@@ -108,7 +108,7 @@ def test_recovered_labels_equal_drop_train_evaluate(tmp_path):
     data = load_dataset(str(tmp_path))
     model, tok, _ = load_classifier(str(tmp_path / "base"), data.labels)
     before = copy.deepcopy(model.state_dict())
-    table = drop_one_labels_recovered(model, tok, data.train, data.validation, data.labels, steps=3,
+    table = drop_one_recovered(model, tok, data.train, data.validation, data.labels, steps=3,
                                       batch_size=8, lr=1e-3, max_length=16, seed=5)
     assert list(table.columns) == ["layer", "orig_layer", "acc_after_recovery"] and len(table) == 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input is untouched
@@ -118,4 +118,4 @@ def test_recovered_labels_equal_drop_train_evaluate(tmp_path):
     acc = evaluate(by_hand, tok, data.validation, data.labels, batch_size=16, max_length=16, progress=False)["accuracy"]
     assert table.acc_after_recovery.iloc[1] == acc
     with pytest.raises(BadInputError, match="'steps'"):
-        drop_one_labels_recovered(model, tok, data.train, data.validation, data.labels, steps=0)
+        drop_one_recovered(model, tok, data.train, data.validation, data.labels, steps=0)

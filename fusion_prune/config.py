@@ -1,0 +1,78 @@
+"""Configs, layered, and the one place their defaults and help live.
+
+Three layers (docs/design.md, "Configs"):
+
+- :class:`StepConfig`: what one pruning step needs (calibration sample, drop-one measurement,
+  short recovery, the step's record). Every :class:`~fusion_prune.tasks.Task` method takes it.
+  ``None`` means "the task's default" (:attr:`Task.step_defaults`), filled in by
+  :meth:`Task.resolve_step`.
+- the run (:class:`fusion_prune.loop.CompressConfig`, :class:`fusion_prune.collect.CollectConfig`):
+  what a whole run adds (target, strategy, budget, teacher).
+- each task's finish (:attr:`Task.finish_config`): distillation for classifiers, healing for
+  causal LMs.
+
+The CLI reads the default and help of each option from these fields (``field(metadata={"help":
+...})``, :func:`field_default`, :func:`field_help`), so the command line and the Python API
+cannot disagree; ``tests/test_cli_defaults.py`` holds them equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def opt(default: Any = None, help: str = "", **kw) -> Any:  # noqa: A002  (the word click uses)
+    """A dataclass field with its CLI help in the metadata; a callable default (a class, a lambda) is
+    the field's factory."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    for f in fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (calling its factory)."""
+    f = _field(cls, name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    raise KeyError(f"{cls.__name__}.{name} has no default")
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of field ``name`` of dataclass ``cls`` ("" when none)."""
+    return _field(cls, name).metadata.get("help", "")
+
+
+@dataclass
+class StepConfig:
+    """What one pruning step needs. ``None``: the task's default (``Task.step_defaults``)."""
+
+    finetune_steps: int | None = opt(help="Recovery steps per removed layer, after each drop.")
+    signal_samples: int | None = opt(help="Calibration examples (classifier) or token windows of --max-length "
+                                          "(causal LM) for the signals.")
+    drop_one_samples: int | None = opt(help="Validation examples (windows) for the measured drop-one metric of "
+                                            "each candidate (0: only when the strategy needs it).")
+    max_eval_samples: int | None = opt(help="Cap on the validation/test examples of reported accuracies.")
+    step_eval_samples: int | None = opt(help="Cap on the validation examples (windows) recorded after each step.")
+    max_length: int | None = opt(help="Tokens per example (classifier) or per window (causal LM).")
+    batch_size: int | None = opt(help="Batch size of every pass of the run.")
+    lr: float = opt(1e-4, help="Learning rate of the recovery steps (and of distillation).")
+    seed: int = opt(0, help="Seed of every sample and of training; step k uses seed + k.")
+    max_eval_tokens: int | None = opt(8192, help="Causal LM: cap on the held-out tokens for perplexity.")
+    verify_k: int = opt(3, help="fusion-verify: the bundle's shortlist, among which the measured drop-one "
+                               "metric decides.")
+    progress: bool = True
+
+    def step(self) -> StepConfig:
+        """Just the step's fields (a run config is a StepConfig too)."""
+        return StepConfig(**{f.name: getattr(self, f.name) for f in fields(StepConfig)})

@@ -1,0 +1,201 @@
+"""Healing a pruned causal LM: LoRA (merged), QLoRA, full fine-tuning, and distillation from the
+teacher's logits. One function, :func:`heal`, over token windows (:mod:`fusion_prune.corpus`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from fusion_prune.corpus import window_loader
+from fusion_prune.errors import BadInputError
+
+
+@dataclass
+class HealConfig:
+    """Healing after the layers are gone: LoRA (merged afterwards), QLoRA (LoRA on a 4-bit NF4 copy
+    of the base, merged into the full-precision weights), full fine-tuning, or none."""
+
+    method: str = "lora"  # "lora", "qlora", "full" or "none"
+    steps: int = 60
+    batch_size: int = 4
+    lr: float = 2e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
+    # distillation from the teacher's logits during healing: 0 = plain next-token loss
+    kd_weight: float = 0.0
+    temperature: float = 2.0
+    # 0: the teacher runs beside each step (full-vocabulary KL); k > 0: its top-k logits per position
+    # are cached once before training (distill.teacher_topk_logits) and the KL is taken over them
+    kd_top_k: int = 0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from fusion_prune.errors import bad_choice
+
+        from fusion_prune.params import validate
+
+        if self.method not in HEAL_METHODS:
+            raise bad_choice("heal", self.method, HEAL_METHODS)
+        validate(self)  # ranges in fusion_prune/params.py
+
+
+HEAL_METHODS = ("lora", "qlora", "full", "none")
+
+
+def _lora(model, cfg: HealConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
+        [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        first = str(e).strip().splitlines()[0]
+        raise BadInputError(f"The '--lora-targets' option {cfg.target_modules!r} does not match modules of "
+                            f"{type(model).__name__}: {first}") from e
+
+
+def _quantised_copy(model, progress: bool = True):
+    """A 4-bit NF4 copy of ``model`` (bitsandbytes, double quantisation, as QLoRA quantises its base)
+    on the model's device, prepared for adapter training; ``model`` itself is left as it is."""
+    import tempfile
+
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:  # probed, not imported: transformers imports it
+        raise BadInputError("The '--heal' option 'qlora' needs bitsandbytes, which is not installed: "
+                            "pip install 'fusionprune[qlora]' (or choose --heal lora)")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    device = next(model.parameters()).device
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    # Through a saved copy: transformers quantises while it loads, and the saved folder is the
+    # same plain one the output becomes (the surgery already renumbered the layers).
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fusionprune-qlora-") as tmp:
+            model.save_pretrained(tmp)
+            q = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, dtype=torch.float32,
+                                                     device_map={"": device.index if device.type == "cuda" else "cpu"})
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
+
+
+def _merge_adapters(student, trained, cfg: HealConfig):
+    """``student`` with the LoRA adapters of ``trained`` (a peft model on its quantised copy) merged
+    into its full-precision weights: a plain model of the student's class."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = {k: v.detach().float() for k, v in get_peft_model_state_dict(trained, save_embedding_layers=False).items()}
+    merged = _lora(student, cfg)  # the same adapter placement on the full-precision modules
+    result = set_peft_model_state_dict(merged, adapters)
+    if result.unexpected_keys:  # a trained adapter with no full-precision module to merge into
+        raise RuntimeError(f"QLoRA adapters without a full-precision module: {result.unexpected_keys[:3]}")
+    return merged.merge_and_unload()
+
+
+def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple[nn.Module, dict]:
+    """Train ``student`` on token windows (N, T) for ``cfg.steps``; returns (model, stats).
+
+    LoRA adapters are merged into the weights before returning, so the result is a plain model
+    of the input's class (the input module itself is trained in place and may be the result).
+    QLoRA trains the adapters on a 4-bit NF4 copy of ``student`` (whose own weights wait on the CPU
+    meanwhile, so that the accelerator holds the 4-bit base only) and merges them into
+    ``student``'s full-precision weights, as the QLoRA paper deploys; the merged model is not the
+    one the adapters were trained against, so measure it after healing (``compress`` does).
+    With ``cfg.kd_weight > 0`` the loss is ``(1 - w) * next-token CE + w * T^2 KL(teacher || student)``
+    over the vocabulary at every position, the teacher running beside each step; with
+    ``cfg.kd_top_k = k`` the teacher's top-k logits and its mass outside them are cached first and
+    the KL is taken over those k + 1 bins (:func:`distill.losses.topk_next_token_kl`).
+    """
+    from distill.losses import next_token_kl, topk_next_token_kl
+    from distill.trainer import teacher_topk_logits
+    from fusion_prune.training import loss_summary, make_accelerator, run_steps
+    from fusion_prune.utils import set_seed
+    from signals.capture import task_loss
+
+    if cfg.method == "none" or cfg.steps == 0:
+        return student, {"method": "none", "steps": 0}
+    if cfg.kd_weight > 0 and teacher is None:
+        raise ValueError("kd_weight > 0 needs a teacher")
+    set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    device = next(student.parameters()).device
+    if cfg.method == "qlora":
+        model = _lora(_quantised_copy(student, cfg.progress), cfg)
+        student.to("cpu")
+    else:
+        model = _lora(student, cfg) if cfg.method == "lora" else student
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator = make_accelerator()
+    cache, kd_stats = None, {}
+    if teacher is not None:
+        teacher.eval()
+    if cfg.kd_weight and cfg.kd_top_k:
+        # Cache only what the steps can visit: a seeded sample of steps * batch windows (all when
+        # fewer), which the loader below then shuffles, as it shuffles the whole set without a cache.
+        visit = cfg.steps * cfg.batch_size
+        if visit < len(windows):
+            pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed))[:visit]
+            windows = windows[pick.sort().values]
+        t1 = time.perf_counter()
+        cache = teacher_topk_logits(teacher, windows, cfg.kd_top_k, cfg.batch_size,
+                                    next(teacher.parameters()).device, temperature=cfg.temperature)
+        kd_stats = {"teacher_logits": "top-k cached", "top_k": cache[0].shape[-1],
+                    "cache_bytes": int(cache[0].numel() * 2 + cache[1].numel() * 4 + cache[2].numel() * 4),
+                    "cache_seconds": round(time.perf_counter() - t1, 2)}
+    elif cfg.kd_weight:
+        kd_stats = {"teacher_logits": "computed beside each step"}
+
+    def compute_loss(m, batch):
+        index = batch.pop("index")
+        out = m(**batch, use_cache=False)
+        logits = out.logits
+        loss, _ = task_loss(m, out, batch)  # mean next-token cross-entropy
+        if cache is not None:
+            # the cache lies on the CPU, the prepared batch (index too) on the accelerator
+            values, ids, tail = (c[index.cpu()].to(logits.device) for c in cache)
+            kd = topk_next_token_kl(logits, values, ids, cfg.temperature, teacher_log_tail=tail)
+            loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+        elif cfg.kd_weight:
+            with torch.no_grad():
+                t = teacher(**batch, use_cache=False).logits
+            loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * next_token_kl(logits, t, cfg.temperature)
+        return loss
+
+    loader = window_loader(windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    cuda = device.type == "cuda"
+    if cuda:  # the training steps' peak: for QLoRA the 4-bit base, not the copy it was made from
+        torch.cuda.reset_peak_memory_stats(device)
+    losses, _ = run_steps(model, loader, compute_loss, accelerator, epochs=1.0, max_steps=cfg.steps, lr=cfg.lr,
+                          weight_decay=0.0, warmup_ratio=0.05, grad_clip=1.0, progress=cfg.progress,
+                          desc=f"heal ({cfg.method}{', KD' if cfg.kd_weight else ''})")
+    memory = {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(device))} if cuda else {}
+    model = accelerator.unwrap_model(model)
+    if cfg.method == "lora":
+        model = model.merge_and_unload()
+    elif cfg.method == "qlora":
+        model = _merge_adapters(student, model, cfg).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, {"method": cfg.method, "steps": len(losses), "trainable_parameters": int(trainable),
+                   "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), **loss_summary(losses),
+                   **kd_stats, **memory,
+                   "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}

@@ -1,0 +1,132 @@
+"""Causal-LM evaluation: the perplexity protocol and zero-shot accuracy.
+
+**Perplexity protocol** (one, fixed; numbers are comparable only within it): token windows of
+``max_length`` (:func:`fusion_prune.corpus.token_windows`), each scored on its own, without BOS;
+position ``t`` predicts token ``t + 1``, so a window predicts ``max_length - 1`` tokens.
+Perplexity = exp(total next-token NLL / predicted tokens).
+
+**Zero-shot accuracy** is scored the way lm-evaluation-harness scores multiple choice: for each
+example the log-likelihood of each class's verbaliser (``" " + label name`` unless overridden)
+after the prompt, summed over the verbaliser's tokens; the highest wins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fusion_prune.corpus import window_batches
+from fusion_prune.errors import BadInputError
+
+DEFAULT_PROMPT = "{text}\nAnswer:"
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> dict:
+    """``{"perplexity", "nll", "tokens", "windows", "eval_seconds"}`` of ``model`` on windows (N, T)."""
+    from tqdm.auto import tqdm
+
+    from fusion_prune.dropone import _takes_cache, next_token_score
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    kw = {"use_cache": False} if _takes_cache(model) else {}
+    nll = tokens = 0.0
+    t0 = time.perf_counter()
+    try:
+        for b in tqdm(window_batches(windows, batch_size, device), desc="perplexity", disable=not progress,
+                      dynamic_ncols=True):
+            _, s, n = next_token_score(model(**b, **kw).logits, b)
+            nll, tokens = nll + s, tokens + n
+    finally:
+        model.train(was_training)
+    mean = nll / max(tokens, 1)
+    if not math.isfinite(mean):
+        raise BadInputError("The model's next-token NLL is not finite; expected finite weights (check for NaN).")
+    return {"perplexity": float(math.exp(min(mean, 700.0))), "nll": float(mean), "tokens": int(tokens),
+            "windows": int(len(windows)), "eval_seconds": round(time.perf_counter() - t0, 2)}
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+
+def parse_verbalisers(text: str | None, labels: Sequence[str]) -> list[str]:
+    """Verbaliser per class: ``" " + name`` by default; ``"fresh=positive,rotten=negative"`` overrides."""
+    out = {name: " " + name for name in labels}
+    if text:
+        for part in text.split(","):
+            if "=" not in part:
+                raise BadInputError(f"The '--verbalisers' option must be LABEL=WORD pairs separated by commas. "
+                                    f"Got {text!r}.")
+            k, v = part.split("=", 1)
+            if k not in out:
+                raise BadInputError(f"The '--verbalisers' option names label {k!r}; expected one of {list(labels)}.")
+            out[k] = v if v.startswith(" ") else " " + v
+    return [out[n] for n in labels]
+
+
+@torch.no_grad()
+def zero_shot(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt: str = DEFAULT_PROMPT,
+              verbalisers: Sequence[str] | None = None, max_length: int = 256, batch_size: int = 8,
+              progress: bool = False) -> dict:
+    """Zero-shot accuracy of a causal LM on a labelled frame (``text``, ``label`` ids).
+
+    Each example's prompt (``prompt.format(text=...)``, its text cut from the left to fit
+    ``max_length`` with the longest verbaliser) is followed by each verbaliser; the class whose
+    verbaliser tokens have the highest summed log-probability wins. When every verbaliser is one
+    token, one forward per example serves all classes.
+    """
+    from tqdm.auto import tqdm
+
+    if "{text}" not in prompt:
+        raise BadInputError(f"The '--prompt' option must contain '{{text}}'. Got {prompt!r}.")
+    verbalisers = list(verbalisers or [" " + n for n in labels])
+    verb_ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalisers]
+    if any(len(v) == 0 for v in verb_ids):
+        raise BadInputError(f"The verbalisers {verbalisers} include one that tokenises to nothing.")
+    room = max_length - max(len(v) for v in verb_ids)
+    if room < 2:
+        raise BadInputError(f"The 'max_length' parameter {max_length} leaves no room for a prompt.")
+    prompts = [tokenizer(prompt.format(text=t), add_special_tokens=False)["input_ids"][-room:] for t in df["text"]]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    single = all(len(v) == 1 for v in verb_ids)
+    scores = np.zeros((len(df), len(verbalisers)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t0 = time.perf_counter()
+    # Every (example, class) sequence, or every example alone when one forward serves all classes.
+    jobs = [(i, None) for i in range(len(df))] if single else \
+        [(i, c) for i in range(len(df)) for c in range(len(verbalisers))]
+    try:
+        for start in tqdm(range(0, len(jobs), batch_size), desc="zero-shot", disable=not progress,
+                          dynamic_ncols=True):
+            chunk = jobs[start:start + batch_size]
+            seqs = [prompts[i] + ([] if c is None else verb_ids[c]) for i, c in chunk]
+            T = max(map(len, seqs))
+            ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, s in enumerate(seqs):  # right padding: causal positions of real tokens are unchanged
+                ids[r, :len(s)] = torch.as_tensor(s)
+                mask[r, :len(s)] = 1
+            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+            for r, (i, c) in enumerate(chunk):
+                p = len(prompts[i])
+                if c is None:
+                    scores[i] = [float(logp[r, p - 1, v[0]]) for v in verb_ids]
+                else:
+                    v = verb_ids[c]
+                    scores[i, c] = float(sum(logp[r, p - 1 + j, tok] for j, tok in enumerate(v)))
+    finally:
+        model.train(was_training)
+    pred = scores.argmax(1)
+    gold = df["label"].to_numpy()
+    return {"accuracy": float((pred == gold).mean()) if len(gold) else float("nan"), "examples": int(len(gold)),
+            "majority_share": float(np.bincount(gold).max() / len(gold)) if len(gold) else float("nan"),
+            "prompt": prompt, "verbalisers": verbalisers, "eval_seconds": round(time.perf_counter() - t0, 2)}

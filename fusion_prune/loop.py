@@ -1,0 +1,420 @@
+"""The one pruning loop: choose -> drop -> recover -> record, checkpointed after every step.
+
+``compress`` and ``collect`` (:mod:`fusion_prune.collect`) both run :func:`prune_loop`; collect
+is that loop with a hook that writes fusion-training rows. The loop is the same for every task
+(:mod:`fusion_prune.tasks`): the task says how to batch calibration data, measure a candidate,
+recover and finish. Work happens in ``<output>.partial/``: the teacher and the current student
+are checkpointed with their record after every step (:mod:`fusion_prune.checkpoint`), so
+``resume=True`` continues a stopped run exactly (each step's randomness is seeded by
+``seed + step``). The final folder (model, tokenizer, report.json, report.md, plots) appears in
+one rename at the end. Test data is used for the report only; every choice uses the train and
+validation splits.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fusion_prune.checkpoint import RunFolder
+from fusion_prune.config import StepConfig, opt
+from fusion_prune.errors import BadInputError, bad_choice
+from fusion_prune.finetune import FinetuneConfig, teacher_config
+from fusion_prune.params import validate
+from fusion_prune.report import CompressReport, StepRecord
+from fusion_prune.strategies import STRATEGIES, StrategyState
+from fusion_prune.surgery import count_parameters, drop_layers_, kept_layers, num_layers
+from fusion_prune.tasks import TASKS, DEFAULT_TASK, FinishConfig, Task, get_task
+from fusion_prune.utils import atomic_dir, check_output, output_lock, versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressConfig(StepConfig):
+    """How ``compress`` runs: the step's settings (:class:`StepConfig`), what the run adds, and the
+    task's finish (``finish``; None: the task's default finish config).
+
+    Give ``target_layers``, a budget, or both (it stops at whichever comes first). A budget keeps
+    removing layers while the validation metric after each step's recovery stays within it of the
+    teacher's: ``max_accuracy_drop`` (classifiers, absolute: 0.01 = one point) or
+    ``max_perplexity_increase`` (causal LMs, relative: 0.5 = 1.5x, before healing). The step that
+    would break it is undone. With a budget, one-shot strategies remove one layer per step.
+    """
+
+    target_layers: int | None = opt(help="Depth of the compressed model (needed unless a budget is given; with "
+                                         "one, the floor).")
+    strategy: str | None = opt(help="How to pick layers (default: the task's, by measurement).")
+    fusion_path: str | None = opt(help="Fusion bundle for --strategy fusion / fusion-verify (given alone, it "
+                                       "selects fusion); default: the one shipped for the task.")
+    trust_pickle: bool = opt(False, help="Also load a joblib (pickle) bundle from before format 2. Unpickling "
+                                         "runs any code the file holds.")
+    task: str = opt(DEFAULT_TASK, help="Default: causal-lm for a *ForCausalLM model (or a base decoder with an "
+                                      "unlabelled corpus), else classification.")
+    teacher: FinetuneConfig = opt(lambda: teacher_config(max_train_samples=3000),
+                                  help="The teacher's fine-tuning (only when the model has no head for the labels).")
+    teacher_margin: float = opt(0.02, help="Exit 2 when the teacher's validation accuracy is within this of the "
+                                          "majority-class share (0: no check).")
+    max_accuracy_drop: float | None = opt(help="Classifier budget: keep removing layers while validation accuracy "
+                                              "after recovery stays within this of the teacher's (0.01 = one "
+                                              "point).")
+    max_perplexity_increase: float | None = opt(help="Causal-LM budget: keep removing layers while validation "
+                                                    "perplexity stays below (1 + this) x the teacher's (before "
+                                                    "healing).")
+    finish: FinishConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise bad_choice("task", self.task, TASKS)
+        task = TASKS[self.task]
+        if self.strategy is None and self.fusion_path is not None:  # a bundle named and no strategy: use it
+            self.strategy = "fusion"
+        if self.strategy is None:
+            self.strategy = task.default_strategy
+        task().resolve_step(self)
+        if self.finish is None:
+            self.finish = task.finish_config()
+        elif not isinstance(self.finish, task.finish_config):
+            raise BadInputError(f"The 'finish' parameter must be a {task.finish_config.__name__} for task "
+                                f"{self.task!r}. Got {type(self.finish).__name__}.")
+        if self.strategy not in STRATEGIES:
+            raise bad_choice("strategy", self.strategy, STRATEGIES)
+        validate(self)  # ranges in fusion_prune/params.py
+        own = task.budget_field
+        for other in (t.budget_field for t in TASKS.values() if t.budget_field != own):
+            if getattr(self, other) is not None:
+                raise BadInputError(f"The '{other}' parameter is not a budget for task {self.task!r}; expected "
+                                    f"'{own}'. Got {getattr(self, other)}.")
+        if self.target_layers is None and getattr(self, own) is None:
+            raise BadInputError(f"The 'target_layers' parameter is needed when no budget is given; expected "
+                                f"target_layers and/or {own}. Got neither.")
+
+    @property
+    def budget(self) -> float | None:
+        """The value of this run's budget (the task's budget field), or None."""
+        return getattr(self, TASKS[self.task].budget_field)
+
+    @classmethod
+    def from_options(cls, task: str = DEFAULT_TASK, **options: Any) -> CompressConfig:
+        """A config from flat options: the fields above, the step's, and the task's finish options
+        (``distill=...``, ``heal=...``, ``heal_steps=...``: :attr:`FinishConfig.flat`).
+
+        The CLI and ``fusion_prune.compress()`` both build their config here, so the same options
+        give the same run. ``batch_size`` and ``lr`` also set the finish's own batch size and
+        learning rate (as :attr:`FinishConfig.shared` says) unless ``finish`` or that nested config is
+        given whole.
+        """
+        finish_cls = TASKS[task].finish_config if task in TASKS else None
+        own = {f.name for f in fields(cls)}
+        finish_names = finish_cls.field_names() if finish_cls else set()
+        unknown = sorted(set(options) - own - finish_names - {"no_distill"})
+        if unknown:
+            raise BadInputError(f"Unknown options {unknown}; expected fields of CompressConfig or of the "
+                                f"task's {finish_cls.__name__ if finish_cls else 'finish'}: "
+                                f"{sorted((own | finish_names) - {'finish', 'task'})}.")
+        run = {k: v for k, v in options.items() if k in own}
+        flat = {k: v for k, v in options.items() if k not in own}
+        if finish_cls is not None and run.get("finish") is None:
+            finish = finish_cls()
+            if flat.pop("no_distill", False):
+                flat["distill"] = None
+            nested = {k: flat.pop(k) for k in list(flat) if k in {f.name for f in fields(finish_cls)}}
+            finish = finish_cls(**{**{f.name: getattr(finish, f.name) for f in fields(finish_cls)}, **nested})
+            # The run's batch size (and, where the finish says so, learning rate) reach the finish's trainer
+            # unless that config was given whole.
+            for name, keys in finish_cls.shared.items():
+                if name not in nested and getattr(finish, name) is not None:
+                    finish = finish.with_options(**{f"{name}.{k}": options.get(k) for k in keys})
+            run["finish"] = finish.with_options(**flat)
+        return cls(task=task, **run)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _bundle_extras(bundle) -> list[str]:
+    """The opt-in signals a fusion bundle was trained on beside the 12: computed at every step too."""
+    from signals import DEFAULT_SIGNALS, SIGNALS
+
+    if bundle is None:
+        return []
+    unknown = [f for f in bundle.features if f not in SIGNALS]
+    if unknown:
+        raise BadInputError(f"The fusion bundle was trained on feature columns {list(bundle.features)}; expected "
+                            f"signals fusionprune computes (see `fusionprune signals --help`). Got {unknown}.")
+    return [f for f in bundle.features if f not in DEFAULT_SIGNALS]
+
+
+@torch.no_grad()
+def throughput(model, batches: list[dict], per_token: bool = False, repeats: int = 3) -> float:
+    """Examples (or, ``per_token``, tokens) per second of one forward pass on ``batches[0]``
+    (input_ids (B, T)), median of ``repeats`` after one warm-up."""
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            model(**batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    ids = batch["input_ids"]
+    return float((ids.numel() if per_token else ids.shape[0]) / np.median(times))
+
+
+@dataclass
+class Measured:
+    """Everything measured in one state: what a strategy looks at, and the time each part took."""
+
+    state: StrategyState
+    signals: Any  # pd.DataFrame | None
+    drop_one: Any  # DropOne | None
+    seconds: dict = field(default_factory=dict)  # {"signals", "drop_one"}
+
+
+def measure_state(task: Task, student, tok, step: StepConfig, k: int, strategy, signal_names: list[str],
+                  target: int, bundle=None, full_layers: int | None = None, want_drop_one: bool = False) -> Measured:
+    """Signals (when the strategy or ``step.signal_samples`` asks) and the drop-one table (when the
+    strategy or ``want_drop_one`` asks) of the current state, and the StrategyState built from them."""
+    t0 = time.perf_counter()
+    batches = task.calibration_batches(student, tok, step, k)
+    signals = None
+    if strategy.needs_signals or step.signal_samples:
+        signals = task.signals(student, batches, signal_names)
+    t_signals = time.perf_counter() - t0
+    dropone, t_drop = None, 0.0
+    if strategy.needs_drop_one or want_drop_one:
+        t1 = time.perf_counter()
+        dropone = task.drop_one(student, tok, step)
+        t_drop = time.perf_counter() - t1
+    state = StrategyState(student, batches, num_layers(student), target, kept_layers(student.config),
+                          signals, dropone.table if dropone is not None else None, bundle,
+                          np.random.default_rng(step.seed + k), full_layers, task,
+                          measure=lambda only: task.drop_one(student, tok, step, only=only).table,
+                          verify_k=step.verify_k)
+    return Measured(state, signals, dropone, {"signals": t_signals, "drop_one": t_drop})
+
+
+def apply_drop(task: Task, student, tok, drop: list[int], step: StepConfig, k: int,
+               finish: FinishConfig | None = None) -> list[int]:
+    """Remove ``drop`` (current indices) in place, then the short recovery; returns their original indices.
+
+    Recovery steps are per removed layer: a one-shot strategy (angular-block) gets the same budget
+    in total as one that removes the same layers one at a time.
+    """
+    orig = [kept_layers(student.config)[i] for i in drop]
+    drop_layers_(student, drop)
+    if step.finetune_steps:
+        task.recover(student, tok, step.finetune_steps * len(drop), step, seed=step.seed + k + 1, finish=finish)
+    return orig
+
+
+#: ``choose(measured) -> current indices to drop``
+Chooser = Callable[[Measured], list[int]]
+#: ``on_state(k, measured, drop) -> tables to checkpoint beside the model`` (collect's rows), or None
+StateHook = Callable[[int, Measured, list[int]], "dict | None"]
+#: ``accept(record) -> bool``: False undoes the step and ends the loop (a budget)
+Acceptor = Callable[[StepRecord], bool]
+
+
+def prune_loop(task: Task, student, tok, step: StepConfig, choose: Chooser, run: RunFolder, history: list[StepRecord],
+               info: dict, *, floor: int, signal_names: list[str], needs, bundle=None, want_drop_one: bool = False,
+               target: Callable[[int], int] | None = None, record_metric: bool = True, finish=None,
+               on_state: StateHook | None = None, accept: Acceptor | None = None):
+    """Remove layers from ``student`` until ``floor`` layers remain (or ``accept`` refuses a step).
+
+    Each step: measure the state (signals, drop-one), ``choose`` the layers, drop them and recover,
+    record the validation metric (``record_metric``), and checkpoint the student with
+    ``history`` and ``info`` (and ``on_state``'s tables) in ``run``. ``needs``: the strategy (its
+    ``needs_signals``/``needs_drop_one`` flags). Returns the student (the one before a refused step).
+    """
+    per_token = task.throughput_unit == "tokens/s"
+    tables: dict | None = None
+    while num_layers(student) > floor and "budget_stop" not in info:
+        k = len(history)
+        t0 = time.perf_counter()
+        n = num_layers(student)
+        m = measure_state(task, student, tok, step, k, needs, signal_names,
+                          target(n) if target else floor, bundle, info.get("teacher_layers"), want_drop_one)
+        t1 = time.perf_counter()
+        drop = sorted(choose(m))
+        selection = time.perf_counter() - t1 + (m.seconds["signals"] if needs.needs_signals else 0) + (
+            m.seconds["drop_one"] if needs.needs_drop_one else 0)
+        if on_state is not None:
+            tables = on_state(k, m, drop)
+        predicted = measured = None
+        if bundle is not None and len(drop) == 1:
+            predicted = float(bundle.predict(m.signals.sort_values("layer"))[drop[0]])
+        if m.drop_one is not None and len(drop) == 1:
+            measured = task.measured_value(m.drop_one.table, drop[0])
+        orig = apply_drop(task, student, tok, drop, step, k, finish)
+        metric = task.step_metric(student, tok, step) if record_metric else None
+        entry = StepRecord(
+            k, n, drop, orig, kept_layers(student.config), predicted, measured, metric, step.finetune_steps * len(drop),
+            round(selection, 3), count_parameters(student), throughput(student, m.state.batches, per_token),
+            round(time.perf_counter() - t0, 2), m.signals.to_dict("list") if m.signals is not None else None,
+            m.drop_one.table.to_dict("list") if m.drop_one is not None else None,
+            task.step_measured_key, task.step_metric_key)
+        if accept is not None and not accept(entry):
+            # Undo the step: the checkpoint still holds the model before it.
+            student, _, _ = task.load_model(str(run.current))
+            run.save(run.current.name, student, tok, _record(history, info), tables)
+            break
+        history.append(entry)
+        run.save(run.current.name, student, tok, _record(history, info), tables)
+        log.info("step %d: %d -> %d layers, dropped %s (original)%s, %.0f s", k, n, num_layers(student), orig,
+                 "" if metric is None else f", validation {task.metric} {metric:.4f}", entry.seconds)
+    return student
+
+
+def _record(history: list[StepRecord], info: dict) -> dict:
+    return {"history": [e.to_dict() for e in history], "info": info}
+
+
+# --------------------------------------------------------------------------- compress
+
+
+def _partial(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def step_target(task: Task, cfg: CompressConfig, n_layers: int) -> int:
+    """The depth a strategy aims at from ``n_layers``: the target, or one layer less under a budget
+    (so that a one-shot strategy cannot overshoot the budget by a whole block)."""
+    floor = cfg.target_layers or 1
+    return max(floor, n_layers - 1) if cfg.budget is not None else floor
+
+
+def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, resume: bool = False,
+             overwrite: bool = False, task: Task | None = None) -> CompressReport:
+    """Compress ``model_spec`` to ``cfg.target_layers`` layers; returns the report (also saved).
+
+    ``data`` is what ``task.load_data`` returned (a TextDataset or a TextCorpus); ``task``
+    defaults to ``cfg.task`` with ``data`` attached. The output is locked for the whole run.
+    """
+    check_output(output, overwrite)
+    with output_lock(output):
+        return _compress(model_spec, data, cfg, Path(output), resume, overwrite, task)
+
+
+def run_meta(model_spec: str, data, cfg) -> dict:
+    """What a stopped run must share with its resumption: model, data content and the config."""
+    meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "data_sha256": data.content_hash(),
+                                  "config": asdict(cfg)}, default=str))
+
+    def drop_progress(d):
+        if isinstance(d, dict):
+            d.pop("progress", None)
+            for v in d.values():
+                drop_progress(v)
+    drop_progress(meta["config"])
+    return meta
+
+
+def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: bool, overwrite: bool,
+              task: Task | None) -> CompressReport:
+    from fusion_prune.fusion import load_bundle
+    from signals import DEFAULT_SIGNALS
+
+    if task is None:
+        task = get_task(cfg.task)
+    if task.data is None:
+        task.data = data
+    strategy = STRATEGIES[cfg.strategy]
+    bundle = (load_bundle(cfg.fusion_path or task.default_bundle, trust_pickle=cfg.trust_pickle)
+              if strategy.needs_bundle else None)
+    signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
+    meta = run_meta(model_spec, data, cfg)
+    t_start = time.perf_counter()
+    run = RunFolder(_partial(output), meta, resume=resume, overwrite=overwrite)
+    saved = run.start()
+    if saved is not None:
+        teacher, tok, _ = task.load_model(str(run.path / "teacher"))
+        student, _, _ = task.load_model(str(run.current))
+        info = saved["info"]
+        history = [StepRecord.from_dict(h, task.step_measured_key, task.step_metric_key) for h in saved["history"]]
+        if num_layers(student) != info["teacher_layers"] - sum(len(h.dropped) for h in history):
+            raise BadInputError(f"The stopped run at {str(run.path)!r} has a model of {num_layers(student)} layers "
+                                "that does not match its record; expected a consistent checkpoint (or --overwrite).")
+        t_start -= info.get("wall_seconds_before", 0.0)
+        log.info("resuming after %d finished step(s) (%d layers)", len(history), num_layers(student))
+    else:
+        teacher, tok, ready = task.load_model(model_spec)
+        depth = num_layers(teacher)
+        if cfg.target_layers is not None and cfg.target_layers >= depth:
+            raise BadInputError(f"The 'target_layers' parameter must be below the model's depth {depth}. "
+                                f"Got {cfg.target_layers}.")
+        info = task.prepare_teacher(teacher, tok, cfg, cfg.teacher, cfg.teacher_margin, ready, str(model_spec))
+        info["task"] = task.name
+        info["teacher_layers"] = depth
+        student = copy.deepcopy(teacher)
+        history = []
+        info["teacher_parameters"] = count_parameters(teacher)
+        info["teacher_throughput"] = throughput(teacher, task.calibration_batches(teacher, tok, cfg, 0),
+                                                task.throughput_unit == "tokens/s")
+        info["throughput_unit"] = task.throughput_unit
+        run.save("teacher", teacher, tok, _record([], info))
+        run.save("current", student, tok, _record([], info))
+
+    if cfg.budget is not None:  # the worst validation metric allowed: what each step is checked against
+        info["budget_limit"] = task.budget_limit(info, cfg.budget)
+
+    def accept(e: StepRecord) -> bool:
+        info["wall_seconds_before"] = round(time.perf_counter() - t_start, 1)
+        if cfg.budget is None or task.within_budget(e.metric, info, cfg.budget):
+            return True
+        info["budget_stop"] = {"step": e.step, "layers_before": e.layers_before, "dropped_orig": e.dropped_orig,
+                               task.step_metric_key: e.metric}
+        log.info("step %d: removing %s (original) gives validation %s %.4f, outside %s %s of the teacher's %.4f: "
+                 "undone, stopping at %d layers", e.step, e.dropped_orig, task.metric, e.metric, task.budget_field,
+                 cfg.budget, info[task.teacher_metric_key], e.layers_before)
+        return False
+
+    student = prune_loop(task, student, tok, cfg, lambda m: strategy.fn(m.state), run, history, info,
+                         floor=cfg.target_layers or 1, signal_names=signal_names, needs=strategy, bundle=bundle,
+                         want_drop_one=bool(cfg.drop_one_samples), target=lambda n: step_target(task, cfg, n),
+                         finish=cfg.finish, accept=accept)
+    finish = cfg.finish
+    if num_layers(student) == info["teacher_layers"]:
+        # A budget that allowed no removal: the student is the teacher, and distilling or healing a
+        # copy of the teacher into itself can only move it away from the teacher.
+        log.info("no layer could be removed within the budget: the teacher is returned as it is (no distillation)")
+        finish = task.nothing_to_finish(finish)
+    student, results = task.finish(teacher, student, tok, cfg, finish, info)
+    info.pop("wall_seconds_before", None)
+    n_params = count_parameters(student)
+    report = CompressReport(
+        model=str(model_spec), dataset=data.spec, strategy=cfg.strategy, task=task.name, metric=task.metric,
+        teacher_metric_key=task.teacher_metric_key, results=results, teacher_layers=info["teacher_layers"],
+        student_layers=num_layers(student), kept_layers=kept_layers(student.config), history=history, info=info,
+        budget=({"parameter": task.budget_field, "value": cfg.budget, "stopped": info.get("budget_stop")}
+                if cfg.budget is not None else None),
+        student_parameters=n_params,
+        accuracy_to_size=(results["student_accuracy"] / results["teacher_accuracy"]
+                          / (n_params / info["teacher_parameters"])
+                          if results.get("teacher_accuracy") and info.get("teacher_parameters") else None),
+        config=meta["config"],
+        fusion_bundle=(bundle.describe() | {"path": str(cfg.fusion_path or "default")}) if bundle else None,
+        selection_seconds=round(sum(h.selection_seconds for h in history), 3),
+        wall_seconds=round(time.perf_counter() - t_start, 1), versions=versions())
+    from fusion_prune.report import write_compress_report
+
+    with atomic_dir(output, overwrite=overwrite, lock=False) as tmp:
+        student.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_compress_report(report, tmp, task)
+    run.done()
+    return report
