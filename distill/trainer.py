@@ -18,6 +18,7 @@ import torch
 
 from distill.layer_map import layer_map
 from distill.losses import hard_ce, hidden_mse, soft_kl
+from fusion_prune.config import opt
 from fusion_prune.errors import BadInputError
 from fusion_prune.data import label_map, make_loader, subsample
 from fusion_prune.training import loss_summary, make_accelerator, run_steps
@@ -26,19 +27,20 @@ from fusion_prune.utils import set_seed
 
 @dataclass
 class DistillConfig:
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-4
+    epochs: float = opt(1.0, help="Distillation epochs.")
+    max_steps: int | None = opt(None, help="Overrides the epochs.")
+    batch_size: int = opt(32, help="Distillation batch size.")
+    lr: float = opt(1e-4, help="Distillation learning rate.")
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
-    temperature: float = 2.0
-    soft_weight: float = 0.5
-    hard_weight: float = 0.5
-    hidden_weight: float = 0.0
-    max_length: int = 128
-    seed: int = 0
-    max_train_samples: int | None = None
+    temperature: float = opt(2.0, help="Softmax temperature of the soft targets.")
+    soft_weight: float = opt(0.5, help="Weight of the KL to the teacher's soft targets.")
+    hard_weight: float = opt(0.5, help="Weight of the cross-entropy on the gold labels.")
+    hidden_weight: float = opt(0.0, help="Weight of hidden-state matching (student layer to its original teacher "
+                                         "layer).")
+    max_length: int = opt(128, help="Tokens per example.")
+    seed: int = opt(0, help="Seed of the sample and of training.")
+    max_train_samples: int | None = opt(None, help="Training rows to distil on (None: all).")
     cache_teacher_logits: str = "auto"  # "auto", "yes" or "no"
     mixed_precision: str = "auto"
     grad_clip: float = 1.0

@@ -62,6 +62,11 @@ class Analysis:
             write_text_atomic(tmp / "analysis.md", self.markdown())
         return folder
 
+    def first_layers(self) -> dict[str, int]:
+        """The original index of the layer each method would remove first."""
+        orig = self.table["orig_layer"]
+        return {m: int(orig.iloc[int(self.ranks[m].to_numpy().argmin())]) for m in self.ranks.columns}
+
     def markdown(self) -> str:
         m = self.meta
         methods = list(self.ranks.columns)
@@ -135,6 +140,9 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
     from signals import DEFAULT_SIGNALS, SIGNALS, resolve_signals
 
     t0 = time.perf_counter()
+    if fusion is not None and str(fusion) != "default" and not Path(fusion).is_file():
+        raise BadInputError(f"The fusion bundle {str(fusion)!r} does not exist; expected a file written by "
+                            "fit-fusion, 'default' or 'none'.")
     if extras is None:
         extras = [n for n in SIGNALS if n not in DEFAULT_SIGNALS]
     names = list(dict.fromkeys([*DEFAULT_SIGNALS, *extras]))

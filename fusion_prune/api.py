@@ -15,8 +15,10 @@ keyword of :func:`compress`, with the defaults ``fusionprune compress`` has.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +29,8 @@ from fusion_prune.errors import BadInputError
 from fusion_prune.fusion import FusionBundle, load_bundle
 from fusion_prune.report import CompressReport
 from fusion_prune.tasks import task_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,26 +76,28 @@ def compress(model: str, dataset, target_layers: int | None = None, output: str 
     :class:`CompressResult`; the folder ``output`` (or a temporary one) holds the model and
     ``report.json``.
     """
-    from fusion_prune.loop import CompressConfig, compress as run
+    from fusion_prune.loop import run_compress
 
     if options.get("task") is not None or "target_layers" in options:
         raise BadInputError("compress() takes 'task' and 'target_layers' as its own keywords; expected them once.")
-    t, data = task_for(model, dataset, task, text_column, label_column)
-    cfg = CompressConfig.from_options(task=t.name, target_layers=target_layers, **options)
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="fusionprune-")) / "model"
-    report = run(str(model), data, cfg, out, resume=resume, overwrite=overwrite, task=t)
+    report, t = run_compress(str(model), dataset, out, task=task, text_column=text_column, label_column=label_column,
+                             resume=resume, overwrite=overwrite, target_layers=target_layers, **options)
     net, tok, _ = t.load_model(str(out))
     return CompressResult(net, tok, report, out)
 
 
 def compute_signals(model: str, dataset, *, samples: int | None = None, signals: Sequence[str] | None = None,
                     task: str | None = None, text_column: str = "text", label_column: str = "label",
-                    batch_size: int | None = None, max_length: int | None = None, seed: int = 0) -> pd.DataFrame:
+                    batch_size: int | None = None, max_length: int | None = None, seed: int = 0,
+                    split: str | None = None, progress: bool = False) -> pd.DataFrame:
     """The (n_layers, 2 + n_signals) signals table of ``model`` on a calibration sample of ``dataset``.
 
     The same table ``compress`` computes at each step (columns ``layer``, ``orig_layer``, then the
     12 defaults and any opt-in ``signals``). ``samples``: calibration examples (classifiers,
-    default 256) or token windows of ``max_length`` (causal LMs, default 4).
+    default 256) or token windows of ``max_length`` (causal LMs, default 4). ``split``: draw the
+    classifier's sample from this split (as ``fusionprune signals`` and ``analyze`` do) instead of
+    the train split ``compress`` calibrates on.
     """
     from fusion_prune.config import StepConfig
     from signals import DEFAULT_SIGNALS, resolve_signals
@@ -99,10 +105,45 @@ def compute_signals(model: str, dataset, *, samples: int | None = None, signals:
     names = list(dict.fromkeys([*DEFAULT_SIGNALS, *(signals or [])]))
     resolve_signals(names)
     t, _ = task_for(model, dataset, task, text_column, label_column)
-    net, tok, _ = t.load_model(str(model))
+    net, tok, ready = t.load_model(str(model))
+    if not ready:
+        log.warning("%s has no head trained for these labels; gradient and prediction-MI signals refer to an "
+                    "untrained head", model)
     step = StepConfig(signal_samples=samples, batch_size=batch_size, max_length=max_length, seed=seed, progress=False)
     t.resolve_step(step)
+    if split is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the untrained head is logged above
+            return t.analysis_signals(net, tok, step, names, split, progress)[0]
     return t.signals(net, t.calibration_batches(net, tok, step, 0), names)
+
+
+def inspect_model(model: str) -> dict:
+    """What ``fusionprune inspect`` shows: family, kind, class, depth, width, parameters, kept-layer
+    history and the task the model's class implies."""
+    from fusion_prune.models import load_native
+    from fusion_prune.surgery import describe
+    from fusion_prune.tasks import TASKS, DEFAULT_TASK, model_task
+
+    net, _ = load_native(model)
+    d = {"model": model, **describe(net)}
+    implied = model_task(model)
+    if implied is None:
+        unlabelled = [n for n, c in TASKS.items() if c.needs_unlabelled_data and d["kind"] in c.model_kinds]
+        implied = (f"{unlabelled[0]} (with an unlabelled corpus) or {DEFAULT_TASK}" if unlabelled
+                   else f"{DEFAULT_TASK} (a head is added)")
+    d["task"] = implied
+    return d
+
+
+def evaluate(model: str, dataset: str, *, task: str | None = None, zero_shot: bool = False,
+             label_column: str = "label", **options: Any):
+    """(task, result) of ``fusionprune evaluate``: the task's own metric of ``model`` on a split of
+    ``dataset`` (accuracy; perplexity; with ``zero_shot``, zero-shot accuracy of a causal LM)."""
+    from fusion_prune.tasks import detect_task, get_task, zero_shot_task
+
+    t = zero_shot_task() if zero_shot else get_task(detect_task(model, dataset, task, label_column))
+    return t, t.evaluate(model, dataset, label_column=label_column, zero_shot=zero_shot, **options)
 
 
 def load_fusion(path: str | Path | None = None, trust_pickle: bool = False, task: str = "classification"

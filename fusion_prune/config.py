@@ -76,3 +76,45 @@ class StepConfig:
     def step(self) -> StepConfig:
         """Just the step's fields (a run config is a StepConfig too)."""
         return StepConfig(**{f.name: getattr(self, f.name) for f in fields(StepConfig)})
+
+
+# --------------------------------------------------------------------------- flat options
+
+def path_default(cls: type | Any, path: str) -> Any:
+    """The default at dotted ``path`` of dataclass ``cls`` ("teacher.epochs": the default teacher's epochs),
+    or the value there of a config instance."""
+    head, _, rest = path.partition(".")
+    obj = field_default(cls, head) if isinstance(cls, type) else getattr(cls, head)
+    for part in rest.split(".") if rest else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+def path_help(cls: type, path: str) -> str:
+    """The help of the field at dotted ``path`` of dataclass ``cls``."""
+    parts = path.split(".")
+    owner: type = cls if isinstance(cls, type) else type(cls)
+    for part in parts[:-1]:
+        owner = type(path_default(owner, part))
+    return field_help(owner, parts[-1])
+
+
+def with_paths(obj: Any, values: dict[str, Any]) -> Any:
+    """A copy of dataclass ``obj`` with each dotted path set (None values are skipped; a nested config
+    that is None takes nothing)."""
+    for path, value in values.items():
+        if value is None:
+            continue
+        head, _, rest = path.partition(".")
+        if not rest:
+            obj = dataclasses.replace(obj, **{head: value})
+            continue
+        inner = getattr(obj, head)
+        if inner is not None:
+            obj = dataclasses.replace(obj, **{head: with_paths(inner, {rest: value})})
+    return obj
+
+
+#: flat options shared by the runs that may fine-tune a teacher: option -> path in the run config
+TEACHER_OPTIONS = {"teacher_epochs": "teacher.epochs", "teacher_lr": "teacher.lr",
+                   "teacher_patience": "teacher.patience", "max_train_samples": "teacher.max_train_samples"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 from fusion_prune import assets
 from fusion_prune.errors import BadInputError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
@@ -277,7 +280,7 @@ def _select_columns(df: pd.DataFrame, text: str, label: str, spec: str, split: s
     if not keep.all():
         msg = (f"{spec!r} {split}: dropped {int(no_label.sum())} rows with a blank or missing label and "
                f"{int((no_text & ~no_label).sum())} more with an empty or missing text ({int(keep.sum())} left)")
-        print(f"[fusionprune] {msg}", file=sys.stderr, flush=True)
+        log.warning(msg)
     out = pd.DataFrame({"text": texts[keep].astype(str), "label": labels[keep]})
     # Labels compare by their string form so that 1 in a CSV and "1" in JSON are the same class.
     out["label"] = out["label"].map(_label_str)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fusion_prune.config import opt
 from fusion_prune.data import TextDataset, label_map, make_loader, subsample
 from fusion_prune.errors import BadInputError
 from fusion_prune.params import TEACHER_DEFAULTS, validate
@@ -30,27 +31,28 @@ RUN_RECORD = "fusionprune_run.json"
 class FinetuneConfig:
     """Settings of one fine-tuning run. ``max_steps`` overrides ``epochs`` when given."""
 
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 32
+    epochs: float = opt(1.0, help="Budget in epochs (see --min-steps); early stopping usually ends sooner.")
+    max_steps: int | None = opt(None, help="Overrides --epochs.")
+    batch_size: int = opt(32, help="Training batch size.")
     eval_batch_size: int = 64
-    lr: float = 1e-4
+    lr: float = opt(1e-4, help="Learning rate (small models like 2e-4, base-size ones ~5e-5 to 1e-4).")
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
-    max_length: int = 128
-    seed: int = 0
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_length: int = opt(128, help="Tokens per example.")
+    seed: int = opt(0, help="Seed of the sample and of training.")
+    max_train_samples: int | None = opt(None, help="Cap on the training examples.")
+    max_eval_samples: int | None = opt(None, help="Cap on the validation and test examples.")
     grad_clip: float = 1.0
-    mixed_precision: str = "auto"  # "auto": bf16 on CUDA, none on CPU; or "no" / "bf16" / "fp16"
+    mixed_precision: str = opt("auto", help="auto: bf16 on CUDA, none on the CPU; or no / bf16 / fp16.")
     progress: bool = True
     # Early stopping (off when patience is 0): validation accuracy on ``early_stopping_samples``
     # examples every ``eval_every`` steps (0: about twice an epoch, between 10 and 50 steps); stop
     # after ``patience`` checks without a gain and restore the best weights. ``min_steps`` raises
     # the epoch budget on small sets, where a few epochs are only a few dozen steps.
-    patience: int = 0
+    patience: int = opt(0, help="Stop after this many validation checks without a gain and keep the best weights "
+                                "(0: train the whole budget).")
     eval_every: int = 0
-    min_steps: int = 0
+    min_steps: int = opt(0, help="Raise the epoch budget to at least this many steps (small sets).")
     early_stopping_samples: int = 500
 
     def __post_init__(self) -> None:

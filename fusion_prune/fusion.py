@@ -541,6 +541,30 @@ def fit_selected(rows: pd.DataFrame, model_type: str = "rf", features: Sequence[
     return fit_bundle(rows, model_type, features, feature_norm, target, seed, cv, measured=measured)
 
 
+def fit_fusion(data: Sequence[str | Path], output: str | Path, model_type: str = "rf",
+               extras: Sequence[str] = (), feature_norm: str = "auto", target: str = "auto",
+               measured: str = "acc_after_drop", seed: int = 0, report: str | Path | None = None,
+               overwrite: bool = False) -> tuple[FusionBundle, pd.DataFrame, dict | None]:
+    """``fusionprune fit-fusion``: fit a bundle on the rows tables ``data`` (globs allowed), save it to
+    ``output`` and, with ``report``, the leave-one-dataset-out report (JSON, a plot beside it).
+    Returns (bundle, rows, report or None)."""
+    if model_type not in FUSION_MODELS:  # the registry: a new model needs no CLI edit
+        raise bad_choice("model_type", model_type, FUSION_MODELS)
+    rows = read_rows(data)
+    bundle = fit_selected(rows, model_type, [*DEFAULT_SIGNALS, *extras], feature_norm, target, measured, seed,
+                          record_cv=report is not None)
+    bundle.save(output, overwrite)
+    rep = None
+    if report is not None:
+        from fusion_prune.report import plot_lodo
+        from fusion_prune.utils import write_json_atomic
+
+        rep = lodo_report(rows, bundle, seed)
+        write_json_atomic(report, rep)
+        plot_lodo(pd.DataFrame(rep["per_dataset"]), Path(report).with_suffix(".png"))
+    return bundle, rows, rep
+
+
 def lodo_report(rows: pd.DataFrame, bundle: FusionBundle, seed: int = 0) -> dict:
     """Leave-one-dataset-out of every registered model type in ``bundle``'s configuration, beside the
     best single signal and consensus, with each model's importances: ``fit-fusion --report``."""

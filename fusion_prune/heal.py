@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from fusion_prune.config import opt
 from fusion_prune.corpus import window_loader
 from fusion_prune.errors import BadInputError
 
@@ -19,20 +20,23 @@ class HealConfig:
     """Healing after the layers are gone: LoRA (merged afterwards), QLoRA (LoRA on a 4-bit NF4 copy
     of the base, merged into the full-precision weights), full fine-tuning, or none."""
 
-    method: str = "lora"  # "lora", "qlora", "full" or "none"
-    steps: int = 60
+    method: str = opt("lora", help="Causal LM: healing after the removals (LoRA adapters are merged into the "
+                                   "weights; qlora trains them on a 4-bit NF4 copy of the base and needs "
+                                   "bitsandbytes).")
+    steps: int = opt(60, help="Causal LM: healing steps.")
     batch_size: int = 4
-    lr: float = 2e-4
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lr: float = opt(2e-4, help="Causal LM: healing learning rate.")
+    lora_r: int = opt(8, help="LoRA rank.")
+    lora_alpha: int = opt(16, help="LoRA alpha.")
     lora_dropout: float = 0.0
-    target_modules: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
+    target_modules: str = opt("all-linear", help="Comma-separated module names (q_proj,v_proj) or all-linear.")
     # distillation from the teacher's logits during healing: 0 = plain next-token loss
     kd_weight: float = 0.0
-    temperature: float = 2.0
+    temperature: float = opt(2.0, help="Softmax temperature of the distillation.")
     # 0: the teacher runs beside each step (full-vocabulary KL); k > 0: its top-k logits per position
     # are cached once before training (distill.teacher_topk_logits) and the KL is taken over them
-    kd_top_k: int = 0
+    kd_top_k: int = opt(0, help="Causal LM: cache the teacher's top-k logits per token (and its mass outside them) "
+                                "before distilling (0: run the teacher beside each step, full vocabulary).")
     seed: int = 0
     progress: bool = True
 

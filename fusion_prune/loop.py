@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fusion_prune.checkpoint import RunFolder
-from fusion_prune.config import StepConfig, opt
+from fusion_prune.config import TEACHER_OPTIONS, StepConfig, field_default, opt, with_paths
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
 from fusion_prune.params import validate
@@ -87,6 +87,10 @@ class CompressConfig(StepConfig):
                                 f"{self.task!r}. Got {type(self.finish).__name__}.")
         if self.strategy not in STRATEGIES:
             raise bad_choice("strategy", self.strategy, STRATEGIES)
+        if self.fusion_path is not None and STRATEGIES[self.strategy].needs_bundle \
+                and not Path(self.fusion_path).is_file():
+            raise BadInputError(f"The fusion bundle {str(self.fusion_path)!r} does not exist; expected a file written "
+                                "by fit-fusion.")
         validate(self)  # ranges in fusion_prune/params.py
         own = task.budget_field
         for other in (t.budget_field for t in TASKS.values() if t.budget_field != own):
@@ -103,9 +107,13 @@ class CompressConfig(StepConfig):
         return getattr(self, TASKS[self.task].budget_field)
 
     @classmethod
-    def from_options(cls, task: str = DEFAULT_TASK, **options: Any) -> CompressConfig:
+    def from_options(cls, task: str = DEFAULT_TASK, other_tasks_options: str = "error", **options: Any
+                     ) -> CompressConfig:
         """A config from flat options: the fields above, the step's, and the task's finish options
-        (``distill=...``, ``heal=...``, ``heal_steps=...``: :attr:`FinishConfig.flat`).
+        (``other_tasks_options="ignore"``: leave out options that only another task's finish has, as
+        the CLI, which offers every task's flags, asks)
+        (``distill=...``, ``heal=...``, ``heal_steps=...``: :attr:`FinishConfig.flat`), and the teacher's
+        (:data:`~fusion_prune.config.TEACHER_OPTIONS`: ``teacher_epochs=...``).
 
         The CLI and ``fusion_prune.compress()`` both build their config here, so the same options
         give the same run. ``batch_size`` and ``lr`` also set the finish's own batch size and
@@ -114,8 +122,16 @@ class CompressConfig(StepConfig):
         """
         finish_cls = TASKS[task].finish_config if task in TASKS else None
         own = {f.name for f in fields(cls)}
+        teacher = {k: options.pop(k) for k in list(options) if k in TEACHER_OPTIONS}
+        if teacher and options.get("teacher") is None:
+            options["teacher"] = with_paths(field_default(cls, "teacher"),
+                                            {TEACHER_OPTIONS[k].partition(".")[2]: v for k, v in teacher.items()})
         finish_names = finish_cls.field_names() if finish_cls else set()
-        unknown = sorted(set(options) - own - finish_names - {"no_distill"})
+        if other_tasks_options == "ignore":  # the CLI offers every task's finish flags
+            others = {n for t in TASKS.values() if t.finish_config is not finish_cls
+                      for n in t.finish_config.field_names()} - finish_names - own
+            options = {k: v for k, v in options.items() if k not in others}
+        unknown = sorted(set(options) - own - finish_names)
         if unknown:
             raise BadInputError(f"Unknown options {unknown}; expected fields of CompressConfig or of the "
                                 f"task's {finish_cls.__name__ if finish_cls else 'finish'}: "
@@ -124,8 +140,9 @@ class CompressConfig(StepConfig):
         flat = {k: v for k, v in options.items() if k not in own}
         if finish_cls is not None and run.get("finish") is None:
             finish = finish_cls()
-            if flat.pop("no_distill", False):
-                flat["distill"] = None
+            for flag, (name, value) in finish_cls.flags.items():  # e.g. no_distill: distill=None
+                if flat.pop(flag, False):
+                    flat[name] = value
             nested = {k: flat.pop(k) for k in list(flat) if k in {f.name for f in fields(finish_cls)}}
             finish = finish_cls(**{**{f.name: getattr(finish, f.name) for f in fields(finish_cls)}, **nested})
             # The run's batch size (and, where the finish says so, learning rate) reach the finish's trainer
@@ -308,6 +325,20 @@ def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, res
     check_output(output, overwrite)
     with output_lock(output):
         return _compress(model_spec, data, cfg, Path(output), resume, overwrite, task)
+
+
+def run_compress(model_spec: str, dataset, output: str | Path, *, task: str | None = None, text_column: str = "text",
+                 label_column: str = "label", resume: bool = False, overwrite: bool = False,
+                 other_tasks_options: str = "error", **options: Any) -> tuple[CompressReport, Task]:
+    """``fusionprune compress`` and ``fusion_prune.compress()``: find the task, load the data, build the
+    config from flat ``options`` (:meth:`CompressConfig.from_options`) and compress.
+    Returns (report, the task it ran)."""
+    from fusion_prune.tasks import task_for
+
+    check_output(output, overwrite)  # before anything loads
+    t, data = task_for(str(model_spec), dataset, task, text_column, label_column)
+    cfg = CompressConfig.from_options(task=t.name, other_tasks_options=other_tasks_options, **options)
+    return compress(str(model_spec), data, cfg, output, resume=resume, overwrite=overwrite, task=t), t
 
 
 def run_meta(model_spec: str, data, cfg) -> dict:

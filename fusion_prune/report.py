@@ -112,6 +112,22 @@ class CompressReport(Mapping):
         return len(self.to_dict())
 
 
+def compress_summary(report: CompressReport, task, output: str | os.PathLike) -> list[str]:
+    """The closing lines of ``fusionprune compress``: the shared ones and the task's metric lines."""
+    lines = [f"{report.model} on {report.dataset}  ({report.strategy}, {report.task})",
+             f"layers            {report.teacher_layers} -> {report.student_layers}  (kept original "
+             f"{report.kept_layers})"]
+    if report.budget:
+        b = report.budget
+        lines.append(f"budget            {b['parameter']} {b['value']}: "
+                     + (f"stopped, removing {b['stopped']['dropped_orig']} broke it" if b["stopped"]
+                        else "not reached"))
+    lines += task.summary_lines(report)
+    lines += [f"wall time         {report.wall_seconds:.0f} s  (choosing layers: {report.selection_seconds:.1f} s)",
+              f"saved             {output}  (report.md, report.json, plots/)"]
+    return lines
+
+
 def _save_figure(fig, path: str | os.PathLike) -> Path:
     """Write ``fig`` atomically and close it (also when writing fails)."""
     import matplotlib.pyplot as plt

@@ -119,6 +119,14 @@ def kept_layers(model_or_config) -> list[int]:
     return list(kept) if kept is not None else list(range(config.num_hidden_layers))
 
 
+def parse_layers(text: str, param: str = "layers") -> list[int]:
+    """Comma-separated layer indices ("3,7") as a list."""
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise BadInputError(f"The '{param}' option must be comma-separated layer indices such as 3,7. Got {text!r}.")
+
+
 def check_layers(layers: Iterable[int], n: int, param: str = "layers") -> list[int]:
     """Validate layer indices to drop from an ``n``-layer model; returns them sorted."""
     layers = list(layers)

@@ -106,7 +106,7 @@ def _has_head(model) -> bool:
     return name.endswith(("ForSequenceClassification", "ForCausalLM", "LMHeadModel"))
 
 
-# Importing the signal modules registers them (in DESIGN order).
+# Importing the signal modules registers them (in the order of docs/design.md, "The 12 signals").
 from signals import activation, information, gradient, weight, attention, representation, extra  # noqa: E402,F401
 
 __all__ = ["DEFAULT_SIGNALS", "SIGNALS", "Signal", "SignalContext", "compute_signals", "register_signal",

@@ -16,7 +16,7 @@ from signals.capture import NEEDS, SignalContext
 Rule = Literal["prune_lowest", "prune_highest"]
 SignalFn = Callable[[SignalContext], np.ndarray]
 
-#: The default 12-dimensional feature vector, in DESIGN.md order.
+#: The default 12-dimensional feature vector, in the order of docs/design.md ("The 12 signals").
 DEFAULT_SIGNALS: tuple[str, ...] = (
     "act_inhibition", "act_intensity", "act_energy", "mi_task", "mi_prediction", "grad_norm", "grad_fisher",
     "grad_taylor", "weight_norm", "weight_entropy", "attn_entropy", "repr_angular",

@@ -54,7 +54,7 @@ def test_compress_returns_a_result_that_saves(teacher, sentiment_csv_dir, tmp_pa
     assert (out / "report.json").is_file() and (out / "config.json").is_file()
     with pytest.raises(BadInputError, match="already exists"):
         res.save(tmp_path / "saved")
-    with pytest.raises(BadInputError, match=r"unknown options \['target'\]"):
+    with pytest.raises(BadInputError, match=r"Unknown options \['target'\]"):
         compress(str(teacher), str(sentiment_csv_dir), target_layers=1, target=2)
 
 

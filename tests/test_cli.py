@@ -28,7 +28,7 @@ def test_assets_list_json(runner, isolated_home):
     res = runner.invoke(main, ["assets", "list", "--json"])
     assert res.exit_code == 0
     rows = json.loads(res.output)
-    assert len(rows) == 11 and not any(r["fetched"] for r in rows)  # 9 of DESIGN.md + 2 prose corpora
+    assert len(rows) == 11 and not any(r["fetched"] for r in rows)  # 9 of docs/design.md + 2 prose corpora
 
 
 def test_unknown_asset_exits_2_with_one_line(runner, isolated_home):

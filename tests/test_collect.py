@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from fusion_prune.checkpoint import CHECKPOINT_RECORD
 from fusion_prune.collect import ROW_KEYS, CollectConfig, collect
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
@@ -68,7 +69,7 @@ def test_a_top_first_walk_visits_other_states_and_keeps_them_apart(three_layer_m
 def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_path, monkeypatch):
     data = load_dataset(str(sentiment_csv_dir))
     full = collect(str(three_layer_model), data, _cfg(), tmp_path / "a.parquet")
-    from fusion_prune import loop as greedy as G
+    from fusion_prune import loop as G
 
     real_step, calls = G.apply_drop, []
 
@@ -81,7 +82,7 @@ def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_pa
     monkeypatch.setattr(G, "apply_drop", interrupted)
     with pytest.raises(KeyboardInterrupt):
         collect(str(three_layer_model), data, _cfg(), tmp_path / "b.parquet")
-    assert not (tmp_path / "b.parquet").exists() and (tmp_path / "b.parquet.state" / "checkpoint" / G.CHECKPOINT_RECORD).is_file()
+    assert not (tmp_path / "b.parquet").exists() and (tmp_path / "b.parquet.state" / "checkpoint" / CHECKPOINT_RECORD).is_file()
     monkeypatch.setattr(G, "apply_drop", real_step)
     resumed = collect(str(three_layer_model), data, _cfg(), tmp_path / "b.parquet")
     pd.testing.assert_frame_equal(resumed, full)
@@ -91,7 +92,7 @@ def test_resume_gives_the_same_rows(three_layer_model, sentiment_csv_dir, tmp_pa
         calls.clear()
         collect(str(three_layer_model), data, _cfg(), tmp_path / "c.parquet")
     monkeypatch.setattr(G, "apply_drop", real_step)
-    with pytest.raises(BadInputError, match="belongs to a run with other arguments"):
+    with pytest.raises(BadInputError, match="used other arguments"):
         collect(str(three_layer_model), data, _cfg(seed=1), tmp_path / "c.parquet")
 
 
@@ -117,13 +118,14 @@ def test_recovery_labels_column_and_fitting_on_it(three_layer_model, sentiment_c
     both = pd.concat([rows, rows.assign(dataset="b")])
     both.to_parquet(tmp_path / "both.parquet")
     relabelled = F.use_measured(both, "acc_after_recovery")
-    assert (relabelled.acc_after_drop == both.acc_after_recovery).all() and "acc_after_drop" in both
+    assert (relabelled.score_after_drop == both.acc_after_recovery).all()
+    assert (relabelled.acc_after_drop == both.acc_after_drop).all()  # the measured columns are left as they are
     bundle = tmp_path / "b.npz"
     res = CliRunner().invoke(main, ["fit-fusion", "--data", str(tmp_path / "both.parquet"), "-o", str(bundle),
                                     "--label", "acc_after_recovery", "--feature-norm", "zscore",
                                     "--target", "retention_z"])
     assert res.exit_code == 0, res.output
-    assert F.load_bundle(bundle).describe()["label"] == "acc_after_recovery"
+    assert F.load_bundle(bundle).describe()["measured"] == "acc_after_recovery"
     # rows without the column: one line naming what to do
     with pytest.raises(BadInputError, match="--recovery-steps"):
         F.use_measured(both.drop(columns="acc_after_recovery"), "acc_after_recovery")

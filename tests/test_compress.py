@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 import fusion_prune.loop as G
 from distill import DistillConfig
+from fusion_prune.checkpoint import CHECKPOINT_RECORD
 from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
@@ -61,11 +62,11 @@ def test_every_strategy_end_to_end(strategy, teacher, sentiment_csv_dir, bundle_
         assert r["kept_layers"] == [2]
     if strategy == "oracle":  # the measured best layer is dropped each time
         for e in r["history"]:
-            best = max(e["labels"]["acc_after_drop"])
+            best = max(e["drop_one"]["acc_after_drop"])
             assert e["measured_acc_after_drop"] == best
     if strategy == "fusion-verify":  # the measured best of the bundle's top 3 (here: all 3 layers, then 2)
         for e in r["history"]:
-            assert e["measured_acc_after_drop"] == max(e["labels"]["acc_after_drop"])
+            assert e["measured_acc_after_drop"] == max(e["drop_one"]["acc_after_drop"])
     if strategy == "fusion":
         assert all(e["predicted"] is not None for e in r["history"]) and r["fusion_bundle"]["model_type"] == "rf"
         # the report says what "predicted" is for this bundle's target
@@ -116,7 +117,7 @@ def test_resume_after_the_first_step(teacher, sentiment_csv_dir, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         compress(str(teacher), data, cfg, tmp_path / "b")
     assert not (tmp_path / "b").exists()
-    saved = json.loads((tmp_path / "b.partial" / "current" / G.CHECKPOINT_RECORD).read_text())
+    saved = json.loads((tmp_path / "b.partial" / "current" / CHECKPOINT_RECORD).read_text())
     assert len(saved["history"]) == 1
     monkeypatch.setattr(G, "apply_drop", real)
     with pytest.raises(BadInputError, match="A stopped run exists.*--resume"):
@@ -148,7 +149,7 @@ def test_overwrite_restarts_a_stopped_run_made_with_other_arguments(teacher, sen
     other = _cfg("bottom", distill=None)
     with pytest.raises(BadInputError, match="used other arguments"):
         compress(str(teacher), data, other, tmp_path / "b", resume=True)
-    assert (tmp_path / "b.partial" / "current" / G.CHECKPOINT_RECORD).is_file()  # refused: left as it was
+    assert (tmp_path / "b.partial" / "current" / CHECKPOINT_RECORD).is_file()  # refused: left as it was
     report = compress(str(teacher), data, other, tmp_path / "b", resume=True, overwrite=True)
     assert report["config"]["strategy"] == "bottom" and (tmp_path / "b" / "report.json").is_file()
     assert not (tmp_path / "b.partial").exists()
@@ -215,7 +216,7 @@ def test_compress_cli_summary(teacher, sentiment_csv_dir, tmp_path):
     # the control: the same pruned student, plain fine-tuning for the distillation's steps
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert 0 <= report["control_accuracy"] <= 1 and "control accuracy" in res.output
-    assert report["config"]["distill_data"] == "unseen" and report["info"]["distill_rows"]["rows"] == 64
+    assert report["config"]["finish"]["distill_data"] == "unseen" and report["info"]["distill_rows"]["rows"] == 64
     assert "hard labels only" in (tmp_path / "o" / "report.md").read_text()
 
 
@@ -236,32 +237,37 @@ def test_demo_is_minilm_on_rotten_tomatoes_to_three_layers(monkeypatch, tmp_path
     assert (seen["model"], seen["dataset"]) == ("minilm-l6", "rotten-tomatoes")
     # the demo runs compress's default strategy: the one that measured best in the loop
     assert (cfg.target_layers, cfg.strategy, cfg.fusion_path, cfg.max_length) == (3, "oracle", None, 64)
-    assert cfg.distill is not None and cfg.distill.max_train_samples == 3000 and cfg.teacher.lr == 2e-4
+    assert cfg.finish.distill is not None and cfg.finish.distill.max_train_samples == 3000 and cfg.teacher.lr == 2e-4
 
 
-def test_default_strategy_is_the_measured_best_and_a_named_bundle_selects_fusion():
+def test_default_strategy_is_the_measured_best_and_a_named_bundle_selects_fusion(bundle_path):
     from fusion_prune.loop import CompressConfig
 
     assert CompressConfig.from_options(target_layers=2).strategy == "oracle"
     assert CompressConfig.from_options(target_layers=2, task="causal-lm").strategy == "fusion-verify"
-    assert CompressConfig.from_options(target_layers=2, fusion_path="my.npz").strategy == "fusion"
-    assert CompressConfig.from_options(target_layers=2, fusion_path="my.npz", strategy="fusion-verify").strategy == "fusion-verify"
+    assert CompressConfig.from_options(target_layers=2, fusion_path=str(bundle_path)).strategy == "fusion"
+    assert CompressConfig.from_options(target_layers=2, fusion_path=str(bundle_path),
+                                       strategy="fusion-verify").strategy == "fusion-verify"
+    with pytest.raises(BadInputError, match="my.npz' does not exist"):
+        CompressConfig.from_options(target_layers=2, fusion_path="my.npz")
 
 
 def test_distill_rows_put_what_the_teacher_did_not_see_first():
     import pandas as pd
+
+    from fusion_prune.tasks.classification import distill_rows
 
     from fusion_prune.data import subsample, subsample_positions
 
     df = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
     seen = set(subsample(df, 60, 0).text)
     assert list(subsample(df, 60, 0).text) == list(df.text.iloc[subsample_positions(df, 60, 0)])
-    rows, rec = G._distill_rows(df, {"max_train_samples": 60, "seed": 0}, 30, seed=1)
+    rows, rec = distill_rows(df, {"max_train_samples": 60, "seed": 0}, 30, seed=1)
     assert len(rows) == 30 and not set(rows.text) & seen and rec["unseen_by_teacher"] == 30
-    rows, rec = G._distill_rows(df, {"max_train_samples": 60, "seed": 0}, 50, seed=1)
+    rows, rec = distill_rows(df, {"max_train_samples": 60, "seed": 0}, 50, seed=1)
     assert rec == {"rows": 50, "unseen_by_teacher": 40, "teacher_data": {"max_train_samples": 60, "seed": 0}}
     assert len(set(rows.text) - seen) == 40  # all 40 unseen rows, topped up with 10 seen ones
-    rows, rec = G._distill_rows(df, None, None, seed=1)  # unknown teacher data: every row, shuffled
+    rows, rec = distill_rows(df, None, None, seed=1)  # unknown teacher data: every row, shuffled
     assert sorted(rows.text) == sorted(df.text) and rec["unseen_by_teacher"] == 100
 
 
@@ -281,7 +287,7 @@ def test_unseen_distill_data_reads_the_teachers_run_record(teacher, sentiment_cs
 
 def test_fusion_verify_between_fusion_and_the_oracle(teacher, sentiment_csv_dir, bundle_path, monkeypatch):
     """k = 1 is the bundle's own choice; k = L is the oracle's; only the shortlist is measured."""
-    import fusion_prune.dropone as labels_mod
+    import fusion_prune.dropone as dropone_mod
     from fusion_prune.fusion import load_bundle
     from fusion_prune.tasks import ClassificationTask
 
@@ -290,20 +296,21 @@ def test_fusion_verify_between_fusion_and_the_oracle(teacher, sentiment_csv_dir,
     task.data = data
     net, tok, _ = task.load_model(str(teacher))
     measured = []
-    real = labels_mod.drop_one_scores
+    real = dropone_mod.drop_one_scores
 
     def spy(*a, **k):
         measured.append(k.get("only", a[5] if len(a) > 5 else None))
         return real(*a, **k)
 
-    monkeypatch.setattr(labels_mod, "drop_one_scores", spy)
+    monkeypatch.setattr(dropone_mod, "drop_one_scores", spy)
     bundle = load_bundle(bundle_path)
     chosen = {}
     for k in (1, 2, 3):
         cfg = _cfg("fusion-verify", verify_k=k, fusion_path=str(bundle_path))
         measured.clear()
-        state, sig, labels, _ = G.measure_state(task, net, tok, cfg, 0, STRATEGIES["fusion-verify"],
-                                                list(DEFAULT_SIGNALS), bundle, 3, want_labels=True)
+        m = G.measure_state(task, net, tok, cfg, 0, STRATEGIES["fusion-verify"], list(DEFAULT_SIGNALS), 1, bundle,
+                            3, want_drop_one=True)
+        state, sig, dropone = m.state, m.signals, m.drop_one
         measured.clear()
         chosen[k] = STRATEGIES["fusion-verify"].fn(state)[0]
         scores = bundle.predict(sig.sort_values("layer"))
@@ -311,7 +318,7 @@ def test_fusion_verify_between_fusion_and_the_oracle(teacher, sentiment_csv_dir,
             assert chosen[k] == int(np.argmax(scores)) and measured == []
         else:
             assert sorted(measured[0]) == sorted(np.argsort(-scores, kind="stable")[:k].tolist())
-    assert chosen[3] == task.best_candidate(labels.table)
+    assert chosen[3] == task.best_candidate(dropone.table)
 
 
 def test_fusion_verify_from_the_cli(teacher, sentiment_csv_dir, bundle_path, tmp_path):

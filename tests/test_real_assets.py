@@ -12,7 +12,7 @@ from fusion_prune.data import load_dataset
 
 pytestmark = pytest.mark.slow
 
-# Official splits (DESIGN.md §8) where the corpus ships them; the others are carved 80/20 after
+# Official splits (docs/design.md, "Assets") where the corpus ships them; the others are carved 80/20 after
 # removing duplicate texts.
 EXPECTED = {
     "20newsgroups": (11293, 7528, 20),

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from fusion_prune import loop as greedy as G
+from fusion_prune.checkpoint import CHECKPOINT_RECORD
+from fusion_prune import loop as G
 from fusion_prune.cli import main
 from fusion_prune.errors import BadInputError
 from fusion_prune.utils import OUTPUT_MARKER, atomic_dir, atomic_file, check_output, output_lock
@@ -176,17 +177,19 @@ def test_commands_that_write_files_refuse_existing_ones(tiny_base_model, sentime
 
 def _stop_on_checkpoint_record(monkeypatch, nth: int):
     """Kill the run while the nth checkpoint is being written: its model is on disk, its record is not."""
-    real, calls = G.write_json_atomic, []
+    import fusion_prune.checkpoint as C
+
+    real, calls = C.write_json_atomic, []
 
     def killed(path, obj, *a, **k):
-        if path.name == G.CHECKPOINT_RECORD:
+        if path.name == CHECKPOINT_RECORD:
             calls.append(1)
             if len(calls) == nth:
                 raise KeyboardInterrupt
         return real(path, obj, *a, **k)
 
-    monkeypatch.setattr(G, "write_json_atomic", killed)
-    return lambda: monkeypatch.setattr(G, "write_json_atomic", real)
+    monkeypatch.setattr(C, "write_json_atomic", killed)
+    return lambda: monkeypatch.setattr(C, "write_json_atomic", real)
 
 
 def test_a_kill_between_model_and_record_resumes_consistently(teacher, sentiment_csv_dir, tmp_path, monkeypatch):
@@ -203,7 +206,7 @@ def test_a_kill_between_model_and_record_resumes_consistently(teacher, sentiment
     with pytest.raises(KeyboardInterrupt):
         G.compress(str(teacher), data, cfg, tmp_path / "b")
     restore()
-    record = json.loads((tmp_path / "b.partial" / "current" / G.CHECKPOINT_RECORD).read_text())
+    record = json.loads((tmp_path / "b.partial" / "current" / CHECKPOINT_RECORD).read_text())
     assert record["history"] == []  # the half-written step 0 checkpoint never replaced the previous one
     resumed = G.compress(str(teacher), data, cfg, tmp_path / "b", resume=True)
     assert resumed["kept_layers"] == full["kept_layers"] and len(resumed["history"]) == len(full["history"])

@@ -16,7 +16,7 @@ Adding a task is one module with a subclass plus one :func:`register_task` line
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -43,48 +43,40 @@ class FinishConfig:
 
     #: flat option name -> dotted path into the config
     flat: ClassVar[dict[str, str]] = {}
+    #: flag options: flag name -> (field, the value the flag sets), e.g. no_distill -> (distill, None)
+    flags: ClassVar[dict[str, tuple[str, Any]]] = {}
     #: nested config -> the run options (StepConfig fields) it takes from the run unless given whole
     shared: ClassVar[dict[str, tuple[str, ...]]] = {}
 
+    def __post_init__(self) -> None:
+        from fusion_prune.params import validate
+
+        validate(self)  # ranges in fusion_prune/params.py
+
     def with_options(self, **options: Any) -> FinishConfig:
         """A copy with flat ``options`` applied (None leaves a field as it is)."""
-        out = self
-        for name, value in options.items():
-            if value is None:
-                continue
-            path = self.flat.get(name, name)
-            head, _, rest = path.partition(".")
-            if not rest:
-                out = replace(out, **{head: value})
-            else:
-                inner = getattr(out, head)
-                if inner is None:  # e.g. distillation turned off: its settings have nothing to set
-                    continue
-                out = replace(out, **{head: replace(inner, **{rest: value})})
-        return out
+        from fusion_prune.config import with_paths
+
+        return with_paths(self, {self.flat.get(name, name): value for name, value in options.items()})
 
     @classmethod
     def flat_default(cls, name: str) -> Any:
-        """The default of flat option ``name`` (read from the default config)."""
-        obj: Any = cls()
-        for part in cls.flat.get(name, name).split("."):
-            obj = getattr(obj, part)
-        return obj
+        """The default of flat option ``name`` (read from the field it sets)."""
+        from fusion_prune.config import path_default
+
+        return path_default(cls, cls.flat.get(name, name))
 
     @classmethod
     def flat_help(cls, name: str) -> str:
-        """The help of flat option ``name`` (the field's own help)."""
-        from fusion_prune.config import field_help
+        """The help of flat option ``name`` (the help of the field it sets)."""
+        from fusion_prune.config import path_help
 
-        owner: Any = cls
-        parts = cls.flat.get(name, name).split(".")
-        for part in parts[:-1]:
-            owner = type(getattr(owner(), part))
-        return field_help(owner, parts[-1])
+        return path_help(cls, cls.flat.get(name, name))
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)} | set(cls.flat)
+        """Every option name this config takes: its fields, flat options and flags."""
+        return {f.name for f in fields(cls)} | set(cls.flat) | set(cls.flags)
 
 
 class Task:
@@ -203,6 +195,9 @@ class Task:
     def row_extras(self, dropone: DropOne) -> dict[str, Any]:
         """Columns this task adds to every fusion-training row of a state (``collect``)."""
         return {}
+
+    #: True: :meth:`recovered_drop_one` is available (``collect --recovery-steps``)
+    measures_after_recovery: ClassVar[bool] = False
 
     def recovered_drop_one(self, model, tok, steps: int, step: StepConfig, seed: int) -> pd.DataFrame:
         """(layer, orig_layer, acc_after_recovery) after ``steps`` recovery steps per candidate."""

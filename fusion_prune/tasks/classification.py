@@ -44,6 +44,7 @@ class ClassificationFinish(FinishConfig):
         "distill_epochs": "distill.epochs", "distill_samples": "distill.max_train_samples",
         "temperature": "distill.temperature", "hidden_weight": "distill.hidden_weight",
     }
+    flags: ClassVar[dict[str, tuple[str, Any]]] = {"no_distill": ("distill", None)}
     shared: ClassVar[dict[str, tuple[str, ...]]] = {"distill": ("batch_size", "lr")}
 
 
@@ -147,6 +148,8 @@ class ClassificationTask(Task):
                                  self.data.labels, batch_size=step.batch_size * 2, max_length=step.max_length,
                                  only=only)
 
+    measures_after_recovery = True
+
     def recovered_drop_one(self, model, tok, steps, step, seed):
         from fusion_prune.data import subsample
         from fusion_prune.dropone import drop_one_recovered
@@ -225,8 +228,10 @@ class ClassificationTask(Task):
         from fusion_prune.finetune import RUN_RECORD, evaluate
         from fusion_prune.models import resolve, resolve_max_length
 
+        from fusion_prune.models import load_classifier
+
         data = self.load_data(dataset_spec, text_column, label_column)
-        net, tok, _ = self.load_model(model_spec)
+        net, tok, _ = load_classifier(model_spec)  # no labels: a model without a trained head is refused
         rec = Path(resolve(model_spec).location) / RUN_RECORD
         trained_with = json.loads(rec.read_text())["config"]["max_length"] if rec.is_file() else 128
         max_length = resolve_max_length(net, max_length, trained_with)

@@ -1,0 +1,44 @@
+"""``fusionprune inspect`` and ``fusionprune prune``: what a model is, and removing given layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fusion_prune.cli.common import echo_json, hold_output, model_option, output_option, overwrite_option
+
+
+@click.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(model: str, as_json: bool) -> None:
+    """Family, depth, width, parameters and kept-layer history of MODEL."""
+    from fusion_prune.api import inspect_model
+
+    d = inspect_model(model)
+    if as_json:
+        return echo_json(d)
+    click.echo(f"{model}: {d['family']} {d['kind']} ({d['class']})")
+    for label, value in (("task", d["task"]), ("layers", d["layers"]), ("hidden size", d["hidden_size"]),
+                         ("parameters", f"{d['parameters']:,}"),
+                         ("kept layers", f"original layers {d['kept_layers']}" if d["pruned"] else "never pruned")):
+        click.echo(f"  {label:<11} {value}")
+
+
+@click.command()
+@model_option("Asset name, local folder or hub id.")
+@click.option("--drop", required=True, help="Comma-separated current layer indices, e.g. 3,7.")
+@output_option()
+@overwrite_option()
+def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
+    """Remove layers and save a folder that plain transformers loads (same class as the input)."""
+    from fusion_prune.api import prune_to_folder
+    from fusion_prune.surgery import parse_layers
+
+    layers = parse_layers(drop, param="--drop")
+    hold_output(output, overwrite)
+    rec = prune_to_folder(model, layers, output, overwrite=overwrite)
+    before, after = rec["before"], rec["after"]
+    click.echo(f"saved {output}: {before['layers']} -> {after['layers']} layers, "
+               f"{before['parameters']:,} -> {after['parameters']:,} parameters, kept original {after['kept_layers']}")

@@ -1,0 +1,37 @@
+"""fusionprune's log messages: every module logs to ``logging.getLogger(__name__)``; this module
+only decides where they go when the command line runs.
+
+Library users configure logging as they like (the package adds no handler of its own beyond
+Python's default); the CLI shows INFO messages of ``fusion_prune`` on stderr as
+``[fusionprune] message``, and ``-v`` adds DEBUG.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted (click's test
+    runner swaps it), not to the stream that existed when the handler was made."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show fusionprune's messages (and those of signals and distill) at ``level`` on stderr, once."""
+    for name in ("fusion_prune", "signals", "distill"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("[fusionprune] %(message)s"))
+            logger.addHandler(handler)
+        logger.propagate = False
