@@ -56,7 +56,7 @@ def collect_rows(datasets: list[str], out: Path, log=print) -> list[Path]:
 def evaluate(rows: pd.DataFrame) -> pd.DataFrame:
     """Leave-one-dataset-out table: one row per (held-out dataset, method)."""
     from fusion_prune import fusion as F
-    from fusion_prune.strategies import consensus_removability, signal_removability
+    from signals.rules import consensus_removability, signal_removability
 
     default = F.load_bundle()
     norm, target = default.feature_norm, default.target

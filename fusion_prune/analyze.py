@@ -136,7 +136,7 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
     from fusion_prune.config import StepConfig
     from fusion_prune.fusion import load_bundle
     from fusion_prune.tasks import task_for
-    from fusion_prune.strategies import consensus_removability, signal_removability
+    from signals.rules import consensus_removability, signal_removability
     from signals import DEFAULT_SIGNALS, SIGNALS, resolve_signals
 
     t0 = time.perf_counter()

@@ -146,12 +146,13 @@ def evaluate(model: str, dataset: str, *, task: str | None = None, zero_shot: bo
     return t, t.evaluate(model, dataset, label_column=label_column, zero_shot=zero_shot, **options)
 
 
-def load_fusion(path: str | Path | None = None, trust_pickle: bool = False, task: str = "classification"
+def load_fusion(path: str | Path | None = None, trust_pickle: bool = False, task: str | None = None
                 ) -> FusionBundle:
-    """A fusion bundle (default: the one shipped for ``task``, "classification" or "causal-lm").
-    ``bundle.predict(table)`` scores a signals table."""
-    from fusion_prune.tasks import TASKS, bad_choice
+    """A fusion bundle (default: the one shipped for ``task``, a name in ``fusion_prune.tasks.TASKS``;
+    None: the default task's). ``bundle.predict(table)`` scores a signals table."""
+    from fusion_prune.tasks import DEFAULT_TASK, TASKS, bad_choice
 
+    task = task or DEFAULT_TASK
     if path is None and task not in TASKS:
         raise bad_choice("task", task, TASKS)
     return load_bundle(path if path is not None else TASKS[task].default_bundle, trust_pickle=trust_pickle)

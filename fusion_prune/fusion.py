@@ -606,7 +606,7 @@ def choice_metrics(rows: pd.DataFrame, scorer: Callable[[pd.DataFrame], np.ndarr
 
 def baseline_metrics(rows: pd.DataFrame, features: Sequence[str] = DEFAULT_SIGNALS) -> dict:
     """The three metrics for every single signal (with its rule) and for consensus."""
-    from fusion_prune.strategies import consensus_removability, signal_removability
+    from signals.rules import consensus_removability, signal_removability
 
     features = [f for f in features if f in SIGNALS]  # extra feature columns have no rule of their own
     out = {"signals": {n: choice_metrics(rows, lambda s, n=n: signal_removability(s, n)) for n in features}}

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from fusion_prune import fusion as F
 from fusion_prune.cli import main
 from fusion_prune.errors import BadInputError
-from fusion_prune.strategies import consensus_removability, signal_removability
+from signals.rules import consensus_removability, signal_removability
 from signals import DEFAULT_SIGNALS
 
 
