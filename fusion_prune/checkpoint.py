@@ -116,6 +116,7 @@ class RunFolder:
             shutil.rmtree(self.path)
         if not self.path.exists():
             return None
+        self._recover_swap()
         if not self.current.exists():
             log.info("%s holds no finished checkpoint (stopped before the first one): starting again", self.path)
             shutil.rmtree(self.path)
@@ -131,6 +132,31 @@ class RunFolder:
             shutil.rmtree(self.path)
             return None
         return saved
+
+    def _recover_swap(self) -> None:
+        """Finish a checkpoint swap that a kill interrupted, and clear what killed writes left.
+
+        :func:`fusion_prune.utils.atomic_dir` replaces a checkpoint by moving the old one aside
+        (``.current.old-PID``) and renaming the new one (``.current.tmp-*``) in its place; a kill
+        between the two renames leaves no ``current``. Then the new one is used if it is complete (its
+        manifest verifies), else the old one. Incomplete temporary folders are removed.
+        """
+        for name in ("current", "teacher", self.current.name):
+            final = self.path / name
+            tmps = sorted(self.path.glob(f".{name}.tmp-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+            olds = sorted(self.path.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+            if not final.exists():
+                for cand in [*tmps, *olds]:
+                    try:
+                        verify_checkpoint(cand)
+                    except BadInputError:
+                        continue
+                    cand.rename(final)
+                    log.info("%s: finished the checkpoint swap a kill interrupted (%s)", self.path, cand.name)
+                    break
+            for stale in [*tmps, *olds]:
+                if stale.exists():
+                    shutil.rmtree(stale, ignore_errors=True)
 
     def save(self, name: str, model, tok, record: dict[str, Any], tables: dict | None = None) -> None:
         """Checkpoint ``name`` (``current``, ``teacher``) with ``record`` (the meta is added)."""
