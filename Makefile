@@ -63,7 +63,7 @@ fusion-rows-lm: $(STAMP)
 	done
 
 # Rows of a seeded random walk (collect --walk random), settings as fusion-rows: states the oracle
-# never visits. benchmarks/walks.py measures whether the fusion chooses better with them.
+# never visits. benchmarks/archive/walks.py measures whether the fusion chooses better with them.
 fusion-rows-random: $(STAMP)
 	mkdir -p $(FUSION_DATA)/rows-random
 	for d in $(FUSION_DATASETS); do \
@@ -72,7 +72,7 @@ fusion-rows-random: $(STAMP)
 	  --walk random || exit 1; \
 	done
 
-# A second encoder family for leave-one-family-out (benchmarks/fusion_verify.py): mpnet-base 12 -> 6,
+# A second encoder family for leave-one-family-out (benchmarks/archive/fusion_verify.py): mpnet-base 12 -> 6,
 # capped for the 2-core CPU (a base-size teacher wants a smaller learning rate than minilm's).
 MPNET_DATASETS     ?= rotten-tomatoes bbc-news
 MPNET_COLLECT_ARGS ?= --min-layers 6 --finetune-steps 20 --max-train-samples 600 --max-eval-samples 200 \
@@ -90,7 +90,7 @@ fusion-rows-mpnet: $(STAMP)
 fusion-bundle: fusion-rows fusion-rows-lm
 	$(CLI) fit-fusion --data '$(FUSION_DATA)/rows/*.parquet' --model-type rf \
 	  -o $(FUSION_DATA)/default-fusion.npz --report benchmarks/results/fusion/lodo.json --overwrite
-	$(CLI) fit-fusion --data '$(FUSION_DATA)/rows-lm/*.parquet' --label loss_after_drop --model-type rf \
+	$(CLI) fit-fusion --data '$(FUSION_DATA)/rows-lm/*.parquet' --measured loss_after_drop --model-type rf \
 	  -o $(FUSION_DATA)/default-fusion-lm.npz --report benchmarks/results/fusion/lodo-lm.json --overwrite
 
 clean:

@@ -3,6 +3,7 @@
     python benchmarks/compare.py --profile cpu            # minilm-l6, 6 -> 3, capped samples
     python benchmarks/compare.py --profile gpu            # mpnet-base, 12 -> 6 and 12 -> 4, full data
     python benchmarks/compare.py --profile cpu --datasets bbc-news --strategies top,fusion-rf
+    python benchmarks/compare.py --list                   # the profiles (data: benchmarks/profiles.toml)
 
 For each dataset one teacher is fine-tuned (seed 0) and shared by every strategy and seed, so
 that strategies and seeds differ only in what they choose and in the compression's own randomness
@@ -76,87 +77,35 @@ class Profile:
     baseline: str | None = None  # the summary shows this profile's rows beside this one's (same teachers and seeds)
     hidden_weight: float = 0.0  # DistillConfig.hidden_weight: hidden-state matching during distillation
     paired: bool = False  # results.md gets the paired table (challengers against RIVALS on shared seeds)
+    question: str = ""  # what the profile was run to answer (benchmarks/README.md says what it decided)
 
 
-MULTI = [0, 1, 2]
-# the strategies the cpu profile ran with its teachers (fine-tuned 2026-11-22; their files are gone)
-_STRATEGIES_2026_11_22 = ["fusion-rf", "fusion-xgb", "fusion-linear", "consensus", "best-signal", "top", "bottom",
-                          "angular-block", "random", "oracle"]
-PROFILES = {
-    # Sized for 2 CPU cores: about 2-5 minutes a cell on one core, 16 cells a dataset.
-    # activation_patching's rows come from the cpu-extras profile (same teachers, budget and seeds).
-    "cpu": Profile("minilm-l6", [3], strategies=[*_STRATEGIES_2026_11_22, "activation_patching"],
-                   seeds={"random": MULTI, "fusion-rf": MULTI, "top": MULTI, "activation_patching": MULTI},
-                   teacher_samples=2000, teacher_epochs=2.0, finetune_steps=25, signal_samples=128,
-                   drop_one_samples=256, distill_samples=1500, max_eval_samples=1000, step_eval_samples=256,
-                   max_length=64),
-    "gpu": Profile("mpnet-base", [6, 4], seeds={"random": MULTI, "fusion-rf": MULTI, "fusion-xgb": MULTI,
-                                                "fusion-linear": MULTI, "top": MULTI},
-                   teacher_samples=None, distill_samples=None, max_eval_samples=None, drop_one_samples=1000,
-                   signal_samples=512, finetune_steps=200, teacher_epochs=3.0),
-}
+PROFILES_FILE = Path(__file__).resolve().parent / "profiles.toml"
 
-# The cpu profile again with teachers fine-tuned anew (2026-11-23, same settings; the first ones'
-# files were lost with their machine and the new ones differ: rotten-tomatoes test 0.802 against
-# 0.797), so every strategy compared here shares these teachers: fusion-rf (the shipped
-# configuration, fitted leave-one-dataset-out), fusion-verify, and every single criterion and
-# fixed rule the fusion must beat. Seed 0 everywhere first, dataset by dataset.
-PROFILES["cpu-2"] = replace(PROFILES["cpu"], strategies=["fusion-rf", "activation_patching", "fusion-verify",
-                                                         "symmetric", "deepest", "angular-block", "best-signal",
-                                                         "top", "alternate", "oracle"],
-                            seeds={s: MULTI for s in ("fusion-rf", "activation_patching", "fusion-verify",
-                                                      "symmetric", "angular-block", "deepest", "oracle")},
-                            control=[], teachers="cpu", paired=True)
-# ... and one layer deeper (6 -> 2), where a wrong choice has less room to be undone by recovery:
-# the same teachers, budget and strategies, seed 0, then seeds 1-2 for the leading six and the oracle
-# (results in benchmarks/results/cpu-2-deep).
-PROFILES["cpu-2-deep"] = replace(PROFILES["cpu-2"], targets=[2])
 
-# Does the label after recovery help in the full loop? fusion-rf fitted on the rows of
-# benchmarks/recovery_label.py (the cpu teachers' 6-5-4 states), once on each label, on the cpu
-# profile's teachers, budget and test sets, so both arms compare with the cpu rows directly.
-_RECOVERY_ROWS = str(RESULTS / "recovery" / "rows" / "*.parquet")
-for _name, _label in (("cpu-recovery", "acc_after_recovery"), ("cpu-recovery-at-once", "acc_after_drop")):
-    PROFILES[_name] = replace(PROFILES["cpu"], strategies=["fusion-rf"], seeds={"fusion-rf": MULTI}, control=[],
-                              rows=_RECOVERY_ROWS, label=_label, teachers="cpu", baseline="cpu")
-# Does distillation gain when it sees examples the teacher was not fine-tuned on? The cpu teachers
-# trained on 2,000 rows (seed 0), and the cpu cells distil on a sample that, at seed 0, lies inside them.
-PROFILES["cpu-kd-unseen"] = replace(PROFILES["cpu"], strategies=["fusion-rf"], seeds={}, teachers="cpu",
-                                    distill_data="unseen", default_seeds=MULTI)
-# ... and with a distillation budget of about 250 steps instead of 47 (4,000 unseen rows x 2 epochs),
-# on the three datasets with that many rows the teachers never saw.
-PROFILES["cpu-kd-long"] = replace(PROFILES["cpu-kd-unseen"], datasets=["rotten-tomatoes", "election-tweets",
-                                                                         "20newsgroups"],
-                                  distill_samples=4000, distill_epochs=2.0, default_seeds=[0])
-# Does hidden-state matching help distillation? The cpu-kd-unseen cells (same teachers, pruned
-# students, unseen distillation rows and budget) with each student layer's output also pulled
-# towards the output of the teacher layer it came from (MSE, weight 1, as TinyBERT weighs it).
-PROFILES["cpu-kd-hidden"] = replace(PROFILES["cpu-kd-unseen"], hidden_weight=1.0)
-# Do the opt-in extra signals help in the full loop? activation_patching was the best chooser offline
-# (benchmarks/extra_signals.py): here as a single-signal strategy and as a 13th feature of fusion-rf
-# ("fusion-rf+NAME": LODO bundles on the 12 signals and NAME, fitted on that benchmark's rows, the
-# cpu teachers' 6-5-4 states), beside the cpu profile's cells: same teachers, budget and seeds, and
-# so the same test samples.
-PROFILES["cpu-extras"] = replace(PROFILES["cpu"], strategies=["activation_patching", "fusion-rf+activation_patching"],
-                                 seeds={"activation_patching": MULTI, "fusion-rf+activation_patching": MULTI},
-                                 control=[], rows=str(RESULTS / "extra-signals" / "rows" / "*.parquet"),
-                                 teachers="cpu", baseline="cpu")
-# ... and with strong teachers (every training row, 3 epochs) and a full budget (2 epochs of every
-# row, for distillation and for its plain fine-tuning control alike): sized for one GPU.
-PROFILES["gpu-kd"] = Profile("minilm-l6", [3], strategies=["fusion-rf", "top"], control=["fusion-rf", "top"],
-                             teacher_samples=None, teacher_epochs=3.0, finetune_steps=100, signal_samples=512,
-                             drop_one_samples=1000, distill_samples=None, distill_epochs=2.0, max_eval_samples=None)
-# The cpu-2 question with strong teachers and the budget a GPU affords (benchmarks/gpu_2.sh): minilm-l6
-# 6 -> 3, teachers fine-tuned on every training row for 3 epochs, 100 recovery steps a layer, one
-# epoch of distillation over every training row, full test sets; the oracle (the classifier default)
-# against the leading strategies of cpu-2, fastest datasets first so that whole datasets land first.
-_GPU_2 = ["oracle", "fusion-verify", "activation_patching", "angular-block", "deepest", "symmetric", "fusion-rf"]
-PROFILES["gpu-2"] = Profile("minilm-l6", [3], datasets=["bbc-news", "election-tweets", "rotten-tomatoes",
-                                                         "reuters-r8", "reuters-r52", "20newsgroups"],
-                            strategies=_GPU_2, seeds={s: MULTI for s in _GPU_2},
-                            teacher_samples=None, teacher_epochs=3.0, finetune_steps=100, signal_samples=512,
-                            drop_one_samples=1000, distill_samples=None, distill_epochs=1.0, max_eval_samples=None,
-                            control=[], paired=True)
+def load_profiles(path: Path = PROFILES_FILE) -> dict[str, Profile]:
+    """The profiles of ``profiles.toml``: each table a Profile, ``extends`` starting from another one,
+    "none" for None, relative ``rows`` read from the benchmarks folder."""
+    import tomllib
+
+    raw = tomllib.loads(path.read_text())
+    out: dict[str, Profile] = {}
+
+    def build(name: str) -> Profile:
+        if name not in out:
+            spec = {k: (None if v == "none" else v) for k, v in raw[name].items()}
+            base = spec.pop("extends", None)
+            if spec.get("rows") and not Path(spec["rows"]).is_absolute():
+                spec["rows"] = str(path.parent / spec["rows"])
+            out[name] = replace(build(base), **spec) if base else Profile(**spec)
+        return out[name]
+
+    for name in raw:
+        build(name)
+    return out
+
+
+PROFILES = load_profiles()
 
 
 def _slug(spec: str) -> str:
@@ -515,7 +464,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--teachers-only", action="store_true",
                     help="fine-tune the teachers of the chosen datasets and stop (one such process a dataset "
                          "trains them side by side while workers wait for them)")
+    ap.add_argument("--list", action="store_true", help="list the profiles (benchmarks/profiles.toml) and exit")
     args = ap.parse_args(argv)
+    if args.list:
+        for name, p in PROFILES.items():
+            print(f"{name:<22} {p.question}")
+        return pd.DataFrame()
     if args.threads:
         import torch
 

@@ -4,7 +4,7 @@
     python benchmarks/lm_compress.py --corpora grimm-tales,book-excerpts,bbc-news \\
         --strategies fusion,fusion-verify,block-influence,angular-block,deepest,sleb,taylor,best-signal,activation_patching,random
 
-Budgets (fixed here, documented in benchmarks/README.md): windows of 256 tokens; 4 calibration
+Budgets (fixed here, documented in benchmarks/journal.md): windows of 256 tokens; 4 calibration
 windows per step; no recovery between removals; LoRA healing 40 steps of 4 windows (r 8, alpha 16,
 all linear layers); distillation 20 steps (KL weight 0.5, T 2); perplexity on at most 8,192
 held-out test tokens; zero-shot on 100 test examples each of rotten-tomatoes and bbc-news.
@@ -48,12 +48,13 @@ def _rows_without(corpus: str, rows_glob: str | None = None) -> pd.DataFrame:
 def _loco_bundle(corpus: str, work: Path, rows_glob: str | None = None) -> str:
     """The shipped LM configuration fitted on the LM rows of every corpus but ``corpus``."""
     from fusion_prune import fusion as F
+    from fusion_prune.tasks import CausalLMTask
 
     path = work / "bundles" / f"loco-without-{Path(corpus).name}.npz"
     if not path.is_file():
         default = F.load_bundle(CausalLMTask.default_bundle)
         F.fit_bundle(_rows_without(corpus, rows_glob), default.model_type, default.features, default.feature_norm,
-                     default.target, label="loss_after_drop").save(path)
+                     default.target, measured="loss_after_drop").save(path)
     return str(path)
 
 

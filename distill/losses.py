@@ -60,7 +60,7 @@ def topk_next_token_kl(student_logits: torch.Tensor, teacher_values: torch.Tenso
     and equal to it at k = V. Without it the teacher's mass is renormalised onto the k ids (the
     sparse KD of the literature); that target is sharper than the teacher and pushes the student
     to put no mass elsewhere; on smollm2-135m with k = 16, 10 steps left perplexity *above*
-    the pruned student's before any step (benchmarks/README.md). Averaged over the B * (T - 1) predicting positions, times T^2.
+    the pruned student's before any step (benchmarks/journal.md). Averaged over the B * (T - 1) predicting positions, times T^2.
     """
     t = temperature
     z = student_logits[:, :-1].float() / t

@@ -71,7 +71,7 @@ def _count(least: int = 1, none_ok: bool = False) -> Interval:
 
 #: How compress, collect and finetune train a teacher by default: up to ``epochs`` (at least
 #: ``min_steps`` steps on small sets), stopped at a validation plateau (``patience`` checks without
-#: a gain). Chosen by measurement: benchmarks/teacher_plateau.py, benchmarks/README.md.
+#: a gain). Chosen by measurement: benchmarks/archive/teacher_plateau.py, benchmarks/journal.md.
 TEACHER_DEFAULTS = {"epochs": 3.0, "lr": 2e-4, "patience": 3, "min_steps": 150}
 
 _POSITIVE = Interval(float, 0, None, "neither")

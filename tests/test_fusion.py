@@ -300,10 +300,11 @@ def test_lodo_markdown_one_row_per_method_with_means():
 
 
 def test_lm_rows_are_judged_by_negative_nll(rows, tmp_path):
-    """--label loss_after_drop: the layer of lowest NLL is the best choice; regret is in nats."""
+    """--measured loss_after_drop: the layer of lowest NLL is the best choice; regret is in nats."""
     lm = rows.assign(loss_before=2.0, loss_after_drop=3.0 - rows.acc_after_drop, task="causal-lm")
     used = F.use_measured(lm, "loss_after_drop")
-    assert (used.acc_after_drop == -lm.loss_after_drop).all() and (used.acc_before == -2.0).all()
+    assert (used.score_after_drop == -lm.loss_after_drop).all() and (used.score_before == -2.0).all()
+    assert (used.acc_after_drop == lm.acc_after_drop).all()  # the measured columns are left as they are
     with pytest.raises(BadInputError, match="collect --task causal-lm"):
         F.use_measured(rows, "loss_after_drop")
     lm.to_parquet(tmp_path / "lm.parquet")

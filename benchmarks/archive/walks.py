@@ -1,6 +1,6 @@
 """Do states off the oracle's path help the fusion? Leave-one-dataset-out on the shipped rows.
 
-    python benchmarks/walks.py [--oracle 'fusion_prune/fusion_data/rows/*.parquet']
+    python benchmarks/archive/walks.py [--oracle 'fusion_prune/fusion_data/rows/*.parquet']
                                [--other 'fusion_prune/fusion_data/rows-random/*.parquet']
 
 The oracle's walk (``collect``'s default) drops the measured best layer at every state, so every
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-RESULTS = Path(__file__).resolve().parent / "results" / "fusion"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "fusion"
 CONFIG = {"model_type": "rf", "feature_norm": "minmax", "target": "retention_rank"}  # the shipped one
 
 

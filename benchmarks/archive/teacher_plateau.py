@@ -5,7 +5,7 @@ with a validation check every ``--every`` steps and no stopping; the script then
 (patience, check interval) rule on the recorded curve and reports where each would have stopped
 and how far its accuracy is from the best of the curve. Results: ``results/teacher_plateau/``.
 
-    python benchmarks/teacher_plateau.py            # resumable: finished curves are kept
+    python benchmarks/archive/teacher_plateau.py            # resumable: finished curves are kept
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Leave-one-dataset-out grid over fusion settings, on the shipped rows (or given ones).
 
-    python benchmarks/fusion_lodo.py [--data 'fusion_prune/fusion_data/rows/*.parquet']
+    python benchmarks/archive/fusion_lodo.py [--data 'fusion_prune/fusion_data/rows/*.parquet']
 
 For every model type x feature normalisation x target, the mean over held-out datasets of
 Spearman, top-1 and regret (regret: best drop-one accuracy of the state minus that of the chosen
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-RESULTS = Path(__file__).resolve().parent / "results" / "fusion"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "fusion"
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Do the opt-in extra signals help fusion choose layers?
 
-    python benchmarks/extra_signals.py --threads 1 --datasets rotten-tomatoes,bbc-news   # collect (resumable)
-    python benchmarks/extra_signals.py --evaluate-only
+    python benchmarks/archive/extra_signals.py --threads 1 --datasets rotten-tomatoes,bbc-news   # collect (resumable)
+    python benchmarks/archive/extra_signals.py --evaluate-only
 
 The 12 default signals are cheap; the three opt-in ones (``activation_patching``, ``mc_dropout``,
 ``layer_conductance``, signals/extra.py) cost several times more. Here the same states carry
@@ -25,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "extra-signals"
-TEACHERS = HERE / "results" / "cpu" / "work" / "teachers"
+RESULTS = HERE.parent / "results" / "extra-signals"
+TEACHERS = HERE.parent / "results" / "cpu" / "work" / "teachers"
 DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reuters-r52", "20newsgroups"]
 EXTRAS = ("activation_patching", "mc_dropout", "layer_conductance")
 # Candidate feature sets for the shipped bundle, cheapest first, as signals_cost.py modes (names
@@ -41,7 +41,7 @@ FEATURE_SETS = {
     "activation_patching + no gradient (10)": f"activation_patching+{NO_GRAD}+weight_norm+weight_entropy",
     "12 + activation_patching": "12+activation_patching",
 }
-COST = HERE / "results" / "signals_cost" / "minilm-l6-rotten-tomatoes-cpu-b32-t64-sets.json"
+COST = HERE.parent / "results" / "signals_cost" / "minilm-l6-rotten-tomatoes-cpu-b32-t64-sets.json"
 
 
 def collect_rows(datasets: list[str], out: Path, log=print) -> list[Path]:
@@ -84,11 +84,11 @@ def evaluate(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def set_names(mode: str) -> list[str]:
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))  # signals_cost.py lives in benchmarks/
     try:
         from signals_cost import set_names as names
     finally:
-        sys.path.remove(str(HERE))
+        sys.path.remove(str(HERE.parent))
     return names(mode)
 
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     md = (f"# Opt-in extra signals as fusion features ({len(files)} datasets, "
           f"{F.count_states(rows)} states)\n\nEach cell: regret / top-1 of the chosen layer by "
           "drop-one validation accuracy, averaged over the held-out dataset's states (6, 5, 4 layers). "
-          "Regenerate: `python benchmarks/extra_signals.py --evaluate-only`.\n\n" + F.lodo_markdown(res, spearman=True) + "\n"
+          "Regenerate: `python benchmarks/archive/extra_signals.py --evaluate-only`.\n\n" + F.lodo_markdown(res, spearman=True) + "\n"
           "\n## Feature sets: regret against cost\n\n" + feature_set_table(res))
     write_text_atomic(args.out / "lodo.md", md)
     print(md)

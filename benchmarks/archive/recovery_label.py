@@ -1,8 +1,8 @@
 """Does fusion choose better when a layer is labelled after a short recovery instead of at once?
 
-    python benchmarks/recovery_label.py --threads 1      # collect what is missing (resumable), then evaluate
-    python benchmarks/recovery_label.py --evaluate-only
-    python benchmarks/recovery_label.py --loop           # the in-loop profiles cpu-recovery(-at-once)
+    python benchmarks/archive/recovery_label.py --threads 1      # collect what is missing (resumable), then evaluate
+    python benchmarks/archive/recovery_label.py --evaluate-only
+    python benchmarks/archive/recovery_label.py --loop           # the in-loop profiles cpu-recovery(-at-once)
 
 The shipped rows label a layer by the validation accuracy right after its removal
 (``acc_after_drop``). The greedy loop, though, fine-tunes after every drop, and some layers (the
@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "recovery"
-TEACHERS = HERE / "results" / "cpu" / "work" / "teachers"
+RESULTS = HERE.parent / "results" / "recovery"
+TEACHERS = HERE.parent / "results" / "cpu" / "work" / "teachers"
 DATASETS = ["rotten-tomatoes", "bbc-news", "election-tweets", "reuters-r8", "reuters-r52", "20newsgroups"]
 
 
@@ -90,7 +90,7 @@ def loop_table(results: dict[str, pd.DataFrame]) -> str:
 
     compare = sys.modules.get("benchmarks_compare")
     if compare is None:  # a sibling script, not a package: load it by path
-        spec = importlib.util.spec_from_file_location("benchmarks_compare", HERE / "compare.py")
+        spec = importlib.util.spec_from_file_location("benchmarks_compare", HERE.parent / "compare.py")
         compare = importlib.util.module_from_spec(spec)
         sys.modules["benchmarks_compare"] = compare  # dataclasses look their module up here
         spec.loader.exec_module(compare)
@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     help="only tabulate the in-loop profiles cpu-recovery and cpu-recovery-at-once (loop.md)")
     args = ap.parse_args(argv)
     if args.loop:
-        found = {p: pd.read_csv(f) for p in LOOP_ARMS if (f := HERE / "results" / p / "results.csv").is_file()}
+        found = {p: pd.read_csv(f) for p in LOOP_ARMS if (f := HERE.parent / "results" / p / "results.csv").is_file()}
         md = ("# Label after recovery, in the loop\n\nfusion-rf of each arm minus the other arms and `top`, on "
               "the cells both ran (same seed, teacher, budget and test sample). Arms: bundles fitted on "
               "these rows with the recovered label (`cpu-recovery`) or the label at once "
               "(`cpu-recovery-at-once`), and the cpu profile's on the shipped rows. Regenerate: "
-              "`python benchmarks/recovery_label.py --loop`.\n\n" + loop_table(found) + "\n")
+              "`python benchmarks/archive/recovery_label.py --loop`.\n\n" + loop_table(found) + "\n")
         write_text_atomic(args.out / "loop.md", md)
         print(md)
         return pd.DataFrame()
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     md = (f"# Label after recovery ({len(files)} datasets, {F.count_states(rows)} states, "
           f"{args.recovery_steps} recovery steps)\n\nEach cell: regret / top-1 of the chosen layer, judged by "
           "its validation accuracy **after recovery**, averaged over the held-out dataset's states "
-          "(6, 5, 4 layers). Regenerate: `python benchmarks/recovery_label.py --evaluate-only`.\n\n"
+          "(6, 5, 4 layers). Regenerate: `python benchmarks/archive/recovery_label.py --evaluate-only`.\n\n"
           + F.lodo_markdown(res) + "\n")
     write_text_atomic(args.out / "lodo.md", md)
     print(md)

@@ -1,6 +1,6 @@
 """Cost of cached drop-one labels against dropping each layer and evaluating the whole model.
 
-    python benchmarks/labels_cost.py --model minilm-l6 --dataset rotten-tomatoes
+    python benchmarks/archive/labels_cost.py --model minilm-l6 --dataset rotten-tomatoes
 
 Both compute the same numbers (tests assert it); the ideal time ratio is (L + 1) / (2 L): the
 cached way runs L (L + 1) / 2 layers per batch, the naive way L * L. Embeddings and heads run
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "labels_cost"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "labels_cost"
 
 
 def main(argv: list[str] | None = None) -> dict:

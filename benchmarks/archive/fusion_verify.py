@@ -1,6 +1,6 @@
 """fusion-verify's shortlist size, the ranking model, and transfer across tasks, on the shipped rows.
 
-    python benchmarks/fusion_verify.py
+    python benchmarks/archive/fusion_verify.py
 
 All numbers are leave-one-group-out on measured states (no new model runs):
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RESULTS = Path(__file__).resolve().parent / "results" / "fusion"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "fusion"
 
 
 def label_cost(n: int, layers) -> float:
