@@ -239,7 +239,7 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
     """Run one cell through ``compress`` and append its row."""
     from distill import DistillConfig
     from fusion_prune.data import load_dataset
-    from fusion_prune.loop import CompressConfig, compress
+    from fusion_prune.loop import CompressConfig, compress_with_config
     from fusion_prune.report import write_table
 
     with _locked(csv.with_suffix(".lock")):  # finished earlier, by this worker or another
@@ -270,7 +270,7 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
         teacher_margin=profile.teacher_margin)
     cell = work / "runs" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}"
     t0 = time.perf_counter()
-    r = compress(str(teacher), data, cfg, cell, resume=True, overwrite=True)
+    r = compress_with_config(str(teacher), data, cfg, cell, resume=True, overwrite=True)
     (out / "reports").mkdir(exist_ok=True)
     shutil.copyfile(cell / "report.json", out / "reports" / f"{cell.name}.json")
     shutil.rmtree(cell, ignore_errors=True)  # the row and the report are what is kept; a model is ~70 MB

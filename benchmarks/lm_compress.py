@@ -87,7 +87,7 @@ def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs:
             rows_glob: str | None = None, log=print) -> dict:
     """Compress (or resume) one run and upsert its row into ``out/results.csv``."""
     from fusion_prune.heal import HealConfig
-    from fusion_prune.loop import CompressConfig, compress
+    from fusion_prune.loop import CompressConfig, compress_with_config
     from fusion_prune.report import write_table
     from fusion_prune.tasks import get_task
 
@@ -110,7 +110,7 @@ def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs:
                              lm_distill_steps=budgets["distill_steps"], kd_weight=0.5,
                              zero_shot=budgets["zero_shot"])
         task = get_task("causal-lm")
-        compress(model, task.load_data(corpus), cfg, folder, resume=True, task=task)
+        compress_with_config(model, task.load_data(corpus), cfg, folder, resume=True, task=task)
     row = result_row(json.loads((folder / "report.json").read_text()), corpus, name, seed, depth)
     csv = out / "results.csv"
     old = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=list(row))

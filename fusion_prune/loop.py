@@ -315,8 +315,8 @@ def step_target(task: Task, cfg: CompressConfig, n_layers: int) -> int:
     return max(floor, n_layers - 1) if cfg.budget is not None else floor
 
 
-def compress(model_spec: str, data, cfg: CompressConfig, output: str | Path, resume: bool = False,
-             overwrite: bool = False, task: Task | None = None) -> CompressReport:
+def compress_with_config(model_spec: str, data, cfg: CompressConfig, output: str | Path, resume: bool = False,
+                         overwrite: bool = False, task: Task | None = None) -> CompressReport:
     """Compress ``model_spec`` to ``cfg.target_layers`` layers; returns the report (also saved).
 
     ``data`` is what ``task.load_data`` returned (a TextDataset or a TextCorpus); ``task``
@@ -338,7 +338,7 @@ def run_compress(model_spec: str, dataset, output: str | Path, *, task: str | No
     check_output(output, overwrite)  # before anything loads
     t, data = task_for(str(model_spec), dataset, task, text_column, label_column)
     cfg = CompressConfig.from_options(task=t.name, other_tasks_options=other_tasks_options, **options)
-    return compress(str(model_spec), data, cfg, output, resume=resume, overwrite=overwrite, task=t), t
+    return compress_with_config(str(model_spec), data, cfg, output, resume=resume, overwrite=overwrite, task=t), t
 
 
 def run_meta(model_spec: str, data, cfg) -> dict:

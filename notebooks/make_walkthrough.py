@@ -51,11 +51,11 @@ cells = [
     md("## 5. Compress 6 → 4 layers\nThe greedy loop on the teacher above: signals → fusion → drop → short "
        "fine-tune, then distillation."),
     code("from distill import DistillConfig\n"
-         "from fusion_prune.loop import CompressConfig, compress\n\n"
+         "from fusion_prune.loop import CompressConfig, compress_with_config\n\n"
          "cfg = CompressConfig.from_options(target_layers=4, finetune_steps=10, signal_samples=64, drop_one_samples=200,\n"
          "                                  max_eval_samples=300, max_length=64,\n"
          "                                  distill=DistillConfig(max_steps=20, max_train_samples=640), progress=False)\n"
-         "report = compress('walkthrough_teacher', data, cfg, 'walkthrough_out', overwrite=True)\n"
+         "report = compress_with_config('walkthrough_teacher', data, cfg, 'walkthrough_out', overwrite=True)\n"
          "{k: report[k] for k in ('teacher_accuracy', 'pruned_accuracy', 'student_accuracy', 'kept_layers')}"),
     code("display(Image('walkthrough_out/plots/accuracy.png'))\n"
          "display(Image('walkthrough_out/plots/kept_layers.png'))"),

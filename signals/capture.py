@@ -59,7 +59,7 @@ class SignalContext:
     attn_rows: np.ndarray = None
     # pooled
     pooled: list[list[np.ndarray]] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
+    gold: list[np.ndarray] = field(default_factory=list)  # each example's target: its class or next token
     predictions: list[np.ndarray] = field(default_factory=list)
     # grads
     grad_sq_sum: np.ndarray = None
@@ -82,8 +82,9 @@ class SignalContext:
         """Mean-pooled outputs of ``layer``, (N, hidden), N <= mi_cap."""
         return np.concatenate(self.pooled[layer]) if self.pooled[layer] else np.zeros((0, 0))
 
-    def label_array(self, which: str) -> np.ndarray:
-        arr = self.labels if which == "labels" else self.predictions
+    def target_array(self, which: str) -> np.ndarray:
+        """The pooled examples' gold targets (``which="gold"``) or the full model's predictions."""
+        arr = self.gold if which == "gold" else self.predictions
         return np.concatenate(arr) if arr else np.zeros(0, dtype=np.int64)
 
 
@@ -268,10 +269,10 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
                         _add_attention_entropy(ctx, idx, a, batch["attention_mask"])
                 if "pooled" in needs and token_stride:
                     pos = mask_now["positions"]
-                    ctx.labels.append(batch["input_ids"][:, pos + 1].reshape(-1).cpu().numpy())
+                    ctx.gold.append(batch["input_ids"][:, pos + 1].reshape(-1).cpu().numpy())
                     ctx.predictions.append(out.logits[:, pos].argmax(-1).reshape(-1).detach().cpu().numpy())
                 elif "pooled" in needs:
-                    ctx.labels.append(batch["labels"].cpu().numpy())
+                    ctx.gold.append(batch["labels"].cpu().numpy())
                     ctx.predictions.append(pred.detach().cpu().numpy())
                 total += len(pred)
                 del out, loss

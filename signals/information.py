@@ -57,17 +57,17 @@ def pooled_mi(x: np.ndarray, y: np.ndarray, n_components: int = N_COMPONENTS, se
 
 
 def _mi(ctx: SignalContext, which: str) -> np.ndarray:
-    y = ctx.label_array(which)
-    if ctx.token_examples:  # next-token labels: a vocabulary of classes, bucketed
-        gold, y = bucket_tokens(ctx.label_array("labels"), y)
-        y = gold if which == "labels" else y
+    y = ctx.target_array(which)
+    if ctx.token_examples:  # next-token targets: a vocabulary of classes, bucketed
+        gold, y = bucket_tokens(ctx.target_array("gold"), y)
+        y = gold if which == "gold" else y
     return np.array([pooled_mi(ctx.pooled_array(i), y[: len(ctx.pooled_array(i))]) for i in range(ctx.n_layers)])
 
 
 @register_signal("mi_task", family="information", needs=("pooled",), rule="prune_lowest", default=True)
 def mi_task(ctx: SignalContext) -> np.ndarray:
     """MI between the layer's pooled output and the gold labels."""
-    return _mi(ctx, "labels")
+    return _mi(ctx, "gold")
 
 
 @register_signal("mi_prediction", family="information", needs=("pooled",), rule="prune_lowest", default=True)

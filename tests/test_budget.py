@@ -14,7 +14,7 @@ from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
 from fusion_prune.finetune import FinetuneConfig, check_teacher, finetune, majority_share, train
-from fusion_prune.loop import CompressConfig, compress
+from fusion_prune.loop import CompressConfig, compress_with_config as compress
 from fusion_prune.models import load_classifier
 from fusion_prune.tasks import ClassificationTask
 

@@ -186,7 +186,7 @@ def _lm_cfg(**kw):
 @pytest.mark.parametrize("strategy", ["block-influence", "angular-block", "deepest", "sleb", "taylor", "fusion",
                                       "oracle", "random"])
 def test_lm_compress_every_strategy(llama_dir, corpus_txt, tmp_path, strategy):
-    from fusion_prune.loop import compress
+    from fusion_prune.loop import compress_with_config as compress
     from fusion_prune.tasks import get_task
 
     task = get_task("causal-lm")
@@ -343,7 +343,7 @@ def test_heal_with_a_top_k_teacher_cache(llama_dir):
 
 
 def test_lm_distillation_after_healing_with_zero_shot(llama_dir, corpus_txt, sentiment_csv_dir, tmp_path):
-    from fusion_prune.loop import compress
+    from fusion_prune.loop import compress_with_config as compress
     from fusion_prune.tasks import get_task
 
     task = get_task("causal-lm")
@@ -363,7 +363,7 @@ def test_lm_compress_resumes(llama_dir, corpus_txt, tmp_path, monkeypatch):
     cfg = _lm_cfg(strategy="block-influence", target_layers=1)
     task = get_task("causal-lm")
     data = task.load_data(str(corpus_txt))
-    full = greedy.compress(str(llama_dir), data, cfg, tmp_path / "full", task=task)
+    full = greedy.compress_with_config(str(llama_dir), data, cfg, tmp_path / "full", task=task)
 
     calls = {"n": 0}
     real = greedy.apply_drop
@@ -376,9 +376,9 @@ def test_lm_compress_resumes(llama_dir, corpus_txt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(greedy, "apply_drop", stop_after_one)
     with pytest.raises(KeyboardInterrupt):
-        greedy.compress(str(llama_dir), data, cfg, tmp_path / "run", task=task)
+        greedy.compress_with_config(str(llama_dir), data, cfg, tmp_path / "run", task=task)
     monkeypatch.setattr(greedy, "apply_drop", real)
-    resumed = greedy.compress(str(llama_dir), data, cfg, tmp_path / "run", resume=True, task=get_task("causal-lm"))
+    resumed = greedy.compress_with_config(str(llama_dir), data, cfg, tmp_path / "run", resume=True, task=get_task("causal-lm"))
     assert resumed["kept_layers"] == full["kept_layers"]
     assert [h["dropped_orig"] for h in resumed["history"]] == [h["dropped_orig"] for h in full["history"]]
 

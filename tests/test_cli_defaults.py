@@ -57,7 +57,7 @@ def test_compress_cli_defaults_equal_the_api_defaults(kind, spy, tiny_base_model
     from fusion_prune import compress
 
     model, data = (tiny_base_model, sentiment_csv_dir) if kind == "classifier" else lm_inputs
-    seen = spy(L, "compress")
+    seen = spy(L, "compress_with_config")
     _cli(["compress", "-m", str(model), "-d", str(data), "--target-layers", "1", "-o", str(tmp_path / "cli")])
     cli_cfg = seen["args"][2]
     with pytest.raises(_Seen):

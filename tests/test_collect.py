@@ -139,7 +139,7 @@ def test_extra_signals_from_collect_to_fit_fusion_to_compress(three_layer_model,
 
     from fusion_prune import fusion as F
     from fusion_prune.cli import main
-    from fusion_prune.loop import CompressConfig, compress
+    from fusion_prune.loop import CompressConfig, compress_with_config as compress
 
     data = load_dataset(str(sentiment_csv_dir))
     rows = collect(str(three_layer_model), data, _cfg(extra_signals=("activation_patching",)),

@@ -20,7 +20,7 @@ from fusion_prune.checkpoint import CHECKPOINT_RECORD
 from fusion_prune.cli import main
 from fusion_prune.data import load_dataset
 from fusion_prune.errors import BadInputError
-from fusion_prune.loop import CompressConfig, compress
+from fusion_prune.loop import CompressConfig, compress_with_config as compress
 from fusion_prune.strategies import STRATEGIES
 from signals import DEFAULT_SIGNALS
 
@@ -230,7 +230,7 @@ def test_demo_is_minilm_on_rotten_tomatoes_to_three_layers(monkeypatch, tmp_path
         seen.update(model=model, dataset=data.spec, cfg=cfg)
         raise SystemExit(0)
 
-    monkeypatch.setattr(greedy, "compress", fake)
+    monkeypatch.setattr(greedy, "compress_with_config", fake)
     result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "demo")])
     assert "cfg" in seen, result.output  # the demo's assets must resolve (fetched, or from the registry)
     cfg = seen["cfg"]

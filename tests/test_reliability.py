@@ -200,15 +200,15 @@ def test_a_kill_between_model_and_record_resumes_consistently(teacher, sentiment
     cfg = G.CompressConfig.from_options(target_layers=1, strategy="top", finetune_steps=1, signal_samples=16, drop_one_samples=0,
                            max_eval_samples=40, max_length=16, batch_size=8, distill=DistillConfig(max_steps=1),
                            progress=False)
-    full = G.compress(str(teacher), data, cfg, tmp_path / "a")
+    full = G.compress_with_config(str(teacher), data, cfg, tmp_path / "a")
     # Checkpoints: teacher, current (step -1), current after step 0, current after step 1.
     restore = _stop_on_checkpoint_record(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        G.compress(str(teacher), data, cfg, tmp_path / "b")
+        G.compress_with_config(str(teacher), data, cfg, tmp_path / "b")
     restore()
     record = json.loads((tmp_path / "b.partial" / "current" / CHECKPOINT_RECORD).read_text())
     assert record["history"] == []  # the half-written step 0 checkpoint never replaced the previous one
-    resumed = G.compress(str(teacher), data, cfg, tmp_path / "b", resume=True)
+    resumed = G.compress_with_config(str(teacher), data, cfg, tmp_path / "b", resume=True)
     assert resumed["kept_layers"] == full["kept_layers"] and len(resumed["history"]) == len(full["history"])
     assert [h["step"] for h in resumed["history"]] == list(range(len(full["history"])))
 
@@ -225,11 +225,11 @@ def test_resume_checks_the_data_content_not_its_path(teacher, sentiment_csv_dir,
 
     monkeypatch.setattr(G, "apply_drop", stop)
     with pytest.raises(KeyboardInterrupt):
-        G.compress(str(teacher), data, cfg, tmp_path / "b")
+        G.compress_with_config(str(teacher), data, cfg, tmp_path / "b")
     monkeypatch.undo()
     data.train.loc[0, "text"] = data.train.loc[0, "text"] + " edited"  # same path, other content
     with pytest.raises(BadInputError, match="used data of other content"):
-        G.compress(str(teacher), data, cfg, tmp_path / "b", resume=True)
+        G.compress_with_config(str(teacher), data, cfg, tmp_path / "b", resume=True)
 
 
 def test_collect_kill_between_model_and_rows_never_writes_a_state_twice(three_layer_model, sentiment_csv_dir,

@@ -22,7 +22,7 @@ def _strategies() -> str:
     return f"[default, by measurement: {defaults}] One of: {', '.join(STRATEGIES)}."
 
 
-@click.command()
+@click.command("compress")
 @model_option("A classifier or causal LM (asset, folder, hub id).")
 @dataset_options
 @task_option
@@ -71,7 +71,7 @@ def _strategies() -> str:
 @field_option("--seed", source=RUN, type=int)
 @click.option("--resume", is_flag=True, help="Continue a stopped run with the same arguments.")
 @overwrite_option()
-def compress(model: str, dataset: str, text_column: str, label_column: str, task: str | None, output: Path,
+def compress_cmd(model: str, dataset: str, text_column: str, label_column: str, task: str | None, output: Path,
              zero_shot: tuple[str, ...], prompt: str | None, verbalisers: str | None, zero_shot_samples: int | None,
              resume: bool, overwrite: bool, **options) -> None:
     """Remove layers down to --target-layers or a budget, recovering after each removal, then distil
@@ -97,5 +97,5 @@ def compress(model: str, dataset: str, text_column: str, label_column: str, task
 def demo(ctx: click.Context, output: Path, overwrite: bool) -> None:
     """minilm-l6 on rotten-tomatoes, 6 -> 3 layers with the default strategy and distillation."""
     # Every option not named here takes compress's own default (click fills them in).
-    ctx.invoke(compress, model="minilm-l6", dataset="rotten-tomatoes", target_layers=3, output=output,
+    ctx.invoke(compress_cmd, model="minilm-l6", dataset="rotten-tomatoes", target_layers=3, output=output,
                max_length=64, overwrite=overwrite)
