@@ -1,5 +1,7 @@
 """Seeded compress runs on tiny models whose results tests/data/golden_compress.json holds.
 
+(``resume``: continue a stopped run; tests/test_golden.py checks both ways give these values.)
+
 The values were recorded on the code before the task-seam restructuring (issue 33) and must not
 move: ``python tests/golden_runs.py OUT.json`` writes them again (only after a change that is
 *meant* to change results, with the reason in the commit).
@@ -73,14 +75,14 @@ def summary(report: dict, model) -> dict:
     }
 
 
-def run_case(inputs: dict, name: str, task: str, strategy: str, out: Path):
+def run_case(inputs: dict, name: str, task: str, strategy: str, out: Path, resume: bool = False):
     from fusion_prune import compress
 
     model, dataset = ((inputs["teacher"], inputs["data"]) if task == "classification"
                       else (inputs["llama"], inputs["corpus"]))
     kw = options(task, strategy)
     target = kw.pop("target_layers")
-    result = compress(str(model), str(dataset), target, out / name, **kw)
+    result = compress(str(model), str(dataset), target, out / name, resume=resume, **kw)
     return result.report, result.model
 
 

@@ -39,3 +39,24 @@ def _close(got, want, path="") -> None:
 @pytest.mark.parametrize("name, task, strategy", CASES, ids=[c[0] for c in CASES])
 def test_seeded_compress_gives_the_recorded_values(inputs, tmp_path, name, task, strategy):
     _close(summary(*run_case(inputs, name, task, strategy, tmp_path)), GOLDEN[name], name)
+
+
+@pytest.mark.parametrize("name, task, strategy", CASES, ids=[c[0] for c in CASES])
+def test_a_run_stopped_after_its_first_step_resumes_to_the_recorded_values(inputs, tmp_path, monkeypatch, name, task,
+                                                                            strategy):
+    import fusion_prune.loop as L
+
+    real, calls = L.apply_drop, []
+
+    def stop_at_the_second_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(L, "apply_drop", stop_at_the_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_case(inputs, name, task, strategy, tmp_path)
+    monkeypatch.setattr(L, "apply_drop", real)
+    assert (tmp_path / f"{name}.partial").is_dir()
+    _close(summary(*run_case(inputs, name, task, strategy, tmp_path, resume=True)), GOLDEN[name], name)

@@ -113,6 +113,24 @@ class RegistryChoice(click.Choice):
         pass
 
 
+class ParamChoice(RegistryChoice):
+    """A click Choice of the values ``fusion_prune.params.CONSTRAINTS`` allows for ``name``."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self.case_sensitive = True
+
+    @property
+    def choices(self):  # type: ignore[override]
+        from fusion_prune.params import CONSTRAINTS
+
+        return CONSTRAINTS[self._name].values
+
+    @choices.setter
+    def choices(self, value) -> None:
+        pass
+
+
 def task_option(f):
     return click.option("--task", type=RegistryChoice("fusion_prune.tasks:TASKS"), default=None,
                         help="Default: causal-lm for a *ForCausalLM model (or a base decoder with an unlabelled "

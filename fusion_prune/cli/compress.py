@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fusion_prune.cli.common import (RegistryChoice, dataset_options, field_option, model_option, output_option,
+from fusion_prune.cli.common import (ParamChoice, RegistryChoice, dataset_options, field_option, model_option, output_option,
                                      overwrite_option, task_defaults, task_option, teacher_options)
 
 RUN = "fusion_prune.loop:CompressConfig"
@@ -51,7 +51,7 @@ def _strategies() -> str:
 @field_option("--hidden-weight", source=CLS, path="distill.hidden_weight", type=float)
 @click.option("--no-distill", is_flag=True, help="Stop after pruning and fine-tuning.")
 @field_option("--distill-control", source=CLS, is_flag=True)
-@field_option("--distill-data", source=CLS, type=click.Choice(["all", "unseen"]))
+@field_option("--distill-data", source=CLS, type=ParamChoice("distill_data"))
 @field_option("--heal", "heal_method", source=LM, path="heal.method",
               type=RegistryChoice("fusion_prune.heal:HEAL_METHODS"))
 @field_option("--heal-steps", source=LM, path="heal.steps", type=int)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fusion_prune.cli.common import (dataset_options, echo_json, field_option, hold_output, model_option,
+from fusion_prune.cli.common import (ParamChoice, dataset_options, echo_json, field_option, hold_output, model_option,
                                      output_option, overwrite_option, task_option)
 
 TEACHER = "fusion_prune.finetune:teacher_config"  # the defaults of a teacher
@@ -28,7 +28,7 @@ DISTILL = "distill.trainer:DistillConfig"
 @field_option("--max-train-samples", source=TEACHER, type=int)
 @field_option("--max-eval-samples", source=TEACHER, type=int)
 @field_option("--teacher-margin", source="fusion_prune.loop:CompressConfig", type=float)
-@field_option("--mixed-precision", source=TEACHER, type=click.Choice(["auto", "no", "bf16", "fp16"]))
+@field_option("--mixed-precision", source=TEACHER, type=ParamChoice("mixed_precision"))
 @overwrite_option()
 def finetune(model: str, dataset: str, text_column: str, label_column: str, output: Path, teacher_margin: float,
              overwrite: bool, **options) -> None:
