@@ -93,7 +93,8 @@ def task_defaults(name: str) -> Callable[[], str]:
     def note() -> str:
         from fusion_prune.tasks import TASKS
 
-        return "[" + ", ".join(f"{t} {c.step_defaults.get(name)}" for t, c in TASKS.items()) + "]"
+        values = {t: c.step_defaults.get(name) for t, c in TASKS.items()}
+        return "[" + ", ".join(f"{t} {'unset' if v is None else v}" for t, v in values.items()) + "]"
     return note
 
 
