@@ -11,7 +11,6 @@ an ideal cost ratio of ``(L + 1) / (2 L)``.
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from fusion_prune.errors import BadInputError
+from fusion_prune.models import no_cache_kwargs
 from fusion_prune.data import label_map, make_loader
 from fusion_prune.surgery import drop_layers, kept_layers, layer_list, temporary_layers
 
@@ -116,7 +116,7 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
         raise BadInputError("The 'model' parameter has 1 layer; expected at least 2 to remove one.")
     was_training = model.training
     model.eval()
-    kw = {"use_cache": False} if _takes_cache(model) else {}
+    kw = no_cache_kwargs(model)
     before, after = np.zeros(3), np.zeros((n, 3))
     wanted = set(range(n)) if only is None else {int(l) for l in only}
     if only is not None:
@@ -173,7 +173,7 @@ def _drop_one_table(model, before: np.ndarray, after: np.ndarray, seconds: float
 def drop_one_naive(model, batches: list[dict], score: Scorer) -> DropOne:
     """The labels the slow way: drop each layer (a copy) and evaluate the whole model."""
     t0 = time.perf_counter()
-    kw = {"use_cache": False} if _takes_cache(model) else {}
+    kw = no_cache_kwargs(model)
 
     def run(m) -> np.ndarray:
         m.eval()
@@ -196,12 +196,6 @@ def drop_one_accuracy_naive(model, tokenizer, data: pd.DataFrame, data_labels: l
 def drop_one_nll_naive(model, batches: list[dict]) -> DropOne:
     """:func:`drop_one_nll` the slow way."""
     return drop_one_naive(model, batches, next_token_score)
-
-
-def _takes_cache(model) -> bool:
-    # Decoders build a KV cache by default; a scoring pass has no use for it. The forward's own
-    # signature is the reliable test (config flags such as is_decoder are None on many decoders).
-    return "use_cache" in inspect.signature(type(model).forward).parameters
 
 
 def drop_one_recovered(model, tokenizer, train_df: pd.DataFrame, data: pd.DataFrame, data_labels: list[str],

@@ -31,12 +31,13 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     """``{"perplexity", "nll", "tokens", "windows", "eval_seconds"}`` of ``model`` on windows (N, T)."""
     from tqdm.auto import tqdm
 
-    from fusion_prune.dropone import _takes_cache, next_token_score
+    from fusion_prune.dropone import next_token_score
+    from fusion_prune.models import no_cache_kwargs
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    kw = {"use_cache": False} if _takes_cache(model) else {}
+    kw = no_cache_kwargs(model)
     nll = tokens = 0.0
     t0 = time.perf_counter()
     try:

@@ -319,3 +319,16 @@ def load_causal_lm(spec: str | Path, device: str | None = "auto"):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return _place(model, device, spec), tok
+
+
+def no_cache_kwargs(model) -> dict:
+    """``{"use_cache": False}`` for a model that would otherwise build a KV cache in a scoring pass
+    (decoders; some take the flag only through ``**kwargs``), else ``{}``."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    if "use_cache" in params:
+        return {"use_cache": False}
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes_kwargs and getattr(getattr(model, "config", None), "use_cache", None) \
+        is not None else {}

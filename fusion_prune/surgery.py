@@ -1,13 +1,18 @@
 """Remove whole transformer layers so that the result is a standard Hugging Face model.
 
-One row of :data:`ARCHITECTURES` per family says where the layer list lives (relative to
-``model.base_model``) and which per-layer config lists exist. :func:`drop_layers` then does the
-same four things for every family:
+A decoder LLM needs no table row: its layers are found generically, as the one ``nn.ModuleList``
+of ``num_hidden_layers`` blocks under ``model.base_model`` (:func:`find_layer_list`), and its
+kind comes from transformers' causal-LM registry. :data:`ARCHITECTURES` keeps the exceptions
+(encoders, and GPT-2's ``h``), and :data:`REFUSED` the families whose layers cannot be removed
+exactly. :func:`drop_layers` then does the same four things for every family:
 
 1. removes the layers from the ``nn.ModuleList``;
 2. sets ``config.num_hidden_layers`` (``n_layer`` / ``n_layers`` through ``attribute_map``) and
-   slices every per-layer config list (``layer_types``), so that ``from_pretrained`` rebuilds
-   exactly the pruned shape;
+   updates every per-layer piece of the config (:func:`update_per_layer_config`): lists with one
+   entry per layer (``layer_types``, ``no_rope_layers``) are sliced, lists of layer *indices*
+   (``mlp_only_layers``) remapped, and index rules (``decoder_sparse_step``,
+   ``first_k_dense_replace``) rewritten so that ``from_pretrained`` rebuilds each kept layer as
+   it was;
 3. renumbers every ``layer_idx`` attribute inside the kept layers: decoder attention indexes the
    KV cache with it, and a stale index would read another layer's keys;
 4. records the original indices of the kept layers in ``config.fusionprune_kept_layers``,
@@ -39,14 +44,21 @@ class Architecture:
 
     family: str
     model_types: tuple[str, ...]
-    layers_path: str  # dotted path from ``model.base_model`` to the nn.ModuleList
+    layers_path: str | None  # dotted path from ``model.base_model`` to the nn.ModuleList (None: found)
     kind: Literal["encoder", "decoder"]
-    per_layer_config: tuple[str, ...] = ()  # config lists with one entry per layer
+    per_layer_config: tuple[str, ...] = ()  # config lists with one entry per layer, beyond PER_LAYER_LISTS
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
 #: model types refused on purpose, with the reason.
-REFUSED = {"albert": "ALBERT shares one set of weights across all its layers, so no layer can be removed alone"}
+REFUSED = {"albert": "ALBERT shares one set of weights across all its layers, so no layer can be removed alone",
+           "gemma3n": "Gemma 3n shares key-value caches across layers (num_kv_shared_layers), which cannot be remapped",
+           "gemma3n_text": "Gemma 3n shares key-value caches across layers (num_kv_shared_layers), which cannot be "
+                           "remapped"}
+#: config lists with one entry per layer, sliced with the layers (any family)
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
+#: config lists of layer indices, remapped to the kept layers' new indices (any family)
+LAYER_INDEX_LISTS = ("mlp_only_layers",)
 
 
 def register_architecture(arch: Architecture) -> Architecture:
@@ -65,37 +77,119 @@ for _row in (
     Architecture("ELECTRA", ("electra",), "encoder.layer", "encoder"),
     Architecture("DeBERTa-v2", ("deberta-v2",), "encoder.layer", "encoder"),
     Architecture("GPT-2", ("gpt2",), "h", "decoder"),
-    Architecture("Llama", ("llama",), "layers", "decoder", ("layer_types",)),
-    Architecture("Mistral", ("mistral",), "layers", "decoder", ("layer_types",)),
-    Architecture("Qwen2", ("qwen2",), "layers", "decoder", ("layer_types",)),
+    Architecture("Llama", ("llama",), "layers", "decoder"),
+    Architecture("Mistral", ("mistral",), "layers", "decoder"),
+    Architecture("Qwen2", ("qwen2",), "layers", "decoder"),
 ):
     register_architecture(_row)
 
 
+GENERIC = "any decoder whose layers sit in one list"
+
+
 def supported_families() -> list[str]:
+    """The families of the table, and the generic rule for every other decoder."""
     return sorted({a.family for a in ARCHITECTURES.values()})
 
 
+def families() -> dict:
+    """What layer removal supports: the table's families, the generic rule, and what is refused."""
+    return {"table": {a.family: sorted(a.model_types) for a in ARCHITECTURES.values()},
+            "generic": f"{GENERIC}: every other causal-LM model_type of transformers; the layers are the one "
+                       "nn.ModuleList of num_hidden_layers blocks under the base model, per-layer config lists "
+                       "are sliced, layer-index lists remapped, and every layer_idx renumbered",
+            "refused": dict(REFUSED) | {"encoder-decoder": "two layer stacks (T5, BART): not supported yet"}}
+
+
+def _causal_lm_types() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
 def architecture_of(model_or_config) -> Architecture:
-    """The table row for a model (or config); a clear refusal for shared-layer or unknown types."""
+    """The table row for a model (or config), the generic decoder row for a causal-LM family the table
+    does not list, or a one-line refusal (shared layers, shared KV caches, encoder-decoder, unknown)."""
     config = getattr(model_or_config, "config", model_or_config)
     mt = getattr(config, "model_type", None)
+    supported = f"supported: {', '.join(supported_families())} and {GENERIC}"
     if mt in REFUSED:
-        raise BadInputError(f"Cannot remove layers of model_type {mt!r}: {REFUSED[mt]}. "
-                            f"Supported families: {', '.join(supported_families())}.")
-    if mt not in ARCHITECTURES:
-        raise BadInputError(f"The model_type {mt!r} is not supported for layer removal; expected one of the "
-                            f"families {', '.join(supported_families())} (model_types {sorted(ARCHITECTURES)}).")
-    return ARCHITECTURES[mt]
+        raise BadInputError(f"Cannot remove layers of model_type {mt!r}: {REFUSED[mt]}. Expected a model whose "
+                            f"layers are independent ({supported}).")
+    if mt in ARCHITECTURES:
+        return ARCHITECTURES[mt]
+    if getattr(config, "is_encoder_decoder", False):
+        raise BadInputError(f"The model_type {mt!r} is an encoder-decoder model, which layer removal does not "
+                            f"support yet; expected a decoder or an encoder ({supported}).")
+    if getattr(config, "num_kv_shared_layers", 0):
+        raise BadInputError(f"Cannot remove layers of model_type {mt!r}: it shares key-value caches across layers "
+                            f"(num_kv_shared_layers), which cannot be remapped. Expected independent layers.")
+    if mt in _causal_lm_types():
+        return Architecture(mt, (mt,), None, "decoder")
+    raise BadInputError(f"The model_type {mt!r} is not supported for layer removal; expected one of the families "
+                        f"{', '.join(supported_families())} (model_types {sorted(ARCHITECTURES)}) or a causal LM.")
+
+
+def find_layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the one ``nn.ModuleList`` of ``num_hidden_layers`` blocks under the base
+    model, the shallowest if lists are nested; refused when two lists qualify at that depth."""
+    base = getattr(model, "base_model", model)
+    n = model.config.num_hidden_layers
+    found = [(name, m) for name, m in base.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n and n > 0 and len({type(x) for x in m}) == 1]
+    if not found:
+        raise BadInputError(f"{type(model).__name__} has no list of {n} layers (config.num_hidden_layers) under its "
+                            "base model; expected a decoder whose layers sit in one nn.ModuleList.")
+    depth = min(name.count(".") for name, _ in found)
+    top = [name for name, _ in found if name.count(".") == depth]
+    if len(top) > 1:
+        raise BadInputError(f"{type(model).__name__} has several lists of {n} layers ({top}); expected one layer list "
+                            "(a model with parallel stacks cannot have layers removed exactly).")
+    parent_path, _, attr = top[0].rpartition(".")
+    parent = base.get_submodule(parent_path) if parent_path else base
+    return parent, attr
 
 
 def _layers_parent(model: nn.Module, arch: Architecture) -> tuple[nn.Module, str]:
     """The module holding the layer list, and the list's attribute name on it."""
+    if arch.layers_path is None:
+        return find_layer_list(model)
     parent_path, _, attr = arch.layers_path.rpartition(".")
     parent = getattr(model, "base_model", model)
     for part in filter(None, parent_path.split(".")):
         parent = getattr(parent, part)
     return parent, attr
+
+
+def update_per_layer_config(config, keep: list[int], n: int, extra_lists: tuple[str, ...] = ()) -> None:
+    """Update every per-layer piece of ``config`` for keeping layers ``keep`` (current indices) of ``n``.
+
+    Lists with one entry per layer are sliced; lists of layer indices are remapped; index rules are
+    written out so that each kept layer is rebuilt as it was: ``decoder_sparse_step`` (Qwen-MoE: layer
+    l is sparse when (l + 1) % step == 0) becomes step 1 with the dense layers in ``mlp_only_layers``,
+    and ``first_k_dense_replace`` (DeepSeek-style: the first k layers dense) counts the kept dense ones.
+    """
+    new_index = {old: new for new, old in enumerate(keep)}
+    sparse_step = getattr(config, "decoder_sparse_step", None)
+    if isinstance(sparse_step, int) and sparse_step > 0 and getattr(config, "num_experts", 0):
+        dense = set(getattr(config, "mlp_only_layers", None) or [])
+        dense_kept = [new_index[i] for i in keep if i in dense or (i + 1) % sparse_step != 0]
+        config.decoder_sparse_step = 1
+        config.mlp_only_layers = dense_kept
+    else:
+        for name in LAYER_INDEX_LISTS:
+            values = getattr(config, name, None)
+            if values:
+                setattr(config, name, [new_index[i] for i in values if i in new_index])
+    k = getattr(config, "first_k_dense_replace", None)
+    if isinstance(k, int):
+        config.first_k_dense_replace = sum(1 for i in keep if i < k)
+    for name in (*PER_LAYER_LISTS, *extra_lists):
+        values = getattr(config, name, None)
+        if values is not None:
+            if len(values) != n:
+                raise ValueError(f"config.{name} has {len(values)} entries but the model has {n} layers")
+            setattr(config, name, [values[i] for i in keep])
 
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
@@ -152,7 +246,8 @@ def check_layers(layers: Iterable[int], n: int, param: str = "layers") -> list[i
 def drop_layers_(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     """Remove ``layers`` (current indices) from ``model`` **in place** and return it."""
     arch = architecture_of(model)
-    mlist = layer_list(model)
+    parent, attr = _layers_parent(model, arch)  # found before the config changes
+    mlist = getattr(parent, attr)
     n = len(mlist)
     drop = set(check_layers(layers, n))
     keep = [i for i in range(n) if i not in drop]
@@ -166,17 +261,11 @@ def drop_layers_(model: nn.Module, layers: Iterable[int]) -> nn.Module:
         for sub in layer.modules():
             if isinstance(getattr(sub, "layer_idx", None), int):
                 sub.layer_idx = new_idx
-    parent, attr = _layers_parent(model, arch)
     setattr(parent, attr, new_layers)
 
     # The base model shares the config object with the head model, so one update serves both.
     config.num_hidden_layers = len(keep)
-    for name in arch.per_layer_config:
-        values = getattr(config, name, None)
-        if values is not None:
-            if len(values) != n:
-                raise ValueError(f"config.{name} has {len(values)} entries but the model has {n} layers")
-            setattr(config, name, [values[i] for i in keep])
+    update_per_layer_config(config, keep, n, arch.per_layer_config)
     setattr(config, KEPT_ATTR, [old_kept[i] for i in keep])
     # Flags some decoders derive from layer_types once, at construction.
     base = getattr(model, "base_model", model)
@@ -242,14 +331,15 @@ def temporary_layers(model: nn.Module, modules: list[nn.Module], positions: list
         raise ValueError(f"{len(modules)} modules but {len(positions)} positions")
     parent, attr = _layers_parent(model, arch)
     config = model.config
-    saved = {name: getattr(config, name) for name in ("num_hidden_layers", *arch.per_layer_config)
+    lists = (*PER_LAYER_LISTS, *arch.per_layer_config)
+    saved = {name: getattr(config, name) for name in ("num_hidden_layers", *lists)
              if getattr(config, name, None) is not None}
     original = getattr(parent, attr)
     # Writing _modules directly swaps the child without touching anything else: exactly reversible.
     parent._modules[attr] = nn.ModuleList(modules)
     try:
         config.num_hidden_layers = len(modules)
-        for name in arch.per_layer_config:
+        for name in lists:
             if name in saved:
                 setattr(config, name, [saved[name][p] for p in positions])
         yield model

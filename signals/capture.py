@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion_prune.models import attention_implementation
+from fusion_prune.models import attention_implementation, no_cache_kwargs
 from fusion_prune.surgery import kept_layers, layer_list
 
 NEEDS = frozenset({"outputs", "inputs", "pooled", "attentions", "grads", "weights", "passes"})
@@ -254,7 +254,7 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
                 mask_now["size"] = len(batch["input_ids"])
                 if token_stride:
                     mask_now["positions"] = lm_positions(batch["attention_mask"], token_stride)
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                inputs = {k: v for k, v in batch.items() if k != "labels"} | no_cache_kwargs(model)
                 with torch.set_grad_enabled("grads" in needs):
                     out = model(**inputs, output_attentions=True) if ask_attentions else model(**inputs)
                     loss, pred = task_loss(model, out, batch)
@@ -413,7 +413,7 @@ def block_angular_distance(model: nn.Module, batches: Iterable[dict[str, torch.T
         with record_layer_io(model) as states:
             for batch in batches:
                 states.clear()
-                model(**{k: v for k, v in batch.items() if k != "labels"})
+                model(**{k: v for k, v in batch.items() if k != "labels"}, **no_cache_kwargs(model))
                 h = [None] * (L + 1)
                 for i, h_in, out in states:
                     h[i] = h_in.float()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from signals.registry import register_signal
+from fusion_prune.models import no_cache_kwargs
 from signals.capture import SignalContext, restored_state, scale_output, skip_layer, task_loss
 
 MC_SAMPLES = 8
@@ -18,7 +19,7 @@ IG_STEPS = 8
 
 def _probs(ctx: SignalContext, batch) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = ctx.model(**inputs).logits
+    logits = ctx.model(**inputs, **no_cache_kwargs(ctx.model)).logits
     if logits.ndim == 3:  # causal LM: the next-token distribution after the last real token
         last = batch["attention_mask"].sum(1) - 1
         logits = logits[torch.arange(len(last), device=last.device), last]
@@ -79,7 +80,7 @@ def layer_conductance(ctx: SignalContext) -> np.ndarray:
                     kept: list = []
                     inputs = {k: v for k, v in batch.items() if k != "labels"}
                     with scale_output(layer, step / IG_STEPS, kept):
-                        loss, _ = task_loss(ctx.model, ctx.model(**inputs), batch)
+                        loss, _ = task_loss(ctx.model, ctx.model(**inputs, **no_cache_kwargs(ctx.model)), batch)
                     (grad,) = torch.autograd.grad(loss, kept[0])
                     contrib = (kept[0].detach() / (step / IG_STEPS) * grad).sum(-1)  # (B, T)
                     total = contrib if total is None else total + contrib

@@ -162,7 +162,7 @@ def test_prune_refuses_albert(runner, tmp_path):
     res = runner.invoke(main, ["prune", "--model", str(tmp_path / "albert"), "--drop", "0", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "ALBERT shares one set of weights" in res.stderr
     res = runner.invoke(main, ["inspect", str(tmp_path / "albert")])
-    assert res.exit_code == 2 and "Supported families" in res.stderr
+    assert res.exit_code == 2 and "supported: BERT" in res.stderr
 
 
 # --------------------------------------------------------------------------- signals

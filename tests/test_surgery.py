@@ -169,15 +169,18 @@ def test_describe_counts_parameters():
 def test_albert_is_refused_naming_supported_families():
     model = T.AlbertModel(T.AlbertConfig(vocab_size=V, embedding_size=8, hidden_size=16, num_hidden_layers=2,
                                          num_attention_heads=2, intermediate_size=32))
-    with pytest.raises(BadInputError, match="ALBERT shares one set of weights.*Supported families: BERT"):
+    with pytest.raises(BadInputError, match="ALBERT shares one set of weights.*supported: BERT"):
         drop_layers(model, [0])
 
 
-def test_unknown_architecture_is_refused():
-    model = T.GPTNeoXModel(T.GPTNeoXConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                           intermediate_size=32))
-    with pytest.raises(BadInputError, match="model_type 'gpt_neox' is not supported.*BERT"):
-        drop_layers(model, [0])
+def test_unknown_and_encoder_decoder_architectures_are_refused():
+    vit = T.ViTModel(T.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                 image_size=8, patch_size=4))
+    with pytest.raises(BadInputError, match="model_type 'vit' is not supported.*BERT.*or a causal LM"):
+        drop_layers(vit, [0])
+    t5 = T.T5Model(T.T5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+    with pytest.raises(BadInputError, match="'t5' is an encoder-decoder model"):
+        drop_layers(t5, [0])
 
 
 @pytest.mark.parametrize("layers, message", [

@@ -10,12 +10,25 @@ from fusion_prune.cli.common import echo_json, hold_output, model_option, output
 
 
 @click.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option("--families", is_flag=True, help="List the model families whose layers can be removed, and the rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(model: str, as_json: bool) -> None:
-    """Family, depth, width, parameters and kept-layer history of MODEL."""
+def inspect(model: str | None, families: bool, as_json: bool) -> None:
+    """Family, depth, width, parameters and kept-layer history of MODEL (--families: what is supported)."""
     from fusion_prune.api import inspect_model
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.surgery import families as supported
 
+    if families:
+        f = supported()
+        if as_json:
+            return echo_json(f)
+        click.echo("table: " + ", ".join(f"{k} ({', '.join(v)})" for k, v in f["table"].items()))
+        click.echo(f"and {f['generic']}")
+        click.echo("refused: " + "; ".join(f"{k}: {v}" for k, v in f["refused"].items()))
+        return
+    if model is None:
+        raise BadInputError("The 'MODEL' argument is needed; expected a model (or --families). Got none.")
     d = inspect_model(model)
     if as_json:
         return echo_json(d)
