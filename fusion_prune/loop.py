@@ -28,6 +28,7 @@ from fusion_prune.checkpoint import RunFolder
 from fusion_prune.config import TEACHER_OPTIONS, StepConfig, field_default, opt, with_paths
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
+from fusion_prune.memory import PhasePeaks
 from fusion_prune.params import validate
 from fusion_prune.report import CompressReport, StepRecord
 from fusion_prune.strategies import STRATEGIES, StrategyState
@@ -210,12 +211,14 @@ def measure_state(task: Task, student, tok, step: StepConfig, k: int, strategy, 
     batches = task.calibration_batches(student, tok, step, k)
     signals = None
     if strategy.needs_signals or step.signal_samples:
-        signals = task.signals(student, batches, signal_names)
+        with task.phase("signals"):
+            signals = task.signals(student, batches, signal_names)
     t_signals = time.perf_counter() - t0
     dropone, t_drop = None, 0.0
     if strategy.needs_drop_one or want_drop_one:
         t1 = time.perf_counter()
-        dropone = task.drop_one(student, tok, step)
+        with task.phase("drop_one"):
+            dropone = task.drop_one(student, tok, step)
         t_drop = time.perf_counter() - t1
     state = StrategyState(student, batches, num_layers(student), target, kept_layers(student.config),
                           signals, dropone.table if dropone is not None else None, bundle,
@@ -277,8 +280,10 @@ def prune_loop(task: Task, student, tok, step: StepConfig, choose: Chooser, run:
             predicted = float(bundle.predict(m.signals.sort_values("layer"))[drop[0]])
         if m.drop_one is not None and len(drop) == 1:
             measured = task.measured_value(m.drop_one.table, drop[0])
-        orig = apply_drop(task, student, tok, drop, step, k, finish)
-        metric = task.step_metric(student, tok, step) if record_metric else None
+        with task.phase("recovery"):
+            orig = apply_drop(task, student, tok, drop, step, k, finish)
+        with task.phase("evaluation"):
+            metric = task.step_metric(student, tok, step) if record_metric else None
         entry = StepRecord(
             k, n, drop, orig, kept_layers(student.config), predicted, measured, metric, step.finetune_steps * len(drop),
             round(selection, 3), count_parameters(student), throughput(student, m.state.batches, per_token),
@@ -372,10 +377,13 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
     t_start = time.perf_counter()
     run = RunFolder(_partial(output), meta, resume=resume, overwrite=overwrite)
     saved = run.start()
+    peaks = task.memory = PhasePeaks(saved["info"].get("peak_memory") if saved is not None else None)
     if saved is not None:
-        teacher, tok, _ = task.load_model(str(run.path / "teacher"))
-        student, _, _ = task.load_model(str(run.current))
+        with task.phase("load"):
+            teacher, tok, _ = task.load_model(str(run.path / "teacher"))
+            student, _, _ = task.load_model(str(run.current))
         info = saved["info"]
+        info["peak_memory"] = peaks.record
         history = [StepRecord.from_dict(h, task.step_measured_key, task.step_metric_key) for h in saved["history"]]
         if num_layers(student) != info["teacher_layers"] - sum(len(h.dropped) for h in history):
             raise BadInputError(f"The stopped run at {str(run.path)!r} has a model of {num_layers(student)} layers "
@@ -383,13 +391,16 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         t_start -= info.get("wall_seconds_before", 0.0)
         log.info("resuming after %d finished step(s) (%d layers)", len(history), num_layers(student))
     else:
-        teacher, tok, ready = task.load_model(model_spec)
+        with task.phase("load"):
+            teacher, tok, ready = task.load_model(model_spec)
         depth = num_layers(teacher)
         if cfg.target_layers is not None and cfg.target_layers >= depth:
             raise BadInputError(f"The 'target_layers' parameter must be below the model's depth {depth}. "
                                 f"Got {cfg.target_layers}.")
-        info = task.prepare_teacher(teacher, tok, cfg, cfg.teacher, cfg.teacher_margin, ready, str(model_spec))
+        with task.phase("teacher"):
+            info = task.prepare_teacher(teacher, tok, cfg, cfg.teacher, cfg.teacher_margin, ready, str(model_spec))
         info["task"] = task.name
+        info["peak_memory"] = peaks.record
         info["teacher_layers"] = depth
         student = copy.deepcopy(teacher)
         history = []
@@ -425,6 +436,7 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         log.info("no layer could be removed within the budget: the teacher is returned as it is (no distillation)")
         finish = task.nothing_to_finish(finish)
     student, results = task.finish(teacher, student, tok, cfg, finish, info)
+    task.memory = None
     info.pop("wall_seconds_before", None)
     n_params = count_parameters(student)
     report = CompressReport(

@@ -123,6 +123,14 @@ def compress_summary(report: CompressReport, task, output: str | os.PathLike) ->
                      + (f"stopped, removing {b['stopped']['dropped_orig']} broke it" if b["stopped"]
                         else "not reached"))
     lines += task.summary_lines(report)
+    peaks = report.info.get("peak_memory") or {}
+    if peaks:
+        from fusion_prune.utils import human_bytes
+
+        name, top = max(peaks.items(), key=lambda kv: kv[1]["cpu_rss_bytes"])
+        cuda = [e["cuda_allocated_bytes"] for e in peaks.values() if e.get("cuda_allocated_bytes")]
+        lines.append(f"peak memory       {human_bytes(top['cpu_rss_bytes'])} resident ({name})"
+                     + (f", {human_bytes(max(cuda))} CUDA" if cuda else "") + "  (per phase: report.md)")
     lines += [f"wall time         {report.wall_seconds:.0f} s  (choosing layers: {report.selection_seconds:.1f} s)",
               f"saved             {output}  (report.md, report.json, plots/)"]
     return lines
@@ -337,7 +345,11 @@ def write_compress_report(report: CompressReport, folder: str | os.PathLike, tas
         if e.signals is not None:
             plot_signals_heatmap(pd.DataFrame(e.signals), plots / f"signals_step{e.step}.png",
                                  title=f"signals at step {e.step} ({e.layers_before} layers)")
+    from fusion_prune.memory import memory_lines
+
+    memory = memory_lines(report.info.get("peak_memory") or {})
     lines = [*task.report_section(report), *task.step_table(report), *metric_lines, *_depth_lines(report),
+             *(["## Peak memory per phase", "", *memory] if memory else []),
              "![kept layers](plots/kept_layers.png)", ""]
     lines += [f"![signals step {e.step}](plots/signals_step{e.step}.png)" for e in report.history
               if e.signals is not None]

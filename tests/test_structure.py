@@ -19,7 +19,7 @@ PACKAGES = ("fusion_prune", "signals", "distill")
 LAYERS: list[tuple[str, ...]] = [
     # 0: foundations (no model, no data)
     ("fusion_prune.errors", "fusion_prune.cache", "fusion_prune.params", "fusion_prune.utils", "fusion_prune.config",
-     "fusion_prune.logs"),
+     "fusion_prune.logs", "fusion_prune.memory"),
     # 1: models, data and the shared training loop
     ("fusion_prune.assets", "fusion_prune.models", "fusion_prune.surgery", "fusion_prune.data",
      "fusion_prune.corpus", "fusion_prune.training"),

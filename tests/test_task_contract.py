@@ -146,6 +146,9 @@ def test_report_methods_on_a_real_run(case, tmp_path):
     assert t.report_section(r) and t.step_table(r)
     lines = t.report_plots(r, tmp_path / "plots")
     assert lines and any((tmp_path / "plots").iterdir())
+    assert {"load", "teacher", "signals", "recovery", "evaluation"} <= set(r.info["peak_memory"])
+    assert all(e["cpu_rss_bytes"] > 0 for e in r.info["peak_memory"].values())
     md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Peak memory per phase" in md
     assert md.startswith("# fusionprune compress") and "kept_layers" in (tmp_path / "out" / "report.json").read_text()
     assert isinstance(pd.read_json(tmp_path / "out" / "report.json", typ="series")["history"], list)

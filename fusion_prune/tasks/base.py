@@ -123,6 +123,13 @@ class Task:
 
     def __init__(self) -> None:
         self.data = None
+        self.memory = None  # a fusion_prune.memory.PhasePeaks while a run records peak memory per phase
+
+    def phase(self, name: str):
+        """A context that records peak memory as phase ``name`` of the run (nothing when none records)."""
+        import contextlib
+
+        return self.memory.phase(name) if self.memory is not None else contextlib.nullcontext()
 
     @classmethod
     def data_type(cls) -> type:

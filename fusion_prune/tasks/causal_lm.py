@@ -172,25 +172,31 @@ class CausalLMTask(Task):
     def finish(self, teacher, student, tok, step, finish, info):
         from fusion_prune.heal import heal
 
-        teacher_ppl = self._ppl(teacher, tok, "test", step)
-        pruned_ppl = self._ppl(student, tok, "test", step)
-        zs = {name: {"teacher": self._zero_shot(teacher, tok, name, step, finish),
-                     "pruned": self._zero_shot(student, tok, name, step, finish)} for name in finish.zero_shot}
+        with self.phase("evaluation"):
+            teacher_ppl = self._ppl(teacher, tok, "test", step)
+            pruned_ppl = self._ppl(student, tok, "test", step)
+            zs = {name: {"teacher": self._zero_shot(teacher, tok, name, step, finish),
+                         "pruned": self._zero_shot(student, tok, name, step, finish)} for name in finish.zero_shot}
         log.info("test perplexity: teacher %.2f, pruned %.2f; healing (%s, %d steps)", teacher_ppl["perplexity"],
                  pruned_ppl["perplexity"], finish.heal.method, finish.heal.steps)
         train_w = self.windows(tok, "train", step)
-        student, heal_stats = heal(student, train_w, replace(finish.heal, kd_weight=0.0, seed=step.seed,
-                                                             progress=step.progress))
-        healed_ppl = self._ppl(student, tok, "test", step)
+        with self.phase("healing"):
+            student, heal_stats = heal(student, train_w, replace(finish.heal, kd_weight=0.0, seed=step.seed,
+                                                                 progress=step.progress))
+        with self.phase("evaluation"):
+            healed_ppl = self._ppl(student, tok, "test", step)
         distill_stats, student_ppl = None, healed_ppl
         if finish.lm_distill_steps:
             log.info("healed perplexity %.2f; distilling (%d steps)", healed_ppl["perplexity"], finish.lm_distill_steps)
-            student, distill_stats = heal(student, train_w, replace(
-                finish.heal, steps=finish.lm_distill_steps, kd_weight=finish.kd_weight, seed=step.seed + 1,
-                progress=step.progress), teacher=teacher)
-            student_ppl = self._ppl(student, tok, "test", step)
-        for name in finish.zero_shot:
-            zs[name]["student"] = self._zero_shot(student, tok, name, step, finish)
+            with self.phase("distillation"):
+                student, distill_stats = heal(student, train_w, replace(
+                    finish.heal, steps=finish.lm_distill_steps, kd_weight=finish.kd_weight, seed=step.seed + 1,
+                    progress=step.progress), teacher=teacher)
+            with self.phase("evaluation"):
+                student_ppl = self._ppl(student, tok, "test", step)
+        with self.phase("evaluation"):
+            for name in finish.zero_shot:
+                zs[name]["student"] = self._zero_shot(student, tok, name, step, finish)
         return student, {
             "metric": "perplexity", "teacher_perplexity": teacher_ppl["perplexity"],
             "pruned_perplexity": pruned_ppl["perplexity"], "healed_perplexity": healed_ppl["perplexity"],

@@ -178,8 +178,9 @@ class ClassificationTask(Task):
 
         data = self.data
         test = self._eval_sets(step)[1]
-        teacher_acc = self._evaluate(teacher, tok, test, step)
-        pruned_acc = self._evaluate(student, tok, test, step)
+        with self.phase("evaluation"):
+            teacher_acc = self._evaluate(teacher, tok, test, step)
+            pruned_acc = self._evaluate(student, tok, test, step)
         distill_stats = control_acc = None
         student_acc = pruned_acc
         if finish.distill is not None:
@@ -191,13 +192,16 @@ class ClassificationTask(Task):
                                                             dcfg.max_train_samples, step.seed)
                 dcfg = replace(dcfg, max_train_samples=None)  # dtrain is already the sample
             if finish.distill_control:
-                control = copy.deepcopy(student)
-                distill(teacher, control, tok, dtrain, data.labels,
-                        replace(dcfg, soft_weight=0.0, hard_weight=1.0, hidden_weight=0.0))
-                control_acc = self._evaluate(control, tok, test, step)["accuracy"]
-                del control
-            distill_stats = distill(teacher, student, tok, dtrain, data.labels, dcfg)
-            student_acc = self._evaluate(student, tok, test, step)
+                with self.phase("control"):
+                    control = copy.deepcopy(student)
+                    distill(teacher, control, tok, dtrain, data.labels,
+                            replace(dcfg, soft_weight=0.0, hard_weight=1.0, hidden_weight=0.0))
+                    control_acc = self._evaluate(control, tok, test, step)["accuracy"]
+                    del control
+            with self.phase("distillation"):
+                distill_stats = distill(teacher, student, tok, dtrain, data.labels, dcfg)
+            with self.phase("evaluation"):
+                student_acc = self._evaluate(student, tok, test, step)
         return student, {
             "teacher_accuracy": teacher_acc["accuracy"], "pruned_accuracy": pruned_acc["accuracy"],
             "student_accuracy": student_acc["accuracy"], "control_accuracy": control_acc,

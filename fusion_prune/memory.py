@@ -1,0 +1,83 @@
+"""Peak memory per phase of a run: resident memory on the CPU, allocated memory on CUDA.
+
+On Linux the process's resident high-water mark (``VmHWM``) is reset at the start of each phase
+(``/proc/self/clear_refs``), so each phase's peak is its own; elsewhere the peak is the process's
+since it started (``ru_maxrss``), which only grows, and the record says so. On CUDA the allocator's
+peak is reset per phase (``torch.cuda.reset_peak_memory_stats``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+_STATUS = Path("/proc/self/status")
+_CLEAR = Path("/proc/self/clear_refs")
+
+
+def _rss_peak_bytes() -> int:
+    if _STATUS.is_file():
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the resident high-water mark; False where the OS does not allow it."""
+    try:
+        _CLEAR.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cuda():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return None
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+class PhasePeaks:
+    """``with peaks.phase("signals"): ...`` records that phase's peak; :attr:`record` is JSON-ready:
+    ``{phase: {"cpu_rss_bytes", "cuda_allocated_bytes"}}`` (the maximum over every time the phase ran)."""
+
+    def __init__(self, record: dict | None = None) -> None:
+        self.record: dict = record if record is not None else {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        per_phase = _reset_rss_peak()
+        cuda = _cuda()
+        if cuda is not None:
+            cuda.reset_peak_memory_stats()
+        try:
+            yield
+        finally:
+            entry = self.record.setdefault(name, {"cpu_rss_bytes": 0, "cuda_allocated_bytes": None,
+                                                  "cpu_peak_is_per_phase": per_phase})
+            entry["cpu_rss_bytes"] = max(entry["cpu_rss_bytes"], _rss_peak_bytes())
+            if cuda is not None:
+                entry["cuda_allocated_bytes"] = max(entry["cuda_allocated_bytes"] or 0, int(cuda.max_memory_allocated()))
+
+
+def memory_lines(record: dict) -> list[str]:
+    """A markdown table of a run's peak memory per phase."""
+    from fusion_prune.utils import human_bytes
+
+    if not record:
+        return []
+    lines = ["| phase | peak resident (CPU) | peak allocated (CUDA) |", "|---|---|---|"]
+    for name, e in record.items():
+        cuda = e.get("cuda_allocated_bytes")
+        lines.append(f"| {name} | {human_bytes(e['cpu_rss_bytes'])} | {'' if cuda is None else human_bytes(cuda)} |")
+    per_phase = all(e.get("cpu_peak_is_per_phase", True) for e in record.values())
+    return [*lines, "", "Each phase's own peak." if per_phase else
+            "CPU peaks are the process's since it started (this OS cannot reset them per phase).", ""]
