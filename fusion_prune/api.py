@@ -78,8 +78,6 @@ def compress(model: str, dataset, target_layers: int | None = None, output: str 
     """
     from fusion_prune.loop import run_compress
 
-    if options.get("task") is not None or "target_layers" in options:
-        raise BadInputError("compress() takes 'task' and 'target_layers' as its own keywords; expected them once.")
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="fusionprune-")) / "model"
     report, t = run_compress(str(model), dataset, out, task=task, text_column=text_column, label_column=label_column,
                              resume=resume, overwrite=overwrite, target_layers=target_layers, **options)

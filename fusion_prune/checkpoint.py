@@ -141,7 +141,7 @@ class RunFolder:
         between the two renames leaves no ``current``. Then the new one is used if it is complete (its
         manifest verifies), else the old one. Incomplete temporary folders are removed.
         """
-        for name in ("current", "teacher", self.current.name):
+        for name in dict.fromkeys(("teacher", self.current.name)):
             final = self.path / name
             tmps = sorted(self.path.glob(f".{name}.tmp-*"), key=lambda p: p.stat().st_mtime, reverse=True)
             olds = sorted(self.path.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)

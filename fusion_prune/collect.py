@@ -196,9 +196,10 @@ def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name:
                                            ("walk", cfg.walk), ("step", k), ("n_layers", m.state.n_layers))):
             state.insert(i, name, value)
         state["acc_before"] = m.drop_one.acc_before
-        extra = list(task.row_extras(m.drop_one))
-        for name, value in task.row_extras(m.drop_one).items():
+        extras = task.row_extras(m.drop_one)
+        for name, value in extras.items():
             state[name] = value
+        extra = list(extras)
         if cfg.recovery_steps:
             rec = task.recovered_drop_one(m.state.model, tok, cfg.recovery_steps, step, cfg.seed + k)
             state = state.merge(rec, on=["layer", "orig_layer"])

@@ -140,12 +140,11 @@ class CompressConfig(StepConfig):
         run = {k: v for k, v in options.items() if k in own}
         flat = {k: v for k, v in options.items() if k not in own}
         if finish_cls is not None and run.get("finish") is None:
-            finish = finish_cls()
             for flag, (name, value) in finish_cls.flags.items():  # e.g. no_distill: distill=None
                 if flat.pop(flag, False):
                     flat[name] = value
             nested = {k: flat.pop(k) for k in list(flat) if k in {f.name for f in fields(finish_cls)}}
-            finish = finish_cls(**{**{f.name: getattr(finish, f.name) for f in fields(finish_cls)}, **nested})
+            finish = finish_cls(**nested)
             # The run's batch size (and, where the finish says so, learning rate) reach the finish's trainer
             # unless that config was given whole.
             for name, keys in finish_cls.shared.items():

@@ -13,7 +13,6 @@ from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.tasks.base import TASKS, FinishConfig, Task, register_task
 
 # Importing a task module registers it (one line per task).
-from fusion_prune.tasks import classification, causal_lm  # noqa: E402,F401
 from fusion_prune.tasks.causal_lm import CausalLMFinish, CausalLMTask  # noqa: E402
 from fusion_prune.tasks.classification import ClassificationFinish, ClassificationTask  # noqa: E402
 
