@@ -94,9 +94,8 @@ def run_mode(args) -> dict:
 
     def plain(bs):
         for b in bs:
-            out = model(**{k: v for k, v in b.items() if k != "labels"})
-            loss, _ = task_loss(model, out, b)
-            loss.backward()
+            res = task_loss(model, {k: v for k, v in b.items() if k != "labels"}, b)
+            (res.loss_sum / res.count).backward()
         model.zero_grad(set_to_none=True)
 
     def separate(bs):

@@ -73,27 +73,27 @@ def _score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, float]:
         logits.float(), labels, reduction="sum"))
 
 
-#: ``score(logits, batch) -> (correct, loss sum, count)`` of one batch; the count is examples for a
-#: classifier and predicted tokens for a causal LM.
-Scorer = Callable[[torch.Tensor, dict], tuple[float, float, int]]
+#: ``score(model, inputs, batch) -> (correct, loss sum, count)``: run ``model`` on one batch's
+#: ``inputs`` and score it; the count is examples for a classifier and predicted tokens for a
+#: causal LM. The scorer runs the forward so that a task can avoid materialising what it does not need.
+Scorer = Callable[[nn.Module, dict, dict], tuple[float, float, int]]
 
 
-def classification_score(logits: torch.Tensor, batch: dict) -> tuple[float, float, int]:
-    """Correct predictions, summed cross-entropy and examples of one classifier batch: logits (B, C)."""
-    c, s = _score(logits, batch["labels"])
+def classification_score(model: nn.Module, inputs: dict, batch: dict) -> tuple[float, float, int]:
+    """Correct predictions, summed cross-entropy and examples of one classifier batch (logits (B, C))."""
+    c, s = _score(model(**inputs).logits, batch["labels"])
     return c, s, len(batch["labels"])
 
 
-def next_token_score(logits: torch.Tensor, batch: dict) -> tuple[float, float, int]:
+def next_token_score(model: nn.Module, inputs: dict, batch: dict) -> tuple[float, float, int]:
     """Correct next-token predictions, summed next-token NLL and predicted tokens of one causal-LM
-    batch: logits (B, T, V); position t predicts token t + 1; padding (mask 0) is not predicted."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    pred = logits[:, :-1].float()
-    nll = nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100,
-                                      reduction="sum")
-    real = target != -100
-    return int((pred.argmax(-1).eq(target) & real).sum()), float(nll), int(real.sum())
+    batch (B, T): position t predicts token t + 1; padding (mask 0) is not predicted. The
+    vocabulary's logits are computed a chunk of positions at a time (:mod:`fusion_prune.logits`)."""
+    from fusion_prune.logits import forward_hidden, next_token_sums
+
+    states, head, _ = forward_hidden(model, inputs)
+    nll, correct, count = next_token_sums(states, head, batch)
+    return correct, float(nll), count
 
 
 @torch.no_grad()
@@ -124,15 +124,15 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress, dynamic_ncols=True):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
+            inputs = inputs | kw
             with record_layer_io(model) as seen:
-                logits = model(**inputs, **kw).logits
-            before += score(logits, batch)
+                before += score(model, inputs, batch)
             for l, h_in, out in seen:
                 if l not in wanted:
                     continue
                 stand_in = _CachedInput(h_in, out, layers[l])
                 with temporary_layers(model, [stand_in, *list(layers)[l + 1:]], list(range(l, n))):
-                    after[l] += score(model(**inputs, **kw).logits, batch)
+                    after[l] += score(model, inputs, batch)
     finally:
         model.train(was_training)
     return before, after
@@ -177,7 +177,7 @@ def drop_one_naive(model, batches: list[dict], score: Scorer) -> DropOne:
 
     def run(m) -> np.ndarray:
         m.eval()
-        return sum((np.asarray(score(m(**{k: v for k, v in b.items() if k != "labels"}, **kw).logits, b))
+        return sum((np.asarray(score(m, {k: v for k, v in b.items() if k != "labels"} | kw, b))
                     for b in batches), np.zeros(3))
 
     n = len(layer_list(model))

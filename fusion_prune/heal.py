@@ -39,6 +39,9 @@ class HealConfig:
                                 "before distilling (0: run the teacher beside each step, full vocabulary).")
     seed: int = 0
     progress: bool = True
+    #: recompute each layer in the backward pass instead of keeping its activations: one layer's
+    #: activations held instead of every layer's, for about one more forward per step
+    checkpoint_layers: bool = True
 
     def __post_init__(self) -> None:
         from fusion_prune.errors import bad_choice
@@ -133,6 +136,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     from distill.trainer import teacher_topk_logits
     from fusion_prune.training import loss_summary, make_accelerator, run_steps
     from fusion_prune.utils import set_seed
+    from fusion_prune.logits import causal_lm_of, next_token_loss
+    from fusion_prune.surgery import checkpointed_layers, layer_list
     from signals.capture import task_loss
 
     if cfg.method == "none" or cfg.steps == 0:
@@ -170,9 +175,12 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
 
     def compute_loss(m, batch):
         index = batch.pop("index")
+        if not cfg.kd_weight:  # next-token loss alone: no (B, T, V) logits are held (fusion_prune.logits)
+            res = task_loss(m, batch, batch)
+            return res.loss_sum / max(res.count, 1)
         out = m(**batch, use_cache=False)
         logits = out.logits
-        loss, _ = task_loss(m, out, batch)  # mean next-token cross-entropy
+        loss = next_token_loss(logits, batch)
         if cache is not None:
             # the cache lies on the CPU, the prepared batch (index too) on the accelerator
             values, ids, tail = (c[index.cpu()].to(logits.device) for c in cache)
@@ -188,9 +196,10 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     cuda = device.type == "cuda"
     if cuda:  # the training steps' peak: for QLoRA the 4-bit base, not the copy it was made from
         torch.cuda.reset_peak_memory_stats(device)
-    losses, _ = run_steps(model, loader, compute_loss, accelerator, epochs=1.0, max_steps=cfg.steps, lr=cfg.lr,
-                          weight_decay=0.0, warmup_ratio=0.05, grad_clip=1.0, progress=cfg.progress,
-                          desc=f"heal ({cfg.method}{', KD' if cfg.kd_weight else ''})")
+    with checkpointed_layers(layer_list(causal_lm_of(model)) if cfg.checkpoint_layers else []):
+        losses, _ = run_steps(model, loader, compute_loss, accelerator, epochs=1.0, max_steps=cfg.steps, lr=cfg.lr,
+                              weight_decay=0.0, warmup_ratio=0.05, grad_clip=1.0, progress=cfg.progress,
+                              desc=f"heal ({cfg.method}{', KD' if cfg.kd_weight else ''})")
     memory = {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(device))} if cuda else {}
     model = accelerator.unwrap_model(model)
     if cfg.method == "lora":

@@ -22,6 +22,7 @@ import torch
 
 from fusion_prune.corpus import window_batches
 from fusion_prune.errors import BadInputError
+from fusion_prune.logits import forward_hidden
 
 DEFAULT_PROMPT = "{text}\nAnswer:"
 
@@ -43,7 +44,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     try:
         for b in tqdm(window_batches(windows, batch_size, device), desc="perplexity", disable=not progress,
                       dynamic_ncols=True):
-            _, s, n = next_token_score(model(**b, **kw).logits, b)
+            _, s, n = next_token_score(model, b | kw, b)
             nll, tokens = nll + s, tokens + n
     finally:
         model.train(was_training)
@@ -116,14 +117,19 @@ def zero_shot(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt:
             for r, s in enumerate(seqs):  # right padding: causal positions of real tokens are unchanged
                 ids[r, :len(s)] = torch.as_tensor(s)
                 mask[r, :len(s)] = 1
-            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+            states, head, _ = forward_hidden(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+            # The vocabulary's log-probabilities only where a verbaliser token is predicted: (N, V).
+            where = [(r, len(prompts[i]) - 1 + j) for r, (i, c) in enumerate(chunk)
+                     for j in range(1 if c is None else len(verb_ids[c]))]
+            rows, cols = (torch.as_tensor(x, device=device) for x in zip(*where))
+            logp = dict(zip(where, head(states[rows, cols]).float().log_softmax(-1)))
             for r, (i, c) in enumerate(chunk):
                 p = len(prompts[i])
                 if c is None:
-                    scores[i] = [float(logp[r, p - 1, v[0]]) for v in verb_ids]
+                    scores[i] = [float(logp[r, p - 1][v[0]]) for v in verb_ids]
                 else:
                     v = verb_ids[c]
-                    scores[i, c] = float(sum(logp[r, p - 1 + j, tok] for j, tok in enumerate(v)))
+                    scores[i, c] = float(sum(logp[r, p - 1 + j][tok] for j, tok in enumerate(v)))
     finally:
         model.train(was_training)
     pred = scores.argmax(1)

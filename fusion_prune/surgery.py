@@ -360,3 +360,29 @@ def plain_copy(model):
     clean = type(model)(AutoConfig.for_model(**cfg))
     clean.load_state_dict(model.state_dict())
     return clean
+
+
+@contextlib.contextmanager
+def checkpointed_layers(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, each layer's forward is activation-checkpointed: under autograd only its
+    inputs are kept and its inside is recomputed in the backward pass (one layer's activations at
+    a time instead of every layer's). Works in eval mode and for every family; hooks on the layer
+    itself run once, hooks on its submodules run again in the recomputation. Put back after."""
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    try:
+        for layer in layers:
+            forward = layer.forward
+
+            def run(*args, _forward=forward, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _forward(*args, **kwargs)
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = run  # an instance attribute: shadows the class's forward, nothing else
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward

@@ -52,12 +52,14 @@ def compute_signals(model, tokenizer, data: pd.DataFrame, signals: Sequence[str]
 
 
 def signals_on_batches(model, batches: list[dict], signals: Sequence[str] | None = None, *, mi_cap: int = 2048,
-                       token_stride: int | None = None, progress: bool = True) -> pd.DataFrame:
+                       token_stride: int | None = None, checkpoint_layers: bool = False,
+                       progress: bool = True) -> pd.DataFrame:
     """The signals table of ``model`` from ready batches on its device: one shared pass.
 
     Each batch holds ``input_ids``/``attention_mask`` (B, T) and ``labels`` (B,) (classifier) or
     is a batch of token windows (causal LM, ``token_stride`` = spacing of the predicting positions
-    used by the MI signals).
+    used by the MI signals). ``checkpoint_layers``: recompute each layer in the backward pass
+    instead of keeping its activations (:func:`signals.capture.capture`).
     """
     from tqdm.auto import tqdm
 
@@ -66,7 +68,8 @@ def signals_on_batches(model, batches: list[dict], signals: Sequence[str] | None
     needs = frozenset().union(*(s.needs for s in chosen))
     bar = tqdm(total=len(batches), desc="signals", disable=not progress, dynamic_ncols=True)
     try:
-        ctx = capture.capture(model, batches, needs, mi_cap=mi_cap, progress=bar.update, token_stride=token_stride)
+        ctx = capture.capture(model, batches, needs, mi_cap=mi_cap, progress=bar.update, token_stride=token_stride,
+                              checkpoint_layers=checkpoint_layers)
         return signals_frame(ctx, chosen)
     finally:
         bar.close()

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusion_prune.logits import forward_hidden, is_causal_lm, next_token_sums
 from fusion_prune.models import attention_implementation, no_cache_kwargs
-from fusion_prune.surgery import kept_layers, layer_list
+from fusion_prune.surgery import checkpointed_layers, kept_layers, layer_list
 
 NEEDS = frozenset({"outputs", "inputs", "pooled", "attentions", "grads", "weights", "passes"})
 
@@ -152,33 +153,63 @@ def lm_positions(mask: torch.Tensor, stride: int) -> torch.Tensor:
     return torch.arange(stride - 1, max(shortest - 1, 0), stride, device=mask.device)
 
 
-def task_loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, predicted class (B,)) for a classifier or, for a causal LM, next-token loss.
+@dataclass
+class BatchLoss:
+    """The task loss of one batch: ``loss_sum`` (a scalar, differentiable) over ``count``
+    examples (classifier) or predicted tokens (causal LM); ``pred`` (B,): each sequence's predicted
+    class, or for a causal LM the next token after its last real token; ``position_pred`` (B * P,):
+    the causal LM's predicted next tokens at the pooled ``positions`` (else None); ``out``: the
+    model's output (for a causal LM its ``logits`` hold the last position only)."""
 
-    For a causal LM the "prediction" is the next token predicted after the last real token.
+    loss_sum: torch.Tensor
+    count: int
+    pred: torch.Tensor
+    position_pred: torch.Tensor | None
+    out: object
+
+
+def task_loss(model: nn.Module, inputs: dict, batch: dict[str, torch.Tensor], positions: torch.Tensor | None = None,
+              **kwargs) -> BatchLoss:
+    """Run ``model`` on ``inputs`` and return its summed task loss (:class:`BatchLoss`).
+
+    A classifier's loss is cross-entropy with ``batch["labels"]`` over its (B, C) logits. A causal
+    LM's is the next-token NLL over real tokens, computed a chunk of positions at a time
+    (:mod:`fusion_prune.logits`), so no (B, T, V) logits are held.
     """
-    logits = out.logits
-    if logits.ndim == 2:  # sequence classification: (B, C)
-        loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
-        return loss, logits.argmax(-1)
-    # causal LM: (B, T, V); predict token t+1 from t, ignoring padding
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                       ignore_index=-100)
-    last = mask.sum(1) - 1
-    return loss, logits[torch.arange(len(ids), device=ids.device), last].argmax(-1)
+    if not is_causal_lm(model):
+        out = model(**inputs, **no_cache_kwargs(model), **kwargs)
+        logits = out.logits  # (B, C)
+        loss = nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return BatchLoss(loss, len(logits), logits.argmax(-1), None, out)
+    states, head, out = forward_hidden(model, inputs, **kwargs)
+    loss, _, count = next_token_sums(states, head, batch)
+    with torch.no_grad():
+        mask = batch["attention_mask"]
+        rows = torch.arange(len(mask), device=mask.device)
+        pred = head(states[rows, mask.sum(1) - 1].detach()).argmax(-1)
+        position_pred = None if positions is None else head(states[:, positions].detach()).argmax(-1).reshape(-1)
+    return BatchLoss(loss, count, pred, position_pred, out)
+
+
+def _loss_count(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """What a batch's mean loss divides by: its examples, or a causal LM's predicted tokens."""
+    if is_causal_lm(model):
+        return int((batch["attention_mask"][:, 1:] != 0).sum())
+    return len(batch["input_ids"])
 
 
 def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs: Iterable[str],
-            mi_cap: int = 2048, progress: Callable | None = None, token_stride: int | None = None) -> SignalContext:
+            mi_cap: int = 2048, progress: Callable | None = None, token_stride: int | None = None,
+            checkpoint_layers: bool = False) -> SignalContext:
     """Run the shared pass over ``batches`` and return the accumulated :class:`SignalContext`.
 
     Each batch holds ``input_ids`` and ``attention_mask`` (B, T) and ``labels`` (B,), already on
     the model's device. ``needs`` selects what is recorded; "weights" and "passes" need no pass.
     ``token_stride``: the examples are token positions, not sequences (a causal LM): the pooled
     examples are the hidden states at every ``token_stride``-th position (:func:`lm_positions`),
-    labelled by the next token there.
+    labelled by the next token there. ``checkpoint_layers``:
+    recompute each layer's inside in the backward pass instead of keeping it
+    (:func:`fusion_prune.surgery.checkpointed_layers`): more compute, one layer's activations held.
     """
     needs = set(needs)
     unknown = needs - NEEDS
@@ -197,6 +228,8 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
 
     def layer_hook(idx: int):
         def hook(module, args, kwargs, output):
+            if mask_now.get("replay"):
+                return
             with torch.no_grad():
                 h_out = _hidden(output).detach().float()
                 m = mask_now["mask"].to(h_out.dtype)  # (B, T)
@@ -227,19 +260,21 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
 
     handles: list = []
     params_by_layer = [[p for p in layer.parameters()] for layer in layers]
+    grad_sums: list[list[torch.Tensor]] | None = None  # sum over batches of each batch's gradient
     with contextlib.ExitStack() as stack:
         stack.enter_context(restored_state(model))
         if "attentions" in needs:
             stack.enter_context(attention_implementation(model, "eager"))
+        if checkpoint_layers and "grads" in needs:
+            stack.enter_context(checkpointed_layers(layers))
         try:
             model.eval()  # no dropout; gradients still flow
             for p in model.parameters():
                 p.requires_grad_(False)
             if "grads" in needs:
-                for idx, ps in enumerate(params_by_layer):
+                for ps in params_by_layer:
                     for p in ps:
                         p.requires_grad_(True)
-                        handles.append(p.register_hook(_sq_norm_hook(ctx, idx, mask_now)))
             if needs & {"outputs", "inputs", "pooled"}:
                 for idx, layer in enumerate(layers):
                     handles.append(layer.register_forward_hook(layer_hook(idx), with_kwargs=True))
@@ -247,54 +282,78 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
             if attn_mods is not None:
                 for idx, (mod, index) in enumerate(attn_mods):
                     handles.append(mod.register_forward_hook(_attention_hook(ctx, idx, index, mask_now)))
-            ask_attentions = "attentions" in needs and attn_mods is None
+            ask = {"output_attentions": True} if "attentions" in needs and attn_mods is None else {}
             total = 0
             for batch in batches:
+                size = len(batch["input_ids"])
+                positions = lm_positions(batch["attention_mask"], token_stride) if token_stride else None
+                count = _loss_count(model, batch)
                 mask_now["mask"] = batch["attention_mask"]
-                mask_now["size"] = len(batch["input_ids"])
-                if token_stride:
-                    mask_now["positions"] = lm_positions(batch["attention_mask"], token_stride)
-                inputs = {k: v for k, v in batch.items() if k != "labels"} | no_cache_kwargs(model)
+                mask_now["positions"] = positions
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
                 with torch.set_grad_enabled("grads" in needs):
-                    out = model(**inputs, output_attentions=True) if ask_attentions else model(**inputs)
-                    loss, pred = task_loss(model, out, batch)
+                    res = task_loss(model, inputs, batch, positions, **ask)
                 if "grads" in needs:
-                    # Weight each batch by its size: the accumulated .grad is then the gradient of
-                    # the sum of example losses, divided by the example count at the end.
-                    (loss * len(pred)).backward()
-                if ask_attentions:
-                    if out.attentions is None or any(a is None for a in out.attentions):
+                    # Weight each batch by its size: the accumulated gradient is then that of the sum
+                    # of example losses, divided by the example count at the end.
+                    mask_now["replay"] = True  # checkpointed layers recompute: count nothing twice
+                    try:
+                        (res.loss_sum * (size / max(count, 1))).backward()
+                    finally:
+                        mask_now["replay"] = False
+                if ask:
+                    atts = res.out.attentions
+                    if atts is None or any(a is None for a in atts):
                         raise RuntimeError("the model returned no attention probabilities under eager attention")
-                    for idx, a in enumerate(out.attentions):
+                    for idx, a in enumerate(atts):
                         _add_attention_entropy(ctx, idx, a, batch["attention_mask"])
                 if "pooled" in needs and token_stride:
-                    pos = mask_now["positions"]
-                    ctx.gold.append(batch["input_ids"][:, pos + 1].reshape(-1).cpu().numpy())
-                    ctx.predictions.append(out.logits[:, pos].argmax(-1).reshape(-1).detach().cpu().numpy())
+                    ctx.gold.append(batch["input_ids"][:, positions + 1].reshape(-1).cpu().numpy())
+                    ctx.predictions.append(res.position_pred.cpu().numpy())
                 elif "pooled" in needs:
                     ctx.gold.append(batch["labels"].cpu().numpy())
-                    ctx.predictions.append(pred.detach().cpu().numpy())
-                total += len(pred)
-                del out, loss
+                    ctx.predictions.append(res.pred.detach().cpu().numpy())
+                del res
+                total += size
+                if "grads" in needs:
+                    grad_sums = _fold_batch_gradient(ctx, params_by_layer, size, grad_sums)
                 if progress is not None:
                     progress(1)
             ctx.examples = total
             if "grads" in needs:
-                ctx.mean_grads = [[(p.grad.detach() / max(total, 1)) if p.grad is not None else torch.zeros_like(p)
-                                   for p in ps] for ps in params_by_layer]
+                for gs in grad_sums:  # in place: a second copy of every gradient would double this memory
+                    for g in gs:
+                        g.div_(max(total, 1))
+                ctx.mean_grads = grad_sums
         finally:
             for h in handles:
                 h.remove()
     return ctx
 
 
-def _sq_norm_hook(ctx: SignalContext, idx: int, state: dict):
-    def hook(grad: torch.Tensor) -> None:
-        # grad is B * (gradient of this batch's mean loss); record B * ||g_batch||^2 so that the
-        # sum over batches divided by the example count is the example-weighted mean.
-        b = state["size"]
-        ctx.grad_sq_sum[idx] += float((grad.detach().float() ** 2).sum()) / b
-    return hook
+def _fold_batch_gradient(ctx: SignalContext, params_by_layer: list[list[nn.Parameter]], size: int,
+                         sums: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
+    """Move one batch's gradient out of ``.grad`` into the running sums, recording the batch-level
+    squared norm for the empirical Fisher.
+
+    ``.grad`` holds ``size`` x (the gradient of this batch's mean loss); record ``size`` x
+    ||g_batch||^2 so that the sum over batches divided by the example count is the
+    example-weighted mean. The first batch's gradients become the sums without a copy, so a
+    single-batch pass holds one gradient per parameter.
+    """
+    new = []
+    for idx, ps in enumerate(params_by_layer):
+        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in ps]
+        ctx.grad_sq_sum[idx] += sum(float((g.float() ** 2).sum()) for g in grads) / size
+        for p in ps:
+            p.grad = None
+        new.append(grads)
+    if sums is None:
+        return new
+    for acc, grads in zip(sums, new):
+        for a, g in zip(acc, grads):
+            a.add_(g)
+    return sums
 
 
 def _add_attention_entropy(ctx: SignalContext, idx: int, probs: torch.Tensor, mask: torch.Tensor) -> None:
@@ -309,6 +368,8 @@ def _add_attention_entropy(ctx: SignalContext, idx: int, probs: torch.Tensor, ma
 
 def _attention_hook(ctx: SignalContext, idx: int, index: int, state: dict):
     def hook(module, args, output):
+        if state.get("replay"):
+            return
         probs = output[index] if isinstance(output, (tuple, list)) and len(output) > index else None
         if probs is None:
             raise RuntimeError(f"{type(module).__name__} returned no attention probabilities under eager attention")

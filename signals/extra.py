@@ -80,7 +80,8 @@ def layer_conductance(ctx: SignalContext) -> np.ndarray:
                     kept: list = []
                     inputs = {k: v for k, v in batch.items() if k != "labels"}
                     with scale_output(layer, step / IG_STEPS, kept):
-                        loss, _ = task_loss(ctx.model, ctx.model(**inputs, **no_cache_kwargs(ctx.model)), batch)
+                        res = task_loss(ctx.model, inputs, batch)
+                        loss = res.loss_sum / res.count
                     (grad,) = torch.autograd.grad(loss, kept[0])
                     contrib = (kept[0].detach() / (step / IG_STEPS) * grad).sum(-1)  # (B, T)
                     total = contrib if total is None else total + contrib

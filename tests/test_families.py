@@ -21,14 +21,14 @@ FAMILIES = {
     "qwen3_moe": dict(**MOE, decoder_sparse_step=2, mlp_only_layers=[0]),
     "qwen2_moe": dict(**MOE, shared_expert_intermediate_size=32, decoder_sparse_step=2),
     "gemma": {},
-    "gemma2": dict(sliding_window=4),
+    "gemma2": dict(sliding_window=4, final_logit_softcapping=0.05),  # a cap the tiny logits reach
     "gemma3_text": dict(sliding_window=4),
     "phi3": {},
     "olmo": {},
     "olmo2": {},
     "olmoe": MOE,
     "mixtral": dict(**MOE, sliding_window=None),
-    "granite": {},
+    "granite": dict(logits_scaling=2.0),  # its logits are lm_head(h) / logits_scaling
     "granitemoe": MOE,
     "stablelm": {},
     "starcoder2": {},
@@ -148,3 +148,75 @@ def test_inspect_lists_the_families_and_the_rule():
     f = json.loads(res.stdout)
     assert res.exit_code == 0 and "Llama" in f["table"] and "one nn.ModuleList" in f["generic"]
     assert "albert" in f["refused"] and "encoder-decoder" in f["refused"]
+
+
+def _padded_windows(seed: int) -> dict:
+    ids = torch.randint(3, V, (3, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding: its positions predict nothing
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _full_logits_nll(model, batch) -> tuple[torch.Tensor, int]:
+    logits = model(**batch, use_cache=False).logits.float()
+    target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), target.reshape(-1), ignore_index=-100,
+                                            reduction="sum")
+    real = target != -100
+    return nll, int((logits[:, :-1].argmax(-1).eq(target) & real).sum())
+
+
+@pytest.mark.parametrize("mt", sorted(FAMILIES))
+def test_chunked_next_token_loss_equals_the_full_logits_one(mt):
+    """The head the chunked loss applies (lm_head and the family's transform) is the model's own, and
+    the chunked, checkpointed loss has the full-logits loss's value and gradients."""
+    from fusion_prune import logits as L
+    from fusion_prune.surgery import layer_list
+
+    model = _tiny(mt)
+    batch = _padded_windows(4)
+    params = list(layer_list(model).parameters())
+    want, want_right = _full_logits_nll(model, batch)
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    states, head, _ = L.forward_hidden(model, batch)
+    assert type(model) not in L._FULL_LOGITS and head is not L._identity
+    got, right, count = L.next_token_sums(states, head, batch, chunk_tokens=5)  # several chunks, a ragged last one
+    assert count == 2 * 11 + 8 and right == want_right
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    got_grads = torch.autograd.grad(got, params, allow_unused=True)
+    for g, w in zip(got_grads, want_grads):
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_a_head_the_table_does_not_know_falls_back_to_full_logits(monkeypatch, caplog):
+    """Without the softcap transform Gemma 2's head check fails: the score comes from its full logits,
+    with one warning, and is still right."""
+    from fusion_prune import logits as L
+
+    model = _tiny("gemma2")
+    monkeypatch.setattr(L, "LOGIT_TRANSFORMS", ())
+    monkeypatch.setattr(L, "_FULL_LOGITS", set())
+    batch = _padded_windows(5)
+    with caplog.at_level("WARNING", logger="fusion_prune.logits"):
+        states, head, _ = L.forward_hidden(model, batch)
+    assert head is L._identity and states.shape == (3, 12, V) and "LOGIT_TRANSFORMS" in caplog.text
+    want, _ = _full_logits_nll(model, batch)
+    assert float(L.next_token_sums(states, head, batch)[0]) == pytest.approx(float(want), rel=1e-6)
+
+
+@pytest.mark.parametrize("mt", ["qwen3", "gemma3_text", "phi", "falcon", "mixtral"])
+def test_checkpointed_signals_equal_the_plain_pass(mt):
+    """Recomputing each layer in the backward (what the causal-LM task runs) changes no signal, and
+    leaves every layer's forward as it was."""
+    from fusion_prune.corpus import window_batches
+    from fusion_prune.surgery import layer_list
+    from signals import DEFAULT_SIGNALS, signals_on_batches
+
+    model = _tiny(mt)
+    batches = window_batches(torch.randint(3, V, (4, 12), generator=torch.Generator().manual_seed(6)), 2, "cpu")
+    plain = signals_on_batches(model, batches, token_stride=4, progress=False)
+    ckpt = signals_on_batches(model, batches, token_stride=4, checkpoint_layers=True, progress=False)
+    for name in DEFAULT_SIGNALS:
+        assert ckpt[name].to_numpy() == pytest.approx(plain[name].to_numpy(), rel=1e-4, abs=1e-7), name
+    assert not any("forward" in vars(layer) for layer in layer_list(model))

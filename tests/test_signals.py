@@ -258,11 +258,11 @@ def test_hooks_removed_and_state_restored_when_the_pass_raises(tok, frame, monke
     before = _state(m)
     calls = []
 
-    def boom(model, out, batch):
+    def boom(model, inputs, batch, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom in the second batch")
-        return real(model, out, batch)
+        return real(model, inputs, batch, *args, **kwargs)
 
     real = cap.task_loss
     monkeypatch.setattr(cap, "task_loss", boom)

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
      "fusion_prune.logs", "fusion_prune.memory"),
     # 1: models, data and the shared training loop
     ("fusion_prune.assets", "fusion_prune.models", "fusion_prune.surgery", "fusion_prune.data",
-     "fusion_prune.corpus", "fusion_prune.training"),
+     "fusion_prune.corpus", "fusion_prune.training", "fusion_prune.logits"),
     # 2: engines: signals, distillation, fine-tuning, drop-one, LM evaluation and healing, fusion, reports
     ("signals", "distill", "fusion_prune.finetune", "fusion_prune.dropone", "fusion_prune.lm", "fusion_prune.heal",
      "fusion_prune.fusion", "fusion_prune.report", "fusion_prune.checkpoint"),

@@ -107,6 +107,9 @@ class Task:
     default_bundle: ClassVar[Path]
     #: spacing of the token positions the signals pool over (None: one pooled example per sequence)
     signal_token_stride: ClassVar[int | None] = None
+    #: recompute each layer in the signals pass's backward instead of keeping its activations:
+    #: the same statistics (to float rounding), one layer's activations held, one more forward
+    signal_checkpoint_layers: ClassVar[bool] = False
     #: True: a sequence's representation is its last token's (it has seen the whole sequence), as
     #: Gromov et al. measure decoders; False: the mean over real tokens
     summary_at_last_token: ClassVar[bool] = False
@@ -157,7 +160,8 @@ class Task:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ one pruning step
-    #: ``score(logits, batch) -> (correct, loss sum, count)``: the loss and the positions it scores
+    #: ``score(model, inputs, batch) -> (correct, loss sum, count)``: the forward, the loss and the
+    #: positions it scores
     score: ClassVar[Scorer]
 
     def calibration_batches(self, model, tok, step: StepConfig, k: int) -> list[dict]:
@@ -168,7 +172,8 @@ class Task:
         """The signals table (n_layers, 2 + len(names)) on calibration ``batches``."""
         from signals import signals_on_batches
 
-        return signals_on_batches(model, batches, names, token_stride=self.signal_token_stride, progress=False)
+        return signals_on_batches(model, batches, names, token_stride=self.signal_token_stride,
+                                  checkpoint_layers=self.signal_checkpoint_layers, progress=False)
 
     def drop_one(self, model, tok, step: StepConfig, only: list[int] | None = None) -> DropOne:
         """The measured drop-one table on validation data, for every layer or just ``only``."""

@@ -71,6 +71,10 @@ class CausalLMTask(Task):
     score = staticmethod(next_token_score)
     #: spacing of the predicting positions the MI signals pool over (see signals.capture)
     signal_token_stride = 16
+    # The pass's activations (eager attention probabilities of every layer, kept for the gradient)
+    # and its full-vocabulary logits were most of its 7.7 GiB peak on smollm2-135m; checkpointed and
+    # chunked it peaks at 2.0-2.6 GiB (benchmarks/journal.md, "Peak memory per phase").
+    signal_checkpoint_layers = True
     summary_at_last_token = True
 
     description = "causal LM"

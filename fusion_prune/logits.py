@@ -1,0 +1,186 @@
+"""Next-token scores of a causal LM without full-vocabulary logits for a whole batch.
+
+A causal LM's head maps every final hidden state (H) to V logits: for a batch of B windows of T
+tokens a (B, T, V) float tensor (4 x 512 x 49,152 x 4 bytes = 403 MB on smollm2-135m), and the
+log-softmax and its gradient each hold another. Here the model runs with ``logits_to_keep=1`` (its
+own head computes the last position only), the final hidden states (after the final norm) are
+taken from the base model's output, and the head is applied to :data:`CHUNK_TOKENS` positions at a
+time. Under autograd each chunk is checkpointed: its logits are recomputed in the backward pass
+instead of being kept, so the loss holds the (N, H) hidden states, never (N, V).
+
+The head is the output embedding followed by the family's post-processing
+(:data:`LOGIT_TRANSFORMS`). Every forward checks it against the model's own last-position logits;
+a family whose head does something the table does not know falls back, with one warning, to the
+model's full logits (correct, at the old memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fusion_prune.models import no_cache_kwargs
+
+log = logging.getLogger(__name__)
+
+#: positions per head call: 512 x 49,152 x 4 bytes = 101 MB of logits on smollm2-135m, 262 MB on a
+#: 128k vocabulary (Llama 3)
+CHUNK_TOKENS = 512
+
+
+def _softcap(lm: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _logit_scale(lm: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    scale = getattr(lm, "logit_scale", None)  # Cohere: a float attribute of the *ForCausalLM module
+    return logits if scale is None or isinstance(scale, nn.Module) else logits * scale
+
+
+def _logits_scaling(lm: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    scaling = getattr(lm.config, "logits_scaling", None)  # Granite divides
+    return logits if scaling is None else logits / scaling
+
+
+#: What families do to ``lm_head(hidden)`` before returning logits (Gemma 2/3, Cohere, Granite);
+#: each is the identity where its setting is absent. A new one is one row.
+LOGIT_TRANSFORMS: tuple[Callable[[nn.Module, torch.Tensor], torch.Tensor], ...] = (
+    _softcap, _logit_scale, _logits_scaling)
+
+_FULL_LOGITS: set[type] = set()  # classes whose head failed the check: scored from their full logits
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` module inside ``model`` (a peft or accelerate wrapper, or itself)."""
+    while True:
+        if hasattr(model, "get_base_model") and model.get_base_model() is not model:  # peft
+            model = model.get_base_model()
+        elif type(model).__name__ == "DistributedDataParallel":
+            model = model.module
+        else:
+            return model
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model a wrapper holds) has a language-model head."""
+    return type(causal_lm_of(model)).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) of final hidden states (..., H): the output embedding and the family's
+    post-processing, exactly what the model's forward applies."""
+    lm = causal_lm_of(model)
+    logits = lm.get_output_embeddings()(hidden)
+    for transform in LOGIT_TRANSFORMS:
+        logits = transform(lm, logits)
+    return logits
+
+
+@contextlib.contextmanager
+def _final_hidden(lm: nn.Module) -> Iterator[dict]:
+    box: dict = {}
+
+    def hook(module, args, output):
+        box["hidden"] = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+
+    handle = lm.base_model.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def _takes_logits_to_keep(lm: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(type(lm).forward).parameters and lm.base_model is not lm
+
+
+def forward_hidden(model: nn.Module, inputs: dict, **kwargs) -> tuple[torch.Tensor, Callable, object]:
+    """Run ``model`` on ``inputs`` without computing its full logits.
+
+    Returns ``(states, head, output)``: ``head(states[..., i, :])`` are the logits at position i.
+    Normally ``states`` are the final hidden states (B, T, H) and ``head`` is :func:`head_logits`;
+    for a family the head check rejects, ``states`` are the full logits (B, T, V) and ``head`` the
+    identity. ``output`` is the model's output (its ``logits`` hold the last position only).
+    """
+    lm = causal_lm_of(model)
+    call = {**inputs, **no_cache_kwargs(lm), **kwargs}
+    if type(lm) in _FULL_LOGITS or not _takes_logits_to_keep(lm):
+        out = model(**call)
+        return out.logits, _identity, out
+    with _final_hidden(lm) as box:
+        out = model(**call, logits_to_keep=1)
+    hidden = box.get("hidden")
+    if hidden is None or hidden.shape[:2] != inputs["input_ids"].shape:
+        return _fall_back(lm, model, call, "its base model returned no (B, T, H) hidden states")
+    with torch.no_grad():
+        mine, theirs = head_logits(model, hidden[:, -1:].detach()).float(), out.logits.detach().float()
+        ok = mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * (1 + float(
+            theirs.abs().max())))
+    if not ok:
+        return _fall_back(lm, model, call, "lm_head and the known logit transforms do not reproduce its logits")
+    return hidden, head_logits_of(model), out
+
+
+def head_logits_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda h: head_logits(model, h)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _fall_back(lm, model, call: dict, why: str):
+    _FULL_LOGITS.add(type(lm))
+    log.warning("%s: %s; scoring it from full logits (more memory). Add its transform to "
+                "fusion_prune.logits.LOGIT_TRANSFORMS.", type(lm).__name__, why)
+    out = model(**call)
+    return out.logits, _identity, out
+
+
+def _chunk_sums(head: Callable, states: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(states).float()
+    nll = nn.functional.cross_entropy(logits, target, reduction="sum")
+    return nll, logits.argmax(-1).eq(target).sum()
+
+
+def next_token_sums(states: torch.Tensor, head: Callable, batch: dict, chunk_tokens: int = CHUNK_TOKENS
+                    ) -> tuple[torch.Tensor, int, int]:
+    """(summed next-token NLL (a scalar tensor, differentiable when ``states`` are), correct next-token
+    predictions, predicted tokens) of one batch: position t predicts token t + 1, padding (mask 0)
+    is not predicted. ``states``: (B, T, H) from :func:`forward_hidden`. Under autograd each chunk
+    of ``chunk_tokens`` positions is checkpointed, so its logits are never kept."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = (mask[:, 1:] != 0).reshape(-1)
+    flat = states[:, :-1].reshape(-1, states.shape[-1])[real]  # (N, H): the predicting positions
+    target = ids[:, 1:].reshape(-1)[real]
+    grad = torch.is_grad_enabled() and states.requires_grad
+    nll, correct = states.new_zeros((), dtype=torch.float32), 0
+    for start in range(0, len(target), chunk_tokens):
+        s, t = flat[start:start + chunk_tokens], target[start:start + chunk_tokens]
+        if grad:
+            part, right = checkpoint(_chunk_sums, head, s, t, use_reentrant=False)
+        else:
+            part, right = _chunk_sums(head, s, t)
+        nll, correct = nll + part, correct + int(right)
+    return nll, correct, int(len(target))
+
+
+def logits_at(states: torch.Tensor, head: Callable, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) at ``(rows[i], positions[i])`` of a batch's ``states`` (B, T, H)."""
+    return head(states[rows, positions])
+
+
+def next_token_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over real tokens from full logits (B, T, V), for the losses
+    that need every logit anyway (distillation against a teacher's distribution)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=-100)
