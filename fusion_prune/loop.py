@@ -28,7 +28,7 @@ from fusion_prune.checkpoint import RunFolder
 from fusion_prune.config import TEACHER_OPTIONS, StepConfig, field_default, opt, with_paths
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
-from fusion_prune.memory import PhasePeaks
+from fusion_prune.memory import PhasePeaks, release_free_memory
 from fusion_prune.params import validate
 from fusion_prune.report import CompressReport, StepRecord
 from fusion_prune.strategies import STRATEGIES, StrategyState
@@ -70,9 +70,16 @@ class CompressConfig(StepConfig):
     max_perplexity_increase: float | None = opt(help="Causal-LM budget: keep removing layers while validation "
                                                     "perplexity stays below (1 + this) x the teacher's (before "
                                                     "healing).")
+    dtype: str = opt("auto", help="Weights as loaded, computed and saved: auto (bfloat16 for a causal LM on a GPU "
+                                  "that has it, else float32), float32, bfloat16 or float16. Signals, losses and "
+                                  "perplexity accumulate in float32.")
     finish: FinishConfig | None = None
 
     def __post_init__(self) -> None:
+        from fusion_prune.models import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise bad_choice("dtype", self.dtype, DTYPES)
         if self.task not in TASKS:
             raise bad_choice("task", self.task, TASKS)
         task = TASKS[self.task]
@@ -376,11 +383,12 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
     t_start = time.perf_counter()
     run = RunFolder(_partial(output), meta, resume=resume, overwrite=overwrite)
     saved = run.start()
+    task.dtype = cfg.dtype
     peaks = task.memory = PhasePeaks(saved["info"].get("peak_memory") if saved is not None else None)
     if saved is not None:
         with task.phase("load"):
-            teacher, tok, _ = task.load_model(str(run.path / "teacher"))
-            student, _, _ = task.load_model(str(run.current))
+            student, tok, _ = task.load_model(str(run.current))
+        teacher = None  # read again from its checkpoint when the finish needs it
         info = saved["info"]
         info["peak_memory"] = peaks.record
         history = [StepRecord.from_dict(h, task.step_measured_key, task.step_metric_key) for h in saved["history"]]
@@ -424,6 +432,9 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
                  cfg.budget, info[task.teacher_metric_key], e.layers_before)
         return False
 
+    # The loop never reads the teacher: it waits on disk (its checkpoint) instead of beside the student.
+    del teacher
+    release_free_memory()
     student = prune_loop(task, student, tok, cfg, lambda m: strategy.fn(m.state), run, history, info,
                          floor=cfg.target_layers or 1, signal_names=signal_names, needs=strategy, bundle=bundle,
                          want_drop_one=bool(cfg.drop_one_samples), target=lambda n: step_target(task, cfg, n),
@@ -434,6 +445,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         # copy of the teacher into itself can only move it away from the teacher.
         log.info("no layer could be removed within the budget: the teacher is returned as it is (no distillation)")
         finish = task.nothing_to_finish(finish)
+    with task.phase("load"):
+        teacher, _, _ = task.load_model(str(run.path / "teacher"))
     student, results = task.finish(teacher, student, tok, cfg, finish, info)
     task.memory = None
     info.pop("wall_seconds_before", None)

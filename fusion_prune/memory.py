@@ -37,6 +37,19 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the OS (glibc ``malloc_trim``), so that
+    a phase's peak is its own and not what an earlier phase left in the allocator's free lists."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 def _cuda():
     try:
         import torch
@@ -54,6 +67,7 @@ class PhasePeaks:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        release_free_memory()
         per_phase = _reset_rss_peak()
         cuda = _cuda()
         if cuda is not None:

@@ -132,6 +132,35 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+#: ``--dtype`` choices; "auto": bfloat16 on a GPU that supports it, else float32
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str, device: str | None = "auto", auto_on_cuda: str = "bfloat16") -> "torch.dtype":
+    """The torch dtype ``name`` means on ``device`` (as in :func:`load_classifier`).
+
+    "auto" is ``auto_on_cuda`` on a CUDA device that supports it and float32 elsewhere (the CPU
+    computes bfloat16, but a user on the CPU gets float32 unless asked). A dtype the device cannot
+    run is refused with one line.
+    """
+    import torch
+
+    from fusion_prune.errors import bad_choice
+
+    if name not in DTYPES:
+        raise bad_choice("dtype", name, DTYPES)
+    target = default_device() if device in ("auto", None) else torch.device(device)
+    cuda = target.type == "cuda"
+    if name == "auto":
+        name = auto_on_cuda if cuda else "float32"
+        if name == "bfloat16" and not torch.cuda.is_bf16_supported():
+            name = "float32"
+    if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise BadInputError(f"The '--dtype' option bfloat16 is not supported by {torch.cuda.get_device_name(target)}; "
+                            "expected float16 or float32 on this GPU.")
+    return getattr(torch, name)
+
+
 def check_finite(model, spec: str | Path) -> None:
     """Refuse a model with NaN or infinite weights, naming the first such parameter and its layer.
 
@@ -157,7 +186,7 @@ def _place(model, device: str | None, spec: str | Path = "model"):
 
 
 def load_classifier(spec: str | Path, labels: list[str] | None = None, device: str | None = "auto",
-                    seed: int = 0):
+                    seed: int = 0, dtype: str = "float32", auto_on_cuda: str = "float32"):
     """Load ``spec`` as a sequence classifier for class names ``labels``.
 
     Returns ``(model, tokenizer, head_trained)``. ``head_trained`` is True when ``spec`` already
@@ -165,6 +194,9 @@ def load_classifier(spec: str | Path, labels: list[str] | None = None, device: s
     (with ``labels=None`` an existing head is kept as it is) from ``seed``, so that two runs start
     from the same head; the caller's random state is left as it was. ``device``: "auto" (this
     process's GPU, else the CPU), a torch device string, or None to leave the model on the CPU.
+    ``dtype``: one of :data:`DTYPES` (:func:`resolve_dtype`), for the weights as loaded and saved;
+    "auto" is float32 for a classifier (it is trained, in mixed precision on a GPU), unless
+    ``auto_on_cuda`` says otherwise.
     """
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -189,7 +221,8 @@ def load_classifier(spec: str | Path, labels: list[str] | None = None, device: s
         # between processes in this torch build: the same command gave different teachers.
         with _quiet_transformers(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(src.location, dtype="float32", **kw)
+            model = AutoModelForSequenceClassification.from_pretrained(src.location, dtype=resolve_dtype(
+                dtype, device, auto_on_cuda), **kw)
     except (OSError, ValueError, KeyError) as e:
         msg = str(e)
         if "Unrecognized configuration class" in msg or "does not support" in msg:
@@ -283,17 +316,19 @@ def check_max_length(model, max_length: int, param: str = "max_length") -> None:
                             f"Got {max_length}.")
 
 
-def load_causal_lm(spec: str | Path, device: str | None = "auto"):
+def load_causal_lm(spec: str | Path, device: str | None = "auto", dtype: str = "float32"):
     """Load ``spec`` as a causal LM: ``(model, tokenizer)``.
 
     A GGUF source is dequantised and rebuilt as a plain model (so the result can be saved); a
     model quantised by bitsandbytes/GPTQ/AWQ is refused: its pruned weights could not be saved as
     a plain folder.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     from fusion_prune.surgery import architecture_of
 
+    dt = resolve_dtype(dtype, device)  # a bad dtype fails before anything is read
     src = resolve(spec)
     config = load_config(spec)
     if getattr(config, "quantization_config", None) and not src.gguf_file:
@@ -304,7 +339,8 @@ def load_causal_lm(spec: str | Path, device: str | None = "auto"):
     architecture_of(config)  # unsupported families fail before the weights are read
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(src.location, dtype="float32", **src.kwargs())
+            model = AutoModelForCausalLM.from_pretrained(
+                src.location, dtype=torch.float32 if src.gguf_file else dt, **src.kwargs())
     except (OSError, ValueError, KeyError) as e:
         msg = str(e)
         if "Unrecognized configuration class" in msg:
@@ -314,7 +350,7 @@ def load_causal_lm(spec: str | Path, device: str | None = "auto"):
     if src.gguf_file:
         from fusion_prune.surgery import plain_copy
 
-        model = plain_copy(model)
+        model = plain_copy(model).to(dt)  # dequantised in float32, then cast
     tok = load_tokenizer(spec)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

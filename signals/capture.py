@@ -64,14 +64,15 @@ class SignalContext:
     predictions: list[np.ndarray] = field(default_factory=list)
     # grads
     grad_sq_sum: np.ndarray = None
-    mean_grads: list[list[torch.Tensor]] = field(default_factory=list)
+    mean_grad_sq: np.ndarray = None  # ||gradient of the mean loss||^2 over the layer's parameters
+    taylor_sum: np.ndarray = None  # sum over the layer's parameters of |theta * gradient of the mean loss|
     #: False: one pooled example per sequence, labelled by its class; True: one per predicting token
     #: position, labelled by the next token (set by ``token_stride``)
     token_examples: bool = False
 
     def __post_init__(self) -> None:
         for name in ("act_sum", "act_elems", "norm_sum", "tokens", "energy_sum", "angular_sum", "influence_sum",
-                     "attn_entropy_sum", "attn_rows", "grad_sq_sum"):
+                     "attn_entropy_sum", "attn_rows", "grad_sq_sum", "mean_grad_sq", "taylor_sum"):
             setattr(self, name, np.zeros(self.n_layers, dtype=np.float64))
         self.pooled = [[] for _ in range(self.n_layers)]
 
@@ -260,7 +261,10 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
 
     handles: list = []
     params_by_layer = [[p for p in layer.parameters()] for layer in layers]
-    grad_sums: list[list[torch.Tensor]] | None = None  # sum over batches of each batch's gradient
+    # Each parameter's gradient is reduced to the per-layer statistics as soon as it is accumulated
+    # and then freed; with several batches the running sum of gradients is kept (the mean gradient
+    # needs them all), with one batch nothing is (see _grad_hook).
+    grad_sums: dict[nn.Parameter, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(restored_state(model))
         if "attentions" in needs:
@@ -272,9 +276,11 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
             for p in model.parameters():
                 p.requires_grad_(False)
             if "grads" in needs:
-                for ps in params_by_layer:
+                for idx, ps in enumerate(params_by_layer):
                     for p in ps:
                         p.requires_grad_(True)
+                        handles.append(p.register_post_accumulate_grad_hook(
+                            _grad_hook(ctx, idx, mask_now, grad_sums, single=len(batches) == 1)))
             if needs & {"outputs", "inputs", "pooled"}:
                 for idx, layer in enumerate(layers):
                     handles.append(layer.register_forward_hook(layer_hook(idx), with_kwargs=True))
@@ -285,7 +291,7 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
             ask = {"output_attentions": True} if "attentions" in needs and attn_mods is None else {}
             total = 0
             for batch in batches:
-                size = len(batch["input_ids"])
+                size = mask_now["size"] = len(batch["input_ids"])
                 positions = lm_positions(batch["attention_mask"], token_stride) if token_stride else None
                 count = _loss_count(model, batch)
                 mask_now["mask"] = batch["attention_mask"]
@@ -315,45 +321,44 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
                     ctx.predictions.append(res.pred.detach().cpu().numpy())
                 del res
                 total += size
-                if "grads" in needs:
-                    grad_sums = _fold_batch_gradient(ctx, params_by_layer, size, grad_sums)
                 if progress is not None:
                     progress(1)
             ctx.examples = total
-            if "grads" in needs:
-                for gs in grad_sums:  # in place: a second copy of every gradient would double this memory
-                    for g in gs:
-                        g.div_(max(total, 1))
-                ctx.mean_grads = grad_sums
+            if "grads" in needs and grad_sums:
+                for idx, ps in enumerate(params_by_layer):
+                    for p in ps:
+                        if p in grad_sums:  # a parameter no batch reached has a zero gradient
+                            _add_mean_gradient(ctx, idx, p, grad_sums.pop(p) / max(total, 1))
         finally:
             for h in handles:
                 h.remove()
     return ctx
 
 
-def _fold_batch_gradient(ctx: SignalContext, params_by_layer: list[list[nn.Parameter]], size: int,
-                         sums: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
-    """Move one batch's gradient out of ``.grad`` into the running sums, recording the batch-level
-    squared norm for the empirical Fisher.
+def _grad_hook(ctx: SignalContext, idx: int, state: dict, sums: dict, single: bool):
+    """After a backward accumulates ``p.grad`` (``size`` x the gradient of this batch's mean loss):
+    record ``size`` x ||g_batch||^2 for the empirical Fisher (summed over batches and divided by the
+    example count, it is the example-weighted mean), then free ``p.grad``. With one batch its
+    gradient is the mean gradient and is reduced at once; otherwise it joins the running sum."""
+    def hook(p: nn.Parameter) -> None:
+        g = p.grad.detach()
+        p.grad = None
+        size = state["size"]
+        ctx.grad_sq_sum[idx] += float((g.float() ** 2).sum()) / size
+        if single:
+            _add_mean_gradient(ctx, idx, p, g / size)
+        elif p in sums:
+            sums[p].add_(g)
+        else:
+            sums[p] = g
+    return hook
 
-    ``.grad`` holds ``size`` x (the gradient of this batch's mean loss); record ``size`` x
-    ||g_batch||^2 so that the sum over batches divided by the example count is the
-    example-weighted mean. The first batch's gradients become the sums without a copy, so a
-    single-batch pass holds one gradient per parameter.
-    """
-    new = []
-    for idx, ps in enumerate(params_by_layer):
-        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in ps]
-        ctx.grad_sq_sum[idx] += sum(float((g.float() ** 2).sum()) for g in grads) / size
-        for p in ps:
-            p.grad = None
-        new.append(grads)
-    if sums is None:
-        return new
-    for acc, grads in zip(sums, new):
-        for a, g in zip(acc, grads):
-            a.add_(g)
-    return sums
+
+def _add_mean_gradient(ctx: SignalContext, idx: int, p: nn.Parameter, mean: torch.Tensor) -> None:
+    """Add one parameter's share of the layer's ||mean gradient||^2 and Taylor sum |theta * g|."""
+    g = mean.double()
+    ctx.mean_grad_sq[idx] += float((g ** 2).sum())
+    ctx.taylor_sum[idx] += float((p.detach().double() * g).abs().sum())
 
 
 def _add_attention_entropy(ctx: SignalContext, idx: int, probs: torch.Tensor, mask: torch.Tensor) -> None:

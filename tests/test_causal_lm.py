@@ -456,3 +456,31 @@ def test_corpus_from_folder_and_column(tmp_path):
     assert len(c2.train) + len(c2.validation) + len(c2.test) == 10 and any("dropped 2" in n for n in c2.notes)
     with pytest.raises(BadInputError, match="text_column 'text'"):
         load_corpus(str(tmp_path / "d.parquet"))
+
+
+def test_lm_compress_in_bfloat16_saves_bfloat16(llama_dir, corpus_txt, tmp_path):
+    """--dtype bfloat16 loads, computes, heals and saves in bfloat16; the metrics stay finite."""
+    from fusion_prune.loop import compress_with_config as compress
+    from fusion_prune.tasks import get_task
+
+    task = get_task("causal-lm")
+    data = task.load_data(str(corpus_txt))
+    r = compress(str(llama_dir), data, _lm_cfg(strategy="sleb", dtype="bfloat16"), tmp_path / "out", task=task)
+    assert r["config"]["dtype"] == "bfloat16"
+    assert all(math.isfinite(r[k]) for k in ("teacher_perplexity", "pruned_perplexity", "healed_perplexity"))
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+
+
+def test_dtype_choices_and_their_errors():
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") is torch.float32  # the CPU gets float32 unless asked
+    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16 and resolve_dtype("float16", "cpu") is torch.float16
+    with pytest.raises(BadInputError, match="'dtype' parameter must be one of .*'float64'"):
+        resolve_dtype("float64", "cpu")
+    with pytest.raises(BadInputError, match="'dtype'"):
+        _lm_cfg(dtype="int8")

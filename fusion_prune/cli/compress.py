@@ -45,6 +45,7 @@ def _strategies() -> str:
 @field_option("--max-length", source=RUN, type=int, help_extra=task_defaults("max_length"))
 @field_option("--batch-size", source=RUN, type=int, help_extra=task_defaults("batch_size"))
 @field_option("--lr", source=RUN, type=float)
+@field_option("--dtype", source=RUN, type=RegistryChoice("fusion_prune.models:DTYPES"))
 @field_option("--distill-epochs", source=CLS, path="distill.epochs", type=float)
 @field_option("--distill-samples", source=CLS, path="distill.max_train_samples", type=int)
 @field_option("--temperature", source=CLS, path="distill.temperature", type=float)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from fusion_prune.cli.common import (ParamChoice, dataset_options, echo_json, field_option, hold_output, model_option,
-                                     output_option, overwrite_option, task_option)
+from fusion_prune.cli.common import (ParamChoice, RegistryChoice, dataset_options, echo_json, field_option, hold_output,
+                                     model_option, output_option, overwrite_option, task_option)
 
 TEACHER = "fusion_prune.finetune:teacher_config"  # the defaults of a teacher
 DISTILL = "distill.trainer:DistillConfig"
@@ -61,6 +61,9 @@ def finetune(model: str, dataset: str, text_column: str, label_column: str, outp
               help="Causal LM: zero-shot accuracy on a labelled dataset instead of perplexity.")
 @click.option("--prompt", default="{text}\nAnswer:", show_default=True, help="Zero-shot prompt with {text}.")
 @click.option("--verbalisers", default=None, help="Zero-shot words per label, e.g. fresh=positive,rotten=negative.")
+@click.option("--dtype", default="auto", show_default=True, type=RegistryChoice("fusion_prune.models:DTYPES"),
+              help="Weights as loaded and computed (auto: bfloat16 for a causal LM on a GPU that has it, else "
+                   "float32).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(model: str, dataset: str, task: str | None, as_json: bool, **options) -> None:
     """Accuracy of a classifier, or perplexity (or zero-shot accuracy) of a causal LM, on a dataset split."""

@@ -127,6 +127,7 @@ class Task:
     def __init__(self) -> None:
         self.data = None
         self.memory = None  # a fusion_prune.memory.PhasePeaks while a run records peak memory per phase
+        self.dtype = "float32"  # compress sets its --dtype here: how load_model loads (models.resolve_dtype)
 
     def phase(self, name: str):
         """A context that records peak memory as phase ``name`` of the run (nothing when none records)."""

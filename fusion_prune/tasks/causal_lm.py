@@ -108,7 +108,7 @@ class CausalLMTask(Task):
     def load_model(self, spec):
         from fusion_prune.models import load_causal_lm
 
-        model, tok = load_causal_lm(spec)
+        model, tok = load_causal_lm(spec, dtype=self.dtype)
         return model, tok, True
 
     def windows(self, tok, split: str, step, cap_tokens: int | None = None):

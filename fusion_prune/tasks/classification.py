@@ -95,7 +95,7 @@ class ClassificationTask(Task):
     def load_model(self, spec):
         from fusion_prune.models import load_classifier
 
-        return load_classifier(spec, self.data.labels if self.data is not None else None)
+        return load_classifier(spec, self.data.labels if self.data is not None else None, dtype=self.dtype)
 
     def _eval_sets(self, step: StepConfig):
         from fusion_prune.data import subsample
@@ -235,7 +235,7 @@ class ClassificationTask(Task):
         from fusion_prune.models import load_classifier
 
         data = self.load_data(dataset_spec, text_column, label_column)
-        net, tok, _ = load_classifier(model_spec)  # no labels: a model without a trained head is refused
+        net, tok, _ = load_classifier(model_spec, dtype=self.dtype)  # no labels: a model without a trained head is refused
         rec = Path(resolve(model_spec).location) / RUN_RECORD
         trained_with = json.loads(rec.read_text())["config"]["max_length"] if rec.is_file() else 128
         max_length = resolve_max_length(net, max_length, trained_with)
