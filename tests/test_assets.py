@@ -18,7 +18,7 @@ ORANGE = "Category\tText\nd\tstring\nclass\t\nspace\tthe sun is hot\nhockey\tthe
 def test_design_assets_and_prose_corpora_are_registered():
     models = {n for n, a in assets.ASSETS.items() if a.kind == "model"}
     data = {n for n, a in assets.ASSETS.items() if a.kind == "dataset"}
-    assert models == {"minilm-l6", "mpnet-base", "smollm2-135m"}
+    assert models == {"minilm-l6", "mpnet-base", "smollm2-135m", "gemma3-270m"}
     assert data == {"20newsgroups", "reuters-r8", "reuters-r52", "election-tweets", "rotten-tomatoes", "bbc-news",
                     "grimm-tales", "book-excerpts"}  # the last two: prose corpora for causal LMs
     for a in assets.ASSETS.values():
@@ -101,9 +101,10 @@ def test_dataset_asset_loads_through_data(fake_asset):
     assert ds.notes[0] == "asset toy-news from toy==0.0.1"
 
 
-def test_smollm2_without_gguf_is_one_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_a_gguf_model_without_gguf_is_one_clear_error(tmp_path, monkeypatch, name):
     import sys
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
-    with pytest.raises(BadInputError, match=r"needs the 'gguf' package.*fusionprune\[gguf\]"):
-        assets.ASSETS["smollm2-135m"].convert([], tmp_path)
+    with pytest.raises(BadInputError, match=rf"{name}.*needs the 'gguf' package.*fusionprune\[gguf\]"):
+        assets.ASSETS[name].convert([], tmp_path)
