@@ -202,7 +202,7 @@ def test_a_head_the_table_does_not_know_falls_back_to_full_logits(monkeypatch, c
         states, head, _ = L.forward_hidden(model, batch)
     assert head is L._identity and states.shape == (3, 12, V) and "LOGIT_TRANSFORMS" in caplog.text
     want, _ = _full_logits_nll(model, batch)
-    assert float(L.next_token_sums(states, head, batch)[0]) == pytest.approx(float(want), rel=1e-6)
+    assert float(L.next_token_sums(states, head, batch)[0].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
 
 
 @pytest.mark.parametrize("mt", ["qwen3", "gemma3_text", "phi", "falcon", "mixtral"])
