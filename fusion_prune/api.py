@@ -138,12 +138,9 @@ def evaluate(model: str, dataset: str, *, task: str | None = None, zero_shot: bo
              label_column: str = "label", dtype: str = "auto", **options: Any):
     """(task, result) of ``fusionprune evaluate``: the task's own metric of ``model`` on a split of
     ``dataset`` (accuracy; perplexity; with ``zero_shot``, zero-shot accuracy of a causal LM).
-    ``dtype``: one of ``fusion_prune.models.DTYPES``."""
-    from fusion_prune.models import DTYPES
-    from fusion_prune.tasks import bad_choice, detect_task, get_task, zero_shot_task
+    ``dtype``: one of ``fusion_prune.models.DTYPES`` (checked when the model is loaded)."""
+    from fusion_prune.tasks import detect_task, get_task, zero_shot_task
 
-    if dtype not in DTYPES:
-        raise bad_choice("dtype", dtype, DTYPES)
     t = zero_shot_task() if zero_shot else get_task(detect_task(model, dataset, task, label_column))
     t.dtype = dtype
     return t, t.evaluate(model, dataset, label_column=label_column, zero_shot=zero_shot, **options)

@@ -33,18 +33,16 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     from tqdm.auto import tqdm
 
     from fusion_prune.dropone import next_token_score
-    from fusion_prune.models import no_cache_kwargs
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    kw = no_cache_kwargs(model)
     nll = tokens = 0.0
     t0 = time.perf_counter()
     try:
         for b in tqdm(window_batches(windows, batch_size, device), desc="perplexity", disable=not progress,
                       dynamic_ncols=True):
-            _, s, n = next_token_score(model, b | kw, b)
+            _, s, n = next_token_score(model, b, b)  # without a KV cache (fusion_prune.logits)
             nll, tokens = nll + s, tokens + n
     finally:
         model.train(was_training)

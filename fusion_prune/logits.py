@@ -17,6 +17,7 @@ model's full logits (correct, at the old memory).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from typing import Callable, Iterator
@@ -125,11 +126,7 @@ def forward_hidden(model: nn.Module, inputs: dict, **kwargs) -> tuple[torch.Tens
             theirs.abs().max())))
     if not ok:
         return _fall_back(lm, model, call, "lm_head and the known logit transforms do not reproduce its logits")
-    return hidden, head_logits_of(model), out
-
-
-def head_logits_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda h: head_logits(model, h)
+    return hidden, functools.partial(head_logits, model), out
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -170,11 +167,6 @@ def next_token_sums(states: torch.Tensor, head: Callable, batch: dict, chunk_tok
             part, right = _chunk_sums(head, s, t)
         nll, correct = nll + part, correct + int(right)
     return nll, correct, int(len(target))
-
-
-def logits_at(states: torch.Tensor, head: Callable, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Logits (N, V) at ``(rows[i], positions[i])`` of a batch's ``states`` (B, T, H)."""
-    return head(states[rows, positions])
 
 
 def next_token_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -28,7 +28,7 @@ from fusion_prune.checkpoint import RunFolder
 from fusion_prune.config import TEACHER_OPTIONS, StepConfig, field_default, opt, with_paths
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
-from fusion_prune.memory import PhasePeaks, release_free_memory
+from fusion_prune.memory import PhasePeaks
 from fusion_prune.params import validate
 from fusion_prune.report import CompressReport, StepRecord
 from fusion_prune.strategies import STRATEGIES, StrategyState
@@ -432,9 +432,9 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
                  cfg.budget, info[task.teacher_metric_key], e.layers_before)
         return False
 
-    # The loop never reads the teacher: it waits on disk (its checkpoint) instead of beside the student.
+    # The loop never reads the teacher: it waits on disk (its checkpoint) instead of beside the student
+    # (the next phase hands the freed memory back).
     del teacher
-    release_free_memory()
     student = prune_loop(task, student, tok, cfg, lambda m: strategy.fn(m.state), run, history, info,
                          floor=cfg.target_layers or 1, signal_names=signal_names, needs=strategy, bundle=bundle,
                          want_drop_one=bool(cfg.drop_one_samples), target=lambda n: step_target(task, cfg, n),

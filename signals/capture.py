@@ -192,13 +192,6 @@ def task_loss(model: nn.Module, inputs: dict, batch: dict[str, torch.Tensor], po
     return BatchLoss(loss, count, pred, position_pred, out)
 
 
-def _loss_count(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """What a batch's mean loss divides by: its examples, or a causal LM's predicted tokens."""
-    if is_causal_lm(model):
-        return int((batch["attention_mask"][:, 1:] != 0).sum())
-    return len(batch["input_ids"])
-
-
 def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs: Iterable[str],
             mi_cap: int = 2048, progress: Callable | None = None, token_stride: int | None = None,
             checkpoint_layers: bool = False) -> SignalContext:
@@ -208,9 +201,9 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
     the model's device. ``needs`` selects what is recorded; "weights" and "passes" need no pass.
     ``token_stride``: the examples are token positions, not sequences (a causal LM): the pooled
     examples are the hidden states at every ``token_stride``-th position (:func:`lm_positions`),
-    labelled by the next token there. ``checkpoint_layers``:
-    recompute each layer's inside in the backward pass instead of keeping it
-    (:func:`fusion_prune.surgery.checkpointed_layers`): more compute, one layer's activations held.
+    labelled by the next token there. ``checkpoint_layers``: recompute each layer's inside in the
+    backward pass instead of keeping it (:func:`fusion_prune.surgery.checkpointed_layers`): more
+    compute, one layer's activations held.
     """
     needs = set(needs)
     unknown = needs - NEEDS
@@ -293,7 +286,6 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
             for batch in batches:
                 size = mask_now["size"] = len(batch["input_ids"])
                 positions = lm_positions(batch["attention_mask"], token_stride) if token_stride else None
-                count = _loss_count(model, batch)
                 mask_now["mask"] = batch["attention_mask"]
                 mask_now["positions"] = positions
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -304,7 +296,7 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], needs:
                     # of example losses, divided by the example count at the end.
                     mask_now["replay"] = True  # checkpointed layers recompute: count nothing twice
                     try:
-                        (res.loss_sum * (size / max(count, 1))).backward()
+                        (res.loss_sum * (size / max(res.count, 1))).backward()
                     finally:
                         mask_now["replay"] = False
                 if ask:
