@@ -10,6 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from fusion_prune.assets import ASSETS
 from fusion_prune.cli import main
 
 
@@ -28,7 +29,9 @@ def test_assets_list_json(runner, isolated_home):
     res = runner.invoke(main, ["assets", "list", "--json"])
     assert res.exit_code == 0
     rows = json.loads(res.output)
-    assert len(rows) == 11 and not any(r["fetched"] for r in rows)  # 9 of docs/design.md + 2 prose corpora
+    # one row per registered asset, in the table's order, none fetched in a fresh home
+    assert [r["name"] for r in rows] == list(ASSETS) and not any(r["fetched"] for r in rows)
+    assert {"minilm-l6", "smollm2-135m", "gemma3-270m"} <= set(ASSETS)
 
 
 def test_unknown_asset_exits_2_with_one_line(runner, isolated_home):
