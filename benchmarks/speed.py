@@ -29,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fusion_prune.models import attention_implementation, load_native
+from fusion_prune.speed import flops, time_forward
 from fusion_prune.surgery import describe, drop_layers, num_layers
 from fusion_prune.utils import versions, write_json_atomic
 
@@ -40,12 +41,6 @@ def inputs(model, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
     vocab = model.config.vocab_size
     ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq), generator=g)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-
-
-def flops(model, batch: dict) -> int:
-    with attention_implementation(model, "eager"), torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        model(**batch)
-    return fc.get_total_flops()
 
 
 def decode_flops(model, batch: dict) -> int:
@@ -67,17 +62,6 @@ def time_generate(model, batch: dict, n: int, device: str) -> float:
     with torch.inference_mode():
         model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
                        pad_token_id=model.config.pad_token_id or 0)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def time_once(model, batch: dict, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model(**batch)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -111,11 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     counted = {d: flops(m, batch) for d, m in models.items()}
     for m in models.values():
         for _ in range(args.warmup):
-            time_once(m, batch, args.device)
+            time_forward(m, batch)
     times: dict[int, list[float]] = {d: [] for d in depths}
     for _ in range(args.repeats):
         for d, m in models.items():
-            times[d].append(time_once(m, batch, args.device))
+            times[d].append(time_forward(m, batch))
     med = {d: statistics.median(t) for d, t in times.items()}
     ref = max(depths)
     gen = {}

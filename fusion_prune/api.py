@@ -41,9 +41,9 @@ class CompressResult:
     :meth:`save` copies it to a folder of your choice, atomically.
     """
 
-    model: Any
+    model: Any  # None after a streamed run (max_memory): load it from ``path`` where it fits
     tokenizer: Any
-    report: CompressReport
+    report: CompressReport | dict  # dict: a streamed run's report.json (fusion_prune.streaming)
     path: Path
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -81,6 +81,8 @@ def compress(model: str, dataset, target_layers: int | None = None, output: str 
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="fusionprune-")) / "model"
     report, t = run_compress(str(model), dataset, out, task=task, text_column=text_column, label_column=label_column,
                              resume=resume, overwrite=overwrite, target_layers=target_layers, **options)
+    if isinstance(report, dict):  # max_memory: the model may not fit, so it is not loaded back
+        return CompressResult(None, None, report, out)
     net, tok, _ = t.load_model(str(out))
     return CompressResult(net, tok, report, out)
 

@@ -13,6 +13,7 @@ validation splits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -28,7 +29,7 @@ from fusion_prune.checkpoint import RunFolder
 from fusion_prune.config import TEACHER_OPTIONS, StepConfig, field_default, opt, with_paths
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
-from fusion_prune.memory import PhasePeaks
+from fusion_prune.memory import PhasePeaks, fix_mmap_threshold
 from fusion_prune.params import validate
 from fusion_prune.report import CompressReport, StepRecord
 from fusion_prune.strategies import STRATEGIES, StrategyState
@@ -73,6 +74,10 @@ class CompressConfig(StepConfig):
     dtype: str = opt("auto", help="Weights as loaded, computed and saved: auto (bfloat16 for a causal LM on a GPU "
                                   "that has it, else float32), float32, bfloat16 or float16. Signals, losses and "
                                   "perplexity accumulate in float32.")
+    max_memory: str | None = opt(help="Causal LM: stream the layers from disk, holding at most this much of the "
+                                      "weights at once (2GiB, 800MB), for a model larger than memory. It chooses "
+                                      "and removes layers only: needs --heal none and a strategy with no signals "
+                                      "pass (oracle, sleb, angular-block, positional rules).")
     finish: FinishConfig | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +113,8 @@ class CompressConfig(StepConfig):
         if self.target_layers is None and getattr(self, own) is None:
             raise BadInputError(f"The 'target_layers' parameter is needed when no budget is given; expected "
                                 f"target_layers and/or {own}. Got neither.")
+        if self.max_memory is not None:
+            check_streamable(self)
 
     @property
     def budget(self) -> float | None:
@@ -177,28 +184,6 @@ def _bundle_extras(bundle) -> list[str]:
     return [f for f in bundle.features if f not in DEFAULT_SIGNALS]
 
 
-@torch.no_grad()
-def throughput(model, batches: list[dict], per_token: bool = False, repeats: int = 3) -> float:
-    """Examples (or, ``per_token``, tokens) per second of one forward pass on ``batches[0]``
-    (input_ids (B, T)), median of ``repeats`` after one warm-up."""
-    batch = {k: v for k, v in batches[0].items() if k != "labels"}
-    was_training = model.training
-    model.eval()
-    times = []
-    try:
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            model(**batch)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
-    ids = batch["input_ids"]
-    return float((ids.numel() if per_token else ids.shape[0]) / np.median(times))
-
-
 @dataclass
 class Measured:
     """Everything measured in one state: what a strategy looks at, and the time each part took."""
@@ -210,13 +195,15 @@ class Measured:
 
 
 def measure_state(task: Task, student, tok, step: StepConfig, k: int, strategy, signal_names: list[str],
-                  target: int, bundle=None, full_layers: int | None = None, want_drop_one: bool = False) -> Measured:
-    """Signals (when the strategy or ``step.signal_samples`` asks) and the drop-one table (when the
-    strategy or ``want_drop_one`` asks) of the current state, and the StrategyState built from them."""
+                  target: int, bundle=None, full_layers: int | None = None, want_drop_one: bool = False,
+                  want_signals: bool = True) -> Measured:
+    """Signals (when the strategy asks, or ``want_signals`` and ``step.signal_samples``) and the
+    drop-one table (when the strategy or ``want_drop_one`` asks) of the current state, and the
+    StrategyState built from them."""
     t0 = time.perf_counter()
     batches = task.calibration_batches(student, tok, step, k)
     signals = None
-    if strategy.needs_signals or step.signal_samples:
+    if strategy.needs_signals or (want_signals and step.signal_samples):
         with task.phase("signals"):
             signals = task.signals(student, batches, signal_names)
     t_signals = time.perf_counter() - t0
@@ -267,7 +254,6 @@ def prune_loop(task: Task, student, tok, step: StepConfig, choose: Chooser, run:
     ``history`` and ``info`` (and ``on_state``'s tables) in ``run``. ``needs``: the strategy (its
     ``needs_signals``/``needs_drop_one`` flags). Returns the student (the one before a refused step).
     """
-    per_token = task.throughput_unit == "tokens/s"
     tables: dict | None = None
     while num_layers(student) > floor and "budget_stop" not in info:
         k = len(history)
@@ -292,7 +278,7 @@ def prune_loop(task: Task, student, tok, step: StepConfig, choose: Chooser, run:
             metric = task.step_metric(student, tok, step) if record_metric else None
         entry = StepRecord(
             k, n, drop, orig, kept_layers(student.config), predicted, measured, metric, step.finetune_steps * len(drop),
-            round(selection, 3), count_parameters(student), throughput(student, m.state.batches, per_token),
+            round(selection, 3), count_parameters(student), None,  # speed: timed at the end (time_depths)
             round(time.perf_counter() - t0, 2), m.signals.to_dict("list") if m.signals is not None else None,
             m.drop_one.table.to_dict("list") if m.drop_one is not None else None,
             task.step_measured_key, task.step_metric_key)
@@ -306,6 +292,28 @@ def prune_loop(task: Task, student, tok, step: StepConfig, choose: Chooser, run:
         log.info("step %d: %d -> %d layers, dropped %s (original)%s, %.0f s", k, n, num_layers(student), orig,
                  "" if metric is None else f", validation {task.metric} {metric:.4f}", entry.seconds)
     return student
+
+
+def time_depths(task: Task, teacher, tok, step: StepConfig, history: list[StepRecord], info: dict,
+                repeats: int = 5) -> None:
+    """Time the teacher and every depth of ``history`` back to back at the end of a run (views of the
+    teacher, alternating rounds, the fastest of ``repeats``; :func:`fusion_prune.speed.depth_speeds`)
+    on the first calibration batch, and write the speeds into ``history`` and ``info``."""
+    from fusion_prune.speed import depth_speeds
+
+    batch = task.calibration_batches(teacher, tok, step, 0)[0]
+    kept = [list(range(num_layers(teacher)))] + [list(e.kept_layers) for e in history]
+    rows = depth_speeds(teacher, kept, batch, task.throughput_unit == "tokens/s", repeats=repeats)
+    info["teacher_throughput"] = rows[0]["throughput"]
+    for e, r in zip(history, rows[1:]):
+        e.throughput = r["throughput"]
+    ids = batch["input_ids"]
+    info["speed"] = {"method": f"one forward of a batch of {ids.shape[0]} x {ids.shape[1]} tokens per depth, timed "
+                               f"at the end in {repeats} alternating rounds after one warm-up, fastest round kept; "
+                               "ideal speed-up from FLOPs",
+                     "device": str(next(teacher.parameters()).device), "threads": torch.get_num_threads(),
+                     "rows": [{k: v for k, v in r.items() if k != "gflops"} | {"gflops": round(r["gflops"], 3)}
+                              for r in rows]}
 
 
 def _record(history: list[StepRecord], info: dict) -> dict:
@@ -349,6 +357,12 @@ def run_compress(model_spec: str, dataset, output: str | Path, *, task: str | No
     check_output(output, overwrite)  # before anything loads
     t, data = task_for(str(model_spec), dataset, task, text_column, label_column)
     cfg = CompressConfig.from_options(task=t.name, other_tasks_options=other_tasks_options, **options)
+    if cfg.max_memory is not None:  # the layers streamed from disk: a choice without training
+        if resume:
+            raise BadInputError("The 'resume' parameter is not supported with max_memory: a streamed run keeps no "
+                                "checkpoints (it holds no trained state); expected a fresh run. Got resume=True.")
+
+        return compress_streamed(str(model_spec), data, cfg, Path(output), overwrite=overwrite), t
     return compress_with_config(str(model_spec), data, cfg, output, resume=resume, overwrite=overwrite, task=t), t
 
 
@@ -384,6 +398,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
     run = RunFolder(_partial(output), meta, resume=resume, overwrite=overwrite)
     saved = run.start()
     task.dtype = cfg.dtype
+    if task.mmap_threshold:
+        fix_mmap_threshold(task.mmap_threshold)
     peaks = task.memory = PhasePeaks(saved["info"].get("peak_memory") if saved is not None else None)
     if saved is not None:
         with task.phase("load"):
@@ -412,8 +428,6 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         student = copy.deepcopy(teacher)
         history = []
         info["teacher_parameters"] = count_parameters(teacher)
-        info["teacher_throughput"] = throughput(teacher, task.calibration_batches(teacher, tok, cfg, 0),
-                                                task.throughput_unit == "tokens/s")
         info["throughput_unit"] = task.throughput_unit
         run.save("teacher", teacher, tok, _record([], info))
         run.save("current", student, tok, _record([], info))
@@ -447,6 +461,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         finish = task.nothing_to_finish(finish)
     with task.phase("load"):
         teacher, _, _ = task.load_model(str(run.path / "teacher"))
+    with task.phase("speed"):
+        time_depths(task, teacher, tok, cfg, history, info)
     student, results = task.finish(teacher, student, tok, cfg, finish, info)
     task.memory = None
     info.pop("wall_seconds_before", None)
@@ -473,3 +489,112 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         write_compress_report(report, tmp, task)
     run.done()
     return report
+
+
+# --------------------------------------------------------------------------- the loop with streamed layers
+
+
+def check_streamable(cfg) -> None:
+    """Refuse, in one line, options a streamed run cannot honour (its config ``cfg``: CompressConfig)."""
+    if not TASKS[cfg.task].streams_layers:
+        streaming = sorted(name for name, t in TASKS.items() if t.streams_layers)
+        raise BadInputError(f"The 'max_memory' parameter streams layers for task(s) {streaming}; expected one of "
+                            f"them. Got task {cfg.task!r}.")
+    s = STRATEGIES[cfg.strategy]
+    if s.needs_signals or s.needs_bundle:
+        raise BadInputError(f"The 'strategy' parameter must need no signals pass when layers are streamed "
+                            f"(max_memory): gradients need each layer's weights in its backward. Expected one of "
+                            f"oracle, sleb, angular-block, deepest, top, alternate, symmetric, random. "
+                            f"Got {cfg.strategy!r}.")
+    if cfg.finetune_steps:
+        raise BadInputError(f"The 'finetune_steps' parameter must be 0 when layers are streamed (max_memory): "
+                            f"recovery trains the whole model. Got {cfg.finetune_steps}.")
+    heal_cfg = getattr(cfg.finish, "heal", None)
+    heal = "none" if heal_cfg is None or heal_cfg.steps == 0 else heal_cfg.method
+    if heal != "none" or getattr(cfg.finish, "lm_distill_steps", 0):
+        raise BadInputError(f"The 'heal' parameter must be 'none' when layers are streamed (max_memory): healing "
+                            f"trains the whole model (heal the output where it fits, or across GPUs with accelerate "
+                            f"launch). Got {heal!r}.")
+    if cfg.budget is not None:
+        raise BadInputError("The 'max_perplexity_increase' parameter is not supported with max_memory yet; "
+                            f"expected target_layers alone. Got {cfg.budget}.")
+
+
+def compress_streamed(model_spec: str, data, cfg: CompressConfig, output: Path, overwrite: bool = False) -> dict:
+    """Greedy removal down to ``cfg.target_layers`` with the layers streamed (``cfg.max_memory``),
+    then the pruned model written to ``output`` with ``report.json``; returns the report.
+
+    Each step measures what the strategy needs on the same batches as an in-memory ``compress``
+    (calibration windows seeded by ``seed + step``; drop-one on the validation windows), so the
+    choices and measured values are the same to float tolerance; ``report.json`` holds them with the
+    peak memory of each phase and the streaming's cost (layer reads).
+    """
+    from fusion_prune.streaming import parse_size, save_streamed, streamed_causal_lm
+
+    check_streamable(cfg)
+    parse_size(cfg.max_memory)
+    check_output(output, overwrite)
+    task = get_task(cfg.task)
+    task.dtype = cfg.dtype
+    if task.mmap_threshold:
+        fix_mmap_threshold(task.mmap_threshold)
+    peaks = task.memory = PhasePeaks()
+    strategy = STRATEGIES[cfg.strategy]
+    t_start = time.perf_counter()
+    if isinstance(data, (str, Path)):
+        task.load_data(str(data))
+    else:
+        task.data = data
+    with contextlib.ExitStack() as stack:
+        with task.phase("load"):
+            model, tok, streamer = stack.enter_context(streamed_causal_lm(model_spec, cfg.dtype, cfg.max_memory))
+        depth = num_layers(model)
+        if cfg.target_layers >= depth:
+            raise BadInputError(f"The 'target_layers' parameter must be below the model's {depth} layers. "
+                                f"Got {cfg.target_layers}.")
+        with task.phase("teacher"):
+            info = task.prepare_teacher(model, tok, cfg, None, 0.0, True, str(model_spec))
+        steps = []
+        while num_layers(model) > cfg.target_layers:
+            k, n, t0 = len(steps), num_layers(model), time.perf_counter()
+            m = measure_state(task, model, tok, cfg, k, strategy, [], cfg.target_layers, None, depth,
+                              want_drop_one=strategy.needs_drop_one,
+                              want_signals=False)  # no signals pass: its gradients cannot be streamed
+            with task.phase("choice"):
+                drop = sorted(strategy.fn(m.state))[: n - cfg.target_layers]  # a one-shot rule stops at the target
+            orig = [kept_layers(model.config)[i] for i in drop]
+            measured = task.measured_value(m.drop_one.table, drop[0]) if m.drop_one is not None and len(drop) == 1 \
+                else None
+            drop_layers_(model, drop)
+            with task.phase("evaluation"):
+                metric = task.step_metric(model, tok, cfg)
+            steps.append({"step": k, "layers_before": n, "dropped": drop, "dropped_orig": orig,
+                          task.step_measured_key: measured, task.step_metric_key: metric,
+                          "drop_one": m.drop_one.table.to_dict("list") if m.drop_one is not None else None,
+                          "seconds": round(time.perf_counter() - t0, 2)})
+            log.info("step %d: %d -> %d layers, removed %s (original), validation %s %.4f (layers streamed)", k, n,
+                     num_layers(model), orig, task.metric, metric)
+        report = {"model": str(model_spec), "dataset": str(getattr(task.data, "spec", data)),
+                  "strategy": cfg.strategy, "task": cfg.task, "dtype": str(streamer.dtype).replace("torch.", ""),
+                  "teacher_layers": depth, "target_layers": cfg.target_layers,
+                  "kept_layers": kept_layers(model.config),
+                  "removed_layers": sorted(set(range(depth)) - set(kept_layers(model.config))),
+                  "parameters": count_parameters(model), "steps": steps, "info": info,
+                  "streaming": {"max_memory_bytes": parse_size(cfg.max_memory) if cfg.max_memory else None,
+                                "weights_held_at_most_bytes": streamer.resident_bytes,
+                                "resident_layers": sorted(streamer.resident), "layer_reads": streamer.reads,
+                                "bytes_read": streamer.files.bytes_read},
+                  "versions": versions()}
+        with atomic_dir(output, overwrite) as tmp:
+            with task.phase("save"):
+                save_streamed(model, streamer, tok, tmp)
+            report["seconds"] = round(time.perf_counter() - t_start, 1)
+            report["peak_memory"] = peaks.record
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    return report
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)

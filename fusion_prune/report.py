@@ -266,6 +266,8 @@ def depth_table(report: CompressReport) -> pd.DataFrame:
               "throughput": e.throughput, "validation": e.metric} for e in report.history]
     t = pd.DataFrame(rows)
     t["speedup"] = t["throughput"] / t["throughput"].iloc[0] if t["throughput"].notna().all() else np.nan
+    speed = (info.get("speed") or {}).get("rows")
+    t["ideal_speedup"] = [r["ideal_speedup"] for r in speed] if speed and len(speed) == len(t) else np.nan
     return t
 
 
@@ -282,8 +284,12 @@ def plot_size_speed(report: CompressReport, path: str | os.PathLike) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(t["layers"].max() + 0.5, t["layers"].min() - 0.5)
     ax2 = ax.twinx()
-    ax2.plot(t["layers"], t["throughput"], "s--", color="tab:orange", label="throughput")
-    ax2.set_ylabel(report.info.get("throughput_unit", "examples/s") + " (one forward, measured)",
+    ax2.plot(t["layers"], t["throughput"], "s--", color="tab:orange", label="measured")
+    if t["ideal_speedup"].notna().all():  # what the FLOPs allow, from the teacher's measured speed
+        ax2.plot(t["layers"], t["throughput"].iloc[0] * t["ideal_speedup"], ":", color="tab:gray",
+                 label="ideal (FLOPs)")
+        ax2.legend(fontsize=7, loc="lower right")
+    ax2.set_ylabel(report.info.get("throughput_unit", "examples/s") + " (one forward, fastest of rounds)",
                    color="tab:orange")
     ax.set_title(f"{report.model_name}: size and measured speed by depth", fontsize=9)
     return _save_figure(fig, path)
@@ -294,11 +300,16 @@ def _depth_lines(report: CompressReport) -> list[str]:
     if t["parameters"].isna().any():  # a report from before these were recorded
         return []
     unit = report.info.get("throughput_unit", "examples/s")
-    lines = [f"| layers | parameters | {unit} (measured) | speed-up | validation {report.metric} |",
-             "|---|---|---|---|---|"]
+    lines = [f"| layers | parameters | {unit} (measured) | speed-up | ideal (FLOPs) | validation {report.metric} |",
+             "|---|---|---|---|---|---|"]
     for r in t.itertuples():
-        lines.append(f"| {r.layers} | {r.parameters:,} | {r.throughput:.1f} | {r.speedup:.2f}x | {r.validation:.4f} |")
+        ideal = "" if pd.isna(r.ideal_speedup) else f"{r.ideal_speedup:.2f}x"
+        lines.append(f"| {r.layers} | {r.parameters:,} | {r.throughput:.1f} | {r.speedup:.2f}x | {ideal} | "
+                     f"{r.validation:.4f} |")
     lines.append("")
+    if report.info.get("speed"):
+        sp = report.info["speed"]
+        lines += [f"Speed: {sp['method']} ({sp['device']}, {sp['threads']} threads).", ""]
     if report.accuracy_to_size is not None:
         lines += [f"Accuracy-to-size ratio {report.accuracy_to_size:.3f}: the fraction of the teacher's test "
                   "accuracy kept, divided by the fraction of its parameters kept (above 1: accuracy shrank less "

@@ -31,3 +31,15 @@ def test_each_phase_records_its_own_peak():
 @pytest.mark.parametrize("record", [{}, None])
 def test_no_record_no_table(record):
     assert memory_lines(record or {}) == []
+
+
+def test_the_mmap_threshold_is_fixed_unless_the_user_set_it(monkeypatch):
+    import platform
+
+    from fusion_prune.memory import fix_mmap_threshold
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert fix_mmap_threshold(4 << 20) is False  # the user's setting wins
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert fix_mmap_threshold(4 << 20) is glibc

@@ -46,6 +46,7 @@ def _strategies() -> str:
 @field_option("--batch-size", source=RUN, type=int, help_extra=task_defaults("batch_size"))
 @field_option("--lr", source=RUN, type=float)
 @field_option("--dtype", source=RUN, type=RegistryChoice("fusion_prune.models:DTYPES"))
+@field_option("--max-memory", source=RUN, type=str, metavar="SIZE")
 @field_option("--distill-epochs", source=CLS, path="distill.epochs", type=float)
 @field_option("--distill-samples", source=CLS, path="distill.max_train_samples", type=int)
 @field_option("--temperature", source=CLS, path="distill.temperature", type=float)
@@ -87,7 +88,13 @@ def compress_cmd(model: str, dataset: str, text_column: str, label_column: str, 
     report, t = run_compress(model, dataset, output, task=task, text_column=text_column, label_column=label_column,
                              resume=resume, overwrite=overwrite, other_tasks_options="ignore", **options)
     click.echo("")
-    for line in compress_summary(report, t, output):
+    if isinstance(report, dict):  # --max-memory: the streamed choice (fusion_prune.streaming)
+        from fusion_prune.streaming import summary_lines
+
+        lines = summary_lines(report, output)
+    else:
+        lines = compress_summary(report, t, output)
+    for line in lines:
         click.echo(f"  {line}")
 
 

@@ -97,6 +97,11 @@ class Task:
     teacher_metric_key: ClassVar[str]
     higher_is_better: ClassVar[bool]  # of the step metric
     throughput_unit: ClassVar[str] = "examples/s"
+    #: whether compress --max-memory can stream this task's models from disk (fusion_prune.streaming)
+    streams_layers: ClassVar[bool] = False
+    #: bytes from which every allocation gets its own mmap during a run (memory.fix_mmap_threshold);
+    #: None keeps glibc's adaptive threshold
+    mmap_threshold: ClassVar[int | None] = None
     #: strategy of ``compress`` when none is given
     default_strategy: ClassVar[str]
     #: the StepConfig values of this task where the config says None
