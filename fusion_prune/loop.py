@@ -591,7 +591,24 @@ def compress_streamed(model_spec: str, data, cfg: CompressConfig, output: Path, 
             report["seconds"] = round(time.perf_counter() - t_start, 1)
             report["peak_memory"] = peaks.record
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+            (tmp / "report.md").write_text(_streamed_markdown(report, task, output))
     return report
+
+
+def _streamed_markdown(report: dict, task: Task, output: Path) -> str:
+    """report.md of a streamed run: the summary, one row per step, the peak memory per phase."""
+    from fusion_prune.memory import memory_lines
+    from fusion_prune.streaming import summary_lines
+
+    lines = [f"# {Path(report['model']).name}: {report['teacher_layers']} -> {len(report['kept_layers'])} layers, "
+             "streamed", "", *(f"- {line}" for line in summary_lines(report, output)), "",
+             f"| step | layers | removed (original) | measured {task.step_measured_key} | validation {task.metric} |",
+             "|---|---|---|---|---|"]
+    for s in report["steps"]:
+        measured = s.get(task.step_measured_key)
+        lines.append(f"| {s['step']} | {s['layers_before']} | {s['dropped_orig']} | "
+                     f"{'' if measured is None else f'{measured:.5f}'} | {s[task.step_metric_key]:.4f} |")
+    return "\n".join([*lines, "", "## Peak memory", "", *memory_lines(report["peak_memory"])]) + "\n"
 
 
 def _json_default(x):

@@ -110,6 +110,8 @@ def test_streamed_compress_chooses_what_compress_chooses(llama_dir, corpus_txt, 
         ref["info"]["teacher_validation_perplexity"], rel=1e-5)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert {"load", "teacher", "evaluation", "save"} <= set(saved["peak_memory"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "streamed" in md and f"| 0 | 4 | {r['steps'][0]['dropped_orig']} |" in md and "| load |" in md
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert student.config.num_hidden_layers == 2
 
