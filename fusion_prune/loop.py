@@ -299,7 +299,7 @@ def time_depths(task: Task, teacher, tok, step: StepConfig, history: list[StepRe
     """Time the teacher and every depth of ``history`` back to back at the end of a run (views of the
     teacher, alternating rounds, the fastest of ``repeats``; :func:`fusion_prune.speed.depth_speeds`)
     on the first calibration batch, and write the speeds into ``history`` and ``info``."""
-    from fusion_prune.speed import depth_speeds
+    from fusion_prune.speed import depth_speeds, prefill_kwargs
 
     batch = task.calibration_batches(teacher, tok, step, 0)[0]
     kept = [list(range(num_layers(teacher)))] + [list(e.kept_layers) for e in history]
@@ -308,9 +308,10 @@ def time_depths(task: Task, teacher, tok, step: StepConfig, history: list[StepRe
     for e, r in zip(history, rows[1:]):
         e.throughput = r["throughput"]
     ids = batch["input_ids"]
-    info["speed"] = {"method": f"one forward of a batch of {ids.shape[0]} x {ids.shape[1]} tokens per depth, timed "
-                               f"at the end in {repeats} alternating rounds after one warm-up, fastest round kept; "
-                               "ideal speed-up from FLOPs",
+    prefill = " (prefill: the head on the last position only)" if prefill_kwargs(teacher) else ""
+    info["speed"] = {"method": f"one forward of a batch of {ids.shape[0]} x {ids.shape[1]} tokens per depth{prefill}, "
+                               f"timed at the end in {repeats} alternating rounds after one warm-up, fastest round "
+                               "kept; ideal speed-up from FLOPs",
                      "device": str(next(teacher.parameters()).device), "threads": torch.get_num_threads(),
                      "rows": [{k: v for k, v in r.items() if k != "gflops"} | {"gflops": round(r["gflops"], 3)}
                               for r in rows]}

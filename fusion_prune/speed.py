@@ -43,16 +43,25 @@ def time_forward(model: nn.Module, batch: dict) -> float:
     return time.perf_counter() - t0
 
 
+def prefill_kwargs(model: nn.Module) -> dict:
+    """``{"logits_to_keep": 1}`` for a causal LM: time its prefill as generation runs it (the head on the
+    last position only), without the (B, T, V) logits a vocabulary of 262k tokens makes GiB-sized."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
+
+
 def depth_speeds(model: nn.Module, kept: list[list[int]], batch: dict, per_token: bool = False, repeats: int = 5,
                  warmup: int = 1) -> list[dict]:
     """One row per entry of ``kept`` (the current layer indices a depth keeps; ``model`` itself is the
     full model), timed in alternating rounds: ``{"layers", "throughput" (examples or, ``per_token``,
-    tokens per second of the fastest round), "speedup" and "ideal_speedup" (against ``kept[0]``),
+    tokens per second of the fastest round; a causal LM's prefill, :func:`prefill_kwargs`), "speedup"
+    and "ideal_speedup" (against ``kept[0]``),
     "seconds" (every timed round)}``. ``batch``: model inputs, ``input_ids`` (B, T)."""
     from fusion_prune.models import no_cache_kwargs
     from fusion_prune.surgery import layer_list, temporary_layers
 
-    inputs = {k: v for k, v in batch.items() if k != "labels"} | no_cache_kwargs(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | no_cache_kwargs(model) | prefill_kwargs(model)
     layers = list(layer_list(model))
 
     def view(idx: list[int]):
