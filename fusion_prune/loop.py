@@ -313,8 +313,7 @@ def time_depths(task: Task, teacher, tok, step: StepConfig, history: list[StepRe
                                f"timed at the end in {repeats} alternating rounds after one warm-up, fastest round "
                                "kept; ideal speed-up from FLOPs",
                      "device": str(next(teacher.parameters()).device), "threads": torch.get_num_threads(),
-                     "rows": [{k: v for k, v in r.items() if k != "gflops"} | {"gflops": round(r["gflops"], 3)}
-                              for r in rows]}
+                     "rows": [r | {"gflops": round(r["gflops"], 3)} for r in rows]}
 
 
 def _record(history: list[StepRecord], info: dict) -> dict:
@@ -326,6 +325,12 @@ def _record(history: list[StepRecord], info: dict) -> dict:
 
 def _partial(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
+
+
+def _check_target(cfg: CompressConfig, depth: int) -> None:
+    if cfg.target_layers is not None and cfg.target_layers >= depth:
+        raise BadInputError(f"The 'target_layers' parameter must be below the model's depth {depth}. "
+                            f"Got {cfg.target_layers}.")
 
 
 def step_target(task: Task, cfg: CompressConfig, n_layers: int) -> int:
@@ -418,9 +423,7 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         with task.phase("load"):
             teacher, tok, ready = task.load_model(model_spec)
         depth = num_layers(teacher)
-        if cfg.target_layers is not None and cfg.target_layers >= depth:
-            raise BadInputError(f"The 'target_layers' parameter must be below the model's depth {depth}. "
-                                f"Got {cfg.target_layers}.")
+        _check_target(cfg, depth)
         with task.phase("teacher"):
             info = task.prepare_teacher(teacher, tok, cfg, cfg.teacher, cfg.teacher_margin, ready, str(model_spec))
         info["task"] = task.name
@@ -496,7 +499,10 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
 
 
 def check_streamable(cfg) -> None:
-    """Refuse, in one line, options a streamed run cannot honour (its config ``cfg``: CompressConfig)."""
+    """Refuse, in one line, options a streamed run cannot honour (its config ``cfg``: CompressConfig),
+    and a ``max_memory`` that is not a size."""
+    from fusion_prune.streaming import parse_size
+
     if not TASKS[cfg.task].streams_layers:
         streaming = sorted(name for name, t in TASKS.items() if t.streams_layers)
         raise BadInputError(f"The 'max_memory' parameter streams layers for task(s) {streaming}; expected one of "
@@ -519,6 +525,7 @@ def check_streamable(cfg) -> None:
     if cfg.budget is not None:
         raise BadInputError("The 'max_perplexity_increase' parameter is not supported with max_memory yet; "
                             f"expected target_layers alone. Got {cfg.budget}.")
+    parse_size(cfg.max_memory)
 
 
 def compress_streamed(model_spec: str, data, cfg: CompressConfig, output: Path, overwrite: bool = False) -> dict:
@@ -532,9 +539,7 @@ def compress_streamed(model_spec: str, data, cfg: CompressConfig, output: Path, 
     """
     from fusion_prune.streaming import parse_size, save_streamed, streamed_causal_lm
 
-    check_streamable(cfg)
-    parse_size(cfg.max_memory)
-    check_output(output, overwrite)
+    check_output(output, overwrite)  # cfg was checked when it was built (check_streamable)
     task = get_task(cfg.task)
     task.dtype = cfg.dtype
     if task.mmap_threshold:
@@ -542,17 +547,12 @@ def compress_streamed(model_spec: str, data, cfg: CompressConfig, output: Path, 
     peaks = task.memory = PhasePeaks()
     strategy = STRATEGIES[cfg.strategy]
     t_start = time.perf_counter()
-    if isinstance(data, (str, Path)):
-        task.load_data(str(data))
-    else:
-        task.data = data
+    task.data = data
     with contextlib.ExitStack() as stack:
         with task.phase("load"):
             model, tok, streamer = stack.enter_context(streamed_causal_lm(model_spec, cfg.dtype, cfg.max_memory))
         depth = num_layers(model)
-        if cfg.target_layers >= depth:
-            raise BadInputError(f"The 'target_layers' parameter must be below the model's {depth} layers. "
-                                f"Got {cfg.target_layers}.")
+        _check_target(cfg, depth)
         with task.phase("teacher"):
             info = task.prepare_teacher(model, tok, cfg, None, 0.0, True, str(model_spec))
         steps = []

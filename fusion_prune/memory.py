@@ -37,17 +37,26 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+def _libc():
+    """glibc, or None where there is none (macOS, musl)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
 def release_free_memory() -> None:
     """Collect garbage and hand the heap's free pages back to the OS (glibc ``malloc_trim``), so that
     a phase's peak is its own and not what an earlier phase left in the allocator's free lists."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+    libc = _libc()
+    if libc is not None:  # elsewhere: nothing to trim
+        libc.malloc_trim(0)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -60,15 +69,12 @@ def fix_mmap_threshold(nbytes: int) -> bool:
     stay resident as slack: LoRA healing peaked at 3.1 GiB that way against 1.7 GiB with a fixed
     4 MiB threshold (docs/memory.md). Process-wide and permanent; a ``MALLOC_MMAP_THRESHOLD_`` set by
     the user wins. Returns whether it was set (False off glibc)."""
-    import ctypes
     import os
 
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    libc = _libc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
 
 
 def _cuda():

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fusion_prune.errors import BadInputError
+from fusion_prune.utils import human_bytes
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -56,12 +57,6 @@ def parse_size(text: str | int, param: str = "max_memory") -> int:
     if value <= 0:
         raise BadInputError(f"The {param!r} parameter must be a positive size. Got {text!r}.")
     return value
-
-
-def _size(n: int) -> str:
-    from fusion_prune.utils import human_bytes
-
-    return human_bytes(n)
 
 
 # --------------------------------------------------------------------------- the checkpoint's tensors
@@ -109,9 +104,10 @@ class SafetensorsFiles:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def nbytes(self, name: str) -> int:
-        e = self.entries[name]
-        return e.end - e.start
+    def dtype_as_read(self, name: str, dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype :meth:`read` returns for ``name``: ``dtype`` for floating-point tensors, else as stored."""
+        stored = self.entries[name].dtype
+        return dtype if dtype is not None and stored.is_floating_point else stored
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor ``name`` as stored (shape as in the file), cast to ``dtype`` when given."""
@@ -124,7 +120,7 @@ class SafetensorsFiles:
                                     "safetensors file (truncated download?).")
         self.bytes_read += e.end - e.start
         t = buf.view(e.dtype).reshape(e.shape)
-        return t if dtype is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
+        return t.to(self.dtype_as_read(name, dtype))
 
 
 # --------------------------------------------------------------------------- the streamed model
@@ -222,12 +218,11 @@ def streamed_causal_lm(spec: str | Path, dtype: str = "float32", max_memory: str
     layers = layer_list(model)
     prefix = _layer_prefix(model, layers)
     keys = [list(layer.state_dict().keys()) for layer in layers]
-    itemsize = torch.empty(0, dtype=dt).element_size()
-    layer_bytes = [sum(p.numel() for p in layer.parameters()) * itemsize for layer in layers]
+    layer_bytes = [sum(p.numel() for p in layer.parameters()) * dt.itemsize for layer in layers]
     missing = [f"{prefix}.{i}.{k}" for i in range(len(layers)) for k in keys[i] if f"{prefix}.{i}.{k}" not in files]
     other = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
-    tied = {k for k in other if k not in files and _tied_away(model, k)}
-    missing += [k for k in other if k not in files and k not in tied]
+    tied = _tied_head_key(model)
+    missing += [k for k in other if k not in files and k != tied]
     if missing:
         raise BadInputError(f"The checkpoint of {str(spec)!r} lacks {len(missing)} tensors the model needs, e.g. "
                             f"{missing[0]!r}; expected the model's own tensor names (families whose weights transformers "
@@ -241,8 +236,8 @@ def streamed_causal_lm(spec: str | Path, dtype: str = "float32", max_memory: str
     need = other_bytes + max(layer_bytes)
     if cap is not None and cap < need:
         raise BadInputError(f"The 'max_memory' parameter must hold the weights outside the layers "
-                            f"({_size(other_bytes)}) plus the largest layer ({_size(max(layer_bytes))}), "
-                            f"{_size(need)} in all. Got {_size(cap)}.")
+                            f"({human_bytes(other_bytes)}) plus the largest layer ({human_bytes(max(layer_bytes))}), "
+                            f"{human_bytes(need)} in all. Got {human_bytes(cap)}.")
     if cap is not None:  # fill in order with what fits beside one streamed layer
         room = cap - need
         for i, b in enumerate(layer_bytes):
@@ -261,15 +256,13 @@ def streamed_causal_lm(spec: str | Path, dtype: str = "float32", max_memory: str
         streamer.close()
 
 
-def _tied_away(model: nn.Module, key: str) -> bool:
-    """Whether ``key`` is a weight tied to another (the head to the embeddings), absent from checkpoints."""
+def _tied_head_key(model: nn.Module) -> str | None:
+    """The state-dict name of the head's weight when it is tied to the embeddings (checkpoints leave it
+    out), else None."""
     out = model.get_output_embeddings()
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None \
-        and key == _name_of(model, out) + ".weight"
-
-
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
+    if out is None or not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    return next(n for n, m in model.named_modules() if m is out) + ".weight"
 
 
 # --------------------------------------------------------------------------- writing the pruned model
@@ -289,11 +282,9 @@ def save_streamed(model: nn.Module, streamer: Streamer, tok, folder: Path) -> No
         tok.save_pretrained(folder)
     # (name, source name or in-memory tensor): the non-layer weights once (tied ones by their first
     # name), then each kept layer under its new index.
-    seen, plan = set(), []
+    seen, plan, tied = set(), [], _tied_head_key(model)
     for name, t in model.state_dict().items():
-        if name.startswith(streamer.prefix + "."):
-            continue
-        if t.data_ptr() in seen or _tied_away(model, name):
+        if name.startswith(streamer.prefix + ".") or t.data_ptr() in seen or name == tied:
             continue
         seen.add(t.data_ptr())
         plan.append((name, t))
@@ -301,10 +292,11 @@ def save_streamed(model: nn.Module, streamer: Streamer, tok, folder: Path) -> No
         plan += [(f"{streamer.prefix}.{new}.{k}", f"{streamer.prefix}.{orig}.{k}") for k in streamer.keys[orig]]
     header, offset = {}, 0
     for name, src in plan:
-        shape = tuple(src.shape) if isinstance(src, torch.Tensor) else streamer.files.entries[src].shape
-        dtype = src.dtype if isinstance(src, torch.Tensor) else (
-            streamer.dtype if streamer.files.entries[src].dtype.is_floating_point else streamer.files.entries[src].dtype)
-        n = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        if isinstance(src, torch.Tensor):
+            shape, dtype = tuple(src.shape), src.dtype
+        else:
+            shape, dtype = streamer.files.entries[src].shape, streamer.files.dtype_as_read(src, streamer.dtype)
+        n = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     header["__metadata__"] = {"format": "pt"}
@@ -326,7 +318,7 @@ def summary_lines(report: dict, output: Path) -> list[str]:
     return [f"{report['teacher_layers']} -> {len(report['kept_layers'])} layers (streamed), removed original "
             f"{report['removed_layers']} by {report['strategy']}",
             f"validation perplexity {first:.4f} -> {last:.4f} (no healing)",
-            f"weights held at most {_size(s['weights_held_at_most_bytes'])}, {s['layer_reads']} layer reads "
-            f"({_size(s['bytes_read'])} read), {report['seconds']:.0f} s",
-            *(f"peak {name}: {_size(e['cpu_rss_bytes'])}" for name, e in report["peak_memory"].items()),
+            f"weights held at most {human_bytes(s['weights_held_at_most_bytes'])}, {s['layer_reads']} layer reads "
+            f"({human_bytes(s['bytes_read'])} read), {report['seconds']:.0f} s",
+            *(f"peak {name}: {human_bytes(e['cpu_rss_bytes'])}" for name, e in report["peak_memory"].items()),
             f"saved to {output}"]
