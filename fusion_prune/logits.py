@@ -4,8 +4,8 @@ A causal LM's head maps every final hidden state (H) to V logits: for a batch of
 tokens a (B, T, V) float tensor (4 x 512 x 49,152 x 4 bytes = 403 MB on smollm2-135m), and the
 log-softmax and its gradient each hold another. Here the model runs with ``logits_to_keep=1`` (its
 own head computes the last position only), the final hidden states (after the final norm) are
-taken from the base model's output, and the head is applied to :data:`CHUNK_TOKENS` positions at a
-time. Under autograd each chunk is checkpointed: its logits are recomputed in the backward pass
+taken from the base model's output, and the head is applied to a chunk of positions at a time,
+sized so a chunk's logits hold :data:`CHUNK_ELEMENTS` numbers whatever the vocabulary. Under autograd each chunk is checkpointed: its logits are recomputed in the backward pass
 instead of being kept, so the loss holds the (N, H) hidden states, never (N, V).
 
 The head is the output embedding followed by the family's post-processing
@@ -30,9 +30,17 @@ from fusion_prune.models import no_cache_kwargs
 
 log = logging.getLogger(__name__)
 
-#: positions per head call: 512 x 49,152 x 4 bytes = 101 MB of logits on smollm2-135m, 262 MB on a
-#: 128k vocabulary (Llama 3)
-CHUNK_TOKENS = 512
+#: logits per head call: 512 positions of smollm2-135m's 49,152-token vocabulary, 101 MB in float32
+#: (and as much again for the log-softmax, and for its gradient under autograd). A larger vocabulary
+#: gets fewer positions per chunk, never more memory: 96 on Gemma 3's 262,144 tokens, 196 on Llama
+#: 3's 128,256.
+CHUNK_ELEMENTS = 512 * 49_152
+
+
+def chunk_positions(vocab: int, elements: int | None = None) -> int:
+    """Positions per head call so that one chunk's logits (positions, ``vocab``) hold at most
+    ``elements`` numbers (default :data:`CHUNK_ELEMENTS`), and at least one position."""
+    return max(1, (CHUNK_ELEMENTS if elements is None else elements) // max(vocab, 1))
 
 
 def _softcap(lm: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -147,17 +155,21 @@ def _chunk_sums(head: Callable, states: torch.Tensor, target: torch.Tensor) -> t
     return nll, logits.argmax(-1).eq(target).sum()
 
 
-def next_token_sums(states: torch.Tensor, head: Callable, batch: dict, chunk_tokens: int = CHUNK_TOKENS
+def next_token_sums(states: torch.Tensor, head: Callable, batch: dict, chunk_tokens: int | None = None
                     ) -> tuple[torch.Tensor, int, int]:
     """(summed next-token NLL (a scalar tensor, differentiable when ``states`` are), correct next-token
     predictions, predicted tokens) of one batch: position t predicts token t + 1, padding (mask 0)
-    is not predicted. ``states``: (B, T, H) from :func:`forward_hidden`. Under autograd each chunk
-    of ``chunk_tokens`` positions is checkpointed, so its logits are never kept."""
+    is not predicted. ``states``: (B, T, H) from :func:`forward_hidden`. The head runs on
+    ``chunk_tokens`` positions at a time (default: :func:`chunk_positions` of the vocabulary); under
+    autograd each chunk is checkpointed, so its logits are never kept."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     real = (mask[:, 1:] != 0).reshape(-1)
     flat = states[:, :-1].reshape(-1, states.shape[-1])[real]  # (N, H): the predicting positions
     target = ids[:, 1:].reshape(-1)[real]
     grad = torch.is_grad_enabled() and states.requires_grad
+    if chunk_tokens is None:
+        with torch.no_grad():  # the head on no rows: (0, V), the vocabulary's width for nothing
+            chunk_tokens = chunk_positions(head(flat[:0]).shape[-1])
     nll, correct = states.new_zeros((), dtype=torch.float32), 0
     for start in range(0, len(target), chunk_tokens):
         s, t = flat[start:start + chunk_tokens], target[start:start + chunk_tokens]

@@ -189,6 +189,23 @@ def test_chunked_next_token_loss_equals_the_full_logits_one(mt):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
 
 
+def test_head_chunks_hold_the_same_number_of_logits_whatever_the_vocabulary(monkeypatch):
+    """The default chunk is sized by logits, not positions: 512 positions of a 49,152-token vocabulary,
+    96 of Gemma 3's 262,144, at least one; the loss splits into that many positions per head call."""
+    from fusion_prune import logits as L
+
+    assert (L.chunk_positions(49_152), L.chunk_positions(262_144), L.chunk_positions(10**9)) == (512, 96, 1)
+    model = _tiny("qwen3")
+    batch = _padded_windows(4)
+    want = L.next_token_sums(*L.forward_hidden(model, batch)[:2], batch)
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 7 * V)  # 7 positions per call: several chunks here
+    calls = []
+    states, head, _ = L.forward_hidden(model, batch)
+    got = L.next_token_sums(states, lambda x: calls.append(len(x)) or head(x), batch)
+    assert calls[1:] == [7, 7, 7, 7, 2] and (got[1], got[2]) == (want[1], want[2])  # calls[0]: the width probe
+    assert float(got[0].detach()) == pytest.approx(float(want[0].detach()), rel=1e-6)
+
+
 def test_a_head_the_table_does_not_know_falls_back_to_full_logits(monkeypatch, caplog):
     """Without the softcap transform Gemma 2's head check fails: the score comes from its full logits,
     with one warning, and is still right."""

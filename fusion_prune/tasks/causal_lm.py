@@ -183,8 +183,10 @@ class CausalLMTask(Task):
             pruned_ppl = self._ppl(student, tok, "test", step)
             zs = {name: {"teacher": self._zero_shot(teacher, tok, name, step, finish),
                          "pruned": self._zero_shot(student, tok, name, step, finish)} for name in finish.zero_shot}
-        log.info("test perplexity: teacher %.2f, pruned %.2f; healing (%s, %d steps)", teacher_ppl["perplexity"],
-                 pruned_ppl["perplexity"], finish.heal.method, finish.heal.steps)
+        healing = (f"healing ({finish.heal.method}, {finish.heal.steps} steps)"
+                   if finish.heal.method != "none" and finish.heal.steps else "no healing")
+        log.info("test perplexity: teacher %.2f, pruned %.2f; %s", teacher_ppl["perplexity"],
+                 pruned_ppl["perplexity"], healing)
         train_w = self.windows(tok, "train", step)
         with self.phase("healing"):
             student, heal_stats = heal(student, train_w, replace(finish.heal, kd_weight=0.0, seed=step.seed,
