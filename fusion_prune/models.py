@@ -7,6 +7,7 @@ always off: a model folder is data, not code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -61,8 +62,54 @@ def resolve(spec: str | Path) -> ModelSource:
             "expected a save_pretrained folder."
         )
     if spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") > 1:
-        raise BadInputError(f"The model path {spec!r} does not exist; expected a folder, an asset name or a hub id.")
+        raise BadInputError(f"The model path {spec!r} does not exist; expected a folder, an asset name or a hub id."
+                            + _closest_asset(spec))
+    if not _in_hub_cache(spec) and not hub_reachable():
+        # Without this, transformers retries the hub for about 30 s and ends with a connection error
+        # that never says the name matched nothing here.
+        models = ", ".join(sorted(n for n, a in assets.ASSETS.items() if a.kind == "model"))
+        raise BadInputError(f"The 'model' parameter {spec!r} is neither an asset nor an existing folder, and the "
+                            f"model hub cannot be reached to look it up.{_closest_asset(spec)} Model assets: "
+                            f"{models}.")
     return ModelSource(spec, spec, local=False)
+
+
+def _closest_asset(spec: str) -> str:
+    import difflib
+
+    names = [n for n, a in assets.ASSETS.items() if a.kind == "model"]
+    close = difflib.get_close_matches(Path(spec).name, names, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _in_hub_cache(spec: str) -> bool:
+    """Whether the hub id ``spec`` was downloaded before (transformers then loads it offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub would reject is simply not cached
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the model hub can be reached: never with ``HF_HUB_OFFLINE`` set, else one TCP
+    connection to its endpoint within ``timeout`` seconds (asked once per process)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -128,6 +128,9 @@ def test_prune_and_inspect_a_base_encoder(runner, tiny_base_model, tmp_path):
     info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)
     assert info["layers"] == 1 and info["kept_layers"] == [0] and info["pruned"] is True
     assert info["family"] == "BERT" and info["class"] == "BertModel"
+    assert json.loads(runner.invoke(main, ["inspect", "-m", str(out), "--json"]).stdout) == info  # -m as elsewhere
+    res = runner.invoke(main, ["inspect", "-m", str(out), str(tiny_base_model)])
+    assert res.exit_code == 2 and "name different models" in res.output
 
 
 def test_prune_keeps_the_classifier_class(runner, tiny_base_model, sentiment_csv_dir, tmp_path):

@@ -15,9 +15,35 @@ def test_local_folder_never_uses_the_network(tiny_base_model):
     assert model.config.num_hidden_layers == 2 and tok.pad_token == "[PAD]"
 
 
-def test_hub_id_is_not_local():
+def test_hub_id_is_not_local(monkeypatch):
+    from fusion_prune import models
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
     src = resolve("someone/some-model")
     assert not src.local and src.kwargs() == {"trust_remote_code": False}
+
+
+def test_an_unknown_name_offline_fails_at_once_with_the_closest_asset(monkeypatch):
+    """A misspelled asset on a machine without the hub: one line, no hub retries, a suggestion and
+    the list (it used to retry for about 30 s and end with a connection error)."""
+    import time
+
+    from fusion_prune import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    models.hub_reachable.cache_clear()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(BadInputError) as e:
+            resolve("minilm-l7")
+        assert time.perf_counter() - t0 < 1.0
+        msg = str(e.value)
+        assert "\n" not in msg and "Did you mean 'minilm-l6'?" in msg and "smollm2-135m" in msg
+        with pytest.raises(BadInputError, match="does not exist.*Did you mean 'minilm-l6'"):
+            resolve("./runs/minilm-l6x")
+    finally:
+        models.hub_reachable.cache_clear()
 
 
 def test_gguf_file_is_passed_through(tmp_path):

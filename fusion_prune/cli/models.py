@@ -11,9 +11,11 @@ from fusion_prune.cli.common import echo_json, hold_output, model_option, output
 
 @click.command()
 @click.argument("model", required=False)
+@click.option("-m", "--model", "model_option", help="Asset name, local folder or hub id (or give it as MODEL, "
+                                                  "the argument).")
 @click.option("--families", is_flag=True, help="List the model families whose layers can be removed, and the rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(model: str | None, families: bool, as_json: bool) -> None:
+def inspect(model: str | None, model_option: str | None, families: bool, as_json: bool) -> None:
     """Family, depth, width, parameters and kept-layer history of MODEL (--families: what is supported)."""
     from fusion_prune.api import inspect_model
     from fusion_prune.errors import BadInputError
@@ -27,8 +29,12 @@ def inspect(model: str | None, families: bool, as_json: bool) -> None:
         click.echo(f"and {f['generic']}")
         click.echo("refused: " + "; ".join(f"{k}: {v}" for k, v in f["refused"].items()))
         return
+    if model is not None and model_option is not None and model != model_option:
+        raise BadInputError(f"The '--model' option and the 'MODEL' argument name different models; expected one. "
+                            f"Got {model_option!r} and {model!r}.")
+    model = model or model_option
     if model is None:
-        raise BadInputError("The 'MODEL' argument is needed; expected a model (or --families). Got none.")
+        raise BadInputError("The '--model' option is needed; expected a model (or --families). Got none.")
     d = inspect_model(model)
     if as_json:
         return echo_json(d)
