@@ -47,7 +47,7 @@ class CompressResult:
     path: Path
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Copy the saved folder (model, tokenizer, report.json, report.md, plots) to ``path``."""
+        """Copy the saved folder (model, tokenizer, README.md model card, report.json, report.md, plots) to ``path``."""
         from fusion_prune.utils import atomic_dir
 
         path = Path(path)
@@ -178,13 +178,15 @@ def prune(model, layers: Sequence[int]):
 def prune_to_folder(model: str, layers: Sequence[int], output: str | Path, overwrite: bool = False) -> dict:
     """Load ``model``, remove ``layers`` (current indices) and save a folder of the same class that
     plain transformers loads, with ``fusionprune_prune.json`` (before, after, versions); returns that record."""
+    from fusion_prune.card import architecture_of, invocation, write_model_card
     from fusion_prune.models import load_native
-    from fusion_prune.surgery import check_layers, describe, drop_layers_, num_layers
+    from fusion_prune.surgery import check_layers, describe, drop_layers_, kept_layers, num_layers
     from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
     net, tok = load_native(str(model))
     before = describe(net)
     check_layers(list(layers), num_layers(net), param="--drop")
+    removed = [kept_layers(net)[i] for i in layers]  # original indices, also for a model pruned before
     drop_layers_(net, list(layers))  # loaded here for this call alone: no copy needed
     record = {"command": "prune", "model": str(model), "dropped": list(layers), "before": before,
               "after": describe(net), "versions": versions()}
@@ -193,6 +195,12 @@ def prune_to_folder(model: str, layers: Sequence[int], output: str | Path, overw
         if tok is not None:
             tok.save_pretrained(tmp)
         write_json_atomic(tmp / "fusionprune_prune.json", record)
+        write_model_card(tmp, source=str(model), architecture=architecture_of(tmp), teacher_layers=before["layers"],
+                         removed=removed, kept=kept_layers(net), parameters=record["after"].get("parameters"),
+                         method=[f"- Layers removed as given (`--drop {','.join(map(str, layers))}`, current "
+                                 "indices), with no measurement, recovery or healing."],
+                         results=["Not measured. `fusionprune evaluate -m FOLDER -d DATASET` measures it."],
+                         versions=record["versions"], command=invocation())
     return record
 
 
@@ -205,7 +213,9 @@ def distill_to_folder(teacher: str, student: str, data, cfg, output: str | Path,
     from distill import distill
     from fusion_prune.finetune import evaluate
     from fusion_prune.training import make_accelerator
+    from fusion_prune.card import architecture_of, invocation, write_model_card
     from fusion_prune.models import load_classifier
+    from fusion_prune.surgery import count_parameters, kept_layers, num_layers
     from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
     acc = accelerator or make_accelerator(cfg.mixed_precision)
@@ -223,7 +233,17 @@ def distill_to_folder(teacher: str, student: str, data, cfg, output: str | Path,
     record = {"teacher": str(teacher), "student": str(student), "train": stats, "test": res,
               "num_processes": acc.num_processes, "versions": versions()}
     with atomic_dir(Path(output), overwrite=overwrite) as tmp:
-        acc.unwrap_model(s_model).save_pretrained(tmp)
+        plain = acc.unwrap_model(s_model)
+        plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json_atomic(tmp / "fusionprune_distill.json", record)
+        removed = sorted(set(kept_layers(t_model)) - set(kept_layers(plain)))
+        write_model_card(tmp, source=str(student), architecture=architecture_of(tmp),
+                         teacher_layers=num_layers(t_model), removed=removed, kept=kept_layers(plain),
+                         parameters=count_parameters(plain), versions=record["versions"], command=invocation(),
+                         method=[f"- The student `{student}` distilled from the teacher `{teacher}` "
+                                 f"({num_layers(t_model)} layers) on {getattr(data, 'spec', 'the given data')}, "
+                                 f"{acc.num_processes} process(es); settings in `fusionprune_distill.json`."],
+                         results=[f"Test accuracy of the student after distillation: {res['accuracy']:.4f} "
+                                  f"({len(data.test)} examples)."])
     return record

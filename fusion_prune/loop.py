@@ -6,7 +6,7 @@ is that loop with a hook that writes fusion-training rows. The loop is the same 
 recover and finish. Work happens in ``<output>.partial/``: the teacher and the current student
 are checkpointed with their record after every step (:mod:`fusion_prune.checkpoint`), so
 ``resume=True`` continues a stopped run exactly (each step's randomness is seeded by
-``seed + step``). The final folder (model, tokenizer, report.json, report.md, plots) appears in
+``seed + step``). The final folder (model, tokenizer, model card, report.json, report.md, plots) appears in
 one rename at the end. Test data is used for the report only; every choice uses the train and
 validation splits.
 """
@@ -537,6 +537,7 @@ def compress_streamed(model_spec: str, data, cfg: CompressConfig, output: Path, 
     choices and measured values are the same to float tolerance; ``report.json`` holds them with the
     peak memory of each phase and the streaming's cost (layer reads).
     """
+    from fusion_prune.card import architecture_of, invocation, write_model_card
     from fusion_prune.streaming import parse_size, save_streamed, streamed_causal_lm
 
     check_output(output, overwrite)  # cfg was checked when it was built (check_streamable)
@@ -592,7 +593,16 @@ def compress_streamed(model_spec: str, data, cfg: CompressConfig, output: Path, 
             report["seconds"] = round(time.perf_counter() - t_start, 1)
             report["peak_memory"] = peaks.record
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-            (tmp / "report.md").write_text(_streamed_markdown(report, task, output))
+            markdown = _streamed_markdown(report, task, output)
+            (tmp / "report.md").write_text(markdown)
+            write_model_card(tmp, source=str(model_spec), architecture=architecture_of(tmp), teacher_layers=depth,
+                             removed=[i for s in steps for i in s["dropped_orig"]], kept=report["kept_layers"],
+                             parameters=report["parameters"], versions=report["versions"], command=invocation(),
+                             method=[f"- Layers chosen by the `{cfg.strategy}` strategy in {len(steps)} removal "
+                                     f"step(s), measured on `{report['dataset']}`, the layers streamed from disk "
+                                     f"(`--max-memory {cfg.max_memory}`); no healing.",
+                                     "- Every step: `report.md`; every setting: `report.json`."],
+                             results=markdown.splitlines()[2:])
     return report
 
 

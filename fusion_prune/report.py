@@ -132,7 +132,7 @@ def compress_summary(report: CompressReport, task, output: str | os.PathLike) ->
         lines.append(f"peak memory       {human_bytes(top['cpu_rss_bytes'])} resident ({name})"
                      + (f", {human_bytes(max(cuda))} CUDA" if cuda else "") + "  (per phase: report.md)")
     lines += [f"wall time         {report.wall_seconds:.0f} s  (choosing layers: {report.selection_seconds:.1f} s)",
-              f"saved             {output}  (report.md, report.json, plots/)"]
+              f"saved             {output}  (README.md model card, report.md, report.json, plots/)"]
     return lines
 
 
@@ -341,7 +341,7 @@ def plot_kept_layers(report: CompressReport, path: str | os.PathLike) -> Path:
 
 
 def write_compress_report(report: CompressReport, folder: str | os.PathLike, task) -> None:
-    """report.json, report.md and plots/ in ``folder``: the shared parts here, the task's own
+    """report.json, report.md, plots/ and the model card (README.md) in ``folder``: the shared parts here, the task's own
     results table, step table and metric plot from ``task`` (:class:`fusion_prune.tasks.Task`)."""
     from fusion_prune.utils import write_json_atomic
 
@@ -365,3 +365,19 @@ def write_compress_report(report: CompressReport, folder: str | os.PathLike, tas
     lines += [f"![signals step {e.step}](plots/signals_step{e.step}.png)" for e in report.history
               if e.signals is not None]
     write_text_atomic(folder / "report.md", "\n".join(lines) + "\n")
+    _card(report, folder, task)
+
+
+def _card(report: CompressReport, folder: Path, task) -> None:
+    """README.md, the model card (:mod:`fusion_prune.card`), beside the saved model."""
+    from fusion_prune.card import architecture_of, invocation, write_model_card
+
+    method = [f"- Layers chosen by the `{report.strategy}` strategy in {len(report.history)} removal step(s), "
+              f"measured on `{report.dataset}` ({report.task}).",
+              *([f"- Budget: {report.budget['parameter']} {report.budget['value']}."] if report.budget else []),
+              "- Each step's measurements: `report.md`; every setting: `report.json`."]
+    write_model_card(folder, source=report.model, architecture=architecture_of(folder),
+                     teacher_layers=report.teacher_layers, kept=report.kept_layers,
+                     removed=[i for e in report.history for i in e.dropped_orig],
+                     parameters=report.student_parameters, method=method,
+                     results=task.report_section(report)[2:], versions=report.versions, command=invocation())

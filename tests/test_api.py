@@ -52,6 +52,9 @@ def test_compress_returns_a_result_that_saves(teacher, sentiment_csv_dir, tmp_pa
     assert res.report["student_layers"] == 1 and "kept" in repr(res)
     out = res.save(tmp_path / "saved")
     assert (out / "report.json").is_file() and (out / "config.json").is_file()
+    card = (out / "README.md").read_text()  # the model card, with the run's own results table
+    assert f"Original layers kept, in order: {res.report['kept_layers']}" in card and "| teacher |" in card
+    assert "pipeline_tag: text-classification" in card and "the Python API" in card
     with pytest.raises(BadInputError, match="already exists"):
         res.save(tmp_path / "saved")
     with pytest.raises(BadInputError, match=r"Unknown options \['target'\]"):

@@ -176,6 +176,8 @@ def test_distillation_under_accelerate_launch_two_cpu_processes(teacher, sentime
     assert rec["num_processes"] == 2 and rec["test"]["examples"] == 100 and rec["test"]["accuracy"] >= 0.9
     assert T.AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 1
     assert proc.stdout.count("saved ") == 1
+    card = (out / "README.md").read_text()
+    assert "Original layers removed: [0, 2]" in card and "fusionprune distill --teacher" in card
 
 
 @pytest.mark.parametrize("extra, message", [

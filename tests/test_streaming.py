@@ -112,6 +112,9 @@ def test_streamed_compress_chooses_what_compress_chooses(llama_dir, corpus_txt, 
     assert {"load", "teacher", "evaluation", "save"} <= set(saved["peak_memory"])
     md = (tmp_path / "out" / "report.md").read_text()
     assert "streamed" in md and f"| 0 | 4 | {r['steps'][0]['dropped_orig']} |" in md and "| load |" in md
+    card = (tmp_path / "out" / "README.md").read_text()  # the model card: what was removed, and the steps
+    removed = sorted(i for s in r["steps"] for i in s["dropped_orig"])
+    assert "pipeline_tag: text-generation" in card and f"Original layers removed: {removed}" in card
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert student.config.num_hidden_layers == 2
 
