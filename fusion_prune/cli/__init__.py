@@ -18,7 +18,7 @@ from fusion_prune.cli.assets import assets
 from fusion_prune.cli.common import Group
 from fusion_prune.cli.compress import compress_cmd, demo
 from fusion_prune.cli.fusion import collect, evaluate_fusion, fit_fusion
-from fusion_prune.cli.models import inspect, prune
+from fusion_prune.cli.models import export_cmd, inspect, prune
 from fusion_prune.cli.signals import analyze, signals_cmd
 from fusion_prune.cli.train import distill_cmd, evaluate, finetune
 from fusion_prune.logs import configure_logging
@@ -34,7 +34,7 @@ def main(verbose: bool) -> None:
 
 
 for command in (assets, inspect, finetune, evaluate, prune, signals_cmd, analyze, collect, fit_fusion,
-                evaluate_fusion, compress_cmd, distill_cmd, demo):
+                evaluate_fusion, compress_cmd, distill_cmd, demo, export_cmd):
     main.add_command(command)
 
 # Every option named in fusion_prune/params.py's table is checked by that table at parse time.

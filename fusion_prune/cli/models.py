@@ -61,3 +61,23 @@ def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
     before, after = rec["before"], rec["after"]
     click.echo(f"saved {output}: {before['layers']} -> {after['layers']} layers, "
                f"{before['parameters']:,} -> {after['parameters']:,} parameters, kept original {after['kept_layers']}")
+
+
+@click.command("export")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--to", "to", required=True, type=click.Choice(["mergekit", "llama.cpp"]),
+              help="mergekit: a passthrough YAML that rebuilds the kept layers from the original model; llama.cpp: "
+                   "the original layers to remove, as llama-quantize --prune-layers takes them.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the recipe here (default: print it).")
+@overwrite_option("output file")
+def export_cmd(folder: Path, to: str, output: Path | None, overwrite: bool) -> None:
+    """A recipe that repeats the cut of FOLDER (written by compress, prune or distill) in another tool."""
+    from fusion_prune.export import export
+    from fusion_prune.utils import check_output, write_text_atomic
+
+    text = export(folder, to)
+    if output is None:
+        return click.echo(text, nl=False)
+    check_output(output, overwrite, kind="file")
+    write_text_atomic(output, text)
+    click.echo(f"saved {output}")
