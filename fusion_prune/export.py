@@ -1,4 +1,4 @@
-"""Recipes that repeat a fusionprune cut in other tools: mergekit and llama.cpp.
+"""Outputs other runtimes use: recipes that repeat a cut (mergekit, llama.cpp) and ONNX graphs.
 
 A folder fusionprune wrote records the original indices of its kept layers
 (``config.fusionprune_kept_layers``) and, in its run record, the model it came from. From these:
@@ -10,13 +10,19 @@ A folder fusionprune wrote records the original indices of its kept layers
   written: the maintained HF -> GGUF converter (``convert_hf_to_gguf.py``) ships with llama.cpp's
   sources, not in the ``gguf`` package on PyPI, so it does not install from the package registry.
 
-Both rebuild the *pruned* model from the original weights: what recovery, distillation or healing
+- ``onnx``: the folder's model as an ONNX graph (``torch.onnx.export``, the dynamo exporter, batch
+  and sequence length dynamic), with its tokenizer and config beside it; outputs are checked
+  against PyTorch's before the folder is kept. A causal LM is exported without its KV cache (one
+  forward over the whole sequence: scoring and prefill, not step-by-step generation).
+
+The recipes rebuild the *pruned* model from the original weights: what recovery, distillation or healing
 changed after the cut is not in them, and a run that trained its own teacher first (a classifier
 without a head) cannot be repeated from the original model at all; both are refused or said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,7 +30,9 @@ from fusion_prune.errors import BadInputError, bad_choice
 
 #: run record file -> the key naming the model it was made from
 RECORDS = {"report.json": "model", "fusionprune_prune.json": "model", "fusionprune_distill.json": "student"}
-TARGETS = ("mergekit", "llama.cpp")
+TARGETS = ("mergekit", "llama.cpp", "onnx")
+#: largest |ONNX - PyTorch| allowed on the check batch, relative to the largest |PyTorch| output
+ONNX_TOLERANCE = 1e-4
 
 
 def lineage(folder: str | Path) -> dict:
@@ -98,11 +106,18 @@ def llama_cpp_command(removed: list[int]) -> str:
             "PRUNED-q8_0.gguf q8_0")
 
 
-def export(folder: str | Path, to: str) -> str:
-    """The recipe text for ``to`` (one of :data:`TARGETS`) of the fusionprune output ``folder``."""
+def export(folder: str | Path, to: str, output: str | Path | None = None, overwrite: bool = False) -> str:
+    """The recipe text for ``to`` (one of :data:`TARGETS`) of the fusionprune output ``folder``; for
+    ``onnx``, the ONNX folder written to ``output`` and a one-line summary."""
     if to not in TARGETS:
         raise bad_choice("to", to, TARGETS)
     info = lineage(folder)
+    if to == "onnx":
+        if output is None:
+            raise BadInputError("The '--output' option is needed for --to onnx; expected a folder. Got none.")
+        rec = to_onnx(str(folder), output, overwrite)
+        return (f"saved {output}: model.onnx ({rec['output']}), largest difference to PyTorch "
+                f"{rec['max_abs_diff']:.2e} (relative {rec['relative_diff']:.1e})\n")
     if "teacher fine-tuned in the run" in info["trained"]:
         raise BadInputError(f"The 'folder' {str(folder)!r} was cut from a teacher fine-tuned inside the run, which "
                             f"was not kept; expected a run on a model that already had its head (its layers are "
@@ -125,3 +140,101 @@ def _mergekit_source(origin: str) -> str:
 
     src = resolve(origin)
     return str(Path(src.location).resolve()) if src.local else src.location
+
+
+def to_onnx(model_spec: str, output: str | Path, overwrite: bool = False, opset: int = 18) -> dict:
+    """Export ``model_spec`` (any model fusionprune loads) to ``output``/model.onnx with its tokenizer
+    and config, after checking onnxruntime's outputs against PyTorch's on a batch of another shape
+    than the one traced (:data:`ONNX_TOLERANCE`); returns the record also saved as
+    ``fusionprune_onnx.json``. Inputs ``input_ids`` and ``attention_mask`` (B, T); one output: the
+    classifier's logits (B, C), the LM's logits (B, T, V) or the encoder's hidden states (B, T, H)."""
+    import importlib.util
+
+    for module, package in (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxscript", "onnxscript")):
+        if importlib.util.find_spec(module) is None:
+            raise BadInputError(f"The '--to' option 'onnx' needs {package}, which is not installed: "
+                                "pip install 'fusionprune[onnx]'")
+    import torch
+
+    from fusion_prune.models import load_native, no_cache_kwargs
+    from fusion_prune.utils import atomic_dir, versions, write_json_atomic
+
+    model, tok = load_native(model_spec, device="cpu")
+    if tok is None:
+        raise BadInputError(f"The model {model_spec!r} has no tokenizer; expected a folder with one (the ONNX "
+                            "graph takes token ids).")
+    model.eval()
+
+    class Graph(torch.nn.Module):  # keyword inputs in, one tensor out: what the exporter traces
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, **no_cache_kwargs(self.inner))[0]
+
+    out_name = _output_name(model)
+    trace = _token_batch(tok, ["a short text", "a longer text for the export, with more tokens in it"])
+    check = _token_batch(tok, ["another check", "three", "and a third one, the longest of the three sentences"])
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with atomic_dir(Path(output), overwrite=overwrite) as tmp:
+        with torch.no_grad(), _quiet_exporter():
+            torch.onnx.export(Graph(model), (trace["input_ids"], trace["attention_mask"]), str(tmp / "model.onnx"),
+                              input_names=["input_ids", "attention_mask"], output_names=[out_name],
+                              dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                              dynamo=True, opset_version=opset, verbose=False)
+            want = Graph(model)(check["input_ids"], check["attention_mask"]).float().numpy()
+        got = onnx_session(tmp / "model.onnx").run(None, {k: v.numpy() for k, v in check.items()})[0]
+        diff = float(abs(got - want).max())
+        scale = float(abs(want).max()) or 1.0
+        if got.shape != want.shape or diff > ONNX_TOLERANCE * scale:
+            raise RuntimeError(f"the ONNX graph of {model_spec!r} differs from PyTorch by {diff:.3g} "
+                               f"(shapes {got.shape} / {want.shape}); not saved")
+        tok.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        record = {"model": model_spec, "output": out_name, "opset": opset, "max_abs_diff": diff,
+                  "relative_diff": diff / scale, "check_batch": list(want.shape[:2]), "versions": versions()}
+        write_json_atomic(tmp / "fusionprune_onnx.json", record)
+    return record
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's progress lines, its registry notes and its warnings about axis names say
+    nothing about the user's model: keep them off the terminal (a failure still raises)."""
+    import io
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session of ``path`` (``threads``: intra-op threads, None for its default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _output_name(model) -> str:
+    from fusion_prune.logits import is_causal_lm
+
+    if is_causal_lm(model) or type(model).__name__.endswith("ForSequenceClassification"):
+        return "logits"
+    return "last_hidden_state"
+
+
+def _token_batch(tok, texts: list[str]) -> dict:
+    enc = tok(texts, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

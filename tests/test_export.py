@@ -73,3 +73,41 @@ def test_folders_fusionprune_did_not_write_or_cannot_repeat_are_refused(pruned_t
                                                   "info": {"teacher_finetuned": True}}))
     res = CliRunner().invoke(main, ["export", str(fake), "--to", "mergekit"])
     assert res.exit_code == 2 and "teacher fine-tuned inside the run" in res.output
+
+
+def test_onnx_export_matches_pytorch_on_a_new_batch_shape(pruned_twice, tmp_path):
+    """A pruned causal LM as an ONNX graph: onnxruntime gives PyTorch's logits on batches of shapes the
+    export did not trace (batch and sequence length are dynamic); the folder has tokenizer and config."""
+    import numpy as np
+
+    from fusion_prune.export import onnx_session
+    from fusion_prune.models import load_tokenizer
+
+    out = tmp_path / "onnx"
+    res = CliRunner().invoke(main, ["export", str(pruned_twice / "b"), "--to", "onnx", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert {"model.onnx", "config.json", "fusionprune_onnx.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    tok = load_tokenizer(str(out))
+    enc = tok(["good movie bad plot"] * 5, padding=True, return_tensors="pt")
+    model = AutoModelForCausalLM.from_pretrained(pruned_twice / "b").eval()
+    with torch.no_grad():
+        want = model(**enc, use_cache=False).logits.numpy()
+    got = onnx_session(out / "model.onnx").run(None, {k: enc[k].numpy() for k in ("input_ids", "attention_mask")})[0]
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    res = CliRunner().invoke(main, ["export", str(pruned_twice / "b"), "--to", "onnx"])
+    assert res.exit_code == 2 and "'--output' option is needed" in res.output
+
+
+def test_onnx_export_of_a_classifier(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from conftest import make_tokenizer, tiny_bert_config
+    from fusion_prune.api import prune_to_folder
+    from fusion_prune.export import to_onnx
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config(num_labels=2, layers=3)).save_pretrained(tmp_path / "clf")
+    make_tokenizer(tmp_path / "clf").save_pretrained(tmp_path / "clf")
+    prune_to_folder(str(tmp_path / "clf"), [0], tmp_path / "student")
+    rec = to_onnx(str(tmp_path / "student"), tmp_path / "onnx")
+    assert rec["output"] == "logits" and rec["check_batch"][0] == 3 and rec["relative_diff"] < 1e-4

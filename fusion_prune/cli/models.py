@@ -65,16 +65,20 @@ def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
 
 @click.command("export")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--to", "to", required=True, type=click.Choice(["mergekit", "llama.cpp"]),
+@click.option("--to", "to", required=True, type=click.Choice(["mergekit", "llama.cpp", "onnx"]),
               help="mergekit: a passthrough YAML that rebuilds the kept layers from the original model; llama.cpp: "
-                   "the original layers to remove, as llama-quantize --prune-layers takes them.")
-@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the recipe here (default: print it).")
-@overwrite_option("output file")
+                   "the original layers to remove, as llama-quantize --prune-layers takes them; onnx: the model as "
+                   "an ONNX graph in the --output folder (needs fusionprune[onnx]).")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Recipes: write here (default: print). onnx: the folder to write (needed).")
+@overwrite_option("output")
 def export_cmd(folder: Path, to: str, output: Path | None, overwrite: bool) -> None:
-    """A recipe that repeats the cut of FOLDER (written by compress, prune or distill) in another tool."""
+    """Repeat the cut of FOLDER (written by compress, prune or distill) in another tool, or export it to ONNX."""
     from fusion_prune.export import export
     from fusion_prune.utils import check_output, write_text_atomic
 
+    if to == "onnx":
+        return click.echo(export(folder, to, output, overwrite), nl=False)
     text = export(folder, to)
     if output is None:
         return click.echo(text, nl=False)
