@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,gguf,qlora,onnx]"
+	$(PY) -m pip install -q -e ".[dev,gguf,qlora,onnx,lm-eval]"
 	touch $(STAMP)
 
 assets: $(STAMP)

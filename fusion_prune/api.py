@@ -136,13 +136,21 @@ def inspect_model(model: str) -> dict:
     return d
 
 
-def evaluate(model: str, dataset: str, *, task: str | None = None, zero_shot: bool = False,
-             label_column: str = "label", dtype: str = "auto", **options: Any):
+def evaluate(model: str, dataset: str | None = None, *, task: str | None = None, zero_shot: bool = False,
+             label_column: str = "label", dtype: str = "auto", lm_eval: str | None = None, **options: Any):
     """(task, result) of ``fusionprune evaluate``: the task's own metric of ``model`` on a split of
-    ``dataset`` (accuracy; perplexity; with ``zero_shot``, zero-shot accuracy of a causal LM).
+    ``dataset`` (accuracy; perplexity; with ``zero_shot``, zero-shot accuracy of a causal LM), or with
+    ``lm_eval`` (comma-separated task names) lm-evaluation-harness results ``{"lm_eval": {task:
+    {metric: value}}}`` (no dataset needed; ``lm_eval_include``, ``limit``: :mod:`fusion_prune.harness`).
     ``dtype``: one of ``fusion_prune.models.DTYPES`` (checked when the model is loaded)."""
     from fusion_prune.tasks import detect_task, get_task, zero_shot_task
 
+    if lm_eval:
+        t = zero_shot_task()  # the causal-LM task: the harness scores language models
+        t.dtype = dtype
+        return t, t.evaluate(model, dataset, lm_eval=lm_eval, **options)
+    if dataset is None:
+        raise BadInputError("The '--dataset' option is needed (or --lm-eval TASKS); expected a dataset. Got none.")
     t = zero_shot_task() if zero_shot else get_task(detect_task(model, dataset, task, label_column))
     t.dtype = dtype
     return t, t.evaluate(model, dataset, label_column=label_column, zero_shot=zero_shot, **options)

@@ -138,12 +138,15 @@ def task_option(f):
                              "corpus), else classification.")(f)
 
 
-def dataset_options(f):
-    f = click.option("--label-column", default="label", show_default=True, help="Column holding the class.")(f)
-    f = click.option("--text-column", default="text", show_default=True, help="Column holding the text.")(f)
-    f = click.option("--dataset", "-d", "dataset", required=True,
-                     help="Asset name, CSV/TSV/JSON/JSONL/parquet/.txt file, folder, or hub name.")(f)
-    return f
+def dataset_options(f=None, *, required: bool = True, help_extra: str = ""):  # noqa: A002
+    def wrap(f):
+        f = click.option("--label-column", default="label", show_default=True, help="Column holding the class.")(f)
+        f = click.option("--text-column", default="text", show_default=True, help="Column holding the text.")(f)
+        return click.option("--dataset", "-d", "dataset", required=required,
+                            help="Asset name, CSV/TSV/JSON/JSONL/parquet/.txt file, folder, or hub name."
+                                 + help_extra)(f)
+
+    return wrap(f) if f is not None else wrap
 
 
 def model_option(help: str = "Asset name, local folder, .gguf file or hub id."):  # noqa: A002

@@ -49,7 +49,7 @@ def finetune(model: str, dataset: str, text_column: str, label_column: str, outp
 
 @click.command()
 @model_option("A fine-tuned classifier or a causal LM (folder, asset or hub id).")
-@dataset_options
+@dataset_options(required=False, help_extra=" Needed unless --lm-eval is given.")
 @task_option
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]))
 @click.option("--batch-size", default=None, type=int, help="[classification 64, causal LM 4 (zero-shot 8)]")
@@ -64,9 +64,16 @@ def finetune(model: str, dataset: str, text_column: str, label_column: str, outp
 @click.option("--dtype", default="auto", show_default=True, type=RegistryChoice("fusion_prune.models:DTYPES"),
               help="Weights as loaded and computed (auto: bfloat16 for a causal LM on a GPU that has it, else "
                    "float32).")
+@click.option("--lm-eval", default=None, metavar="TASKS",
+              help="Causal LM: lm-evaluation-harness tasks (comma-separated) instead: harness names, or fp_<dataset> "
+                   "built from a labelled asset (offline). Needs fusionprune[lm-eval].")
+@click.option("--lm-eval-include", default=None, type=click.Path(path_type=str),
+              help="A folder of your own harness task YAMLs.")
+@click.option("--limit", default=None, type=int, help="--lm-eval: examples per task (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(model: str, dataset: str, task: str | None, as_json: bool, **options) -> None:
-    """Accuracy of a classifier, or perplexity (or zero-shot accuracy) of a causal LM, on a dataset split."""
+def evaluate(model: str, dataset: str | None, task: str | None, as_json: bool, **options) -> None:
+    """Accuracy of a classifier, perplexity or zero-shot accuracy of a causal LM on a dataset split, or
+    lm-evaluation-harness tasks (--lm-eval)."""
     from fusion_prune.api import evaluate as run
 
     t, res = run(model, dataset, task=task, progress=not as_json, **options)

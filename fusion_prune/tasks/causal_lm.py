@@ -36,6 +36,18 @@ class CausalLMFinish(FinishConfig):
     kd_weight: float = opt(0.5, help="Causal LM: weight of the KL term in those steps (the rest is next-token loss).")
     #: {labelled dataset: {prompt, verbalisers, max_samples}} scored zero-shot before and after
     zero_shot: dict = opt(dict, help="Causal LM: labelled datasets to score zero-shot before and after.")
+    lm_eval: str | None = opt(help="Causal LM: lm-evaluation-harness tasks (comma-separated) scored on the teacher, "
+                                   "the pruned and the final model: harness names, or fp_<dataset> built from a "
+                                   "labelled asset (offline). Needs fusionprune[lm-eval].")
+    lm_eval_include: str | None = opt(help="Causal LM: a folder of your own harness task YAMLs.")
+    lm_eval_limit: int | None = opt(help="Causal LM: examples per harness task (default: all).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lm_eval:  # a wrong name fails now, not after the hours the run takes to reach it
+            from fusion_prune.harness import check_tasks, parse_tasks
+
+            check_tasks(parse_tasks(self.lm_eval), self.lm_eval_include)
 
     flat: ClassVar[dict[str, str]] = {
         "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_lr": "heal.lr", "lora_r": "heal.lora_r",
@@ -183,6 +195,7 @@ class CausalLMTask(Task):
             pruned_ppl = self._ppl(student, tok, "test", step)
             zs = {name: {"teacher": self._zero_shot(teacher, tok, name, step, finish),
                          "pruned": self._zero_shot(student, tok, name, step, finish)} for name in finish.zero_shot}
+            harness = {who: self._harness(m, tok, finish) for who, m in (("teacher", teacher), ("pruned", student))}
         healing = (f"healing ({finish.heal.method}, {finish.heal.steps} steps)"
                    if finish.heal.method != "none" and finish.heal.steps else "no healing")
         log.info("test perplexity: teacher %.2f, pruned %.2f; %s", teacher_ppl["perplexity"],
@@ -205,13 +218,24 @@ class CausalLMTask(Task):
         with self.phase("evaluation"):
             for name in finish.zero_shot:
                 zs[name]["student"] = self._zero_shot(student, tok, name, step, finish)
+            harness["student"] = self._harness(student, tok, finish)
+        lm_eval = {task: {who: harness[who][task] for who in harness} for task in harness["student"]} or None
         return student, {
             "metric": "perplexity", "teacher_perplexity": teacher_ppl["perplexity"],
             "pruned_perplexity": pruned_ppl["perplexity"], "healed_perplexity": healed_ppl["perplexity"],
             "student_perplexity": student_ppl["perplexity"],
             "teacher_nll": teacher_ppl["nll"], "student_nll": student_ppl["nll"], "test_tokens": teacher_ppl["tokens"],
-            "zero_shot": zs or None, "heal": heal_stats, "distill": distill_stats, "data": self.data.describe(),
+            "zero_shot": zs or None, "lm_eval": lm_eval, "heal": heal_stats, "distill": distill_stats,
+            "data": self.data.describe(),
         }
+
+    def _harness(self, model, tok, finish) -> dict:
+        """lm-evaluation-harness results ``{task: {metric: value}}`` of ``model`` ({} without --lm-eval)."""
+        if not finish.lm_eval:
+            return {}
+        from fusion_prune.harness import parse_tasks, run
+
+        return run(model, tok, parse_tasks(finish.lm_eval), include=finish.lm_eval_include, limit=finish.lm_eval_limit)
 
     def _zero_shot(self, model, tok, name: str, step, finish) -> dict:
         from fusion_prune.data import load_dataset, subsample
@@ -240,12 +264,22 @@ class CausalLMTask(Task):
     # ------------------------------------------------------------------ evaluation and reports
     def evaluate(self, model_spec, dataset_spec, *, split="test", text_column="text", label_column="label",
                  batch_size=None, max_length=None, max_samples=None, max_eval_tokens=None, progress=True,
-                 zero_shot=False, prompt="{text}\nAnswer:", verbalisers=None, **options):
+                 zero_shot=False, prompt="{text}\nAnswer:", verbalisers=None, lm_eval=None, lm_eval_include=None,
+                 limit=None, **options):
         from fusion_prune import lm
         from fusion_prune.corpus import token_windows
         from fusion_prune.data import load_dataset, subsample
         from fusion_prune.models import resolve_max_length
 
+        if lm_eval:
+            from fusion_prune.harness import check_tasks, parse_tasks, run
+
+            tasks = parse_tasks(lm_eval)
+            check_tasks(tasks, lm_eval_include)  # before the model is loaded
+            net, tok, _ = self.load_model(model_spec)
+            return {"lm_eval": run(net, tok, tasks, include=lm_eval_include, limit=limit, batch_size=batch_size or 8,
+                                   max_length=max_length or 256), "model": model_spec, "limit": limit,
+                    "task": self.name}
         net, tok, _ = self.load_model(model_spec)
         if zero_shot:
             data = load_dataset(dataset_spec, text_column, label_column)
@@ -263,6 +297,9 @@ class CausalLMTask(Task):
                 "task": self.name}
 
     def evaluation_line(self, r):
+        if "lm_eval" in r:
+            return "\n".join(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                             for task, metrics in r["lm_eval"].items())
         if "perplexity" not in r:
             return (f"{r['split']}: zero-shot accuracy {r['accuracy']:.4f}  (majority share {r['majority_share']:.4f}, "
                     f"{r['examples']} examples, {r['eval_seconds']:.1f} s)")
@@ -279,6 +316,10 @@ class CausalLMTask(Task):
         for name, z in (r.get("zero_shot") or {}).items():
             lines.append(f"zero-shot {name}: teacher {z['teacher']['accuracy']:.3f}, pruned "
                          f"{z['pruned']['accuracy']:.3f}, final {z['student']['accuracy']:.3f}")
+        for task, z in (r.get("lm_eval") or {}).items():
+            metric = "acc" if "acc" in z["teacher"] else next(iter(z["teacher"]))
+            lines.append(f"lm-eval {task} {metric}: teacher {z['teacher'][metric]:.3f}, pruned "
+                         f"{z['pruned'][metric]:.3f}, final {z['student'][metric]:.3f}")
         return lines
 
     def report_section(self, report):
@@ -301,6 +342,14 @@ class CausalLMTask(Task):
             for name, z in r["zero_shot"].items():
                 lines.append(f"| {name} | {z['teacher']['accuracy']:.3f} | {z['pruned']['accuracy']:.3f} | "
                              f"{z['student']['accuracy']:.3f} | {z['teacher']['majority_share']:.3f} |")
+            lines.append("")
+        if r.get("lm_eval"):
+            lines += ["lm-evaluation-harness (no BOS token, as fusionprune scores; `fp_*` tasks are built from "
+                      "fusionprune's labelled assets):", "",
+                      "| task | metric | teacher | pruned | final |", "|---|---|---|---|---|"]
+            for task, z in r["lm_eval"].items():
+                lines += [f"| {task} | {m} | {z['teacher'][m]:.4f} | {z['pruned'][m]:.4f} | {z['student'][m]:.4f} |"
+                          for m in z["teacher"]]
             lines.append("")
         lines += [f"Wall time {report.wall_seconds:.0f} s; time spent choosing layers {report.selection_seconds:.1f} s.",
                   ""]
