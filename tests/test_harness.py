@@ -70,3 +70,18 @@ def test_compress_records_the_harness_for_teacher_pruned_and_final(llama_dir, co
     assert set(r) == {"teacher", "pruned", "student"} and all(0 <= v["acc"] <= 1 for v in r.values())
     assert "lm-eval fp_rotten_tomatoes acc: teacher" in res.output
     assert "| fp_rotten_tomatoes | acc |" in (out / "report.md").read_text()
+
+
+def test_a_missing_harness_or_onnx_is_one_line(monkeypatch, llama_dir, tmp_path):  # noqa: F811
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("lm_eval", "onnxruntime")
+                        else real(name, *a))
+    res = CliRunner().invoke(main, ["evaluate", "-m", str(llama_dir), "--lm-eval", "fp_rotten_tomatoes"])
+    assert res.exit_code == 2 and "pip install 'fusionprune[lm-eval]'" in res.output
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.export import to_onnx
+
+    with pytest.raises(BadInputError, match=r"needs onnxruntime, which is not installed: pip install 'fusionprune\[onnx\]'"):
+        to_onnx(str(llama_dir), tmp_path / "o")
