@@ -18,7 +18,9 @@ from fusion_prune.errors import BadInputError
 @dataclass
 class HealConfig:
     """Healing after the layers are gone: LoRA (merged afterwards), QLoRA (LoRA on a 4-bit NF4 copy
-    of the base, merged into the full-precision weights), full fine-tuning, or none."""
+    of the base, merged into the full-precision weights), full fine-tuning, partial fine-tuning
+    (the last ``top_layers`` layers, the final norm and the LM head, as "Reassessing Layer Pruning"
+    trains them), or none."""
 
     method: str = opt("lora", help="Causal LM: healing after the removals (LoRA adapters are merged into the "
                                    "weights; qlora trains them on a 4-bit NF4 copy of the base and needs "
@@ -29,6 +31,8 @@ class HealConfig:
     lora_r: int = opt(8, help="LoRA rank.")
     lora_alpha: int = opt(16, help="LoRA alpha.")
     lora_dropout: float = 0.0
+    top_layers: int = opt(4, help="--heal partial: the last K layers trained (with the final norm and the LM head; "
+                                 "a head tied to the input embedding trains it too).")
     target_modules: str = opt("all-linear", help="Comma-separated module names (q_proj,v_proj) or all-linear.")
     # distillation from the teacher's logits during healing: 0 = plain next-token loss
     kd_weight: float = 0.0
@@ -53,7 +57,7 @@ class HealConfig:
         validate(self)  # ranges in fusion_prune/params.py
 
 
-HEAL_METHODS = ("lora", "qlora", "full", "none")
+HEAL_METHODS = ("lora", "qlora", "full", "partial", "none")
 
 
 def _lora(model, cfg: HealConfig):
@@ -69,6 +73,26 @@ def _lora(model, cfg: HealConfig):
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"The '--lora-targets' option {cfg.target_modules!r} does not match modules of "
                             f"{type(model).__name__}: {first}") from e
+
+
+def _train_only_the_top(model: nn.Module, k: int) -> None:
+    """Freeze every parameter but those of the last ``k`` layers, the modules after the layer list
+    (the final norm) and the output embedding: what ``--heal partial`` trains."""
+    from fusion_prune.logits import causal_lm_of
+    from fusion_prune.surgery import layer_list
+
+    lm = causal_lm_of(model)
+    layers = layer_list(lm)
+    if not 1 <= k <= len(layers):
+        raise BadInputError(f"The '--heal-layers' option must be between 1 and the student's depth {len(layers)}. "
+                            f"Got {k}.")
+    in_layers = {id(p) for p in layers.parameters()}
+    embed = {id(p) for p in lm.get_input_embeddings().parameters()}
+    head = {id(p) for p in lm.get_output_embeddings().parameters()}
+    top = {id(p) for p in layers[len(layers) - k:].parameters()}
+    for p in lm.parameters():
+        # outside the layers and the input embedding: the final norm (and any module beside it)
+        p.requires_grad_(id(p) in top or id(p) in head or (id(p) not in in_layers and id(p) not in embed))
 
 
 def _quantised_copy(model, progress: bool = True):
@@ -152,6 +176,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         student.to("cpu")
     else:
         model = _lora(student, cfg) if cfg.method == "lora" else student
+        if cfg.method == "partial":
+            _train_only_the_top(student, cfg.top_layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator = make_accelerator()
     cache, kd_stats = None, {}

@@ -61,6 +61,8 @@ def _strategies() -> str:
 @field_option("--lora-r", source=LM, path="heal.lora_r", type=int)
 @field_option("--lora-alpha", source=LM, path="heal.lora_alpha", type=int)
 @field_option("--lora-targets", source=LM, path="heal.target_modules", type=str)
+@field_option("--heal-layers", source=LM, path="heal.top_layers", type=int)
+@field_option("--heal-teacher", source=LM, is_flag=True)
 @field_option("--lm-distill-steps", source=LM, type=int)
 @field_option("--kd-weight", source=LM, type=float)
 @field_option("--kd-top-k", source=LM, path="heal.kd_top_k", type=int)

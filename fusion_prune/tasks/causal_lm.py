@@ -36,6 +36,9 @@ class CausalLMFinish(FinishConfig):
     kd_weight: float = opt(0.5, help="Causal LM: weight of the KL term in those steps (the rest is next-token loss).")
     #: {labelled dataset: {prompt, verbalisers, max_samples}} scored zero-shot before and after
     zero_shot: dict = opt(dict, help="Causal LM: labelled datasets to score zero-shot before and after.")
+    heal_teacher: bool = opt(False, help="Causal LM: also heal a copy of the teacher with the same method, steps and "
+                                         "data, and report the student against it (the control that separates "
+                                         "recovery from adapting to the corpus; one more healing run).")
     lm_eval: str | None = opt(help="Causal LM: lm-evaluation-harness tasks (comma-separated) scored on the teacher, "
                                    "the pruned and the final model: harness names, or fp_<dataset> built from a "
                                    "labelled asset (offline). Needs fusionprune[lm-eval].")
@@ -52,7 +55,7 @@ class CausalLMFinish(FinishConfig):
     flat: ClassVar[dict[str, str]] = {
         "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_lr": "heal.lr", "lora_r": "heal.lora_r",
         "lora_alpha": "heal.lora_alpha", "lora_targets": "heal.target_modules", "kd_top_k": "heal.kd_top_k",
-        "temperature": "heal.temperature",
+        "temperature": "heal.temperature", "heal_layers": "heal.top_layers",
     }
     # The run's batch size reaches healing; its learning rate does not (healing has its own, --heal-lr).
     shared: ClassVar[dict[str, tuple[str, ...]]] = {"heal": ("batch_size",)}
@@ -219,6 +222,21 @@ class CausalLMTask(Task):
             for name in finish.zero_shot:
                 zs[name]["student"] = self._zero_shot(student, tok, name, step, finish)
             harness["student"] = self._harness(student, tok, finish)
+        control = None
+        if finish.heal_teacher and finish.heal.method != "none" and finish.heal.steps:
+            # Last, when the teacher is needed for nothing else: healed in place, no second copy.
+            log.info("healing the teacher alike (%s, %d steps): the control", finish.heal.method, finish.heal.steps)
+            with self.phase("healing"):
+                teacher, control_stats = heal(teacher, train_w, replace(finish.heal, kd_weight=0.0, seed=step.seed,
+                                                                        progress=step.progress))
+            with self.phase("evaluation"):
+                control_ppl = self._ppl(teacher, tok, "test", step)
+                for name in finish.zero_shot:
+                    zs[name]["healed_teacher"] = self._zero_shot(teacher, tok, name, step, finish)
+                harness["healed_teacher"] = self._harness(teacher, tok, finish)
+            control = {"perplexity": control_ppl["perplexity"], "nll": control_ppl["nll"],
+                       "student_over_healed_teacher": student_ppl["perplexity"] / control_ppl["perplexity"],
+                       "heal": control_stats}
         lm_eval = {task: {who: harness[who][task] for who in harness} for task in harness["student"]} or None
         return student, {
             "metric": "perplexity", "teacher_perplexity": teacher_ppl["perplexity"],
@@ -226,6 +244,7 @@ class CausalLMTask(Task):
             "student_perplexity": student_ppl["perplexity"],
             "teacher_nll": teacher_ppl["nll"], "student_nll": student_ppl["nll"], "test_tokens": teacher_ppl["tokens"],
             "zero_shot": zs or None, "lm_eval": lm_eval, "heal": heal_stats, "distill": distill_stats,
+            "healed_teacher": control,
             "data": self.data.describe(),
         }
 
@@ -313,6 +332,10 @@ class CausalLMTask(Task):
                  f"healed perplexity  {r['healed_perplexity']:.3f}  ({r['heal']['method']}, {r['heal']['steps']} steps)"]
         if r.get("distill"):
             lines.append(f"student perplexity {r['student_perplexity']:.3f}  (after distillation)")
+        if r.get("healed_teacher"):
+            c = r["healed_teacher"]
+            lines.append(f"healed teacher     {c['perplexity']:.3f}  (the control, healed alike; student / it "
+                         f"{c['student_over_healed_teacher']:.3f})")
         for name, z in (r.get("zero_shot") or {}).items():
             lines.append(f"zero-shot {name}: teacher {z['teacher']['accuracy']:.3f}, pruned "
                          f"{z['pruned']['accuracy']:.3f}, final {z['student']['accuracy']:.3f}")
@@ -335,7 +358,9 @@ class CausalLMTask(Task):
             f"| teacher | {r['teacher_perplexity']:.3f} |",
             f"| pruned, before healing | {r['pruned_perplexity']:.3f} |",
             f"| healed ({heal.get('method', 'none')}, {heal.get('steps', 0)} steps) | {r['healed_perplexity']:.3f} |",
-            f"| after distillation | {r['student_perplexity']:.3f} |" if r.get("distill") else "", "",
+            f"| after distillation | {r['student_perplexity']:.3f} |" if r.get("distill") else "",
+            f"| teacher healed alike (control) | {r['healed_teacher']['perplexity']:.3f} |"
+            if r.get("healed_teacher") else "", "",
         ]
         if r.get("zero_shot"):
             lines += ["| zero-shot accuracy | teacher | pruned | final | majority share |", "|---|---|---|---|---|"]
