@@ -89,7 +89,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "step_eval_samples": _count(none_ok=True), "distill_samples": _count(none_ok=True),
     "zero_shot_samples": _count(), "lm_eval_limit": _count(none_ok=True), "limit": _count(none_ok=True), "max_eval_tokens": _count(none_ok=True),
     "finetune_steps": _count(0, none_ok=True), "recovery_steps": _count(0), "lm_distill_steps": _count(0),
-    "heal_steps": _count(0), "steps": _count(0), "top_layers": _count(), "lora_r": _count(), "lora_alpha": _count(),
+    "heal_steps": _count(0), "steps": _count(0), "top_layers": _count(), "replace_samples": _count(), "lora_r": _count(), "lora_alpha": _count(),
     "patience": _count(0), "teacher_patience": _count(0), "eval_every": _count(0), "min_steps": _count(0),
     "early_stopping_samples": _count(), "verify_k": _count(),
     # rates and weights

@@ -36,6 +36,10 @@ class CausalLMFinish(FinishConfig):
     kd_weight: float = opt(0.5, help="Causal LM: weight of the KL term in those steps (the rest is next-token loss).")
     #: {labelled dataset: {prompt, verbalisers, max_samples}} scored zero-shot before and after
     zero_shot: dict = opt(dict, help="Causal LM: labelled datasets to score zero-shot before and after.")
+    replace: str = opt("none", help="Causal LM: 'linear' fits one linear map per run of removed layers on calibration "
+                                   "tokens (least squares) and folds it into the layer before the run, before "
+                                   "healing (ReplaceMe); 'none' leaves the gap.")
+    replace_samples: int = opt(16, help="Causal LM: training windows the --replace map is fitted on.")
     heal_teacher: bool = opt(False, help="Causal LM: also heal a copy of the teacher with the same method, steps and "
                                          "data, and report the student against it (the control that separates "
                                          "recovery from adapting to the corpus; one more healing run).")
@@ -47,6 +51,12 @@ class CausalLMFinish(FinishConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from fusion_prune.replace import REPLACE_METHODS
+
+        if self.replace not in REPLACE_METHODS:
+            from fusion_prune.errors import bad_choice
+
+            raise bad_choice("replace", self.replace, REPLACE_METHODS)
         if self.lm_eval:  # a wrong name fails now, not after the hours the run takes to reach it
             from fusion_prune.harness import check_tasks, parse_tasks
 
@@ -204,6 +214,16 @@ class CausalLMTask(Task):
         log.info("test perplexity: teacher %.2f, pruned %.2f; %s", teacher_ppl["perplexity"],
                  pruned_ppl["perplexity"], healing)
         train_w = self.windows(tok, "train", step)
+        replace_stats, replaced_ppl = None, None
+        if finish.replace == "linear":
+            from fusion_prune.replace import replace_linear
+
+            with self.phase("replacement"):
+                replace_stats = replace_linear(teacher, student, self._sample(train_w, finish.replace_samples, step.seed),
+                                               step.batch_size)
+            with self.phase("evaluation"):
+                replaced_ppl = self._ppl(student, tok, "test", step)["perplexity"]
+            log.info("linear replacement: test perplexity %.2f (pruned %.2f)", replaced_ppl, pruned_ppl["perplexity"])
         with self.phase("healing"):
             student, heal_stats = heal(student, train_w, replace(finish.heal, kd_weight=0.0, seed=step.seed,
                                                                  progress=step.progress))
@@ -244,7 +264,7 @@ class CausalLMTask(Task):
             "student_perplexity": student_ppl["perplexity"],
             "teacher_nll": teacher_ppl["nll"], "student_nll": student_ppl["nll"], "test_tokens": teacher_ppl["tokens"],
             "zero_shot": zs or None, "lm_eval": lm_eval, "heal": heal_stats, "distill": distill_stats,
-            "healed_teacher": control,
+            "healed_teacher": control, "replacement": replace_stats, "replaced_perplexity": replaced_ppl,
             "data": self.data.describe(),
         }
 
@@ -332,6 +352,8 @@ class CausalLMTask(Task):
                  f"healed perplexity  {r['healed_perplexity']:.3f}  ({r['heal']['method']}, {r['heal']['steps']} steps)"]
         if r.get("distill"):
             lines.append(f"student perplexity {r['student_perplexity']:.3f}  (after distillation)")
+        if r.get("replaced_perplexity") is not None:
+            lines.append(f"replaced perplexity {r['replaced_perplexity']:.3f}  (linear maps folded in, before healing)")
         if r.get("healed_teacher"):
             c = r["healed_teacher"]
             lines.append(f"healed teacher     {c['perplexity']:.3f}  (the control, healed alike; student / it "
@@ -357,6 +379,8 @@ class CausalLMTask(Task):
             "| stage | test perplexity |", "|---|---|",
             f"| teacher | {r['teacher_perplexity']:.3f} |",
             f"| pruned, before healing | {r['pruned_perplexity']:.3f} |",
+            f"| linear replacement folded in, before healing | {r['replaced_perplexity']:.3f} |"
+            if r.get("replaced_perplexity") is not None else "",
             f"| healed ({heal.get('method', 'none')}, {heal.get('steps', 0)} steps) | {r['healed_perplexity']:.3f} |",
             f"| after distillation | {r['student_perplexity']:.3f} |" if r.get("distill") else "",
             f"| teacher healed alike (control) | {r['healed_teacher']['perplexity']:.3f} |"

@@ -1,0 +1,86 @@
+"""--replace linear: a least-squares map per run of removed layers, folded into the layer before it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from test_causal_lm import corpus_txt, tiny_decoder  # noqa: F401 - module fixture
+
+
+def test_runs_of_removed_layers():
+    from fusion_prune.replace import runs_to_replace
+
+    assert runs_to_replace(8, [0, 1, 4, 6, 7]) == [(2, 3), (5, 5)] and runs_to_replace(4, [1, 2, 3]) == [(0, 0)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_folded_map_is_the_least_squares_optimum_and_reloads(family, tmp_path):
+    """After the fold the kept layer's output error against the teacher's hidden state after the run
+    is orthogonal to the branch's outputs (normal equations: the lstsq optimum), it is smaller than
+    the gap it replaces, and the folder reloads with plain transformers and generates alike."""
+    from transformers import AutoModelForCausalLM
+
+    from fusion_prune.replace import _capture, _run, out_projection, replace_linear
+    from fusion_prune.surgery import drop_layers, layer_list
+
+    teacher = tiny_decoder(family, layers=6).eval()
+    student = drop_layers(teacher, [2, 3])
+    windows = torch.randint(5, 20, (6, 16), generator=torch.Generator().manual_seed(0))
+    rec = replace_linear(teacher, student, windows, batch_size=2)
+    (run,) = rec["runs"]
+    assert run["run"] == [2, 3] and run["folded_into"] == 1
+    assert run["relative_residual_after"] < run["relative_residual_before"]
+    host = layer_list(student)[1]
+    with _capture({"L": layer_list(teacher)[3]}) as t_box:
+        _run(teacher, windows, 2)
+    with _capture({"M": out_projection(host), "Y": host}) as s_box:
+        _run(student, windows, 2)
+    H = t_box["L"][0].shape[-1]
+    M = torch.cat(s_box["M"]).reshape(-1, H).double()
+    err = torch.cat(t_box["L"]).reshape(-1, H).double() - torch.cat(s_box["Y"]).reshape(-1, H).double()
+    assert float((M.T @ err).abs().max()) <= 1e-3 * float((M.T @ M).abs().max())  # normal equations hold
+    target = err + M  # L - A, A the stream before the MLP is added
+    assert float(err.norm() / target.norm()) == pytest.approx(run["relative_residual_after"], rel=1e-3, abs=1e-5)
+    student.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    gen = dict(max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        assert student.generate(prompt, **gen).tolist() == again.generate(prompt, **gen).tolist()
+
+
+def test_refused_in_one_line_where_the_fold_is_not_exact():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.replace import replace_linear
+    from fusion_prune.surgery import drop_layers
+
+    cfg = Gemma3TextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    teacher = Gemma3ForCausalLM(cfg).eval()
+    with pytest.raises(BadInputError, match="'--replace' option 'linear' needs a block whose MLP output"):
+        replace_linear(teacher, drop_layers(teacher, [2]), torch.randint(1, 30, (2, 8)))
+
+
+def test_compress_replace_linear_reports_the_replaced_perplexity(corpus_txt, tmp_path):  # noqa: F811
+    from conftest import make_tokenizer
+    from fusion_prune.cli import main
+
+    src = tmp_path / "llama"
+    tiny_decoder("llama").save_pretrained(src)
+    make_tokenizer(src).save_pretrained(src)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compress", "-m", str(src), "-d", str(corpus_txt), "--target-layers", "2", "-o",
+                                    str(out), "--max-length", "16", "--heal", "none", "--max-eval-tokens", "64",
+                                    "--signal-samples", "2", "--batch-size", "2", "--strategy", "deepest",
+                                    "--replace", "linear", "--replace-samples", "4"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["replacement"]["method"] == "linear" and r["replaced_perplexity"] > 0
+    assert r["healed_perplexity"] == pytest.approx(r["replaced_perplexity"])  # no healing after it
+    assert "linear replacement folded in" in (out / "report.md").read_text()
