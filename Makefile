@@ -25,7 +25,7 @@ assets: $(STAMP)
 	$(CLI) assets fetch minilm-l6 rotten-tomatoes
 
 demo: assets
-	$(CLI) demo -o $(DEMO_DIR) --overwrite
+	$(CLI) demo -o $(DEMO_DIR) --resume --overwrite  # a stopped demo continues; a finished one is replaced
 
 test: assets
 	$(PY) -m pytest

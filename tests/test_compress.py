@@ -122,7 +122,17 @@ def test_resume_after_the_first_step(teacher, sentiment_csv_dir, tmp_path, monke
     monkeypatch.setattr(G, "apply_drop", real)
     with pytest.raises(BadInputError, match="A stopped run exists.*--resume"):
         compress(str(teacher), data, cfg, tmp_path / "b")
-    resumed = compress(str(teacher), data, cfg, tmp_path / "b", resume=True)
+    # What `make demo` passes (--resume --overwrite) continues the stopped run: its checkpoint is not
+    # deleted, so only the second step runs (a fresh start would stop again in its second step).
+    counted = []
+
+    def count(*a, **k):
+        counted.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "apply_drop", count)
+    resumed = compress(str(teacher), data, cfg, tmp_path / "b", resume=True, overwrite=True)
+    assert len(counted) == 1 and "--resume --overwrite" in (Path(__file__).parents[1] / "Makefile").read_text()
 
     def strip(h):
         return [{k: v for k, v in e.items() if k not in ("seconds", "selection_seconds", "throughput")} for e in h]

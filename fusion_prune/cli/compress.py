@@ -107,10 +107,11 @@ def compress_cmd(model: str, dataset: str, text_column: str, label_column: str, 
 
 @click.command()
 @click.option("--output", "-o", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue a stopped demo (nothing to continue: start it).")
 @overwrite_option()
 @click.pass_context
-def demo(ctx: click.Context, output: Path, overwrite: bool) -> None:
+def demo(ctx: click.Context, output: Path, resume: bool, overwrite: bool) -> None:
     """minilm-l6 on rotten-tomatoes, 6 -> 3 layers with the default strategy and distillation."""
     # Every option not named here takes compress's own default (click fills them in).
     ctx.invoke(compress_cmd, model="minilm-l6", dataset="rotten-tomatoes", target_layers=3, output=output,
-               max_length=64, overwrite=overwrite)
+               max_length=64, resume=resume, overwrite=overwrite)
