@@ -187,7 +187,7 @@ def prune_to_folder(model: str, layers: Sequence[int], output: str | Path, overw
     """Load ``model``, remove ``layers`` (current indices) and save a folder of the same class that
     plain transformers loads, with ``fusionprune_prune.json`` (before, after, versions); returns that record."""
     from fusion_prune.card import architecture_of, invocation, write_model_card
-    from fusion_prune.models import load_native
+    from fusion_prune.models import load_native, save_model
     from fusion_prune.surgery import check_layers, describe, drop_layers_, kept_layers, num_layers
     from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
@@ -199,9 +199,7 @@ def prune_to_folder(model: str, layers: Sequence[int], output: str | Path, overw
     record = {"command": "prune", "model": str(model), "dropped": list(layers), "before": before,
               "after": describe(net), "versions": versions()}
     with atomic_dir(Path(output), overwrite=overwrite) as tmp:
-        net.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
+        save_model(net, tok, tmp)
         write_json_atomic(tmp / "fusionprune_prune.json", record)
         write_model_card(tmp, source=str(model), architecture=architecture_of(tmp), teacher_layers=before["layers"],
                          removed=removed, kept=kept_layers(net), parameters=record["after"].get("parameters"),
@@ -222,7 +220,7 @@ def distill_to_folder(teacher: str, student: str, data, cfg, output: str | Path,
     from fusion_prune.finetune import evaluate
     from fusion_prune.training import make_accelerator
     from fusion_prune.card import architecture_of, invocation, write_model_card
-    from fusion_prune.models import load_classifier
+    from fusion_prune.models import load_classifier, save_model
     from fusion_prune.surgery import count_parameters, kept_layers, num_layers
     from fusion_prune.utils import atomic_dir, versions, write_json_atomic
 
@@ -242,8 +240,7 @@ def distill_to_folder(teacher: str, student: str, data, cfg, output: str | Path,
               "num_processes": acc.num_processes, "versions": versions()}
     with atomic_dir(Path(output), overwrite=overwrite) as tmp:
         plain = acc.unwrap_model(s_model)
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_model(plain, tok, tmp)
         write_json_atomic(tmp / "fusionprune_distill.json", record)
         removed = sorted(set(kept_layers(t_model)) - set(kept_layers(plain)))
         write_model_card(tmp, source=str(student), architecture=architecture_of(tmp),

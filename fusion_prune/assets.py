@@ -380,12 +380,18 @@ def _dequantise_gguf(raw: Path, gguf_file: str, out: Path) -> dict:
     later loads need neither gguf nor a dequantisation pass; ``raw`` is removed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     from fusion_prune.surgery import plain_copy
 
     tok = AutoTokenizer.from_pretrained(raw, gguf_file=gguf_file)
     model = plain_copy(AutoModelForCausalLM.from_pretrained(raw, gguf_file=gguf_file, dtype="float32"))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    hf_logging.disable_progress_bar()  # a converting fetch shows its own lines, not a shard bar
+    try:
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    finally:
+        hf_logging.enable_progress_bar()
     shutil.rmtree(raw)
     return _model_stats(out)
 

@@ -44,12 +44,11 @@ def _files(folder: Path) -> list[Path]:
 
 def save_checkpoint(folder: Path, model, tok, record: dict, tables: dict | None = None) -> None:
     """The model, its record and ``tables`` ({file name: DataFrame}) in one folder swapped in by one rename."""
+    from fusion_prune.models import save_model
     from fusion_prune.report import write_table
 
     with atomic_dir(folder, overwrite=True, lock=False) as tmp:  # the run already holds the output's lock
-        model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
+        save_model(model, tok, tmp)
         for name, table in (tables or {}).items():
             write_table(table, tmp / name)
         write_json_atomic(tmp / CHECKPOINT_RECORD, record)

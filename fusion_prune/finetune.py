@@ -20,6 +20,7 @@ import torch
 from fusion_prune.config import opt
 from fusion_prune.data import TextDataset, label_map, make_loader, subsample
 from fusion_prune.errors import BadInputError
+from fusion_prune.models import save_model
 from fusion_prune.params import TEACHER_DEFAULTS, validate
 from fusion_prune.training import loss_summary, make_accelerator, run_steps
 from fusion_prune.utils import atomic_dir, check_output, output_lock, set_seed, versions, write_json_atomic
@@ -251,8 +252,7 @@ def _finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_di
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         with atomic_dir(output_dir, overwrite=overwrite, lock=False) as tmp:
-            unwrapped.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_model(unwrapped, tokenizer, tmp)
             write_json_atomic(tmp / RUN_RECORD, record)
     accelerator.wait_for_everyone()
     return FinetuneResult(output_dir, record, accelerator.is_main_process)

@@ -487,9 +487,10 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         wall_seconds=round(time.perf_counter() - t_start, 1), versions=versions())
     from fusion_prune.report import write_compress_report
 
+    from fusion_prune.models import save_model
+
     with atomic_dir(output, overwrite=overwrite, lock=False) as tmp:
-        student.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_model(student, tok, tmp)
         write_compress_report(report, tmp, task)
     run.done()
     return report

@@ -113,8 +113,9 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' load-time chatter (newly initialised heads are reported by us)."""
+def quiet_transformers():
+    """Silence transformers' load-time chatter (newly initialised heads are reported by us) and its
+    progress bars (a "Writing model shards" bar per checkpoint says nothing a user needs)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -266,7 +267,7 @@ def load_classifier(spec: str | Path, labels: list[str] | None = None, device: s
     try:
         # Without a seed here the new head would come from torch's start-up state, which differs
         # between processes in this torch build: the same command gave different teachers.
-        with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(src.location, dtype=resolve_dtype(
                 dtype, device, auto_on_cuda), **kw)
@@ -291,7 +292,7 @@ def load_base(spec: str | Path, device: str | None = "auto"):
 
     src = resolve(spec)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModel.from_pretrained(src.location, dtype="float32", **src.kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(str(spec), e) from e
@@ -312,7 +313,7 @@ def load_native(spec: str | Path, device: str | None = "auto"):
     cls = getattr(transformers, names[0], None) if names else None
     cls = cls or transformers.AutoModel
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = cls.from_pretrained(src.location, dtype="float32", **src.kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(str(spec), e) from e
@@ -385,7 +386,7 @@ def load_causal_lm(spec: str | Path, device: str | None = "auto", dtype: str = "
                             "(a quantised model cannot be saved as a plain pruned folder).")
     architecture_of(config)  # unsupported families fail before the weights are read
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
                 src.location, dtype=torch.float32 if src.gguf_file else dt, **src.kwargs())
     except (OSError, ValueError, KeyError) as e:
@@ -415,3 +416,12 @@ def no_cache_kwargs(model) -> dict:
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return {"use_cache": False} if takes_kwargs and getattr(getattr(model, "config", None), "use_cache", None) \
         is not None else {}
+
+
+def save_model(model, tok, folder: str | os.PathLike) -> None:
+    """``save_pretrained`` of ``model`` (and ``tok`` when given) into ``folder``, without transformers'
+    progress bars."""
+    with quiet_transformers():
+        model.save_pretrained(folder)
+        if tok is not None:
+            tok.save_pretrained(folder)
