@@ -2,10 +2,11 @@
 
     python benchmarks/replace_linear.py --model smollm2-135m --dataset grimm-tales --drop 12,13,14,15,16,17
 
-The student is the model with ``--drop`` (original indices) removed, no healing. The replacement
-is fitted on ``--samples`` training windows of 512 tokens (seeded sample, as compress draws it)
-and scored on the test split with fusionprune's perplexity protocol. Result:
-``benchmarks/results/replace/``.
+The student is the model with ``--drop`` (original indices) removed. The replacement is fitted on
+``--samples`` training windows of 512 tokens (seeded sample, as compress draws it) and scored on
+the test split with fusionprune's perplexity protocol. With ``--heal-steps N`` both the plain and
+the replaced student are then healed alike (LoRA, compress's defaults otherwise) and scored again:
+whether replacement and healing add up. Result: ``benchmarks/results/replace/``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--drop", default="12,13,14,15,16,17")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heal-steps", type=int, default=0, help="LoRA steps for both students afterwards (0: none)")
     a = ap.parse_args()
     drop = [int(x) for x in a.drop.split(",")]
     teacher, tok = load_causal_lm(a.model)
@@ -49,10 +51,22 @@ def main() -> None:
     row["replacement"] = replace_linear(teacher, student, train[pick])
     row["replace_seconds"] = round(time.perf_counter() - t0, 1)
     row["replaced"] = perplexity(student, test)["perplexity"]
+    if a.heal_steps:
+        from fusion_prune.heal import HealConfig, heal
+
+        cfg = HealConfig(steps=a.heal_steps, seed=a.seed, progress=False)
+        healed, _ = heal(student, train, cfg)
+        row["replaced_healed"] = perplexity(healed, test)["perplexity"]
+        del healed, student
+        healed, _ = heal(drop_layers(teacher, drop), train, cfg)
+        row["pruned_healed"] = perplexity(healed, test)["perplexity"]
+        row["heal_steps"] = a.heal_steps
+        print(f"after {a.heal_steps} LoRA steps: pruned {row['pruned_healed']:.3f}, replaced {row['replaced_healed']:.3f}")
     print(f"{a.model} on {a.dataset}, without {drop}: teacher {row['teacher']:.3f}, pruned {row['pruned']:.3f}, "
           f"linear replacement {row['replaced']:.3f} ({row['replace_seconds']} s to fit)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    dest = RESULTS / f"{a.model}-{a.dataset}-drop-{'-'.join(map(str, drop))}-n{len(pick)}.json"
+    dest = RESULTS / (f"{a.model}-{a.dataset}-drop-{'-'.join(map(str, drop))}-n{len(pick)}"
+                      + (f"-heal{a.heal_steps}" if a.heal_steps else "") + ".json")
     write_json_atomic(dest, {**row, "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
                              "versions": versions()})
     print(json.dumps(row["replacement"]["runs"]), f"-> {dest}")

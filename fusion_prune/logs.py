@@ -9,6 +9,7 @@ Python's default); the CLI shows INFO messages of ``fusion_prune`` on stderr as
 from __future__ import annotations
 
 import logging
+import warnings
 import sys
 
 
@@ -35,3 +36,8 @@ def configure_logging(level: int = logging.INFO) -> None:
             handler.setFormatter(logging.Formatter("[fusionprune] %(message)s"))
             logger.addHandler(handler)
         logger.propagate = False
+    # bitsandbytes warns on import that an optional CPU kernel package is missing: on every command
+    # (peft imports it), about a path only --heal qlora on the CPU takes, which falls back and works.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers' deprecation notice for an attribute peft reads while healing: nothing to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
