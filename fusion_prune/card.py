@@ -18,17 +18,13 @@ from typing import Sequence
 
 from fusion_prune import assets
 
-#: licence text of the asset table -> the model hub's licence identifier
-_LICENSE_IDS = {"apache-2.0": "apache-2.0", "mit": "mit", "gemma": "gemma", "cc-by-4.0": "cc-by-4.0",
-                "cc-by-sa-4.0": "cc-by-sa-4.0", "cc0-1.0": "cc0-1.0"}
+#: the model hub's licence identifiers the asset table's licence texts start with
+_LICENSE_IDS = ("apache-2.0", "mit", "gemma", "cc-by-4.0", "cc-by-sa-4.0", "cc0-1.0")
 
 
 def _license_id(text: str) -> str:
     key = text.strip().lower()
-    for prefix, hub_id in _LICENSE_IDS.items():
-        if key.startswith(prefix):
-            return hub_id
-    return "other"
+    return next((hub_id for hub_id in _LICENSE_IDS if key.startswith(hub_id)), "other")
 
 
 def _front_matter(text: str) -> dict[str, str]:

@@ -22,8 +22,6 @@ from typing import Sequence
 
 from fusion_prune.errors import BadInputError
 
-log = logging.getLogger(__name__)
-
 LOCAL_PREFIX = "fp_"
 
 
@@ -89,13 +87,13 @@ def run(model, tokenizer, tasks: Sequence[str], *, include: str | Path | None = 
     require_harness()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     tasks = list(tasks)
     with tempfile.TemporaryDirectory(prefix="fusionprune-lm-eval-") as tmp:
         local = Path(workdir or tmp)
         # A local task holds the same examples fusionprune's zero-shot scores for max_samples=limit.
-        built = [write_local_task(local_datasets()[t], local, max_samples=limit) for t in tasks if t in local_datasets()]
+        assets = local_datasets()
+        built = [write_local_task(assets[t], local, max_samples=limit) for t in tasks if t in assets]
         paths = ([str(local)] if built else []) + ([str(Path(include).resolve())] if include else [])
         manager = _manager(paths)
         check_tasks(tasks, include, manager)

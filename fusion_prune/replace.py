@@ -40,14 +40,9 @@ REPLACE_METHODS = ("none", "linear")
 def runs_to_replace(teacher_layers: int, kept: list[int]) -> list[tuple[int, int]]:
     """Maximal runs ``(i, j)`` (inclusive, original indices) of removed layers of a ``teacher_layers``-deep
     model of which ``kept`` remain."""
-    gone = sorted(set(range(teacher_layers)) - set(kept))
-    runs: list[list[int]] = []
-    for g in gone:
-        if runs and g == runs[-1][1] + 1:
-            runs[-1][1] = g
-        else:
-            runs.append([g, g])
-    return [(a, b) for a, b in runs]
+    from fusion_prune.export import runs
+
+    return [(a, b - 1) for a, b in runs(sorted(set(range(teacher_layers)) - set(kept)))]
 
 
 def out_projection(layer: nn.Module) -> nn.Module:

@@ -63,7 +63,7 @@ def _strategies() -> str:
 @field_option("--lora-targets", source=LM, path="heal.target_modules", type=str)
 @field_option("--heal-layers", source=LM, path="heal.top_layers", type=int)
 @field_option("--heal-teacher", source=LM, is_flag=True)
-@field_option("--replace", source=LM, type=click.Choice(["none", "linear"]))
+@field_option("--replace", source=LM, type=RegistryChoice("fusion_prune.replace:REPLACE_METHODS"))
 @field_option("--replace-samples", source=LM, type=int)
 @field_option("--lm-distill-steps", source=LM, type=int)
 @field_option("--kd-weight", source=LM, type=float)

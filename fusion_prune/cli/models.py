@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from fusion_prune.cli.common import echo_json, hold_output, model_option, output_option, overwrite_option
+from fusion_prune.cli.common import (RegistryChoice, echo_json, hold_output, model_option, output_option,
+                                     overwrite_option)
 
 
 @click.command()
@@ -65,7 +66,7 @@ def prune(model: str, drop: str, output: Path, overwrite: bool) -> None:
 
 @click.command("export")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--to", "to", required=True, type=click.Choice(["mergekit", "llama.cpp", "onnx"]),
+@click.option("--to", "to", required=True, type=RegistryChoice("fusion_prune.export:TARGETS"),
               help="mergekit: a passthrough YAML that rebuilds the kept layers from the original model; llama.cpp: "
                    "the original layers to remove, as llama-quantize --prune-layers takes them; onnx: the model as "
                    "an ONNX graph in the --output folder (needs fusionprune[onnx]).")

@@ -209,8 +209,8 @@ class CausalLMTask(Task):
             zs = {name: {"teacher": self._zero_shot(teacher, tok, name, step, finish),
                          "pruned": self._zero_shot(student, tok, name, step, finish)} for name in finish.zero_shot}
             harness = {who: self._harness(m, tok, finish) for who, m in (("teacher", teacher), ("pruned", student))}
-        healing = (f"healing ({finish.heal.method}, {finish.heal.steps} steps)"
-                   if finish.heal.method != "none" and finish.heal.steps else "no healing")
+        heals = finish.heal.method != "none" and finish.heal.steps > 0
+        healing = f"healing ({finish.heal.method}, {finish.heal.steps} steps)" if heals else "no healing"
         log.info("test perplexity: teacher %.2f, pruned %.2f; %s", teacher_ppl["perplexity"],
                  pruned_ppl["perplexity"], healing)
         train_w = self.windows(tok, "train", step)
@@ -243,7 +243,7 @@ class CausalLMTask(Task):
                 zs[name]["student"] = self._zero_shot(student, tok, name, step, finish)
             harness["student"] = self._harness(student, tok, finish)
         control = None
-        if finish.heal_teacher and finish.heal.method != "none" and finish.heal.steps:
+        if finish.heal_teacher and heals:
             # Last, when the teacher is needed for nothing else: healed in place, no second copy.
             log.info("healing the teacher alike (%s, %d steps): the control", finish.heal.method, finish.heal.steps)
             with self.phase("healing"):
