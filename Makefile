@@ -27,11 +27,19 @@ assets: $(STAMP)
 demo: assets
 	$(CLI) demo -o $(DEMO_DIR) --resume --overwrite  # a stopped demo continues; a finished one is replaced
 
-test: assets
-	$(PY) -m pytest
+# Every asset a test loads, fetched before the workers start (two workers fetching one asset at
+# once: the second is refused, by design).
+TEST_ASSETS ?= minilm-l6 mpnet-base smollm2-135m gemma3-270m rotten-tomatoes bbc-news election-tweets \
+               reuters-r8 reuters-r52 20newsgroups grimm-tales
+
+# One pytest-xdist worker per core, each on one thread (tests/conftest.py): 21 min against 36 min
+# serial on the 2-core CPU (benchmarks/journal.md, 2026-12-03).
+test: $(STAMP)
+	$(CLI) assets fetch $(TEST_ASSETS)
+	$(PY) -m pytest -n auto
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto -m "not slow"
 
 # Fusion training data: greedy states of minilm-l6 on the six public datasets (resumable: a
 # finished dataset is skipped, an interrupted one resumes from its .state folder), then the bundle.

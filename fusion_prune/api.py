@@ -109,6 +109,8 @@ def compute_signals(model: str, dataset, *, samples: int | None = None, signals:
     if not ready:
         log.warning("%s has no head trained for these labels; gradient and prediction-MI signals refer to an "
                     "untrained head", model)
+    if batch_size is None and split is not None:  # the analysis sample: batched as `analyze` batches it
+        batch_size = t.analysis_batch_size
     step = StepConfig(signal_samples=samples, batch_size=batch_size, max_length=max_length, seed=seed, progress=False)
     t.resolve_step(step)
     if split is not None:

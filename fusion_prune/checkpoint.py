@@ -91,6 +91,17 @@ def load_checkpoint_record(folder: Path) -> dict | None:
     return json.loads((folder / CHECKPOINT_RECORD).read_text())
 
 
+def same_meta(saved: Any, now: Any, defaults: Any) -> bool:
+    """``saved == now``, except that a key missing from ``saved`` matches when ``now`` holds its default."""
+    if not (isinstance(saved, dict) and isinstance(now, dict)):
+        return saved == now
+    defaults = defaults if isinstance(defaults, dict) else {}
+    if set(saved) - set(now):
+        return False
+    return all(same_meta(saved[k], v, defaults.get(k)) if k in saved else (k in defaults and v == defaults[k])
+               for k, v in now.items())
+
+
 class RunFolder:
     """The work folder of a resumable run (``<output>.partial`` or ``<output>.state``): its checkpoints
     and the resume check, in one place.
@@ -101,9 +112,13 @@ class RunFolder:
     ``overwrite``, which starts again.
     """
 
-    def __init__(self, path: Path, meta: dict, resume: bool | str, overwrite: bool, current: str = "current"):
+    def __init__(self, path: Path, meta: dict, resume: bool | str, overwrite: bool, current: str = "current",
+                 defaults: dict | None = None):
         self.path, self.resume, self.overwrite = path, resume, overwrite
         self.meta = json.loads(json.dumps(meta, default=str))  # as the record holds it
+        # meta-shaped defaults of the options: an option a newer fusionprune added, absent from a
+        # stopped run's record, matches when it is left at its default (so an upgrade keeps resuming).
+        self.defaults = json.loads(json.dumps(defaults or {}, default=str))
         self.current = path / current
 
     def start(self) -> dict | None:
@@ -121,7 +136,7 @@ class RunFolder:
             shutil.rmtree(self.path)
             return None
         saved = load_checkpoint_record(self.current)
-        if saved["meta"] != self.meta:
+        if not same_meta(saved["meta"], self.meta, self.defaults):
             if not self.overwrite:
                 what = ("data of other content" if saved["meta"].get("data_sha256") != self.meta.get("data_sha256")
                         else "other arguments")

@@ -149,7 +149,7 @@ def collect(model_spec: str, data, cfg: CollectConfig, out: str | Path, dataset_
 def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name: str | None, task,
              overwrite: bool) -> pd.DataFrame:
     from fusion_prune.checkpoint import RunFolder
-    from fusion_prune.loop import prune_loop, run_meta
+    from fusion_prune.loop import config_defaults, prune_loop, run_meta
     from fusion_prune.report import StepRecord
     from fusion_prune.strategies import STRATEGIES
     from fusion_prune.tasks import DEFAULT_TASK, get_task
@@ -165,7 +165,8 @@ def _collect(model_spec: str, data, cfg: CollectConfig, out: Path, dataset_name:
                             f"Got {cfg.recovery_steps}.")
     dataset_name = dataset_name or data.spec
     meta = run_meta(model_spec, data, cfg) | {"dataset": dataset_name, "task": task.name}
-    run = RunFolder(_state_dir(out), meta, resume="auto", overwrite=False, current="checkpoint")
+    run = RunFolder(_state_dir(out), meta, resume="auto", overwrite=False, current="checkpoint",
+                    defaults={"config": config_defaults(cfg)})
     saved = run.start()
     if saved is not None:
         rows = pd.read_parquet(run.current / "rows.parquet")

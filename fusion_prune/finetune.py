@@ -8,6 +8,8 @@ on the fly with dynamic padding: short corpora (tweets, reviews) pay only for th
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from fusion_prune.training import loss_summary, make_accelerator, run_steps
 from fusion_prune.utils import atomic_dir, check_output, output_lock, set_seed, versions, write_json_atomic
 
 RUN_RECORD = "fusionprune_run.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,9 +91,15 @@ class EarlyStopping:
         if acc > self.best_acc + self.min_delta:
             self.best_acc, self.best_step, self.bad = acc, step, 0
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            return False
-        self.bad += 1
-        return self.bad >= self.cfg.patience
+        else:
+            self.bad += 1
+        log.info("fine-tune step %d: validation accuracy %.4f on %d examples (best %.4f at step %d)", step, acc,
+                 len(self.val), self.best_acc, self.best_step)
+        if self.bad >= self.cfg.patience:
+            log.info("early stop at step %d: no gain in %d checks; keeping the weights of step %d (validation "
+                     "accuracy %.4f)", step, self.bad, self.best_step, self.best_acc)
+            return True
+        return False
 
     def restore(self, final_step: int) -> None:
         """Load the best weights unless the final ones were never checked (then they may be better)."""
@@ -130,6 +139,12 @@ def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, acceler
     return {"steps": len(losses), "examples": len(df), "epochs": round(len(losses) / steps_per_epoch, 3),
             **loss_summary(losses), "train_seconds": round(time.perf_counter() - t0, 2),
             **(stopper.record() if stopper is not None else {})}
+
+
+def planned_steps(n_examples: int, cfg: FinetuneConfig) -> int:
+    """The step budget :func:`train` gives ``n_examples`` (before any early stop)."""
+    n = min(n_examples, cfg.max_train_samples or n_examples)
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)), cfg.min_steps)
 
 
 def majority_share(labels: np.ndarray) -> float:

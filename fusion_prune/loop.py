@@ -31,7 +31,7 @@ from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
 from fusion_prune.memory import PhasePeaks, fix_mmap_threshold
 from fusion_prune.params import validate
-from fusion_prune.report import CompressReport, StepRecord
+from fusion_prune.report import REFERENCE, CompressReport, StepRecord
 from fusion_prune.strategies import STRATEGIES, StrategyState
 from fusion_prune.surgery import count_parameters, drop_layers_, kept_layers, num_layers
 from fusion_prune.tasks import TASKS, DEFAULT_TASK, FinishConfig, Task, get_task
@@ -235,6 +235,17 @@ def apply_drop(task: Task, student, tok, drop: list[int], step: StepConfig, k: i
     return orig
 
 
+def candidate_table(task: Task, m: Measured, n: int) -> dict:
+    """Per current layer: its original index, what the strategy noted (its deciding scores) and,
+    when the step measured every layer, the measured drop-one value (report.md's candidate table)."""
+    table = {"layer": list(range(n)), "orig_layer": list(m.state.orig_layers)}
+    col = task.drop_one_order[0][0]
+    if m.drop_one is not None and not any(k.startswith("measured") for k in m.state.evidence):
+        t = m.drop_one.table.set_index("layer")[col]
+        table[f"{REFERENCE} ({col})"] = [float(t.get(i, np.nan)) for i in range(n)]
+    return table | m.state.evidence
+
+
 #: ``choose(measured) -> current indices to drop``
 Chooser = Callable[[Measured], list[int]]
 #: ``on_state(k, measured, drop) -> tables to checkpoint beside the model`` (collect's rows), or None
@@ -281,7 +292,7 @@ def prune_loop(task: Task, student, tok, step: StepConfig, choose: Chooser, run:
             round(selection, 3), count_parameters(student), None,  # speed: timed at the end (time_depths)
             round(time.perf_counter() - t0, 2), m.signals.to_dict("list") if m.signals is not None else None,
             m.drop_one.table.to_dict("list") if m.drop_one is not None else None,
-            task.step_measured_key, task.step_metric_key)
+            candidate_table(task, m, n), task.step_measured_key, task.step_metric_key)
         if accept is not None and not accept(entry):
             # Undo the step: the checkpoint still holds the model before it.
             student, _, _ = task.load_model(str(run.current))
@@ -372,6 +383,22 @@ def run_compress(model_spec: str, dataset, output: str | Path, *, task: str | No
     return compress_with_config(str(model_spec), data, cfg, output, resume=resume, overwrite=overwrite, task=t), t
 
 
+def config_defaults(cfg) -> dict:
+    """The default of every field of the dataclass ``cfg``, nested configs by their own defaults."""
+    from dataclasses import MISSING, is_dataclass
+
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out[f.name] = config_defaults(value)
+        elif f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
+
+
 def run_meta(model_spec: str, data, cfg) -> dict:
     """What a stopped run must share with its resumption: model, data content and the config."""
     meta = json.loads(json.dumps({"model": str(model_spec), "dataset": data.spec, "data_sha256": data.content_hash(),
@@ -401,7 +428,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
     signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
     meta = run_meta(model_spec, data, cfg)
     t_start = time.perf_counter()
-    run = RunFolder(_partial(output), meta, resume=resume, overwrite=overwrite)
+    run = RunFolder(_partial(output), meta, resume=resume, overwrite=overwrite,
+                    defaults={"config": config_defaults(cfg)})
     saved = run.start()
     task.dtype = cfg.dtype
     if task.mmap_threshold:
@@ -412,13 +440,15 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
             student, tok, _ = task.load_model(str(run.current))
         teacher = None  # read again from its checkpoint when the finish needs it
         info = saved["info"]
+        info["strategy_rule"] = " ".join(strategy.doc.split())  # report.md's "why" (also for older records)
         info["peak_memory"] = peaks.record
         history = [StepRecord.from_dict(h, task.step_measured_key, task.step_metric_key) for h in saved["history"]]
         if num_layers(student) != info["teacher_layers"] - sum(len(h.dropped) for h in history):
             raise BadInputError(f"The stopped run at {str(run.path)!r} has a model of {num_layers(student)} layers "
                                 "that does not match its record; expected a consistent checkpoint (or --overwrite).")
         t_start -= info.get("wall_seconds_before", 0.0)
-        log.info("resuming after %d finished step(s) (%d layers)", len(history), num_layers(student))
+        done = f" (steps 0-{len(history) - 1} finished: {info['teacher_layers']} -> " if history else " ("
+        log.info("resuming at step %d%s%d layers)", len(history), done, num_layers(student))
     else:
         with task.phase("load"):
             teacher, tok, ready = task.load_model(model_spec)
@@ -427,6 +457,7 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         with task.phase("teacher"):
             info = task.prepare_teacher(teacher, tok, cfg, cfg.teacher, cfg.teacher_margin, ready, str(model_spec))
         info["task"] = task.name
+        info["strategy_rule"] = " ".join(strategy.doc.split())
         info["peak_memory"] = peaks.record
         info["teacher_layers"] = depth
         student = copy.deepcopy(teacher)
@@ -574,7 +605,7 @@ def compress_streamed(model_spec: str, data, cfg: CompressConfig, output: Path, 
             steps.append({"step": k, "layers_before": n, "dropped": drop, "dropped_orig": orig,
                           task.step_measured_key: measured, task.step_metric_key: metric,
                           "drop_one": m.drop_one.table.to_dict("list") if m.drop_one is not None else None,
-                          "seconds": round(time.perf_counter() - t0, 2)})
+                          "candidates": candidate_table(task, m, n), "seconds": round(time.perf_counter() - t0, 2)})
             log.info("step %d: %d -> %d layers, removed %s (original), validation %s %.4f (layers streamed)", k, n,
                      num_layers(model), orig, task.metric, metric)
         report = {"model": str(model_spec), "dataset": str(getattr(task.data, "spec", data)),

@@ -19,6 +19,10 @@ import pandas as pd
 from fusion_prune.utils import atomic_file, write_text_atomic
 
 
+#: the candidate-table column of a drop-one measurement the strategy did not choose by
+REFERENCE = "measured, not used"
+
+
 @dataclass
 class StepRecord:
     """One pruning step: what was removed, what was measured, what it cost."""
@@ -38,6 +42,9 @@ class StepRecord:
     seconds: float = 0.0
     signals: dict | None = None  # the signals table, column -> values
     drop_one: dict | None = None  # the drop-one table, column -> values
+    #: per current layer: layer, orig_layer and what the strategy chose by (StrategyState.evidence;
+    #: the last column decides), plus the step's drop-one measurement when one was taken
+    candidates: dict | None = None
     #: the report.json names of ``measured`` and ``metric`` (the task's: e.g. measured_nll_after_drop)
     measured_key: str = field(default="measured_after_drop", repr=False)
     metric_key: str = field(default="validation_metric", repr=False)
@@ -48,7 +55,7 @@ class StepRecord:
                 self.measured_key: self.measured, self.metric_key: self.metric, "finetune_steps": self.finetune_steps,
                 "selection_seconds": self.selection_seconds, "parameters": self.parameters,
                 "throughput": self.throughput, "seconds": self.seconds, "signals": self.signals,
-                "drop_one": self.drop_one}
+                "drop_one": self.drop_one, "candidates": self.candidates}
 
     @classmethod
     def from_dict(cls, d: dict, measured_key: str, metric_key: str) -> StepRecord:
@@ -56,7 +63,7 @@ class StepRecord:
         return cls(d["step"], d["layers_before"], d["dropped"], d["dropped_orig"], d["kept_layers"], d.get("predicted"),
                    d.get(measured_key), d.get(metric_key), d.get("finetune_steps", 0), d.get("selection_seconds", 0.0),
                    d.get("parameters"), d.get("throughput"), d.get("seconds", 0.0), d.get("signals"),
-                   d.get("drop_one", d.get("labels")), measured_key, metric_key)
+                   d.get("drop_one", d.get("labels")), d.get("candidates"), measured_key, metric_key)
 
 
 @dataclass
@@ -157,19 +164,30 @@ def normalise_columns(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return ((x - lo) / span).fillna(0.5)
 
 
-def plot_signals_heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
-    """Heatmap of layers (rows) x signals (columns), each signal min-max normalised across layers."""
-    import matplotlib
+def plot_signals_heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str = "",
+                         removed: list[int] | None = None) -> Path:
+    """Heatmap of layers (rows) x signals (columns), the raw value in each cell.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Colour is each signal's *importance by its own rule*, min-max across layers: 0 (dark) is the
+    layer that signal would remove first, whatever its direction; a column not registered as a
+    signal is coloured by its raw value. ``removed``: current layer indices outlined in red.
+    """
+    from signals import SIGNALS
 
+    plt = _plt()
     columns = [c for c in table.columns if c not in ("layer", "orig_layer")]
-    norm = normalise_columns(table, columns)
+    aligned = table[columns].astype(float).copy()
+    for c in columns:
+        if c in SIGNALS:
+            aligned[c] = SIGNALS[c].direction() * aligned[c]
+    norm = normalise_columns(aligned, columns)
     fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(columns), 1.2 + 0.42 * len(table)))
     im = ax.imshow(norm.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    labels = [f"{int(l)} (orig {int(o)})" if l != o else str(int(l))
+    ax.set_xticks(range(len(columns)), [c + (" (low: remove)" if c in SIGNALS and SIGNALS[c].rule == "prune_lowest"
+                                             else " (high: remove)" if c in SIGNALS else "") for c in columns],
+                  rotation=45, ha="right")
+    removed = set(removed or [])
+    labels = [(f"{int(l)} (orig {int(o)})" if l != o else str(int(l))) + ("  removed" if int(l) in removed else "")
               for l, o in zip(table["layer"], table["orig_layer"])]
     ax.set_yticks(range(len(table)), labels)
     ax.set_ylabel("layer")
@@ -178,7 +196,10 @@ def plot_signals_heatmap(table: pd.DataFrame, path: str | os.PathLike, title: st
             v = table[c].iloc[i]
             ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=6.5,
                     color="white" if norm.iloc[i, j] < 0.6 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.03, label="min-max across layers")
+        if int(table["layer"].iloc[i]) in removed:
+            ax.add_patch(plt.Rectangle((-0.5, i - 0.5), len(columns), 1, fill=False, ec="red", lw=2))
+            ax.get_yticklabels()[i].set_color("red")
+    fig.colorbar(im, ax=ax, fraction=0.03, label="importance by the signal's rule (0: remove first)")
     ax.set_title(title or "layer signals")
     return _save_figure(fig, path)
 
@@ -229,11 +250,13 @@ def _name(spec) -> str:
 
 def plot_per_step(report: CompressReport, path: str | os.PathLike, teacher: float,
                   series: list[tuple[list, str, str]], ylabel: str, title: str, log: bool = False,
-                  budget: float | None = None, **title_kw) -> Path:
+                  budget: float | None = None, test: dict[str, float | None] | None = None, **title_kw) -> Path:
     """A metric against the depth reached after each step (x: layers, inverted, integer ticks), the
     teacher dashed and, when given, the budget's limit dotted.
 
     ``series``: (values per step, matplotlib format, legend label); None values are not drawn.
+    ``test``: the finished run's test-split values, ``{"teacher": v, "pruned": v, "final": v}`` (a
+    label for the final model may replace "final"), drawn as separate markers at their depths.
     """
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
@@ -245,6 +268,10 @@ def plot_per_step(report: CompressReport, path: str | os.PathLike, teacher: floa
         ax.axhline(budget, color="tab:red", ls=":", label="budget limit")
     for values, fmt, label in series:
         ax.plot(depth, [np.nan if v is None else v for v in values], fmt, label=label)
+    for (name, v), marker in zip((test or {}).items(), ("D", "v", "*")):
+        if v is not None:
+            x = report.teacher_layers if name == "teacher" else report.student_layers
+            ax.plot([x], [v], marker, ms=9 if marker == "*" else 6, ls="none", label=f"test: {name}")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("layers")
@@ -281,6 +308,7 @@ def plot_size_speed(report: CompressReport, path: str | os.PathLike) -> Path:
     ax.plot(t["layers"], t["parameters"] / 1e6, "o-", color="tab:blue", label="parameters")
     ax.set_xlabel("layers")
     ax.set_ylabel("parameters (millions)", color="tab:blue")
+    ax.set_ylim(0, t["parameters"].max() / 1e6 * 1.08)  # from zero: a 23% cut must look like 23%
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(t["layers"].max() + 0.5, t["layers"].min() - 0.5)
     ax2 = ax.twinx()
@@ -291,6 +319,7 @@ def plot_size_speed(report: CompressReport, path: str | os.PathLike) -> Path:
         ax2.legend(fontsize=7, loc="lower right")
     ax2.set_ylabel(report.info.get("throughput_unit", "examples/s") + " (one forward, fastest of rounds)",
                    color="tab:orange")
+    ax2.set_ylim(0, None)
     ax.set_title(f"{report.model_name}: size and measured speed by depth", fontsize=9)
     return _save_figure(fig, path)
 
@@ -325,6 +354,37 @@ def _depth_lines(report: CompressReport) -> list[str]:
     return lines
 
 
+def candidate_lines(report: CompressReport) -> list[str]:
+    """report.md's "Why each layer was removed": per step, every candidate layer with the values the
+    strategy chose by (its deciding column last) and the removed one in bold."""
+    steps = [e for e in report.history if e.candidates]
+    if not steps:  # a report from before candidates were recorded
+        return []
+    lines = ["## Why each layer was removed", "",
+             f"Strategy `{report.strategy}`: {report.info.get('strategy_rule', '')}", ""]
+    if not any(c not in ("layer", "orig_layer") for e in steps for c in e.candidates):
+        return lines + ["It chooses by position, not by a score: no candidate table.", ""]
+    scored = any(c not in ("layer", "orig_layer") and not c.startswith(REFERENCE) for e in steps for c in e.candidates)
+    lines += ["Per step, every layer that could be removed and " + (
+        "what the choice was made by; the last column decides (removability and predicted: highest; accuracy: "
+        "highest; loss and NLL: lowest; `-`: not scored)." if scored else
+        "its measured drop-one value, shown for reference: this strategy chooses by position.")
+        + " The removed layer is in bold.", ""]
+    for e in steps:
+        cols = [c for c in e.candidates if c not in ("layer", "orig_layer")]
+        lines += [f"**Step {e.step}** ({e.layers_before} -> {e.layers_before - len(e.dropped)} layers): removed "
+                  f"original layer(s) {e.dropped_orig}", "",
+                  "| layer (original) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for i, orig in zip(e.candidates["layer"], e.candidates["orig_layer"]):
+            cells = [f"{i} ({orig})", *("-" if v is None or np.isnan(v) else f"{v:.4g}"
+                                        for v in (e.candidates[c][i] for c in cols))]
+            if i in e.dropped:
+                cells = [f"**{c}**" for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def plot_kept_layers(report: CompressReport, path: str | os.PathLike) -> Path:
     """Which original layers remain after each step."""
     plt = _plt()
@@ -355,11 +415,13 @@ def write_compress_report(report: CompressReport, folder: str | os.PathLike, tas
     for e in report.history:
         if e.signals is not None:
             plot_signals_heatmap(pd.DataFrame(e.signals), plots / f"signals_step{e.step}.png",
-                                 title=f"signals at step {e.step} ({e.layers_before} layers)")
+                                 title=f"signals at step {e.step} ({e.layers_before} layers; red: removed)",
+                                 removed=e.dropped)
     from fusion_prune.memory import memory_lines
 
     memory = memory_lines(report.info.get("peak_memory") or {})
-    lines = [*task.report_section(report), *task.step_table(report), *metric_lines, *_depth_lines(report),
+    lines = [*task.report_section(report), *task.step_table(report), *candidate_lines(report), *metric_lines,
+             *_depth_lines(report),
              *(["## Peak memory per phase", "", *memory] if memory else []),
              "![kept layers](plots/kept_layers.png)", ""]
     lines += [f"![signals step {e.step}](plots/signals_step{e.step}.png)" for e in report.history

@@ -39,6 +39,15 @@ class StrategyState:
     # measure(layers) -> drop-one table with only those (current) layers measured on validation data
     measure: Callable[[list[int]], pd.DataFrame] | None = None
     verify_k: int = 3  # fusion-verify's shortlist
+    #: what the choice was made by, column -> one value per current layer (NaN: not scored); the
+    #: last column noted decides. Written to the step's candidate table in report.md.
+    evidence: dict[str, list[float]] = field(default_factory=dict)
+
+    def note(self, column: str, values) -> None:
+        """Record one score per current layer (array (n_layers,), or {layer: value} for some layers)."""
+        if isinstance(values, dict):
+            values = [values.get(i, np.nan) for i in range(self.n_layers)]
+        self.evidence[column] = [float(v) for v in np.asarray(values, dtype=np.float64)]
 
 
 @dataclass(frozen=True)
@@ -71,10 +80,22 @@ def _argmax(scores: np.ndarray) -> list[int]:
     return [int(np.argmax(scores))]
 
 
+def _noted_argmax(s: StrategyState, column: str, scores: np.ndarray, allowed: np.ndarray | None = None) -> list[int]:
+    """Note ``scores`` (n_layers,) as the deciding evidence and choose its highest allowed layer."""
+    s.note(column, scores)
+    return _argmax(scores if allowed is None else np.where(allowed, scores, -np.inf))
+
+
+def _measured(s: StrategyState, table: pd.DataFrame) -> dict[int, float]:
+    """{current layer: the task's measured drop-one value} of a (possibly partial) drop-one table."""
+    col = s.task.drop_one_order[0][0]
+    return {int(l): float(v) for l, v in zip(table["layer"], table[col])}
+
+
 @register_strategy("fusion", needs_signals=True, needs_bundle=True)
 def _fusion(s: StrategyState) -> list[int]:
     """The layer the fusion bundle predicts to keep the most accuracy without it."""
-    return [s.bundle.choose(s.signals)]
+    return _noted_argmax(s, "predicted", s.bundle.predict(s.signals.sort_values("layer")))
 
 
 @register_strategy("fusion-verify", needs_signals=True, needs_bundle=True)
@@ -82,10 +103,13 @@ def _fusion_verify(s: StrategyState) -> list[int]:
     """The fusion bundle shortlists its top k layers (--verify-k); the measured drop-one metric
     (as the oracle's, on k of the L layers) decides among them."""
     scores = s.bundle.predict(s.signals.sort_values("layer"))
+    s.note("predicted", scores)
     short = [int(i) for i in np.argsort(-scores, kind="stable")[: s.verify_k]]
     if len(short) == 1:
         return short
-    return [s.task.best_candidate(s.measure(short).dropna(subset=["loss_after_drop"]))]
+    table = s.measure(short).dropna(subset=["loss_after_drop"])
+    s.note(f"measured ({s.task.drop_one_order[0][0]})", _measured(s, table))
+    return [s.task.best_candidate(table)]
 
 
 # Every signal, the opt-in extras too, is a strategy by its own rule; an extra is computed only
@@ -94,13 +118,14 @@ def _fusion_verify(s: StrategyState) -> list[int]:
 _NAMED_BELOW = {"block_influence"}
 for _name in (n for n in SIGNALS if n not in _NAMED_BELOW):
     register_strategy(_name, needs_signals=True, extra_signals=() if _name in DEFAULT_SIGNALS else (_name,))(
-        lambda s, n=_name: _argmax(signal_removability(s.signals.sort_values("layer"), n)))
+        lambda s, n=_name: _noted_argmax(s, f"removability ({n})",
+                                         signal_removability(s.signals.sort_values("layer"), n)))
 
 
 @register_strategy("consensus", needs_signals=True)
 def _consensus(s: StrategyState) -> list[int]:
     """Mean of min-max normalised, direction-aligned signals."""
-    return _argmax(consensus_removability(s.signals.sort_values("layer")))
+    return _noted_argmax(s, "removability (consensus)", consensus_removability(s.signals.sort_values("layer")))
 
 
 @register_strategy("top")
@@ -168,6 +193,7 @@ def _random(s: StrategyState) -> list[int]:
 def _oracle(s: StrategyState) -> list[int]:
     """The layer whose removal measurably keeps the most validation accuracy (causal LM: the
     lowest validation NLL): the task's order of the drop-one table."""
+    s.note(f"measured ({s.task.drop_one_order[0][0]})", _measured(s, s.drop_one))
     return [s.task.best_candidate(s.drop_one)]
 
 
@@ -177,7 +203,8 @@ def _oracle(s: StrategyState) -> list[int]:
 @register_strategy("block-influence", needs_signals=True, extra_signals=("block_influence",))
 def _block_influence(s: StrategyState) -> list[int]:
     """ShortGPT (Men et al., 2024): the layer of lowest Block Influence, 1 - E[cos(h_in, h_out)]."""
-    return _argmax(signal_removability(s.signals.sort_values("layer"), "block_influence"))
+    return _noted_argmax(s, "removability (block_influence)",
+                         signal_removability(s.signals.sort_values("layer"), "block_influence"))
 
 
 @register_strategy("deepest")
@@ -202,6 +229,7 @@ def _sleb(s: StrategyState) -> list[int]:
     the last layer are kept."""
     table = s.task.score_batches(s.model, s.batches).table.sort_values("layer")
     loss = table["loss_after_drop"].to_numpy(dtype=np.float64)
+    s.note("calibration loss after drop", loss)
     return _argmax(np.where(_allowed(s, 1, 1), -loss, -np.inf))
 
 
@@ -210,4 +238,4 @@ def _taylor(s: StrategyState) -> list[int]:
     """Shortened LLaMA's Taylor+ (Kim et al., 2024): the lowest sum |theta * dL/dtheta| over the
     layer's weights, keeping the first 4 and last 2 original layers."""
     score = signal_removability(s.signals.sort_values("layer"), "grad_taylor")
-    return _argmax(np.where(_allowed(s, 4, 2), score, -np.inf))
+    return _noted_argmax(s, "removability (grad_taylor)", score, _allowed(s, 4, 2))

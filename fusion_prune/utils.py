@@ -236,3 +236,62 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def free_cpus(window: float = 0.1) -> float:
+    """CPUs of this process's affinity not in use by other work, from /proc/stat over ``window`` s.
+
+    Idle and niced time count as free (a niced job yields to us). Without /proc (not Linux):
+    every CPU of the affinity.
+    """
+    import time
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def sample() -> tuple[int, int]:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(f), f[1] + f[3] + f[4]  # total, nice + idle + iowait
+
+    try:
+        t0, free0 = sample()
+        time.sleep(window)
+        t1, free1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float(cpus)
+    if t1 <= t0:
+        return float(cpus)
+    return min(cpus, (os.cpu_count() or cpus) * (free1 - free0) / (t1 - t0))
+
+
+_TORCH_DEFAULT_THREADS: dict[str, int] = {}
+
+
+def configure_threads(requested: int | None = None) -> tuple[int, str]:
+    """Set torch's CPU thread count and say why: ``requested`` (``--threads``), else
+    ``FUSIONPRUNE_THREADS``, else ``OMP_NUM_THREADS`` (torch reads it), else the CPUs free now.
+
+    Why not torch's default (one thread per core): with another job on the cores, a thread per
+    core oversubscribes them and torch's threads wait on each other, far slower than one thread
+    per free core (benchmarks/README.md, "Threads under load"). Returns (threads, reason).
+    """
+    import torch
+
+    env = os.environ.get("FUSIONPRUNE_THREADS")
+    if requested is None and env:
+        try:
+            requested = int(env)
+        except ValueError:
+            raise _bad(f"FUSIONPRUNE_THREADS must be a positive integer. Got {env!r}.") from None
+    if requested is not None:
+        if requested < 1:
+            raise _bad(f"--threads / FUSIONPRUNE_THREADS must be a positive integer. Got {requested}.")
+        torch.set_num_threads(requested)
+        return requested, "asked for"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    # torch's own default (a thread per physical core), remembered: a process that runs several
+    # commands (tests, notebooks) must not take an earlier reduction for the default.
+    default = _TORCH_DEFAULT_THREADS.setdefault("n", torch.get_num_threads())
+    n = max(1, min(default, round(free_cpus())))
+    torch.set_num_threads(n)
+    return n, "CPUs free now" if n < default else "default"

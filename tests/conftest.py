@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker, and every CLI subprocess it
+# starts, computes on one thread: two workers with a thread per core each would oversubscribe the CPU.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 WORDS_POS = ["good", "great", "fine", "nice", "happy"]
 WORDS_NEG = ["bad", "awful", "poor", "sad", "ugly"]

@@ -2,13 +2,15 @@
 
 (``resume``: continue a stopped run; tests/test_golden.py checks both ways give these values.)
 
-The values were recorded on the code before the task-seam restructuring (issue 33) and must not
-move: ``python tests/golden_runs.py OUT.json`` writes them again (only after a change that is
+The values were recorded on the code before the task-seam restructuring (issue 33), again on one
+CPU thread on 2026-12-03 (float sums depend on the thread count: the tests run on one thread a
+pytest-xdist worker), and must not move: ``python tests/golden_runs.py OUT.json`` writes them again (only after a change that is
 *meant* to change results, with the reason in the commit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,6 +23,20 @@ CASES = [  # (name, task, strategy)
 ]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Compute on one CPU thread inside the block: the recorded values do not depend on the machine's cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@one_thread()
 def make_inputs(root: Path) -> dict[str, Path]:
     """The tiny teacher classifier, its data, the tiny Llama and its corpus, all seeded."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -75,6 +91,7 @@ def summary(report: dict, model) -> dict:
     }
 
 
+@one_thread()
 def run_case(inputs: dict, name: str, task: str, strategy: str, out: Path, resume: bool = False):
     from fusion_prune import compress
 

@@ -44,6 +44,17 @@ def test_prune_returns_a_copy(teacher):  # noqa: F811
     assert num_layers(prune(str(teacher), [0, 2])) == 1
 
 
+def test_compress_says_it_trains_a_teacher_first(tiny_base_model, sentiment_csv_dir, caplog):
+    """A model without a head: a warning (seen without any logging set-up) with the step budget."""
+    caplog.set_level("WARNING", logger="fusion_prune")
+    res = compress(str(tiny_base_model), str(sentiment_csv_dir), target_layers=1, strategy="top", finetune_steps=1,
+                   signal_samples=16, drop_one_samples=0, max_eval_samples=40, max_length=16, batch_size=8,
+                   distill=None, progress=False, teacher_lr=3e-3, teacher_margin=0.0)
+    (msg,) = [r.getMessage() for r in caplog.records if "fine-tunes a teacher first" in r.getMessage()]
+    planned = int(re.search(r"up to (\d+) steps of 32 examples", msg).group(1))
+    assert "fusionprune finetune" in msg and 0 < res.report["info"]["teacher_train"]["steps"] <= planned
+
+
 def test_compress_returns_a_result_that_saves(teacher, sentiment_csv_dir, tmp_path):  # noqa: F811
     res = compress(str(teacher), str(sentiment_csv_dir), target_layers=1, strategy="top", finetune_steps=1,
                    signal_samples=16, drop_one_samples=0, max_eval_samples=40, max_length=16, batch_size=8,
@@ -70,11 +81,14 @@ def test_the_readme_python_snippet_runs(tmp_path, monkeypatch):
     block = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)
     # The block runs as written; only budgets it does not name, and the test does not judge, are cut:
-    # the teacher's training (half an epoch of the 3,000 default examples, no step floor) and each
-    # step's calibration, drop-one and recovery samples (the whole test ran 7-15 min with them).
+    # the teacher's training (half an epoch of the 3,000 default examples, no step floor, no early
+    # stopping), each step's calibration, drop-one and recovery samples, and the evaluation sets
+    # (the whole test ran 7-15 min with them).
     monkeypatch.setitem(TEACHER_DEFAULTS, "epochs", 0.5)
     monkeypatch.setitem(TEACHER_DEFAULTS, "min_steps", 0)
-    for name, value in {"finetune_steps": 5, "signal_samples": 64, "drop_one_samples": 100}.items():
+    monkeypatch.setitem(TEACHER_DEFAULTS, "patience", 0)  # no validation checks during that half epoch
+    for name, value in {"finetune_steps": 5, "signal_samples": 64, "drop_one_samples": 100,
+                        "max_eval_samples": 200}.items():
         monkeypatch.setitem(ClassificationTask.step_defaults, name, value)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)  # noqa: S102

@@ -47,7 +47,8 @@ def noise_dir(tmp_path_factory):
     return folder
 
 
-def test_early_stopping_stops_at_a_plateau_and_keeps_the_best_weights(base3, sentiment_csv_dir):
+def test_early_stopping_stops_at_a_plateau_and_keeps_the_best_weights(base3, sentiment_csv_dir, caplog):
+    caplog.set_level("INFO", logger="fusion_prune")
     data = load_dataset(str(sentiment_csv_dir))
     model, tok, _ = load_classifier(str(base3), data.labels, seed=0)
     cfg = FinetuneConfig(max_steps=400, batch_size=16, lr=3e-3, max_length=16, progress=False, patience=2,
@@ -61,6 +62,10 @@ def test_early_stopping_stops_at_a_plateau_and_keeps_the_best_weights(base3, sen
     assert es["best_validation_accuracy"] == pytest.approx(best, abs=1e-4)
     # the last `patience` checks gained nothing over the best, which came before them
     assert all(a <= best for _, a in curve[-2:]) and es["best_step"] <= stats["steps"] - 2 * 5
+    # every check and the stop are said: no silent minutes
+    checks = [r.getMessage() for r in caplog.records if "validation accuracy" in r.getMessage()]
+    assert len(checks) == len(curve) + 1 and checks[-1].startswith(f"early stop at step {stats['steps']}")
+    assert f"keeping the weights of step {es['best_step']}" in checks[-1]
     # the model ends with the best weights: its validation accuracy is the best of the curve
     from fusion_prune.finetune import evaluate
     from fusion_prune.data import subsample

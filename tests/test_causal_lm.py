@@ -202,6 +202,10 @@ def test_lm_compress_every_strategy(llama_dir, corpus_txt, tmp_path, strategy):
         for e in r["history"]:
             assert e["measured_nll_after_drop"] == min(e["drop_one"]["loss_after_drop"])
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "plots" / "perplexity.png").is_file()
+    from test_compress import check_candidates
+
+    for e in r["history"]:
+        check_candidates(e, strategy, 4)
 
 
 def test_lm_output_reloads_and_generates_the_same(llama_dir, corpus_txt, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import math
 import os
 import subprocess
@@ -56,6 +57,13 @@ def test_every_strategy_end_to_end(strategy, teacher, sentiment_csv_dir, bundle_
     assert json.loads((out / "report.json").read_text())["kept_layers"] == r["kept_layers"]
     assert (out / "report.md").is_file() and (out / "plots" / "accuracy.png").is_file()
     assert not (tmp_path / "out.partial").exists()
+    for e in r["history"]:
+        check_candidates(e, strategy, 3)
+    md = (out / "report.md").read_text()
+    assert "## Why each layer was removed" in md and f"Strategy `{strategy}`" in md
+    if not STRATEGIES[strategy].one_shot:  # every layer of the first step is a row; the removed one bold
+        first = r["history"][0]
+        assert f"| **{first['dropped'][0]} ({first['dropped_orig'][0]})** |" in md
     if strategy == "top":
         assert r["kept_layers"] == [0]
     if strategy == "bottom":
@@ -72,6 +80,27 @@ def test_every_strategy_end_to_end(strategy, teacher, sentiment_csv_dir, bundle_
         # the report says what "predicted" is for this bundle's target
         target = r["fusion_bundle"]["target"]
         assert ("not an accuracy" in (out / "report.md").read_text()) == (target != "retention")
+
+
+def check_candidates(entry: dict, strategy: str, full_layers: int) -> None:
+    """The step's candidate table covers every current layer and its deciding (last) column chose the
+    removed layer: highest removability, prediction or accuracy, lowest loss."""
+    import numpy as np
+
+    c = entry["candidates"]
+    assert c["layer"] == list(range(entry["layers_before"]))
+    assert [c["orig_layer"][i] for i in entry["dropped"]] == entry["dropped_orig"]
+    cols = [k for k in c if k not in ("layer", "orig_layer")]
+    if not cols or STRATEGIES[strategy].one_shot or strategy in ("top", "bottom", "deepest", "alternate",
+                                                                 "symmetric", "random"):
+        return  # chosen by position: a measurement may be shown but does not decide
+    values = np.asarray(c[cols[-1]], dtype=float)
+    ends = [i for i, o in enumerate(c["orig_layer"]) if o in (0, full_layers - 1)]
+    if strategy == "sleb" and len(ends) < len(values):  # the first and last original layers are kept (if any other)
+        values[ends] = np.nan
+    lowest = "loss" in cols[-1] or "nll" in cols[-1]
+    best = np.nanmin(values) if lowest else np.nanmax(values)
+    assert values[entry["dropped"][0]] == best, (cols[-1], values, entry["dropped"])
 
 
 def test_alternate_and_symmetric_orders():
@@ -342,3 +371,23 @@ def test_fusion_verify_from_the_cli(teacher, sentiment_csv_dir, bundle_path, tmp
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["config"]["verify_k"] == 2 and report["strategy"] == "fusion-verify"
+
+
+def test_a_run_stopped_by_an_older_version_resumes_when_new_options_are_at_their_defaults():
+    from fusion_prune.checkpoint import same_meta
+    from fusion_prune.loop import config_defaults
+
+    cfg = CompressConfig.from_options(target_layers=2, task="causal-lm", heal_steps=20)
+    defaults = {"config": config_defaults(cfg)}
+    now = json.loads(json.dumps({"model": "m", "config": asdict(cfg)}, default=str))
+    older = json.loads(json.dumps(now))
+    del older["config"]["verify_k"], older["config"]["finish"]["heal"]["lora_r"]  # options added since
+    assert same_meta(older, now, defaults)
+    changed = json.loads(json.dumps(now))
+    changed["config"]["verify_k"] = 5  # a new option set away from its default: not the stopped run's
+    assert not same_meta(older, changed, defaults)
+    assert not same_meta(now, {**now, "model": "other"}, defaults)
+    fewer = json.loads(json.dumps(now))
+    del fewer["config"]["seed"]  # an option the stopped run had that this version lacks
+    assert not same_meta(now, fewer, defaults)
+    assert defaults["config"]["finish"]["heal"]["steps"] != now["config"]["finish"]["heal"]["steps"]

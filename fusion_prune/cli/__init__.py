@@ -22,15 +22,23 @@ from fusion_prune.cli.models import export_cmd, inspect, prune
 from fusion_prune.cli.signals import analyze, signals_cmd
 from fusion_prune.cli.train import distill_cmd, evaluate, finetune
 from fusion_prune.logs import configure_logging
+from fusion_prune.utils import configure_threads
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fusionprune")
 @click.option("-v", "--verbose", is_flag=True, help="Log more (debug messages of fusionprune).")
-def main(verbose: bool) -> None:
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch. Default: FUSIONPRUNE_THREADS, else OMP_NUM_THREADS, else the CPUs not "
+                   "busy with other work when the command starts.")
+def main(verbose: bool, threads: int | None) -> None:
     """Make transformer classifiers and causal LMs smaller by removing whole layers."""
     configure_logging(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    n, why = configure_threads(threads)
+    if why == "CPUs free now":
+        logging.getLogger("fusion_prune").info("other work is using the CPU: computing on %d thread(s) (--threads "
+                                               "or FUSIONPRUNE_THREADS to choose)", n)
 
 
 for command in (assets, inspect, finetune, evaluate, prune, signals_cmd, analyze, collect, fit_fusion,

@@ -106,7 +106,8 @@ def compress_cmd(model: str, dataset: str, text_column: str, label_column: str, 
 
 
 @click.command()
-@click.option("--output", "-o", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", default="runs/demo", show_default=True, type=click.Path(path_type=Path),
+              help="The demo's run folder (the teacher, the compressed model, report.md).")
 @click.option("--resume", is_flag=True, help="Continue a stopped demo (nothing to continue: start it).")
 @overwrite_option()
 @click.pass_context

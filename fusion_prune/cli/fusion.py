@@ -67,7 +67,7 @@ def collect(model: str, dataset: str, text_column: str, label_column: str, outpu
 @_measured_option
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Leave-one-dataset-out report (JSON, with a plot beside it).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the estimator (forest, XGBoost).")
 @click.option("--extra", multiple=True, help="Also learn from this opt-in signal (a column collect --extra wrote).")
 @overwrite_option("bundle")
 def fit_fusion(data: tuple[str, ...], model_type: str, output: Path, report: Path | None, extra: tuple[str, ...],

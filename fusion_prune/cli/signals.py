@@ -18,14 +18,14 @@ from fusion_prune.cli.common import (dataset_options, hold_output, model_option,
 @click.option("--split", default="validation", show_default=True, type=click.Choice(["train", "validation", "test"]),
               help="Classifier: the split the calibration sample is drawn from (causal LM: train windows).")
 @click.option("--samples", default=None, type=int, help="Calibration examples [256] or token windows [4].")
-@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--batch-size", default=None, type=int, help="[classification 16, causal LM 4]")
 @click.option("--max-length", default=None, type=int, help="Tokens per example [128] or per window [512].")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration sample.")
 @click.option("--extra", multiple=True, help="Opt-in extra signal (repeatable), e.g. activation_patching.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Heatmap PNG.")
 @overwrite_option("table and plot")
 def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, task: str | None, output: Path,
-                split: str, samples: int | None, batch_size: int, max_length: int | None, seed: int,
+                split: str, samples: int | None, batch_size: int | None, max_length: int | None, seed: int,
                 extra: tuple[str, ...], plot: Path | None, overwrite: bool) -> None:
     """The 12 layer-importance signals of MODEL on a calibration sample of DATASET."""
     from fusion_prune.api import compute_signals
@@ -65,7 +65,7 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, t
               help="Fusion bundle whose ranking is shown (default: the shipped one; 'none': no bundle).")
 @click.option("--batch-size", default=None, type=int, help="[classification 16, causal LM 4]")
 @click.option("--max-length", default=None, type=int, help="Tokens per example [128] or per window [512].")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration sample.")
 @overwrite_option()
 def analyze(model: str, dataset: str, output: Path, extras: str, fusion_path: str, overwrite: bool, **options) -> None:
     """Every signal's, consensus's and the fusion bundle's ranking of MODEL's layers, their agreement, and

@@ -51,7 +51,8 @@ def finetune(model: str, dataset: str, text_column: str, label_column: str, outp
 @model_option("A fine-tuned classifier or a causal LM (folder, asset or hub id).")
 @dataset_options(required=False, help_extra=" Needed unless --lm-eval is given.")
 @task_option
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]),
+              help="The dataset split to evaluate on.")
 @click.option("--batch-size", default=None, type=int, help="[classification 64, causal LM 4 (zero-shot 8)]")
 @click.option("--max-length", default=None, type=int,
               help="Classifier: default the one the model was trained with, else 128. Causal LM: window [512].")

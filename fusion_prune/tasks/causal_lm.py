@@ -418,5 +418,10 @@ class CausalLMTask(Task):
         title = f"{report.model_name} on {report.dataset_name}: validation perplexity ({report.strategy})"
         plot_per_step(report, folder / "perplexity.png", report.info[self.teacher_metric_key],
                       [([e.metric for e in report.history], "o-", "after each removal")], "validation perplexity",
-                      title, log=True, budget=report.info.get("budget_limit"), fontsize=9)
+                      title, log=True, budget=report.info.get("budget_limit"), fontsize=9,
+                      test={"teacher": report.results.get("teacher_perplexity"),
+                            "pruned": report.results.get("pruned_perplexity"),
+                            "after distillation" if report.results.get("distill") else
+                            "after healing" if report.results.get("heal") else "final":
+                            report.results.get("student_perplexity")})
         return ["![perplexity](plots/perplexity.png)", ""]

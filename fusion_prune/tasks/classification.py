@@ -112,14 +112,19 @@ class ClassificationTask(Task):
                         progress=False)
 
     def prepare_teacher(self, model, tok, step, teacher, teacher_margin, ready, model_spec):
-        from fusion_prune.finetune import FinetuneConfig, check_teacher, majority_share, train
+        from fusion_prune.finetune import FinetuneConfig, check_teacher, majority_share, planned_steps, train
         from fusion_prune.training import make_accelerator
 
         info: dict = {"teacher_finetuned": not ready}
         if not ready:
-            log.info("%s has no head for these labels: fine-tuning the teacher first", model_spec)
             tcfg = FinetuneConfig(**{**asdict(teacher), "max_length": step.max_length, "seed": step.seed,
                                      "progress": step.progress})
+            # A warning, so that Python API users without a logging set-up see it too: this can be most of a run.
+            log.warning("%s has no head for these labels: compress fine-tunes a teacher first, up to %d steps of %d "
+                        "examples (%s; the bar shows the time left). To reuse one teacher across runs, save it "
+                        "with `fusionprune finetune` and pass its folder.", model_spec,
+                        planned_steps(len(self.data.train), tcfg), tcfg.batch_size,
+                        f"early stop after {tcfg.patience} checks without a gain" if tcfg.patience else "no early stop")
             info["teacher_train"] = train(model, tok, self.data.train, tcfg, make_accelerator(tcfg.mixed_precision),
                                           val_df=self.data.validation, data_labels=self.data.labels)
             info["teacher_data"] = {"max_train_samples": tcfg.max_train_samples, "seed": tcfg.seed}
@@ -300,8 +305,12 @@ class ClassificationTask(Task):
         if any(e.measured is not None for e in report.history):
             series.append(([e.measured for e in report.history], "x:", "right after the drop"))
         title = f"{report.model_name} on {report.dataset_name}: validation accuracy ({report.strategy})"
+        r = report.results
+        final = "after distillation" if r.get("distill") else "final"
         plot_per_step(report, folder / "accuracy.png", teacher, series, "validation accuracy", title,
-                      budget=report.info.get("budget_limit"), fontsize=9)
+                      budget=report.info.get("budget_limit"), fontsize=9,
+                      test={"teacher": r.get("teacher_accuracy"), "pruned": r.get("pruned_accuracy"),
+                            final: r.get("student_accuracy")})
         return ["![accuracy](plots/accuracy.png)", ""]
 
 
