@@ -67,6 +67,29 @@ class Analysis:
         orig = self.table["orig_layer"]
         return {m: int(orig.iloc[int(self.ranks[m].to_numpy().argmin())]) for m in self.ranks.columns}
 
+    def caution_lines(self) -> list[str]:
+        """A warning when no ranking was checked by measurement, or a list of the methods whose first
+        layer is not among the two best measured ones."""
+        if MEASURED not in self.ranks.columns:
+            return ["> **Unmeasured rankings.** No layer was removed to check them: a signal or the fusion model can "
+                    "rank first a layer whose removal costs far more than another's (in the demo, the first-ranked "
+                    "layer left near-majority accuracy). Add `--measure` before acting on a ranking; `compress` "
+                    "measures by default.", ""]
+        col, orig = self.meta.get("measured_column"), self.table["orig_layer"].to_numpy()
+        measured_rank = self.ranks[MEASURED].to_numpy()
+        best = int(np.argmin(measured_rank))
+        off = []
+        for meth in self.ranks.columns:
+            first = int(self.ranks[meth].to_numpy().argmin())
+            if meth != MEASURED and measured_rank[first] > 2:
+                value = f", {col} {self.table[col].iloc[first]:.4g}" if col in self.table else ""
+                off.append(f"`{meth}` (layer {int(orig[first])}: measured rank {int(measured_rank[first])}{value})")
+        if not off:
+            return ["Every method's first layer is among the two best by measurement.", ""]
+        best_value = f", {col} {self.table[col].iloc[best]:.4g}" if col in self.table else ""
+        return [f"> **Disagrees with the measurement.** First layers outside the two best measured (best: layer "
+                f"{int(orig[best])}{best_value}): " + ", ".join(off) + ".", ""]
+
     def markdown(self) -> str:
         m = self.meta
         methods = list(self.ranks.columns)
@@ -77,6 +100,7 @@ class Analysis:
                  + (f"; measured: {m['metric']} on {m['drop_one_samples']} validation "
                     f"{m['unit']} without each layer"
                     if MEASURED in methods else "") + f". {m['seconds']:.0f} s.", "",
+                 *self.caution_lines(),
                  "## The layer each method would remove first", "",
                  "| method | first | second | third |" + (" Spearman with measured |" if MEASURED in methods else ""),
                  "|---|---|---|---|" + ("---|" if MEASURED in methods else "")]
@@ -189,7 +213,7 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
             "dataset_name": Path(str(data.spec)).name or str(data.spec), "task": t.name, "layers": len(table),
             "samples": int(n_samples), "unit": t.unit, "split": split, "seed": seed, "signals": names,
             "fusion": str(fusion) if bundle is not None else None,
-            "metric": t.metric,
+            "metric": t.metric, "measured_column": t.drop_one_order[0][0] if measure else None,
             "drop_one_samples": t.count_drop_one(step) if measure else None,
             "seconds": round(time.perf_counter() - t0, 1)}
     return Analysis(table, removability, ranks, agreement, meta)

@@ -35,6 +35,14 @@ def test_numbers_equal_signals_and_labels_for_the_same_inputs(teacher, sentiment
     ref = pd.read_parquet(tmp_path / "s.parquet")
     cols = [*DEFAULT_SIGNALS, "activation_patching"]
     np.testing.assert_allclose(a.table[cols].to_numpy(), ref[cols].to_numpy(), rtol=1e-6, atol=1e-9)
+    # what the report says of the rankings: flagged where the measurement disagrees, or unmeasured
+    assert "Unmeasured rankings" not in a.markdown()
+    for meth in a.ranks.columns:
+        first = int(a.ranks[meth].to_numpy().argmin())
+        assert (f"`{meth}` (layer {int(a.table['orig_layer'].iloc[first])}: measured rank"
+                in a.markdown()) == (meth != "measured" and a.ranks["measured"].iloc[first] > 2)
+    unmeasured = analyze(str(teacher), str(sentiment_csv_dir), samples=32, fusion=None, max_length=16, progress=False)
+    assert "Unmeasured rankings" in unmeasured.markdown()
     # the measured reference: the drop-one labels collect and compress compute
     data = load_dataset(str(sentiment_csv_dir))
     net, tok, _ = load_classifier(str(teacher), data.labels)
@@ -70,6 +78,7 @@ def test_cli_writes_the_report(teacher, sentiment_csv_dir, bundle_path, tmp_path
             "plots/agreement.png"} <= set(names)
     md = (out / "analysis.md").read_text()
     assert "## Consensus and fusion side by side" in md and "Spearman with measured" in md
+    assert "Every method's first layer is among the two best" in md or "Disagrees with the measurement" in md
     wide = pd.read_parquet(out / "analysis.parquet")
     assert len(wide) == 4 and "rank_consensus" in wide and "rank_measured" in wide
     # again without --overwrite: refused, untouched

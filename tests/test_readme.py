@@ -1,4 +1,4 @@
-"""The README's five-minute tour, command by command, on a tiny model and a CSV of its own.
+"""The README's tour on your own CSV, command by command, on a tiny model and a CSV of its own.
 
 The commands are taken from the README as written; the only changes are the model (a tiny BERT
 instead of minilm-l6) and options appended to keep each command to seconds.
@@ -32,7 +32,7 @@ FAST = {
 
 
 def tour_commands() -> list[list[str]]:
-    block = re.search(r"## Five-minute tour[^\n]*\n.*?```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    block = re.search(r"## Tour on your own CSV[^\n]*\n.*?```bash\n(.*?)```", README.read_text(), re.S).group(1)
     lines = block.replace("\\\n", " ").splitlines()
     return [shlex.split(line)[1:] for line in lines if line.strip().startswith("fusionprune ")]
 
