@@ -49,6 +49,11 @@ class TextCorpus:
             h.update(b"\x1e".join(t.encode() for t in split) + b"\x1d")
         return h.hexdigest()
 
+    def summary(self) -> str:
+        """One line for the start of a run: documents per split."""
+        return (f"{self.spec}: train {len(self.train):,}, validation {len(self.validation):,}, test "
+                f"{len(self.test):,} documents")
+
     def describe(self) -> dict:
         return {"spec": self.spec, "train_documents": len(self.train), "validation_documents": len(self.validation),
                 "test_documents": len(self.test), "notes": self.notes}

@@ -84,6 +84,15 @@ class TextDataset:
             raise BadInputError(f"The 'split' parameter must be one of {list(SPLITS)}. Got {name!r} instead.")
         return getattr(self, name)
 
+    def summary(self) -> str:
+        """One line for the start of a run: split sizes and the share a classifier must beat."""
+        val = self.validation["label"].to_numpy()
+        counts = np.bincount(np.asarray(val, dtype=np.int64), minlength=len(self.labels)) if len(val) else None
+        majority = ("" if counts is None else f"; majority class {self.labels[int(counts.argmax())]!r} is "
+                    f"{counts.max() / len(val):.1%} of validation (the accuracy of always guessing it)")
+        return (f"{self.spec}: {len(self.labels)} labels; train {len(self.train):,}, validation "
+                f"{len(self.validation):,}, test {len(self.test):,} examples{majority}")
+
     def describe(self) -> dict:
         return {
             "spec": self.spec,

@@ -239,6 +239,7 @@ def _finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_di
     from fusion_prune.models import load_classifier
 
     t0 = time.perf_counter()
+    log.info("data %s", data.summary())
     model, tokenizer, head_trained = load_classifier(model_spec, data.labels, seed=cfg.seed)
     stats = train(model, tokenizer, data.train, cfg, accelerator, val_df=data.validation, data_labels=data.labels)
     metrics = {}

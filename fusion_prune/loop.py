@@ -427,6 +427,7 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
               if strategy.needs_bundle else None)
     signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
     meta = run_meta(model_spec, data, cfg)
+    log.info("data %s", data.summary())
     t_start = time.perf_counter()
     run = RunFolder(_partial(output), meta, resume=resume, overwrite=overwrite,
                     defaults={"config": config_defaults(cfg)})

@@ -156,3 +156,11 @@ def test_split_name_is_checked(tmp_path):
     with pytest.raises(BadInputError, match="'split' parameter must be one of"):
         ds.split("dev")
     assert json.dumps(ds.describe())  # serialisable for run records
+
+
+def test_the_summary_line_gives_split_sizes_and_the_majority_share(sentiment_csv_dir):
+    ds = load_dataset(str(sentiment_csv_dir))
+    line = ds.summary()
+    share = ds.validation["label"].value_counts(normalize=True).max()
+    assert f"train {len(ds.train):,}, validation {len(ds.validation):,}, test {len(ds.test):,} examples" in line
+    assert f"is {share:.1%} of validation" in line and line.startswith(f"{ds.spec}: 2 labels")
