@@ -97,7 +97,7 @@ def next_token_score(model: nn.Module, inputs: dict, batch: dict) -> tuple[float
 
 
 @torch.no_grad()
-def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = False, desc: str = "labels",
+def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = False, desc: str = "drop-one",
                     only: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(before (3,), after (n_layers, 3)): summed ``score`` of the intact model and of the model
     without each single layer, over ``batches`` (on the model's device), with cached prefixes.
@@ -139,7 +139,7 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
 
 
 def drop_one_on_batches(model, batches: list[dict], score: Scorer, progress: bool = False,
-                        desc: str = "labels", only: Sequence[int] | None = None) -> DropOne:
+                        desc: str = "drop-one", only: Sequence[int] | None = None) -> DropOne:
     """:func:`drop_one_scores` as a :class:`DropOne` table: accuracy and mean loss per removal."""
     t0 = time.perf_counter()
     before, after = drop_one_scores(model, batches, score, progress, desc, only)
@@ -159,7 +159,7 @@ def drop_one_nll(model, batches: list[dict], progress: bool = False, only: Seque
     """Next-token accuracy (``acc_after_drop``) and mean next-token NLL (``loss_after_drop``) of a
     causal LM with each single layer (or each of ``only``) removed, on token-window ``batches``;
     cached prefixes. ``examples`` counts predicted tokens."""
-    return drop_one_on_batches(model, batches, next_token_score, progress, desc="NLL labels", only=only)
+    return drop_one_on_batches(model, batches, next_token_score, progress, desc="drop-one NLL", only=only)
 
 
 def _drop_one_table(model, before: np.ndarray, after: np.ndarray, seconds: float) -> DropOne:

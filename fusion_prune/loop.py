@@ -205,7 +205,7 @@ def measure_state(task: Task, student, tok, step: StepConfig, k: int, strategy, 
     signals = None
     if strategy.needs_signals or (want_signals and step.signal_samples):
         with task.phase("signals"):
-            signals = task.signals(student, batches, signal_names)
+            signals = task.signals(student, batches, signal_names, progress=step.progress)
     t_signals = time.perf_counter() - t0
     dropone, t_drop = None, 0.0
     if strategy.needs_drop_one or want_drop_one:

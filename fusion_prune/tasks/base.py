@@ -174,12 +174,12 @@ class Task:
         """The calibration batches of step ``k`` on the model's device."""
         raise NotImplementedError
 
-    def signals(self, model, batches: list[dict], names: list[str]) -> pd.DataFrame:
+    def signals(self, model, batches: list[dict], names: list[str], progress: bool = False) -> pd.DataFrame:
         """The signals table (n_layers, 2 + len(names)) on calibration ``batches``."""
         from signals import signals_on_batches
 
         return signals_on_batches(model, batches, names, token_stride=self.signal_token_stride,
-                                  checkpoint_layers=self.signal_checkpoint_layers, progress=False)
+                                  checkpoint_layers=self.signal_checkpoint_layers, progress=progress)
 
     def drop_one(self, model, tok, step: StepConfig, only: list[int] | None = None) -> DropOne:
         """The measured drop-one table on validation data, for every layer or just ``only``."""

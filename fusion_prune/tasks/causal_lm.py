@@ -181,7 +181,8 @@ class CausalLMTask(Task):
         from fusion_prune.dropone import drop_one_nll
 
         w = self.windows(tok, "validation", step, step.max_eval_tokens)[: step.drop_one_samples or None]
-        return drop_one_nll(model, window_batches(w, step.batch_size, next(model.parameters()).device), only=only)
+        return drop_one_nll(model, window_batches(w, step.batch_size, next(model.parameters()).device),
+                            progress=step.progress, only=only)
 
     def row_extras(self, dropone):
         return {"loss_before": dropone.loss_before, "task": self.name}

@@ -151,7 +151,7 @@ class ClassificationTask(Task):
 
         return drop_one_accuracy(model, tok, subsample(self.data.validation, step.drop_one_samples or None, step.seed),
                                  self.data.labels, batch_size=step.batch_size * 2, max_length=step.max_length,
-                                 only=only)
+                                 progress=step.progress, only=only)
 
     measures_after_recovery = True
 
