@@ -138,6 +138,25 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
     return before, after
 
 
+@torch.no_grad()
+def kept_scores(model, batches: list[dict], score: Scorer, keep: Sequence[int]) -> np.ndarray:
+    """Summed ``score`` (correct, loss sum, count) of ``model`` run with only the current layers
+    ``keep`` (in order) over ``batches``; the model is not changed (a view, put back after)."""
+    layers = list(layer_list(model))
+    keep = [int(i) for i in keep]
+    was_training = model.training
+    model.eval()
+    kw = no_cache_kwargs(model)
+    total = np.zeros(3)
+    try:
+        with temporary_layers(model, [layers[i] for i in keep], keep):
+            for batch in batches:
+                total += score(model, {k: v for k, v in batch.items() if k != "labels"} | kw, batch)
+    finally:
+        model.train(was_training)
+    return total
+
+
 def drop_one_on_batches(model, batches: list[dict], score: Scorer, progress: bool = False,
                         desc: str = "drop-one", only: Sequence[int] | None = None) -> DropOne:
     """:func:`drop_one_scores` as a :class:`DropOne` table: accuracy and mean loss per removal."""

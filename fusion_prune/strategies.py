@@ -8,6 +8,7 @@ the min-max normalised, direction-aligned signals (the layerwise-importance fram
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -16,6 +17,8 @@ import pandas as pd
 
 from signals import DEFAULT_SIGNALS, SIGNALS
 from signals.rules import consensus_removability, signal_removability
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the strategy registry
@@ -239,3 +242,35 @@ def _taylor(s: StrategyState) -> list[int]:
     layer's weights, keeping the first 4 and last 2 original layers."""
     score = signal_removability(s.signals.sort_values("layer"), "grad_taylor")
     return _noted_argmax(s, "removability (grad_taylor)", score, _allowed(s, 4, 2))
+
+
+# --------------------------------------------------------------------------- search beyond greedy
+
+
+@register_strategy("evo-search", needs_signals=True, needs_bundle=True, one_shot=True)
+def _evo_search(s: StrategyState) -> list[int]:
+    """EvoPress-style search (Sieberling et al., 2024) for the whole set of L - target layers at once,
+    by calibration loss with the set removed; the fusion bundle proposes the first set and guides
+    the swaps, so few sets are measured. Keeps the first and last layers (as SLEB)."""
+    from fusion_prune.dropone import kept_scores
+    from fusion_prune.search import search_removal
+
+    n, k = s.n_layers, s.n_layers - s.target_layers
+    prior = s.bundle.predict(s.signals.sort_values("layer"))
+    allowed = [i for i in range(n) if _allowed(s, 1, 1)[i]]
+    if len(allowed) < k:
+        allowed = list(range(n))
+
+    def loss(removed: list[int]) -> float:
+        keep = [i for i in range(n) if i not in set(removed)]
+        _, total, count = kept_scores(s.model, s.batches, s.task.score, keep)
+        return total / max(count, 1)
+
+    deepest = list(range(max(allowed) - k + 1, max(allowed) + 1))  # the contiguous block below the last layer
+    result = search_removal(loss, allowed, k, prior=prior, seeds=[deepest], rng=s.rng)
+    s.note("predicted", prior)
+    s.note("removed in the best set", [float(i in result.removed) for i in range(n)])
+    log.info("evo-search: measured %d sets of %d layers; best calibration loss %.4f (deepest block %.4f)",
+             result.measured, k, result.loss, dict((tuple(r), v) for r, v in result.trace).get(tuple(deepest),
+                                                                                                float("nan")))
+    return result.removed

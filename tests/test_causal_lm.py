@@ -183,7 +183,7 @@ def _lm_cfg(**kw):
     return CompressConfig.from_options(**{**base, **kw})
 
 
-@pytest.mark.parametrize("strategy", ["block-influence", "angular-block", "deepest", "sleb", "taylor", "fusion",
+@pytest.mark.parametrize("strategy", ["block-influence", "angular-block", "deepest", "sleb", "taylor", "fusion", "evo-search",
                                       "oracle", "random"])
 def test_lm_compress_every_strategy(llama_dir, corpus_txt, tmp_path, strategy):
     from fusion_prune.loop import compress_with_config as compress

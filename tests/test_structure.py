@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("signals", "distill", "fusion_prune.finetune", "fusion_prune.dropone", "fusion_prune.lm", "fusion_prune.heal",
      "fusion_prune.fusion", "fusion_prune.report", "fusion_prune.checkpoint", "fusion_prune.speed",
      "fusion_prune.streaming", "fusion_prune.card", "fusion_prune.export",
-     "fusion_prune.harness", "fusion_prune.replace"),
+     "fusion_prune.harness", "fusion_prune.replace", "fusion_prune.search"),
     # 3: what chooses and what differs between tasks
     ("fusion_prune.strategies", "fusion_prune.tasks"),
     # 4: the loop and what runs it
