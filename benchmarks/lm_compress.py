@@ -13,7 +13,7 @@ held-out test tokens; zero-shot on 100 test examples each of rotten-tomatoes and
 target) fitted on the shipped LM rows **without** the evaluated corpus (leave-one-corpus-out);
 ``fusion-verify`` shortlists with that bundle and lets the measured drop-one NLL on the
 validation windows decide (8, or ``--verify-windows N``: a row named ``fusion-verify-wN``);
-``best-signal`` is the signal with the lowest regret on the other corpora's rows. No choice
+``evo-search`` searches whole sets with that bundle as its prior; ``best-signal`` is the signal with the lowest regret on the other corpora's rows. No choice
 reads a test split. A finished run (its folder under ``--runs``) is skipped, a stopped one
 resumes; one row per run lands in ``results/lm-cpu/results.csv`` (``perplexity`` = after healing
 and distillation; ``zero_shot_accuracy`` = the student's mean over the zero-shot sets).
@@ -96,7 +96,7 @@ def run_one(model: str, corpus: str, strategy: str, seed: int, depth: int, runs:
     folder = runs / f"{Path(corpus).name}-l{depth}-{name}-s{seed}"
     if not (folder / "report.json").is_file():
         resolved, fusion_path = strategy, None
-        if strategy in ("fusion", "fusion-verify"):
+        if strategy in ("fusion", "fusion-verify", "evo-search"):
             fusion_path = _loco_bundle(corpus, runs, rows_glob)
         elif strategy == "best-signal":
             resolved = _best_signal(corpus, rows_glob)
