@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heal-steps", type=int, default=0, help="LoRA steps for both students afterwards (0: none)")
+    ap.add_argument("--objective", default="linear", choices=["linear", "linear-cosine"],
+                    help="least squares, or then the cosine objective (--replace linear-cosine)")
     a = ap.parse_args()
     drop = [int(x) for x in a.drop.split(",")]
     teacher, tok = load_causal_lm(a.model)
@@ -48,7 +50,7 @@ def main() -> None:
     row = {"model": a.model, "dataset": a.dataset, "dropped": drop, "samples": int(len(pick)),
            "teacher": perplexity(teacher, test)["perplexity"], "pruned": perplexity(student, test)["perplexity"]}
     t0 = time.perf_counter()
-    row["replacement"] = replace_linear(teacher, student, train[pick])
+    row["replacement"] = replace_linear(teacher, student, train[pick], objective=a.objective)
     row["replace_seconds"] = round(time.perf_counter() - t0, 1)
     row["replaced"] = perplexity(student, test)["perplexity"]
     if a.heal_steps:
@@ -63,10 +65,11 @@ def main() -> None:
         row["heal_steps"] = a.heal_steps
         print(f"after {a.heal_steps} LoRA steps: pruned {row['pruned_healed']:.3f}, replaced {row['replaced_healed']:.3f}")
     print(f"{a.model} on {a.dataset}, without {drop}: teacher {row['teacher']:.3f}, pruned {row['pruned']:.3f}, "
-          f"linear replacement {row['replaced']:.3f} ({row['replace_seconds']} s to fit)")
+          f"{a.objective} replacement {row['replaced']:.3f} ({row['replace_seconds']} s to fit)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     dest = RESULTS / (f"{a.model}-{a.dataset}-drop-{'-'.join(map(str, drop))}-n{len(pick)}"
-                      + (f"-heal{a.heal_steps}" if a.heal_steps else "") + ".json")
+                      + (f"-heal{a.heal_steps}" if a.heal_steps else "")
+                      + ("-cosine" if a.objective == "linear-cosine" else "") + ".json")
     write_json_atomic(dest, {**row, "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
                              "versions": versions()})
     print(json.dumps(row["replacement"]["runs"]), f"-> {dest}")

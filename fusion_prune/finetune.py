@@ -239,8 +239,8 @@ def _finetune(model_spec: str, data: TextDataset, cfg: FinetuneConfig, output_di
     from fusion_prune.models import load_classifier
 
     t0 = time.perf_counter()
-    log.info("data %s", data.summary())
     model, tokenizer, head_trained = load_classifier(model_spec, data.labels, seed=cfg.seed)
+    log.info("data %s", data.summary())  # after the model loads: a bad model stays a one-line error
     stats = train(model, tokenizer, data.train, cfg, accelerator, val_df=data.validation, data_labels=data.labels)
     metrics = {}
     for split in ("validation", "test"):

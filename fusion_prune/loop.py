@@ -427,7 +427,6 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
               if strategy.needs_bundle else None)
     signal_names = list(dict.fromkeys([*DEFAULT_SIGNALS, *strategy.extra_signals, *_bundle_extras(bundle)]))
     meta = run_meta(model_spec, data, cfg)
-    log.info("data %s", data.summary())
     t_start = time.perf_counter()
     run = RunFolder(_partial(output), meta, resume=resume, overwrite=overwrite,
                     defaults={"config": config_defaults(cfg)})
@@ -450,11 +449,13 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         t_start -= info.get("wall_seconds_before", 0.0)
         done = f" (steps 0-{len(history) - 1} finished: {info['teacher_layers']} -> " if history else " ("
         log.info("resuming at step %d%s%d layers)", len(history), done, num_layers(student))
+        log.info("data %s", data.summary())
     else:
         with task.phase("load"):
             teacher, tok, ready = task.load_model(model_spec)
         depth = num_layers(teacher)
         _check_target(cfg, depth)
+        log.info("data %s", data.summary())  # after the checks: bad input stays one line
         with task.phase("teacher"):
             info = task.prepare_teacher(teacher, tok, cfg, cfg.teacher, cfg.teacher_margin, ready, str(model_spec))
         info["task"] = task.name

@@ -34,7 +34,10 @@ from fusion_prune.errors import BadInputError
 OUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out")
 #: modules after the MLP in the block that make the fold inexact (a norm on the branch's output)
 _AFTER_MLP = ("post_feedforward_layernorm", "post_mlp_layernorm")
-REPLACE_METHODS = ("none", "linear")
+#: none; linear: least squares; linear-cosine: from the least-squares map, minimise the mean cosine
+#: distance between the stream and the teacher's (ReplaceMe's second objective, by Adam)
+REPLACE_METHODS = ("none", "linear", "linear-cosine")
+COSINE_STEPS = 200
 
 
 def runs_to_replace(teacher_layers: int, kept: list[int]) -> list[tuple[int, int]]:
@@ -99,10 +102,37 @@ def fold(proj: nn.Module, T: torch.Tensor) -> None:
             proj.bias.copy_((proj.bias.double() @ T).to(proj.bias.dtype))
 
 
-def replace_linear(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict:
+def mean_cosine_distance(A: torch.Tensor, M: torch.Tensor, T: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 1 - cos(A + M T, L); A, M, L: (N, H), T: (H, H)."""
+    return (1 - torch.nn.functional.cosine_similarity(A + M @ T, L, dim=-1)).mean()
+
+
+def fit_cosine(A: torch.Tensor, M: torch.Tensor, L: torch.Tensor, T0: torch.Tensor, steps: int = COSINE_STEPS,
+               lr: float = 1e-3) -> torch.Tensor:
+    """``T`` minimising :func:`mean_cosine_distance` by Adam from ``T0`` (the least-squares map); the
+    best iterate is returned, so the result is never worse than ``T0``. Float32 (the float64
+    solve gives the start)."""
+    A, M, L = A.float(), M.float(), L.float()
+    T = T0.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([T], lr=lr)
+    best, best_T = float("inf"), T0.clone()
+    for _ in range(steps + 1):
+        loss = mean_cosine_distance(A, M, T, L)
+        if loss.item() < best:
+            best, best_T = loss.item(), T.detach().double().clone()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return best_T
+
+
+def replace_linear(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                   objective: str = "linear") -> dict:
     """Fit and fold one linear map per run of removed layers (module docstring) into ``student``, in
-    place; ``windows``: (N, T) calibration token ids. Returns a record per run: the layer folded
-    into, tokens fitted, and the residual norm before and after relative to the target's."""
+    place; ``windows``: (N, T) calibration token ids. ``objective``: ``linear`` (least squares) or
+    ``linear-cosine`` (then :func:`fit_cosine` from it). Returns a record per run: the layer folded
+    into, tokens fitted, the residual norm before and after relative to the target's, and the mean
+    cosine distance to the teacher's stream before and after."""
     from fusion_prune.surgery import kept_layers, layer_list
 
     t_layers, s_layers = layer_list(teacher), layer_list(student)
@@ -125,9 +155,15 @@ def replace_linear(teacher: nn.Module, student: nn.Module, windows: torch.Tensor
         A = torch.cat(s_box["Y"]).reshape(-1, H).double() - M  # the stream before the MLP is added
         target = L - A
         T = torch.linalg.lstsq(M, target).solution  # (H, H)
+        eye = torch.eye(H, dtype=T.dtype)
+        cos_before = float(mean_cosine_distance(A, M, eye, L))
+        if objective == "linear-cosine":
+            T = fit_cosine(A, M, L, T)
         before = float((M - target).norm() / target.norm())
         after = float((M @ T - target).norm() / target.norm())
         fold(proj, T)
         record.append({"run": [i, j], "folded_into": i - 1, "tokens": int(M.shape[0]),
-                       "relative_residual_before": round(before, 5), "relative_residual_after": round(after, 5)})
-    return {"method": "linear", "runs": record}
+                       "relative_residual_before": round(before, 5), "relative_residual_after": round(after, 5),
+                       "cosine_distance_before": round(cos_before, 6),
+                       "cosine_distance_after": round(float(mean_cosine_distance(A, M, T, L)), 6)})
+    return {"method": objective, "runs": record}

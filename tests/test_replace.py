@@ -53,6 +53,36 @@ def test_the_folded_map_is_the_least_squares_optimum_and_reloads(family, tmp_pat
         assert student.generate(prompt, **gen).tolist() == again.generate(prompt, **gen).tolist()
 
 
+def test_the_cosine_objective_lowers_the_cosine_distance_from_the_least_squares_map(tmp_path):
+    """linear-cosine starts from the least-squares map and never ends worse by its own objective;
+    what is folded is what the record says (measured again on the folded student)."""
+    from transformers import AutoModelForCausalLM
+
+    from fusion_prune.replace import _capture, _run, replace_linear
+    from fusion_prune.surgery import drop_layers, layer_list
+
+    teacher = tiny_decoder("llama", layers=6).eval()
+    windows = torch.randint(5, 20, (6, 16), generator=torch.Generator().manual_seed(0))
+    ls, cos = drop_layers(teacher, [2, 3]), drop_layers(teacher, [2, 3])
+    (r_ls,) = replace_linear(teacher, ls, windows, batch_size=2)["runs"]
+    rec = replace_linear(teacher, cos, windows, batch_size=2, objective="linear-cosine")
+    (r_cos,) = rec["runs"]
+    assert rec["method"] == "linear-cosine" and r_cos["cosine_distance_before"] == r_ls["cosine_distance_before"]
+    assert r_cos["cosine_distance_after"] <= r_ls["cosine_distance_after"] < r_ls["cosine_distance_before"]
+    # least squares stays the better fit by its own (squared-error) objective
+    assert r_ls["relative_residual_after"] <= r_cos["relative_residual_after"] + 1e-6
+    with _capture({"L": layer_list(teacher)[3]}) as t_box:
+        _run(teacher, windows, 2)
+    with _capture({"Y": layer_list(cos)[1]}) as s_box:
+        _run(cos, windows, 2)
+    H = t_box["L"][0].shape[-1]
+    Y, L = torch.cat(s_box["Y"]).reshape(-1, H), torch.cat(t_box["L"]).reshape(-1, H)
+    measured = float((1 - torch.nn.functional.cosine_similarity(Y, L, dim=-1)).mean())
+    assert measured == pytest.approx(r_cos["cosine_distance_after"], rel=1e-3, abs=1e-6)
+    cos.save_pretrained(tmp_path / "m")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 4
+
+
 def test_refused_in_one_line_where_the_fold_is_not_exact():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 

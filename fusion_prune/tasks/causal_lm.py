@@ -38,7 +38,8 @@ class CausalLMFinish(FinishConfig):
     zero_shot: dict = opt(dict, help="Causal LM: labelled datasets to score zero-shot before and after.")
     replace: str = opt("none", help="Causal LM: 'linear' fits one linear map per run of removed layers on calibration "
                                    "tokens (least squares) and folds it into the layer before the run, before "
-                                   "healing (ReplaceMe); 'none' leaves the gap.")
+                                   "healing (ReplaceMe); 'linear-cosine' then lowers the mean cosine distance to "
+                                   "the teacher's stream from there; 'none' leaves the gap.")
     replace_samples: int = opt(16, help="Causal LM: training windows the --replace map is fitted on.")
     heal_teacher: bool = opt(False, help="Causal LM: also heal a copy of the teacher with the same method, steps and "
                                          "data, and report the student against it (the control that separates "
@@ -216,12 +217,12 @@ class CausalLMTask(Task):
                  pruned_ppl["perplexity"], healing)
         train_w = self.windows(tok, "train", step)
         replace_stats, replaced_ppl = None, None
-        if finish.replace == "linear":
+        if finish.replace != "none":
             from fusion_prune.replace import replace_linear
 
             with self.phase("replacement"):
                 replace_stats = replace_linear(teacher, student, self._sample(train_w, finish.replace_samples, step.seed),
-                                               step.batch_size)
+                                               step.batch_size, objective=finish.replace)
             with self.phase("evaluation"):
                 replaced_ppl = self._ppl(student, tok, "test", step)["perplexity"]
             log.info("linear replacement: test perplexity %.2f (pruned %.2f)", replaced_ppl, pruned_ppl["perplexity"])
