@@ -67,7 +67,9 @@ class CollectConfig:
     walk: str = opt("oracle", help="Which layer to drop after measuring a state: oracle (the measured best), random "
                                    "(seeded) or top (the deepest); random and top visit states the oracle never "
                                    "reaches.")
-    teacher: FinetuneConfig = opt(lambda: teacher_config(epochs=2, max_train_samples=4000),
+    # The same teacher as compress's (one default per option); the shipped rows were collected with
+    # --teacher-epochs 2 --max-train-samples 2000, pinned in the Makefile's COLLECT_ARGS.
+    teacher: FinetuneConfig = opt(lambda: teacher_config(max_train_samples=3000),
                                   help="The teacher's fine-tuning (only when the model has no head for the labels).")
     teacher_margin: float = opt(0.02, help="Exit 2 when the teacher's validation accuracy is within this of the "
                                           "majority-class share (0: no check).")

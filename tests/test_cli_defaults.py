@@ -7,6 +7,7 @@ compared is the config the command built from its defaults and the one the API b
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -122,3 +123,11 @@ def test_every_field_option_reads_an_existing_field_with_help(name, option):
     with click.Context(main) as ctx:
         option.get_default(ctx)
     assert option.help.strip(), name
+
+
+def test_collect_and_compress_train_the_same_teacher_by_default():
+    from fusion_prune.collect import CollectConfig
+    from fusion_prune.loop import CompressConfig
+
+    assert CollectConfig().teacher == CompressConfig(target_layers=2).teacher
+    assert "--teacher-epochs 2" in (Path(__file__).parents[1] / "Makefile").read_text()  # the shipped rows' teacher
