@@ -24,7 +24,7 @@ from fusion_prune.data import TextDataset, label_map, make_loader, subsample
 from fusion_prune.errors import BadInputError
 from fusion_prune.models import save_model
 from fusion_prune.params import TEACHER_DEFAULTS, validate
-from fusion_prune.training import loss_summary, make_accelerator, run_steps
+from fusion_prune.training import loss_summary, make_accelerator, run_steps, step_budget
 from fusion_prune.utils import atomic_dir, check_output, output_lock, set_seed, versions, write_json_atomic
 
 RUN_RECORD = "fusionprune_run.json"
@@ -144,7 +144,7 @@ def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, acceler
 def planned_steps(n_examples: int, cfg: FinetuneConfig) -> int:
     """The step budget :func:`train` gives ``n_examples`` (before any early stop)."""
     n = min(n_examples, cfg.max_train_samples or n_examples)
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)), cfg.min_steps)
+    return step_budget(math.ceil(n / cfg.batch_size), cfg.epochs, cfg.max_steps, cfg.min_steps)
 
 
 def majority_share(labels: np.ndarray) -> float:

@@ -440,7 +440,6 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
             student, tok, _ = task.load_model(str(run.current))
         teacher = None  # read again from its checkpoint when the finish needs it
         info = saved["info"]
-        info["strategy_rule"] = " ".join(strategy.doc.split())  # report.md's "why" (also for older records)
         info["peak_memory"] = peaks.record
         history = [StepRecord.from_dict(h, task.step_measured_key, task.step_metric_key) for h in saved["history"]]
         if num_layers(student) != info["teacher_layers"] - sum(len(h.dropped) for h in history):
@@ -459,7 +458,6 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         with task.phase("teacher"):
             info = task.prepare_teacher(teacher, tok, cfg, cfg.teacher, cfg.teacher_margin, ready, str(model_spec))
         info["task"] = task.name
-        info["strategy_rule"] = " ".join(strategy.doc.split())
         info["peak_memory"] = peaks.record
         info["teacher_layers"] = depth
         student = copy.deepcopy(teacher)
@@ -469,6 +467,7 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         run.save("teacher", teacher, tok, _record([], info))
         run.save("current", student, tok, _record([], info))
 
+    info["strategy_rule"] = " ".join(strategy.doc.split())  # report.md's "why" (also for a resumed older record)
     if cfg.budget is not None:  # the worst validation metric allowed: what each step is checked against
         info["budget_limit"] = task.budget_limit(info, cfg.budget)
 

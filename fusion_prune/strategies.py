@@ -89,10 +89,10 @@ def _noted_argmax(s: StrategyState, column: str, scores: np.ndarray, allowed: np
     return _argmax(scores if allowed is None else np.where(allowed, scores, -np.inf))
 
 
-def _measured(s: StrategyState, table: pd.DataFrame) -> dict[int, float]:
-    """{current layer: the task's measured drop-one value} of a (possibly partial) drop-one table."""
+def _note_measured(s: StrategyState, table: pd.DataFrame) -> None:
+    """Note the task's measured drop-one value of each layer a (possibly partial) drop-one table holds."""
     col = s.task.drop_one_order[0][0]
-    return {int(l): float(v) for l, v in zip(table["layer"], table[col])}
+    s.note(f"measured ({col})", {int(l): float(v) for l, v in zip(table["layer"], table[col])})
 
 
 @register_strategy("fusion", needs_signals=True, needs_bundle=True)
@@ -111,7 +111,7 @@ def _fusion_verify(s: StrategyState) -> list[int]:
     if len(short) == 1:
         return short
     table = s.measure(short).dropna(subset=["loss_after_drop"])
-    s.note(f"measured ({s.task.drop_one_order[0][0]})", _measured(s, table))
+    _note_measured(s, table)
     return [s.task.best_candidate(table)]
 
 
@@ -196,7 +196,7 @@ def _random(s: StrategyState) -> list[int]:
 def _oracle(s: StrategyState) -> list[int]:
     """The layer whose removal measurably keeps the most validation accuracy (causal LM: the
     lowest validation NLL): the task's order of the drop-one table."""
-    s.note(f"measured ({s.task.drop_one_order[0][0]})", _measured(s, s.drop_one))
+    _note_measured(s, s.drop_one)
     return [s.task.best_candidate(s.drop_one)]
 
 
@@ -257,7 +257,7 @@ def _evo_search(s: StrategyState) -> list[int]:
 
     n, k = s.n_layers, s.n_layers - s.target_layers
     prior = s.bundle.predict(s.signals.sort_values("layer"))
-    allowed = [i for i in range(n) if _allowed(s, 1, 1)[i]]
+    allowed = [int(i) for i in np.flatnonzero(_allowed(s, 1, 1))]
     if len(allowed) < k:
         allowed = list(range(n))
 
@@ -270,7 +270,7 @@ def _evo_search(s: StrategyState) -> list[int]:
     result = search_removal(loss, allowed, k, prior=prior, seeds=[deepest], rng=s.rng)
     s.note("predicted", prior)
     s.note("removed in the best set", [float(i in result.removed) for i in range(n)])
+    deepest_loss = next((v for r, v in result.trace if r == deepest), float("nan"))
     log.info("evo-search: measured %d sets of %d layers; best calibration loss %.4f (deepest block %.4f)",
-             result.measured, k, result.loss, dict((tuple(r), v) for r, v in result.trace).get(tuple(deepest),
-                                                                                                float("nan")))
+             result.measured, k, result.loss, deepest_loss)
     return result.removed

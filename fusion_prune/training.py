@@ -24,6 +24,11 @@ def make_accelerator(mixed_precision: str = "auto"):
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
 
 
+def step_budget(batches_per_epoch: int, epochs: float, max_steps: int | None, min_steps: int = 0) -> int:
+    """Training steps for a budget in epochs (``max_steps`` overrides it; at least ``min_steps``, at least 1)."""
+    return max_steps or max(1, math.ceil(epochs * batches_per_epoch), min_steps)
+
+
 def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_steps: int | None, lr: float,
               weight_decay: float, warmup_ratio: float, grad_clip: float, progress: bool,
               desc: str, min_steps: int = 0, on_step=None) -> tuple[list[float], int]:
@@ -44,7 +49,7 @@ def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_st
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     wrapped, opt, loader = accelerator.prepare(model, opt, loader)
-    total = max_steps or max(1, math.ceil(epochs * len(loader)), min_steps)
+    total = step_budget(len(loader), epochs, max_steps, min_steps)
     sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total)
     wrapped.train()
     losses: list[float] = []
