@@ -45,7 +45,8 @@ test-fast: $(STAMP)
 # finished dataset is skipped, an interrupted one resumes from its .state folder), then the bundle.
 FUSION_DATA     := fusion_prune/fusion_data
 FUSION_DATASETS ?= rotten-tomatoes bbc-news election-tweets reuters-r8 reuters-r52 20newsgroups
-COLLECT_ARGS    ?= --min-layers 1 --finetune-steps 40 --max-train-samples 2000 --teacher-epochs 2 --max-eval-samples 400 \
+COLLECT_ARGS    ?= --min-layers 1 --finetune-steps 40 --max-train-samples 2000 --teacher-epochs 2 --teacher-patience 3 \
+                   --max-eval-samples 400 \
                    --signal-samples 256 --max-length 128 --seed 0
 
 fusion-rows: $(STAMP)

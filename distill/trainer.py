@@ -59,7 +59,7 @@ class DistillConfig:
 def teacher_logits(teacher, tokenizer, df: pd.DataFrame, batch_size: int, max_length: int, accelerator) -> torch.Tensor:
     """(N, C) teacher logits for the rows of ``df``, in row order, on the CPU."""
     out = torch.zeros(len(df), teacher.config.num_labels)
-    for b in make_loader(df, tokenizer, batch_size, max_length, with_index=True):
+    for b in make_loader(df, tokenizer, batch_size, max_length, with_index=True, group_by_length=True):
         idx = b.pop("index")
         b.pop("labels")
         with accelerator.autocast():
@@ -116,7 +116,8 @@ def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: li
                             f"{student.config.num_labels}; expected the same head.")
     mapping = torch.as_tensor(label_map(student.config, data_labels))
     df = subsample(train_df, cfg.max_train_samples, cfg.seed)
-    loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed, with_index=True)
+    loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed, with_index=True,
+                         group_by_length=True)
     # Examples the student will see (all processes together): more than the data means repeats.
     seen = (cfg.max_steps or math.ceil(cfg.epochs * len(loader))) * cfg.batch_size
     # soft_weight = hidden_weight = 0 is plain fine-tuning through the same loop (the control that

@@ -149,7 +149,8 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
             measure: bool = False, drop_one_samples: int | None = None, fusion: str | Path | None = "default",
             batch_size: int | None = None, max_length: int | None = None, seed: int = 0,
             progress: bool = True) -> Analysis:
-    """Rank ``model``'s layers by every signal (the 12 and ``extras``; None: every opt-in extra),
+    """Rank ``model``'s layers by every signal (the 12 and ``extras``; None: the extras worth their
+    cost, :func:`signals.analysis_extras`),
     consensus and the fusion bundle (``fusion``: a path, "default" or None for none), and with
     ``measure`` by the measured validation metric without each layer.
 
@@ -161,14 +162,14 @@ def analyze(model: str, dataset, *, task: str | None = None, text_column: str = 
     from fusion_prune.fusion import load_bundle
     from fusion_prune.tasks import task_for
     from signals.rules import consensus_removability, signal_removability
-    from signals import DEFAULT_SIGNALS, SIGNALS, resolve_signals
+    from signals import DEFAULT_SIGNALS, analysis_extras, resolve_signals
 
     t0 = time.perf_counter()
     if fusion is not None and str(fusion) != "default" and not Path(fusion).is_file():
         raise BadInputError(f"The fusion bundle {str(fusion)!r} does not exist; expected a file written by "
                             "fit-fusion, 'default' or 'none'.")
     if extras is None:
-        extras = [n for n in SIGNALS if n not in DEFAULT_SIGNALS]
+        extras = analysis_extras()
     names = list(dict.fromkeys([*DEFAULT_SIGNALS, *extras]))
     resolve_signals(names)
     t, data = task_for(model, dataset, task, text_column, label_column)

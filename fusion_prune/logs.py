@@ -15,7 +15,19 @@ import sys
 
 class _StderrHandler(logging.StreamHandler):
     """A handler that writes to whatever ``sys.stderr`` is when a record is emitted (click's test
-    runner swaps it), not to the stream that existed when the handler was made."""
+    runner swaps it), not to the stream that existed when the handler was made.
+
+    Notes given to :func:`note_before_work` wait for the first message of the run: a command
+    refused for bad input says nothing before its one-line error, as every command does.
+    """
+
+    pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        while _StderrHandler.pending:
+            super().emit(logging.makeLogRecord({"msg": _StderrHandler.pending.pop(0), "levelno": logging.INFO,
+                                                "levelname": "INFO", "name": "fusion_prune"}))
+        super().emit(record)
 
     @property
     def stream(self):  # type: ignore[override]
@@ -26,8 +38,14 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def note_before_work(message: str) -> None:
+    """Show ``message`` just before the command's first log message (never before an input error)."""
+    _StderrHandler.pending.append(message)
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Show fusionprune's messages (and those of signals and distill) at ``level`` on stderr, once."""
+    _StderrHandler.pending.clear()  # a second command in one process (tests) starts with nothing pending
     for name in ("fusion_prune", "signals", "distill"):
         logger = logging.getLogger(name)
         logger.setLevel(level)

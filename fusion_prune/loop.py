@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fusion_prune.checkpoint import RunFolder
+from fusion_prune.checkpoint import RunFolder, load_checkpoint_record
 from fusion_prune.config import TEACHER_OPTIONS, StepConfig, field_default, opt, with_paths
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
@@ -71,6 +71,11 @@ class CompressConfig(StepConfig):
     max_perplexity_increase: float | None = opt(help="Causal-LM budget: keep removing layers while validation "
                                                     "perplexity stays below (1 + this) x the teacher's (before "
                                                     "healing).")
+    budget_after_finish: bool = opt(True, help="With a budget: a step outside it after recovery is judged again on "
+                                              "a copy finished as the run ends (classifiers: distilled with the "
+                                              "run's settings) and kept if that copy is within it; one extra "
+                                              "distillation per such step (a kept copy is reused at the end). "
+                                              "Causal LMs: judged before healing.")
     dtype: str = opt("auto", help="Weights as loaded, computed and saved: auto (bfloat16 for a causal LM on a GPU "
                                   "that has it, else float32), float32, bfloat16 or float16. Signals, losses and "
                                   "perplexity accumulate in float32.")
@@ -250,8 +255,8 @@ def candidate_table(task: Task, m: Measured, n: int) -> dict:
 Chooser = Callable[[Measured], list[int]]
 #: ``on_state(k, measured, drop) -> tables to checkpoint beside the model`` (collect's rows), or None
 StateHook = Callable[[int, Measured, list[int]], "dict | None"]
-#: ``accept(record) -> bool``: False undoes the step and ends the loop (a budget)
-Acceptor = Callable[[StepRecord], bool]
+#: ``accept(record, student) -> bool``: False undoes the step and ends the loop (a budget)
+Acceptor = Callable[[StepRecord, object], bool]
 
 
 def prune_loop(task: Task, student, tok, step: StepConfig, choose: Chooser, run: RunFolder, history: list[StepRecord],
@@ -293,7 +298,7 @@ def prune_loop(task: Task, student, tok, step: StepConfig, choose: Chooser, run:
             round(time.perf_counter() - t0, 2), m.signals.to_dict("list") if m.signals is not None else None,
             m.drop_one.table.to_dict("list") if m.drop_one is not None else None,
             candidate_table(task, m, n), task.step_measured_key, task.step_metric_key)
-        if accept is not None and not accept(entry):
+        if accept is not None and not accept(entry, student):
             # Undo the step: the checkpoint still holds the model before it.
             student, _, _ = task.load_model(str(run.current))
             run.save(run.current.name, student, tok, _record(history, info), tables)
@@ -332,6 +337,24 @@ def _record(history: list[StepRecord], info: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- compress
+
+
+#: the checkpoint of a copy finished to judge the budget (reused when the run ends at its depth)
+FINISHED = "finished"
+
+
+def _prefinished(task: Task, run: RunFolder, student) -> tuple[object, dict] | None:
+    """The finished copy a budget check kept, with its finish's record, when ``student`` is the model it
+    was finished from (same kept layers); else None."""
+    folder = run.path / FINISHED
+    if not folder.is_dir():
+        return None
+    rec = load_checkpoint_record(folder)
+    if rec.get("kept_layers") != kept_layers(student.config):
+        return None
+    log.info("the finished copy of the %d-layer model from the budget check is the result (no second finish)",
+             num_layers(student))
+    return task.load_model(str(folder))[0], rec["finish_stats"]
 
 
 def _partial(out: Path) -> Path:
@@ -471,14 +494,43 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
     if cfg.budget is not None:  # the worst validation metric allowed: what each step is checked against
         info["budget_limit"] = task.budget_limit(info, cfg.budget)
 
-    def accept(e: StepRecord) -> bool:
+    def judged_after_finish(e: StepRecord, student) -> float | None:
+        """The validation metric of a finished copy of ``student`` (None: the task judges before its
+        finish); a copy within the budget is kept on disk as ``finished`` for the end of the run."""
+        if not cfg.budget_after_finish:
+            return None
+        with task.phase("budget check"):
+            teacher, _, _ = task.load_model(str(run.path / "teacher"))
+            t0 = time.perf_counter()
+            done = task.finish_for_budget(teacher, student, tok, cfg, cfg.finish, info)
+            del teacher
+        if done is None:
+            return None
+        model, stats, metric = done
+        ok = task.within_budget(metric, info, cfg.budget)
+        info.setdefault("budget_checks", []).append(
+            {"step": e.step, "layers": num_layers(student), "after_recovery": e.metric, "after_finish": metric,
+             "kept": ok, "seconds": round(time.perf_counter() - t0, 1)})
+        log.info("step %d: validation %s %.4f after recovery is outside the budget (%s %s of the teacher's %.4f); "
+                 "a copy finished as the run ends reaches %.4f: %s", e.step, task.metric, e.metric,
+                 task.budget_field, cfg.budget, info[task.teacher_metric_key], metric,
+                 "within it, the step is kept" if ok else "still outside")
+        if ok:
+            run.save(FINISHED, model, tok, {"kept_layers": kept_layers(model.config), "finish_stats": stats})
+        return metric
+
+    def accept(e: StepRecord, student) -> bool:
         info["wall_seconds_before"] = round(time.perf_counter() - t_start, 1)
         if cfg.budget is None or task.within_budget(e.metric, info, cfg.budget):
             return True
+        finished = judged_after_finish(e, student)
+        if finished is not None and task.within_budget(finished, info, cfg.budget):
+            return True
         info["budget_stop"] = {"step": e.step, "layers_before": e.layers_before, "dropped_orig": e.dropped_orig,
-                               task.step_metric_key: e.metric}
-        log.info("step %d: removing %s (original) gives validation %s %.4f, outside %s %s of the teacher's %.4f: "
-                 "undone, stopping at %d layers", e.step, e.dropped_orig, task.metric, e.metric, task.budget_field,
+                               task.step_metric_key: e.metric, "after_finish": finished}
+        log.info("step %d: removing %s (original) gives validation %s %.4f%s, outside %s %s of the teacher's %.4f: "
+                 "undone, stopping at %d layers", e.step, e.dropped_orig, task.metric, e.metric,
+                 "" if finished is None else f" ({finished:.4f} finished)", task.budget_field,
                  cfg.budget, info[task.teacher_metric_key], e.layers_before)
         return False
 
@@ -499,7 +551,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         teacher, _, _ = task.load_model(str(run.path / "teacher"))
     with task.phase("speed"):
         time_depths(task, teacher, tok, cfg, history, info)
-    student, results = task.finish(teacher, student, tok, cfg, finish, info)
+    student, results = task.finish(teacher, student, tok, cfg, finish, info,
+                                   prefinished=_prefinished(task, run, student))
     task.memory = None
     info.pop("wall_seconds_before", None)
     n_params = count_parameters(student)

@@ -350,6 +350,15 @@ def _depth_lines(report: CompressReport) -> list[str]:
             f"removing original layer(s) {stop['dropped_orig']} at {stop['layers_before']} layers broke it, so that "
             f"step was undone and the run stopped at {report.student_layers} layers." if stop
             else "never broken; the run stopped at the target depth."), ""]
+        checks = report.info.get("budget_checks") or []
+        if checks:
+            lines += ["Steps outside the budget after their short recovery were judged again on a copy finished as "
+                      "the run ends (measured on the same validation examples, not predicted):", "",
+                      f"| step | layers | {report.metric} after recovery | after the finish | kept | seconds |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {c['step']} | {c['layers']} | {c['after_recovery']:.4f} | {c['after_finish']:.4f} | "
+                      f"{'yes' if c['kept'] else 'no'} | {c['seconds']:.0f} |" for c in checks]
+            lines += [""]
     lines += ["![size and speed](plots/size_speed.png)", ""]
     return lines
 

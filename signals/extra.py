@@ -42,7 +42,10 @@ def activation_patching(ctx: SignalContext) -> np.ndarray:
     return np.maximum(kl, 0.0) / max(sum(len(b["input_ids"]) for b in ctx.batches), 1)
 
 
-@register_signal("mc_dropout", family="extra", needs=("passes",), rule="prune_lowest")
+# mc_dropout and layer_conductance are left out of `analyze`'s default: 14x and 22x the cost of the
+# shared pass, and the two worst rankers of the layer to remove (Spearman 0.21 and 0.23 with the
+# measured drop-one accuracy, against 0.84 for activation_patching; benchmarks/results/extra-signals).
+@register_signal("mc_dropout", family="extra", needs=("passes",), rule="prune_lowest", in_analysis=False)
 def mc_dropout(ctx: SignalContext) -> np.ndarray:
     """Predictive variance when dropout is active in this layer only (MC dropout, 8 samples)."""
     out = np.zeros(ctx.n_layers)
@@ -67,7 +70,7 @@ def mc_dropout(ctx: SignalContext) -> np.ndarray:
     return out / max(sum(len(b["input_ids"]) for b in ctx.batches), 1)
 
 
-@register_signal("layer_conductance", family="extra", needs=("passes",), rule="prune_lowest")
+@register_signal("layer_conductance", family="extra", needs=("passes",), rule="prune_lowest", in_analysis=False)
 def layer_conductance(ctx: SignalContext) -> np.ndarray:
     """Integrated gradients through the layer: mean |sum_alpha h * dL/d(alpha h)| / steps (baseline 0)."""
     out = np.zeros(ctx.n_layers)

@@ -32,6 +32,7 @@ class Signal:
     fn: SignalFn
     default: bool
     doc: str
+    in_analysis: bool = True
 
     def direction(self) -> int:
         """+1 if a high value means important (prune lowest), -1 otherwise."""
@@ -42,8 +43,13 @@ SIGNALS: dict[str, Signal] = {}
 
 
 def register_signal(name: str, family: str, needs: Sequence[str], rule: Rule,
-                    default: bool = False) -> Callable[[SignalFn], SignalFn]:
-    """Register ``fn(ctx) -> (n_layers,)`` as signal ``name``; duplicate names are rejected."""
+                    default: bool = False, in_analysis: bool = True) -> Callable[[SignalFn], SignalFn]:
+    """Register ``fn(ctx) -> (n_layers,)`` as signal ``name``; duplicate names are rejected.
+
+    ``default``: one of the 12 (:data:`DEFAULT_SIGNALS`). ``in_analysis``: an opt-in extra that
+    ``analyze`` computes unless told otherwise (:func:`analysis_extras`); False for extras whose
+    cost is out of proportion to what they tell.
+    """
     if rule not in ("prune_lowest", "prune_highest"):
         raise ValueError(f"rule must be 'prune_lowest' or 'prune_highest', got {rule!r}")
     if set(needs) - NEEDS:
@@ -52,10 +58,16 @@ def register_signal(name: str, family: str, needs: Sequence[str], rule: Rule,
     def wrap(fn: SignalFn) -> SignalFn:
         if name in SIGNALS:
             raise ValueError(f"signal {name!r} is registered twice")
-        SIGNALS[name] = Signal(name, family, rule, frozenset(needs), fn, default, (fn.__doc__ or "").strip())
+        SIGNALS[name] = Signal(name, family, rule, frozenset(needs), fn, default, (fn.__doc__ or "").strip(),
+                               in_analysis)
         return fn
 
     return wrap
+
+
+def analysis_extras() -> list[str]:
+    """The opt-in extras ``analyze`` computes by default (registered with ``in_analysis``)."""
+    return [n for n, s in SIGNALS.items() if not s.default and s.in_analysis]
 
 
 def resolve_signals(names: Sequence[str] | None) -> list[Signal]:

@@ -4,7 +4,9 @@
 
 The values were recorded on the code before the task-seam restructuring (issue 33), again on one
 CPU thread on 2026-12-03 (float sums depend on the thread count: the tests run on one thread a
-pytest-xdist worker), and must not move: ``python tests/golden_runs.py OUT.json`` writes them again (only after a change that is
+pytest-xdist worker), and the classifier cases once more that day because training and evaluation
+batches are now grouped by length (other batches, so another trajectory; the causal-LM cases did
+not move), and must not move: ``python tests/golden_runs.py OUT.json`` writes them again (only after a change that is
 *meant* to change results, with the reason in the commit).
 """
 

@@ -91,3 +91,29 @@ def test_an_untrained_head_is_refused_in_one_line(tiny_base_model, sentiment_csv
                                     "-o", str(tmp_path / "a"), "--max-length", "16"])
     assert res.exit_code == 2 and "no classification head trained" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+
+
+def test_analyze_computes_the_extras_worth_their_cost_unless_told(monkeypatch, tmp_path):
+    """mc_dropout and layer_conductance (14x and 22x the pass, the worst rankers) only on request."""
+    import fusion_prune.analyze as an
+    from fusion_prune.cli import main
+    from click.testing import CliRunner
+    from signals import SIGNALS, DEFAULT_SIGNALS, analysis_extras
+
+    assert analysis_extras() == ["block_influence", "activation_patching"]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(model, dataset, *, extras=None, **kw):
+        seen.append(extras)
+        raise Stop
+
+    monkeypatch.setattr(an, "analyze", fake)
+    for flag, expected in ((None, None), ("all", [n for n in SIGNALS if n not in DEFAULT_SIGNALS]), ("none", []),
+                           ("mc_dropout", ["mc_dropout"])):
+        args = ["analyze", "-m", "x", "-d", "y", "-o", str(tmp_path / "a")] + (["--extras", flag] if flag else [])
+        res = CliRunner().invoke(main, args)
+        assert isinstance(res.exception, Stop), res.output
+        assert seen[-1] == expected

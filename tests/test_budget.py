@@ -211,3 +211,50 @@ def test_a_budget_that_allows_no_removal_returns_the_teacher_undistilled(teacher
                  tmp_path / "o")
     assert r["student_layers"] == 3 and r["history"] == [] and r["budget"]["stopped"]["layers_before"] == 3
     assert r["distill"] is None and r["student_accuracy"] == r["teacher_accuracy"]
+
+
+def _scripted_step_metric(monkeypatch, drops: list[float]) -> list[float]:
+    """``step_metric`` returns the teacher's validation accuracy minus ``drops[i]`` at its i-th call."""
+    calls: list[float] = []
+    real_prepare = ClassificationTask.prepare_teacher
+
+    def prepare(self, *a, **k):
+        info = real_prepare(self, *a, **k)
+        self._teacher_acc = info["teacher_validation_accuracy"]
+        return info
+
+    def step_metric(self, model, tok, cfg):
+        calls.append(drops[len(calls)])
+        return self._teacher_acc - calls[-1]
+
+    monkeypatch.setattr(ClassificationTask, "step_metric", step_metric)
+    monkeypatch.setattr(ClassificationTask, "prepare_teacher", prepare)
+    return calls
+
+
+def test_the_budget_judges_what_distillation_recovers(teacher3, sentiment_csv_dir, tmp_path, monkeypatch):
+    """A step outside the budget after recovery is kept when its distilled copy is within it; that copy is
+    the result when the run ends there (no second distillation)."""
+    from distill import DistillConfig
+
+    data = load_dataset(str(sentiment_csv_dir))
+    # step 0: 0.10 after recovery, 0.01 distilled (kept); step 1: 0.10 after recovery, 0.10 distilled (undone)
+    calls = _scripted_step_metric(monkeypatch, [0.10, 0.01, 0.10, 0.10])
+    out = tmp_path / "o"
+    r = compress(str(teacher3), data, _budget_cfg(max_accuracy_drop=0.05, distill=DistillConfig(max_steps=3)), out)
+    assert len(calls) == 4 and r["student_layers"] == 2 and len(r["history"]) == 1
+    checks = r["info"]["budget_checks"]
+    assert [(c["step"], c["layers"], c["kept"]) for c in checks] == [(0, 2, True), (1, 1, False)]
+    assert [c["after_finish"] for c in checks] == pytest.approx([r["info"]["teacher_validation_accuracy"] - d
+                                                                 for d in (0.01, 0.10)])
+    assert r["budget"]["stopped"]["layers_before"] == 2 and r["budget"]["stopped"]["after_finish"] is not None
+    assert r["distill"]["during"] == "the budget check" and r["distill"]["steps"] == 3
+    saved = T.AutoModelForSequenceClassification.from_pretrained(out)
+    assert saved.config.num_hidden_layers == 2
+    md = (out / "report.md").read_text()
+    assert "judged again on a copy finished as the run ends" in md and "| 0 | 2 |" in md and "| 1 | 1 |" in md
+    # judged after recovery only (the old rule): the first step is undone and the teacher comes back
+    calls = _scripted_step_metric(monkeypatch, [0.10])
+    r = compress(str(teacher3), data, _budget_cfg(max_accuracy_drop=0.05, distill=DistillConfig(max_steps=3),
+                                                  budget_after_finish=False), tmp_path / "o2")
+    assert len(calls) == 1 and r["student_layers"] == 3 and "budget_checks" not in r["info"]

@@ -130,4 +130,4 @@ def test_collect_and_compress_train_the_same_teacher_by_default():
     from fusion_prune.loop import CompressConfig
 
     assert CollectConfig().teacher == CompressConfig(target_layers=2).teacher
-    assert "--teacher-epochs 2" in (Path(__file__).parents[1] / "Makefile").read_text()  # the shipped rows' teacher
+    assert "--teacher-epochs 2 --teacher-patience 3" in (Path(__file__).parents[1] / "Makefile").read_text()  # the shipped rows' teacher

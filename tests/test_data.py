@@ -164,3 +164,60 @@ def test_the_summary_line_gives_split_sizes_and_the_majority_share(sentiment_csv
     share = ds.validation["label"].value_counts(normalize=True).max()
     assert f"train {len(ds.train):,}, validation {len(ds.validation):,}, test {len(ds.test):,} examples" in line
     assert f"is {share:.1%} of validation" in line and line.startswith(f"{ds.spec}: 2 labels")
+
+
+# --------------------------------------------------------------------------- length-grouped batches
+
+def _varied_frame(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    """Sentences of 1 to 40 words (labels alternate), so that padding matters."""
+    import random
+
+    from conftest import FILLER
+
+    rng = random.Random(seed)
+    return pd.DataFrame({"text": [" ".join(rng.choices(FILLER, k=rng.randint(1, 40))) for _ in range(n)],
+                         "label": [i % 2 for i in range(n)]})
+
+
+def _padded_tokens(loader) -> int:
+    return sum(b["input_ids"].numel() for b in loader)
+
+
+def test_length_grouped_training_batches_cover_every_row_once_per_epoch_with_little_padding(tmp_path):
+    from fusion_prune.data import make_loader
+
+    from conftest import make_tokenizer
+
+    tok, df = make_tokenizer(tmp_path), _varied_frame()
+    grouped = make_loader(df, tok, 16, 64, shuffle=True, seed=3, with_index=True, group_by_length=True)
+    epochs = [[b["index"].tolist() for b in grouped] for _ in range(2)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(len(df)))
+        assert len(batches) == len(grouped) == 19
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    plain = make_loader(df, tok, 16, 64, shuffle=True, seed=3)
+    real = sum(b["attention_mask"].sum().item() for b in grouped)
+    assert _padded_tokens(grouped) < 1.1 * real < 0.7 * _padded_tokens(plain)
+    # the same seed gives the same batches
+    again = make_loader(df, tok, 16, 64, shuffle=True, seed=3, with_index=True, group_by_length=True)
+    assert [b["index"].tolist() for b in again] == epochs[0]
+
+
+def test_length_grouped_evaluation_batches_are_longest_first_and_give_row_order_back(tmp_path):
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from fusion_prune.data import make_loader
+    from fusion_prune.finetune import predict
+
+    from conftest import make_tokenizer, tiny_bert_config
+
+    tok, df = make_tokenizer(tmp_path), _varied_frame(120)
+    batches = list(make_loader(df, tok, 16, 64, with_index=True, group_by_length=True))
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert widths == sorted(widths, reverse=True)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=2)).eval()
+    with torch.no_grad():  # one row at a time: no padding, the reference order
+        one = [int(model(**tok(t, return_tensors="pt")).logits.argmax(-1)) for t in df["text"]]
+    assert predict(model, tok, df, batch_size=16, max_length=64).tolist() == one

@@ -57,3 +57,30 @@ def test_a_bad_thread_count_is_one_line(monkeypatch, bad):
     monkeypatch.delenv("FUSIONPRUNE_THREADS")
     res = CliRunner().invoke(main, ["--threads", "0", "assets", "list"])
     assert res.exit_code == 2 and "--threads / FUSIONPRUNE_THREADS must be a positive integer. Got 0." in res.stderr
+
+
+def test_the_thread_note_waits_for_the_run_so_bad_input_stays_one_line(monkeypatch, tmp_path, sentiment_csv_dir):
+    import fusion_prune.utils as U
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setitem(U._TORCH_DEFAULT_THREADS, "n", 2)
+    monkeypatch.setattr(U, "free_cpus", lambda window=0.1: 0.8)
+    res = CliRunner().invoke(main, ["finetune", "-m", str(tmp_path / "no-such-model"), "-d", str(sentiment_csv_dir),
+                                    "-o", str(tmp_path / "t")])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "other work" not in res.stderr
+    res = CliRunner().invoke(main, ["assets", "fetch", "no-such-asset"])
+    assert "other work" not in res.stderr
+
+
+def test_a_note_before_work_comes_just_before_the_first_message(capsys):
+    import logging
+
+    from fusion_prune.logs import configure_logging, note_before_work
+
+    configure_logging()
+    note_before_work("the note")
+    logging.getLogger("fusion_prune.x").info("first message")
+    logging.getLogger("fusion_prune.x").info("second message")
+    assert capsys.readouterr().err.splitlines() == ["[fusionprune] the note", "[fusionprune] first message",
+                                                    "[fusionprune] second message"]

@@ -21,7 +21,7 @@ from fusion_prune.cli.fusion import collect, evaluate_fusion, fit_fusion
 from fusion_prune.cli.models import export_cmd, inspect, prune
 from fusion_prune.cli.signals import analyze, signals_cmd
 from fusion_prune.cli.train import distill_cmd, evaluate, finetune
-from fusion_prune.logs import configure_logging
+from fusion_prune.logs import configure_logging, note_before_work
 from fusion_prune.utils import configure_threads
 
 
@@ -37,8 +37,8 @@ def main(verbose: bool, threads: int | None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     n, why = configure_threads(threads)
     if why == "CPUs free now":
-        logging.getLogger("fusion_prune").info("other work is using the CPU: computing on %d thread(s) (--threads "
-                                               "or FUSIONPRUNE_THREADS to choose)", n)
+        note_before_work(f"other work is using the CPU: computing on {n} thread(s) (--threads or "
+                         "FUSIONPRUNE_THREADS to choose)")
 
 
 for command in (assets, inspect, finetune, evaluate, prune, signals_cmd, analyze, collect, fit_fusion,

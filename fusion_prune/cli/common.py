@@ -77,7 +77,7 @@ class FieldOption(click.Option):
         pass
 
     def get_default(self, ctx: click.Context, call: bool = True) -> Any:
-        if self.multiple or self.is_flag:
+        if self.multiple or (self.is_flag and not self.secondary_opts):  # an on/off pair takes the field's
             return super().get_default(ctx, call)
         return self._field()[0]
 

@@ -29,6 +29,8 @@ def _strategies() -> str:
 @field_option("--target-layers", source=RUN, type=int)
 @field_option("--max-accuracy-drop", source=RUN, type=float)
 @field_option("--max-perplexity-increase", source=RUN, type=float)
+@field_option("--budget-after-finish/--budget-after-recovery", "budget_after_finish", source=RUN,
+              path="budget_after_finish")
 @output_option()
 @field_option("--strategy", source=RUN, type=str, metavar="NAME",
               help_extra=_strategies)

@@ -56,8 +56,9 @@ def signals_cmd(model: str, dataset: str, text_column: str, label_column: str, t
 @click.option("--samples", default=None, type=int, help="Calibration examples [256] or token windows [4].")
 @click.option("--split", default="validation", show_default=True, type=click.Choice(["train", "validation", "test"]),
               help="Classifier: the split the calibration sample is drawn from (as for `signals`).")
-@click.option("--extras", default="all", show_default=True,
-              help="Opt-in signals beside the 12: all, none, or comma-separated names.")
+@click.option("--extras", default="default", show_default=True,
+              help="Opt-in signals beside the 12: default (the extras worth their cost, docs/signals.md), all "
+                   "(every extra; several times slower), none, or comma-separated names.")
 @click.option("--measure", is_flag=True, help="Also measure the validation metric without each layer (the reference).")
 @click.option("--drop-one-samples", "--label-samples", "drop_one_samples", default=None, type=int,
               help="Validation examples [400] or windows [8] for --measure.")
@@ -73,7 +74,10 @@ def analyze(model: str, dataset: str, output: Path, extras: str, fusion_path: st
     from fusion_prune.analyze import analyze as run
 
     hold_output(output, overwrite)
-    names = None if extras == "all" else [] if extras == "none" else [e.strip() for e in extras.split(",") if e.strip()]
+    from signals import SIGNALS, DEFAULT_SIGNALS
+
+    names = (None if extras == "default" else [n for n in SIGNALS if n not in DEFAULT_SIGNALS] if extras == "all"
+             else [] if extras == "none" else [e.strip() for e in extras.split(",") if e.strip()])
     a = run(model, dataset, extras=names, fusion=None if fusion_path == "none" else fusion_path, **options)
     a.save(output, overwrite=overwrite)
     click.echo(f"saved {output} (analysis.md, analysis.parquet, agreement.csv, plots/)")

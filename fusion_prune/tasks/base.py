@@ -234,9 +234,20 @@ class Task:
 
     # ------------------------------------------------------------------ the end
     def finish(self, teacher, student, tok, step: StepConfig, finish: FinishConfig, info: dict,
-               ) -> tuple[object, dict]:
-        """Heal / distil ``student`` and evaluate both; returns (final student, report fields)."""
+               prefinished: tuple[object, dict] | None = None) -> tuple[object, dict]:
+        """Heal / distil ``student`` and evaluate both; returns (final student, report fields).
+
+        ``prefinished``: (the finished model, its finish's record) from :meth:`finish_for_budget`,
+        finished from this very ``student``: used instead of finishing again.
+        """
         raise NotImplementedError
+
+    def finish_for_budget(self, teacher, student, tok, step: StepConfig, finish: FinishConfig, info: dict,
+                          ) -> tuple[object, dict, float] | None:
+        """A copy of ``student`` finished as :meth:`finish` would, with its finish's record and its
+        validation metric (the step metric's examples), so that a budget judges what the run ends
+        with; ``student`` is left as it is. None: this task judges its budget before the finish."""
+        return None
 
     def nothing_to_finish(self, finish: FinishConfig) -> FinishConfig:
         """The finish config for a student that *is* the teacher (no layer removed): no training."""

@@ -202,7 +202,7 @@ class CausalLMTask(Task):
     def nothing_to_finish(self, finish):
         return replace(finish, lm_distill_steps=0, heal=replace(finish.heal, method="none", steps=0))
 
-    def finish(self, teacher, student, tok, step, finish, info):
+    def finish(self, teacher, student, tok, step, finish, info, prefinished=None):
         from fusion_prune.heal import heal
 
         with self.phase("evaluation"):

@@ -178,7 +178,28 @@ class ClassificationTask(Task):
     def nothing_to_finish(self, finish):
         return replace(finish, distill=None, distill_control=False)
 
-    def finish(self, teacher, student, tok, step, finish, info):
+    def _distill_setup(self, step, finish, info) -> tuple[DistillConfig, object]:
+        """The finish's distillation config and training rows (one recipe for the end and the budget)."""
+        dcfg = DistillConfig(**{**asdict(finish.distill), "max_length": step.max_length, "seed": step.seed,
+                                "progress": step.progress})
+        dtrain = self.data.train
+        if finish.distill_data == "unseen":
+            dtrain, info["distill_rows"] = distill_rows(self.data.train, info.get("teacher_data"),
+                                                        dcfg.max_train_samples, step.seed)
+            dcfg = replace(dcfg, max_train_samples=None)  # dtrain is already the sample
+        return dcfg, dtrain
+
+    def finish_for_budget(self, teacher, student, tok, step, finish, info):
+        from distill import distill
+
+        if finish.distill is None:
+            return None
+        dcfg, dtrain = self._distill_setup(step, finish, info)
+        copy_ = copy.deepcopy(student)
+        stats = distill(teacher, copy_, tok, dtrain, self.data.labels, dcfg)
+        return copy_, stats, self.step_metric(copy_, tok, step)
+
+    def finish(self, teacher, student, tok, step, finish, info, prefinished=None):
         from distill import distill
 
         data = self.data
@@ -189,13 +210,7 @@ class ClassificationTask(Task):
         distill_stats = control_acc = None
         student_acc = pruned_acc
         if finish.distill is not None:
-            dcfg = DistillConfig(**{**asdict(finish.distill), "max_length": step.max_length, "seed": step.seed,
-                                    "progress": step.progress})
-            dtrain = data.train
-            if finish.distill_data == "unseen":
-                dtrain, info["distill_rows"] = distill_rows(data.train, info.get("teacher_data"),
-                                                            dcfg.max_train_samples, step.seed)
-                dcfg = replace(dcfg, max_train_samples=None)  # dtrain is already the sample
+            dcfg, dtrain = self._distill_setup(step, finish, info)
             if finish.distill_control:
                 with self.phase("control"):
                     control = copy.deepcopy(student)
@@ -203,8 +218,12 @@ class ClassificationTask(Task):
                             replace(dcfg, soft_weight=0.0, hard_weight=1.0, hidden_weight=0.0))
                     control_acc = self._evaluate(control, tok, test, step)["accuracy"]
                     del control
-            with self.phase("distillation"):
-                distill_stats = distill(teacher, student, tok, dtrain, data.labels, dcfg)
+            if prefinished is not None:  # distilled by the budget check, from this very student
+                student, distill_stats = prefinished
+                distill_stats = {**distill_stats, "during": "the budget check"}
+            else:
+                with self.phase("distillation"):
+                    distill_stats = distill(teacher, student, tok, dtrain, data.labels, dcfg)
             with self.phase("evaluation"):
                 student_acc = self._evaluate(student, tok, test, step)
         return student, {
