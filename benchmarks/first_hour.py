@@ -87,7 +87,9 @@ def timed(cmd: str, cwd: Path, log: Path) -> dict:
 def table(record: dict) -> str:
     rows = ["| phase | command | seconds | minutes | free CPUs at start | exit |", "|---|---|---|---|---|---|"]
     for name, r in record["phases"].items():
-        rows.append(f"| {name} | `{r['command'][:90]}` | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} | "
+        shown = r["command"].split(" && ")[-1]  # without the README's `source .venv/bin/activate`
+        shown = shown if len(shown) <= 100 else shown[:97] + "..."
+        rows.append(f"| {name} | `{shown}` | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} | "
                     f"{r['free_cpus_at_start']} | {r['exit']} |")
     tour = sum(r["seconds"] for n, r in record["phases"].items() if n.startswith("tour "))
     m = record["machine"]

@@ -42,6 +42,7 @@ class DistillConfig:
     seed: int = opt(0, help="Seed of the sample and of training.")
     max_train_samples: int | None = opt(None, help="Training rows to distil on (None: all).")
     cache_teacher_logits: str = "auto"  # "auto", "yes" or "no"
+    group_by_length: bool = True  # as FinetuneConfig.group_by_length
     mixed_precision: str = "auto"
     grad_clip: float = 1.0
     progress: bool = True
@@ -117,7 +118,7 @@ def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: li
     mapping = torch.as_tensor(label_map(student.config, data_labels))
     df = subsample(train_df, cfg.max_train_samples, cfg.seed)
     loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed, with_index=True,
-                         group_by_length=True)
+                         group_by_length=cfg.group_by_length)
     # Examples the student will see (all processes together): more than the data means repeats.
     seen = (cfg.max_steps or math.ceil(cfg.epochs * len(loader))) * cfg.batch_size
     # soft_weight = hidden_weight = 0 is plain fine-tuning through the same loop (the control that

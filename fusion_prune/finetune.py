@@ -47,6 +47,9 @@ class FinetuneConfig:
     max_train_samples: int | None = opt(None, help="Cap on the training examples.")
     max_eval_samples: int | None = opt(None, help="Cap on the validation and test examples.")
     grad_clip: float = 1.0
+    # Training batches of similar lengths (fusion_prune.data.LengthGroupedBatches): about half the
+    # padded tokens on short texts; False: plain shuffled batches (results before 2026-12-03).
+    group_by_length: bool = True
     mixed_precision: str = opt("auto", help="auto: bf16 on CUDA, none on the CPU; or no / bf16 / fp16.")
     progress: bool = True
     # Early stopping (off when patience is 0): validation accuracy on ``early_stopping_samples``
@@ -124,7 +127,7 @@ def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, acceler
     set_seed(cfg.seed)
     df = subsample(train_df, cfg.max_train_samples, cfg.seed)
     loader = make_loader(df, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed,
-                         group_by_length=True)
+                         group_by_length=cfg.group_by_length)
     stopper = None
     if cfg.patience and val_df is not None and len(val_df):
         every = cfg.eval_every or min(50, max(10, len(loader) // 2))

@@ -600,3 +600,25 @@ def test_walks_holds_out_both_walks_of_a_dataset(tmp_path):
     assert states.to_dict() == {"oracle": 18, "oracle + other walk": 30, "other walk": 12}
     assert (t[t.train == "oracle"].top1 > 0.5).all()  # the shared rule transfers to both kinds of state
     assert "| oracle states | oracle | 18 |" in (tmp_path / "out" / "walks.md").read_text()
+
+
+def test_first_hour_runs_the_readme_tour_as_written_and_tables_each_phase():
+    """benchmarks/first_hour.py times the README's own tour lines (the ones test_readme runs)."""
+    fh = _load("first_hour")
+    title, lines = fh.tour_block((ROOT / "README.md").read_text())
+    assert title.startswith("Tour on your own CSV") and lines[0] == "source .venv/bin/activate"
+    from test_readme import tour_commands
+
+    import shlex
+
+    assert [shlex.split(ln)[1:] for ln in lines if ln.startswith("fusionprune ")] == tour_commands()
+    record = {"date": "2026-12-03T00:00:00", "commit": "abcdef0", "tour_title": title,
+              "machine": {"cpu": "cpu", "cores": 2, "memory_gib": 8.0, "python": "3.11"},
+              "csv": {"rows": 5000, "source": "rotten-tomatoes", "words_median": 18.0},
+              "phases": {"make demo": {"command": "make demo", "seconds": 300.0, "exit": 0, "free_cpus_at_start": 2},
+                         **{f"tour {n}": {"command": "source .venv/bin/activate && fusionprune " + n, "seconds": s,
+                                          "exit": 0, "free_cpus_at_start": 2}
+                            for n, s in (("finetune", 120.0), ("compress", 180.0))}}}
+    md = fh.table(record)
+    assert "**Tour (" in md and "300 s = 5.0 min" in md and "`make demo`: 5.0 min" in md
+    assert "| tour finetune | `fusionprune finetune` | 120 |" in md
