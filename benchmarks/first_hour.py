@@ -134,7 +134,7 @@ def main() -> None:
     if not (clone / ".git").is_dir():
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
     subprocess.run(["git", "checkout", "--quiet", commit], cwd=clone, check=True)
-    log = args.out / "first_hour.log"
+    log = work / "first_hour.log"  # progress bars and pip's output: kept beside the clone, not in the record
     print(f"clone: {clone}; log: {log}", flush=True)
 
     def phase(name: str, cmd: str) -> None:

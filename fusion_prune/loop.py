@@ -497,8 +497,12 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
     def judged_after_finish(e: StepRecord, student) -> float | None:
         """The validation metric of a finished copy of ``student`` (None: the task judges before its
         finish); a copy within the budget is kept on disk as ``finished`` for the end of the run."""
-        if not cfg.budget_after_finish:
+        if not (cfg.budget_after_finish and task.judges_budget_after_finish) \
+                or task.nothing_to_finish(cfg.finish) == cfg.finish:  # no finish (--no-distill): nothing to judge
             return None
+        log.info("step %d: validation %s %.4f after recovery is outside the budget (%s %s of the teacher's %.4f): "
+                 "finishing a copy as the run ends, to judge the model the run would give", e.step, task.metric,
+                 e.metric, task.budget_field, cfg.budget, info[task.teacher_metric_key])
         with task.phase("budget check"):
             teacher, _, _ = task.load_model(str(run.path / "teacher"))
             t0 = time.perf_counter()
@@ -511,10 +515,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         info.setdefault("budget_checks", []).append(
             {"step": e.step, "layers": num_layers(student), "after_recovery": e.metric, "after_finish": metric,
              "kept": ok, "seconds": round(time.perf_counter() - t0, 1)})
-        log.info("step %d: validation %s %.4f after recovery is outside the budget (%s %s of the teacher's %.4f); "
-                 "a copy finished as the run ends reaches %.4f: %s", e.step, task.metric, e.metric,
-                 task.budget_field, cfg.budget, info[task.teacher_metric_key], metric,
-                 "within it, the step is kept" if ok else "still outside")
+        log.info("step %d: the finished copy reaches validation %s %.4f: %s", e.step, task.metric, metric,
+                 "within the budget, the step is kept" if ok else "still outside the budget")
         if ok:
             run.save(FINISHED, model, tok, {"kept_layers": kept_layers(model.config), "finish_stats": stats})
         return metric

@@ -242,6 +242,9 @@ class Task:
         """
         raise NotImplementedError
 
+    #: whether :meth:`finish_for_budget` finishes a copy (else the budget is judged before the finish)
+    judges_budget_after_finish: ClassVar[bool] = False
+
     def finish_for_budget(self, teacher, student, tok, step: StepConfig, finish: FinishConfig, info: dict,
                           ) -> tuple[object, dict, float] | None:
         """A copy of ``student`` finished as :meth:`finish` would, with its finish's record and its

@@ -189,6 +189,8 @@ class ClassificationTask(Task):
             dcfg = replace(dcfg, max_train_samples=None)  # dtrain is already the sample
         return dcfg, dtrain
 
+    judges_budget_after_finish = True
+
     def finish_for_budget(self, teacher, student, tok, step, finish, info):
         from distill import distill
 
