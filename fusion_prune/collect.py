@@ -108,9 +108,9 @@ class CollectConfig:
 
 def check_extra_signals(names: Sequence[str]) -> None:
     """Refuse names that are not registered signals, or that are among the 12 computed anyway."""
-    from signals import DEFAULT_SIGNALS, SIGNALS
+    from signals import opt_in_signals
 
-    valid = sorted(n for n in SIGNALS if n not in DEFAULT_SIGNALS)
+    valid = sorted(opt_in_signals())
     for name in names:
         if name not in valid:
             raise BadInputError(f"The 'extra_signals' parameter must name opt-in signals, one of {valid}. "

@@ -496,7 +496,7 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
 
     def judged_after_finish(e: StepRecord, student) -> float | None:
         """The validation metric of a finished copy of ``student`` (None: the task judges before its
-        finish); a copy within the budget is kept on disk as ``finished`` for the end of the run."""
+        finish, or there is no finish); a copy within the budget is kept on disk as ``finished`` for the end of the run."""
         if not (cfg.budget_after_finish and task.judges_budget_after_finish) \
                 or task.nothing_to_finish(cfg.finish) == cfg.finish:  # no finish (--no-distill): nothing to judge
             return None
@@ -506,11 +506,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         with task.phase("budget check"):
             teacher, _, _ = task.load_model(str(run.path / "teacher"))
             t0 = time.perf_counter()
-            done = task.finish_for_budget(teacher, student, tok, cfg, cfg.finish, info)
+            model, stats, metric = task.finish_for_budget(teacher, student, tok, cfg, cfg.finish, info)
             del teacher
-        if done is None:
-            return None
-        model, stats, metric = done
         ok = task.within_budget(metric, info, cfg.budget)
         info.setdefault("budget_checks", []).append(
             {"step": e.step, "layers": num_layers(student), "after_recovery": e.metric, "after_finish": metric,

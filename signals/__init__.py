@@ -22,8 +22,8 @@ import pandas as pd
 
 from signals import capture  # the engine module (signals.capture.capture runs the pass)
 from signals.capture import SignalContext
-from signals.registry import (DEFAULT_SIGNALS, SIGNALS, Rule, Signal, SignalFn, analysis_extras, register_signal,
-                              resolve_signals)
+from signals.registry import (DEFAULT_SIGNALS, SIGNALS, Rule, Signal, SignalFn, analysis_extras, opt_in_signals,
+                              register_signal, resolve_signals)
 
 def compute_signals(model, tokenizer, data: pd.DataFrame, signals: Sequence[str] | None = None, *,
                     batch_size: int = 16, max_length: int = 128, max_samples: int | None = 256, seed: int = 0,
@@ -113,5 +113,5 @@ def _has_head(model) -> bool:
 # Importing the signal modules registers them (in the order of docs/design.md, "The 12 signals").
 from signals import activation, information, gradient, weight, attention, representation, extra  # noqa: E402,F401
 
-__all__ = ["DEFAULT_SIGNALS", "SIGNALS", "Signal", "SignalContext", "analysis_extras", "compute_signals", "register_signal",
-           "resolve_signals", "signals_frame", "signals_on_batches"]
+__all__ = ["DEFAULT_SIGNALS", "SIGNALS", "Signal", "SignalContext", "analysis_extras", "compute_signals",
+           "opt_in_signals", "register_signal", "resolve_signals", "signals_frame", "signals_on_batches"]

@@ -65,9 +65,14 @@ def register_signal(name: str, family: str, needs: Sequence[str], rule: Rule,
     return wrap
 
 
+def opt_in_signals(in_analysis_only: bool = False) -> list[str]:
+    """Every registered signal beside the 12, or only those ``analyze`` computes by default."""
+    return [n for n, s in SIGNALS.items() if not s.default and (s.in_analysis or not in_analysis_only)]
+
+
 def analysis_extras() -> list[str]:
     """The opt-in extras ``analyze`` computes by default (registered with ``in_analysis``)."""
-    return [n for n, s in SIGNALS.items() if not s.default and s.in_analysis]
+    return opt_in_signals(in_analysis_only=True)
 
 
 def resolve_signals(names: Sequence[str] | None) -> list[Signal]:

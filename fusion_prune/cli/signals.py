@@ -74,9 +74,9 @@ def analyze(model: str, dataset: str, output: Path, extras: str, fusion_path: st
     from fusion_prune.analyze import analyze as run
 
     hold_output(output, overwrite)
-    from signals import SIGNALS, DEFAULT_SIGNALS
+    from signals import opt_in_signals
 
-    names = (None if extras == "default" else [n for n in SIGNALS if n not in DEFAULT_SIGNALS] if extras == "all"
+    names = (None if extras == "default" else opt_in_signals() if extras == "all"
              else [] if extras == "none" else [e.strip() for e in extras.split(",") if e.strip()])
     a = run(model, dataset, extras=names, fusion=None if fusion_path == "none" else fusion_path, **options)
     a.save(output, overwrite=overwrite)

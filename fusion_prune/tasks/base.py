@@ -246,11 +246,12 @@ class Task:
     judges_budget_after_finish: ClassVar[bool] = False
 
     def finish_for_budget(self, teacher, student, tok, step: StepConfig, finish: FinishConfig, info: dict,
-                          ) -> tuple[object, dict, float] | None:
-        """A copy of ``student`` finished as :meth:`finish` would, with its finish's record and its
-        validation metric (the step metric's examples), so that a budget judges what the run ends
-        with; ``student`` is left as it is. None: this task judges its budget before the finish."""
-        return None
+                          ) -> tuple[object, dict, float]:
+        """A copy of ``student`` finished as :meth:`finish` would (``finish`` has something to do), with
+        its finish's record and its validation metric (the step metric's examples), so that a budget
+        judges what the run ends with; ``student`` is left as it is. Called only when
+        :attr:`judges_budget_after_finish`."""
+        raise NotImplementedError
 
     def nothing_to_finish(self, finish: FinishConfig) -> FinishConfig:
         """The finish config for a student that *is* the teacher (no layer removed): no training."""

@@ -194,8 +194,6 @@ class ClassificationTask(Task):
     def finish_for_budget(self, teacher, student, tok, step, finish, info):
         from distill import distill
 
-        if finish.distill is None:
-            return None
         dcfg, dtrain = self._distill_setup(step, finish, info)
         copy_ = copy.deepcopy(student)
         stats = distill(teacher, copy_, tok, dtrain, self.data.labels, dcfg)
