@@ -156,6 +156,23 @@ def token_windows(tokenizer, texts: Sequence[str], length: int, max_tokens: int 
     return torch.as_tensor(ids[: n * length], dtype=torch.long).view(n, length)
 
 
+def mix_windows(windows: torch.Tensor, general: torch.Tensor, share: float, seed: int = 0) -> torch.Tensor:
+    """``windows`` (N, T) with windows of ``general`` (M, T) added so that they are ``share`` of the
+    result: the zero-shot guard of healing (a narrow corpus alone costs general ability). The
+    general windows are a seeded sample (without replacement while ``general`` has enough; all of
+    them, then drawn again, when not)."""
+    if not 0 <= share < 1:
+        raise BadInputError(f"The 'heal_mix_share' parameter must be in [0, 1). Got {share}.")
+    if general.shape[1] != windows.shape[1]:
+        raise ValueError(f"window lengths differ: {windows.shape[1]} and {general.shape[1]}")
+    n = round(len(windows) * share / (1 - share))
+    if n == 0:
+        return windows
+    g = torch.Generator().manual_seed(seed)
+    picks = [torch.randperm(len(general), generator=g) for _ in range(-(-n // len(general)))]
+    return torch.cat([windows, general[torch.cat(picks)[:n]]])
+
+
 def window_loader(windows: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     """Batches of ``input_ids``/``attention_mask`` (B, T) and ``index`` (B,) from token windows (N, T)."""
 

@@ -1,4 +1,5 @@
-"""Linear replacement of removed layers, folded into the layer before them (ReplaceMe's idea).
+"""Replacement of removed layers: a linear map folded into the layer before them (ReplaceMe's idea),
+or one trained layer of the model's own class in place of each run (LLM-Streamline's).
 
 For each maximal run of consecutive removed layers (original indices ``i .. j``) whose preceding
 layer ``i - 1`` was kept, a (H, H) matrix ``T`` is fitted by least squares on calibration tokens
@@ -18,6 +19,15 @@ teacher's own hidden states.
 Families whose residual branch ends in something other than a linear projection (Gemma 2/3 put
 an RMSNorm after the MLP; mixture-of-experts blocks sum several projections) are refused in one
 line; a run that starts at layer 0 has no layer before it and is left as it is (reported).
+
+**Layer replacement** (:func:`replace_layer`, ``--replace layer``): for each run ``i .. j`` of two or more
+removed layers (a one-layer run would get itself back) one
+block of the model's class goes back in its place, initialised from the removed layer of the run
+whose output on the run's input is closest to the run's output (the candidates share the layer
+type of ``i``), then trained alone (Adam, mean squared error) to map the student's stream before
+the run to the teacher's hidden state after layer ``j``, on the calibration windows. The student
+gains one layer per run; its folder stays a plain model of its family (``kept_layers`` names the
+initialising layer).
 """
 
 from __future__ import annotations
@@ -36,8 +46,11 @@ OUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out")
 _AFTER_MLP = ("post_feedforward_layernorm", "post_mlp_layernorm")
 #: none; linear: least squares; linear-cosine: from the least-squares map, minimise the mean cosine
 #: distance between the stream and the teacher's (ReplaceMe's second objective, by Adam)
-REPLACE_METHODS = ("none", "linear", "linear-cosine")
+REPLACE_METHODS = ("none", "linear", "linear-cosine", "layer")
 COSINE_STEPS = 200
+#: --replace layer: Adam steps (one calibration batch each) and learning rate of each new layer
+LAYER_STEPS = 200
+LAYER_LR = 1e-4
 
 
 def runs_to_replace(teacher_layers: int, kept: list[int]) -> list[tuple[int, int]]:
@@ -167,3 +180,123 @@ def replace_linear(teacher: nn.Module, student: nn.Module, windows: torch.Tensor
                        "cosine_distance_before": round(cos_before, 6),
                        "cosine_distance_after": round(float(mean_cosine_distance(A, M, T, L)), 6)})
     return {"method": objective, "runs": record}
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the captured module needs computing."""
+
+
+def _layer_io(model: nn.Module, module: nn.Module, windows: torch.Tensor, batch_size: int, *, inputs: bool) -> list:
+    """Per batch of ``windows`` (N, T): ``module``'s (hidden states, other keyword arguments) when
+    ``inputs``, else its output hidden states; the forward stops there. Hooks are removed after."""
+    from fusion_prune.models import no_cache_kwargs
+
+    box: list = []
+
+    def pre(_m, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        rest = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kwargs.items()
+                if k not in ("hidden_states", "past_key_value", "past_key_values", "use_cache")}
+        box.append((hs.detach(), rest))
+        raise _Stop
+
+    def post(_m, _args, out):
+        box.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(pre, with_kwargs=True) if inputs else module.register_forward_hook(post)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                ids = windows[start:start + batch_size].to(device)
+                try:
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids), **no_cache_kwargs(model))
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return box
+
+
+def _apply(layer: nn.Module, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hs, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _relative_error(layer: nn.Module, ins: list, targets: list) -> float:
+    """||layer(x) - y|| / ||y - x|| over every batch: 1.0 is the gap with the run simply removed."""
+    num = den = 0.0
+    with torch.no_grad():
+        for (hs, kw), y in zip(ins, targets):
+            num += float((_apply(layer, hs, kw).float() - y.float()).pow(2).sum())
+            den += float((y.float() - hs.float()).pow(2).sum())
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def replace_layer(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                  steps: int = LAYER_STEPS, lr: float = LAYER_LR) -> dict:
+    """Put one trained layer back in place of each run of removed layers (module docstring), in
+    ``student`` **in place**; ``windows``: (N, T) calibration token ids. Runs are replaced in order,
+    each fitted on the student with the earlier ones in place, against the teacher's own hidden
+    states. Returns a record per run: the initialising layer, its position, the relative error
+    (1.0 = the run removed) with the best removed layer as it was and after training, seconds."""
+    import copy
+    import time
+
+    from fusion_prune.surgery import insert_layer_, kept_layers, layer_list
+
+    t_layers = layer_list(teacher)
+    types = getattr(teacher.config, "layer_types", None)
+    record = []
+    for i, j in runs_to_replace(len(t_layers), kept_layers(student)):
+        if i == j:  # its replacement would be the removed layer itself, put back
+            record.append({"run": [i, j], "initialised_from": None, "why": "a one-layer run: nothing to replace it by"})
+            continue
+        t0 = time.perf_counter()
+        targets = _layer_io(teacher, t_layers[j], windows, batch_size, inputs=False)
+        new = copy.deepcopy(t_layers[i])
+        pos = insert_layer_(student, new, i, teacher.config)
+        ins = _layer_io(student, new, windows, batch_size, inputs=True)
+        # the start: the removed layer (of i's type: its mask and positions are the ones captured)
+        # that best reproduces the whole run by itself
+        same = [k for k in range(i, j + 1) if types is None or types[k] == types[i]]
+        errors = {k: _relative_error(t_layers[k], ins, targets) for k in same}
+        init = min(errors, key=errors.get)
+        if init != i:
+            new.load_state_dict(t_layers[init].state_dict())
+            kept = kept_layers(student)
+            kept[pos] = init
+            from fusion_prune.surgery import KEPT_ATTR
+
+            setattr(student.config, KEPT_ATTR, kept)
+        was_training = new.training
+        new.train()
+        for p in new.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(new.parameters(), lr=lr)
+        with torch.enable_grad():
+            for step in range(steps):
+                (hs, kw), y = ins[step % len(ins)], targets[step % len(ins)]
+                loss = torch.nn.functional.mse_loss(_apply(new, hs, kw).float(), y.float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(new.parameters(), 1.0)
+                opt.step()
+        new.train(was_training)
+        record.append({"run": [i, j], "initialised_from": init, "position": pos, "tokens": int(windows[:].numel()),
+                       "relative_error_initial": round(errors[init], 5),
+                       "relative_error_after": round(_relative_error(new, ins, targets), 5),
+                       "steps": steps, "seconds": round(time.perf_counter() - t0, 2)})
+    return {"method": "layer", "runs": record, "added_layers": sum(r["initialised_from"] is not None for r in record)}
+
+
+def replace_layers(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                   method: str = "linear") -> tuple[nn.Module, dict]:
+    """(student, record) after the ``method`` replacement (:data:`REPLACE_METHODS`) of its removed
+    runs, made **in place** on ``student``: the one entry point ``compress`` and the benchmarks call."""
+    if method == "none":
+        return student, {"method": "none", "runs": []}
+    if method == "layer":
+        return student, replace_layer(teacher, student, windows, batch_size)
+    return student, replace_linear(teacher, student, windows, batch_size, objective=method)

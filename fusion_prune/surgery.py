@@ -257,21 +257,65 @@ def drop_layers_(model: nn.Module, layers: Iterable[int]) -> nn.Module:
         raise ValueError(f"config.{KEPT_ATTR} has {len(old_kept)} entries but the model has {n} layers")
 
     new_layers = nn.ModuleList([mlist[i] for i in keep])
-    for new_idx, layer in enumerate(new_layers):
-        for sub in layer.modules():
-            if isinstance(getattr(sub, "layer_idx", None), int):
-                sub.layer_idx = new_idx
+    _renumber(new_layers)
     setattr(parent, attr, new_layers)
 
     # The base model shares the config object with the head model, so one update serves both.
     config.num_hidden_layers = len(keep)
     update_per_layer_config(config, keep, n, arch.per_layer_config)
     setattr(config, KEPT_ATTR, [old_kept[i] for i in keep])
-    # Flags some decoders derive from layer_types once, at construction.
-    base = getattr(model, "base_model", model)
+    _derived_flags(model)
+    return model
+
+
+def _renumber(layers: nn.ModuleList) -> None:
+    """Set every ``layer_idx`` inside ``layers`` to its layer's position (the KV cache's index)."""
+    for new_idx, layer in enumerate(layers):
+        for sub in layer.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = new_idx
+
+
+def _derived_flags(model: nn.Module) -> None:
+    """Flags some decoders derive from ``layer_types`` once, at construction."""
+    config, base = model.config, getattr(model, "base_model", model)
     if hasattr(base, "has_sliding_layers") and getattr(config, "layer_types", None) is not None:
         base.has_sliding_layers = "sliding_attention" in config.layer_types
-    return model
+
+
+@torch.no_grad()
+def insert_layer_(model: nn.Module, layer: nn.Module, orig: int, source_config) -> int:
+    """Put ``layer``, a block of original index ``orig`` taken from the model ``source_config``
+    describes (the teacher), back into ``model`` **in place**, where ``orig`` falls among the kept
+    layers; returns its position. The inverse of removing it: depth, per-layer config (rebuilt
+    from the source's, :func:`update_per_layer_config`), ``layer_idx`` numbering and the kept-layer
+    record all say the model has it again."""
+    arch = architecture_of(model)
+    parent, attr = _layers_parent(model, arch)
+    config = model.config
+    kept, source_kept = kept_layers(config), kept_layers(source_config)
+    if orig in kept or orig not in source_kept:
+        raise ValueError(f"layer {orig} must be missing from the model ({kept}) and present in the source ({source_kept})")
+    missing = [o for o in kept if o not in source_kept]
+    if missing:
+        raise ValueError(f"the source lacks layers {missing} of the model: its config cannot describe them")
+    new_kept = sorted([*kept, orig])
+    rebuilt = copy.deepcopy(source_config)  # a config is small; the per-layer pieces come from it
+    update_per_layer_config(rebuilt, [source_kept.index(o) for o in new_kept], len(source_kept), arch.per_layer_config)
+    for name in (*PER_LAYER_LISTS, *arch.per_layer_config, *LAYER_INDEX_LISTS, "decoder_sparse_step",
+                 "first_k_dense_replace"):
+        if getattr(rebuilt, name, None) is not None:
+            setattr(config, name, getattr(rebuilt, name))
+    pos = new_kept.index(orig)
+    modules = list(getattr(parent, attr))
+    modules.insert(pos, layer)
+    new_layers = nn.ModuleList(modules)
+    _renumber(new_layers)
+    setattr(parent, attr, new_layers)
+    config.num_hidden_layers = len(new_layers)
+    setattr(config, KEPT_ATTR, new_kept)
+    _derived_flags(model)
+    return pos
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",

@@ -622,3 +622,32 @@ def test_first_hour_runs_the_readme_tour_as_written_and_tables_each_phase():
     md = fh.table(record)
     assert "**Tour (" in md and "300 s = 5.0 min" in md and "`make demo`: 5.0 min" in md
     assert "| tour finetune | `fusionprune finetune` | 120 |" in md
+
+
+def test_heal_table_reads_arms_and_removed_sets_and_upserts_rows(tmp_path):
+    """The healing table's arms are [replacement+]healing[/modifiers]; a bad one is refused before
+    any work; the removed set is the complement of a choice row's kept layers; a row rerun replaces
+    the old one."""
+    import pandas as pd
+
+    ht = _load("heal_table")
+    assert ht.parse_arm("linear") == {"replace": "linear", "method": "none", "top_layers": None, "mods": set()}
+    assert ht.parse_arm("layer+partial8/kd/mix") == {"replace": "layer", "method": "partial", "top_layers": 8,
+                                                     "mods": {"kd", "mix"}}
+    for bad in ("dora", "full/fast", "linear+dora"):
+        with pytest.raises(SystemExit):
+            ht.parse_arm(bad)
+    choice = tmp_path / "choice.csv"
+    pd.DataFrame([{"dataset": "c", "target_layers": 4, "strategy": "sleb", "seed": 0, "kept_layers": "0 2 3 5"}]
+                 ).to_csv(choice, index=False)
+    assert ht.removed_set("c", 4, "sleb", 6, choice) == [1, 4]
+    with pytest.raises(SystemExit):
+        ht.removed_set("c", 3, "sleb", 6, choice)
+    csv = tmp_path / "results.csv"
+    row = {"corpus": "c", "depth": 4, "arm": "full", "seed": 0, "steps": 3, "perplexity": 9.0}
+    ht.upsert(row, csv)
+    ht.upsert({**row, "perplexity": 8.0}, csv)
+    ht.upsert({**row, "arm": "lora"}, csv)
+    d = pd.read_csv(csv)
+    assert len(d) == 2 and d.set_index("arm").perplexity.to_dict() == {"full": 8.0, "lora": 9.0}
+    assert ht.done(csv) == {("c", "4", "full", "0"), ("c", "4", "lora", "0")}

@@ -48,3 +48,53 @@ def test_the_healed_teacher_control_is_reported(llama_dir, corpus_txt, tmp_path)
     assert c["student_over_healed_teacher"] == pytest.approx(r["student_perplexity"] / c["perplexity"])
     assert c["perplexity"] != pytest.approx(r["teacher_perplexity"])  # the teacher was trained, not re-measured
     assert "healed teacher" in res.output and "| teacher healed alike (control) |" in (out / "report.md").read_text()
+
+
+def test_mixed_windows_hold_the_general_share():
+    from fusion_prune.corpus import mix_windows
+    from fusion_prune.errors import BadInputError
+
+    narrow, general = torch.zeros(30, 8, dtype=torch.long), torch.arange(1, 7 * 8 + 1).view(7, 8)
+    mixed = mix_windows(narrow, general, 0.25, seed=1)
+    assert mixed.shape == (40, 8) and torch.equal(mixed[:30], narrow)
+    extra = mixed[30:]
+    assert all(any(torch.equal(w, g) for g in general) for w in extra)  # whole general windows
+    assert len({tuple(w.tolist()) for w in extra}) == 7  # every general window before any twice
+    assert torch.equal(mix_windows(narrow, general, 0.25, seed=1), mixed)  # seeded
+    with pytest.raises(BadInputError, match="'heal_mix_share' parameter must be in \\[0, 1\\). Got 1.0"):
+        mix_windows(narrow, general, 1.0)
+
+
+def test_compress_replace_layer_and_heal_mix(llama_dir, corpus_txt, tmp_path):  # noqa: F811
+    """--replace layer puts a trained layer back per run of two or more removed layers (the output
+    is one layer deeper and says where it came from); --heal-mix heals on the corpus plus general text."""
+    from fusion_prune.cli import main
+    from fusion_prune.surgery import kept_layers
+
+    general = tmp_path / "general.txt"
+    general.write_text("\n\n".join(f"General paragraph {i} about the weather, ships and markets." * 3
+                                   for i in range(40)))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
+                                    "-o", str(out), "--max-length", "16", "--heal-steps", "2", "--max-eval-tokens",
+                                    "64", "--signal-samples", "2", "--batch-size", "2", "--strategy", "deepest",
+                                    "--replace", "layer", "--replace-samples", "4", "--heal", "full",
+                                    "--heal-mix", str(general), "--heal-mix-share", "0.5"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    (run,) = r["replacement"]["runs"]
+    assert r["replacement"]["method"] == "layer" and r["replacement"]["added_layers"] == 1
+    assert run["run"] == [1, 2] and run["initialised_from"] in (1, 2)  # deepest keeps the first and the last
+    assert r["student_layers"] == 3 and kept_layers(_config(out)) == [0, run["initialised_from"], 3]
+    assert "general text" in res.output and "layer replacement (1 trained layer(s) put back)" in \
+        (out / "report.md").read_text()
+    bad = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
+                                    "-o", str(tmp_path / "bad"), "--heal-mix-share", "1.5"])
+    assert bad.exit_code != 0 and "'--heal-mix-share' option must be between 0 and 1 (exclusive). Got 1.5." in bad.output
+
+
+def _config(out):
+    from transformers import AutoConfig
+
+    folder = next(p.parent for p in out.rglob("config.json") if "checkpoint" not in str(p))
+    return AutoConfig.from_pretrained(folder)

@@ -45,12 +45,7 @@ def test_the_folded_map_is_the_least_squares_optimum_and_reloads(family, tmp_pat
     assert float((M.T @ err).abs().max()) <= 1e-3 * float((M.T @ M).abs().max())  # normal equations hold
     target = err + M  # L - A, A the stream before the MLP is added
     assert float(err.norm() / target.norm()) == pytest.approx(run["relative_residual_after"], rel=1e-3, abs=1e-5)
-    student.save_pretrained(tmp_path / "m")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    prompt = torch.tensor([[5, 6, 7, 8]])
-    gen = dict(max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
-    with torch.no_grad():
-        assert student.generate(prompt, **gen).tolist() == again.generate(prompt, **gen).tolist()
+    _reloads_and_generates_alike(student, tmp_path / "m")
 
 
 def test_the_cosine_objective_lowers_the_cosine_distance_from_the_least_squares_map(tmp_path):
@@ -114,3 +109,69 @@ def test_compress_replace_linear_reports_the_replaced_perplexity(corpus_txt, tmp
     assert r["replacement"]["method"] == "linear" and r["replaced_perplexity"] > 0
     assert r["healed_perplexity"] == pytest.approx(r["replaced_perplexity"])  # no healing after it
     assert "linear replacement folded in" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layer_replacement_trains_one_layer_per_run_and_reloads(family, tmp_path):
+    """--replace layer: one layer of the model's class back in place of each run, started from the
+    removed layer that best reproduces the run alone and trained toward the teacher's stream; the
+    depth, per-layer numbering and kept-layer record say so, and the folder reloads and generates alike."""
+    from transformers import AutoModelForCausalLM
+
+    from fusion_prune.replace import _layer_io, _relative_error, replace_layer
+    from fusion_prune.surgery import drop_layers, kept_layers, layer_list
+
+    torch.manual_seed(0)
+    teacher = tiny_decoder(family, layers=8).eval()
+    student = drop_layers(teacher, [0, 1, 3, 4, 5, 7])
+    windows = torch.randint(5, 20, (6, 16), generator=torch.Generator().manual_seed(0))
+    rec = replace_layer(teacher, student, windows, batch_size=2, steps=60, lr=1e-3)
+    assert rec["added_layers"] == 2 and [r["run"] for r in rec["runs"]] == [[0, 1], [3, 5], [7, 7]]
+    first, last, single = rec["runs"]
+    assert single["initialised_from"] is None  # one layer: it would get itself back
+    assert first["initialised_from"] in (0, 1) and last["initialised_from"] in (3, 4, 5)
+    for r in (first, last):
+        assert r["relative_error_after"] < r["relative_error_initial"]
+    assert kept_layers(student) == [first["initialised_from"], 2, last["initialised_from"], 6]
+    assert student.config.num_hidden_layers == len(layer_list(student)) == 4
+    for pos, layer in enumerate(layer_list(student)):  # the KV cache's index follows the position
+        assert all(m.layer_idx == pos for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int))
+    # the record's error is measured again on the student as it is now (the last run's layer)
+    targets = _layer_io(teacher, layer_list(teacher)[5], windows, 2, inputs=False)
+    ins = _layer_io(student, layer_list(student)[2], windows, 2, inputs=True)
+    assert _relative_error(layer_list(student)[2], ins, targets) == pytest.approx(last["relative_error_after"], rel=1e-3)
+    _reloads_and_generates_alike(student, tmp_path / "m")
+
+
+def test_inserting_a_layer_back_restores_the_per_layer_config():
+    """insert_layer_ is the inverse of removing: Gemma 3's layer_types (sliding or full attention
+    by layer) come back as the teacher's for the kept and the reinserted layers."""
+    import copy
+
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from fusion_prune.surgery import drop_layers, insert_layer_, kept_layers, layer_list
+
+    cfg = Gemma3TextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window_pattern=3)
+    teacher = Gemma3ForCausalLM(cfg).eval()
+    student = drop_layers(teacher, [2, 4])
+    pos = insert_layer_(student, copy.deepcopy(layer_list(teacher)[2]), 2, teacher.config)
+    assert pos == 2 and kept_layers(student) == [0, 1, 2, 3, 5]
+    assert student.config.layer_types == [teacher.config.layer_types[i] for i in (0, 1, 2, 3, 5)]
+    ids = torch.randint(1, 30, (1, 8))
+    with torch.no_grad():
+        full = drop_layers(teacher, [4])(ids).logits
+        assert torch.allclose(student(ids).logits, full, atol=1e-5)
+
+
+def _reloads_and_generates_alike(student, folder) -> None:
+    """The saved folder loads with plain transformers and generates what ``student`` generates."""
+    from transformers import AutoModelForCausalLM
+
+    student.save_pretrained(folder)
+    again = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    gen = dict(max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        assert student.generate(prompt, **gen).tolist() == again.generate(prompt, **gen).tolist()

@@ -67,6 +67,8 @@ def _strategies() -> str:
 @field_option("--heal-teacher", source=LM, is_flag=True)
 @field_option("--replace", source=LM, type=RegistryChoice("fusion_prune.replace:REPLACE_METHODS"))
 @field_option("--replace-samples", source=LM, type=int)
+@field_option("--heal-mix", source=LM, type=str, metavar="CORPUS")
+@field_option("--heal-mix-share", source=LM, type=float)
 @field_option("--lm-distill-steps", source=LM, type=int)
 @field_option("--kd-weight", source=LM, type=float)
 @field_option("--kd-top-k", source=LM, path="heal.kd_top_k", type=int)

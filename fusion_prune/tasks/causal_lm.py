@@ -39,8 +39,12 @@ class CausalLMFinish(FinishConfig):
     replace: str = opt("none", help="Causal LM: 'linear' fits one linear map per run of removed layers on calibration "
                                    "tokens (least squares) and folds it into the layer before the run, before "
                                    "healing (ReplaceMe); 'linear-cosine' then lowers the mean cosine distance to "
-                                   "the teacher's stream from there; 'none' leaves the gap.")
-    replace_samples: int = opt(16, help="Causal LM: training windows the --replace map is fitted on.")
+                                   "the teacher's stream from there; 'layer' puts one trained layer back in place "
+                                   "of each run (LLM-Streamline: one more layer per run); 'none' leaves the gap.")
+    replace_samples: int = opt(16, help="Causal LM: training windows the --replace map or layer is fitted on.")
+    heal_mix: str | None = opt(help="Causal LM: a general-text corpus mixed into the healing windows (the zero-shot "
+                                    "guard: a narrow corpus alone costs general ability); any corpus spec.")
+    heal_mix_share: float = opt(0.25, help="Causal LM: share of the healing windows that come from --heal-mix.")
     heal_teacher: bool = opt(False, help="Causal LM: also heal a copy of the teacher with the same method, steps and "
                                          "data, and report the student against it (the control that separates "
                                          "recovery from adapting to the corpus; one more healing run).")
@@ -58,6 +62,15 @@ class CausalLMFinish(FinishConfig):
             from fusion_prune.errors import bad_choice
 
             raise bad_choice("replace", self.replace, REPLACE_METHODS)
+        if not 0 < self.heal_mix_share < 1:
+            from fusion_prune.errors import BadInputError
+
+            raise BadInputError(f"The '--heal-mix-share' option must be between 0 and 1 (exclusive). "
+                                f"Got {self.heal_mix_share}.")
+        if self.heal_mix:  # a corpus that does not load fails now, not after the choice and the replacement
+            from fusion_prune.corpus import load_corpus
+
+            load_corpus(self.heal_mix)
         if self.lm_eval:  # a wrong name fails now, not after the hours the run takes to reach it
             from fusion_prune.harness import check_tasks, parse_tasks
 
@@ -218,14 +231,19 @@ class CausalLMTask(Task):
         train_w = self.windows(tok, "train", step)
         replace_stats, replaced_ppl = None, None
         if finish.replace != "none":
-            from fusion_prune.replace import replace_linear
+            from fusion_prune.replace import replace_layers
 
             with self.phase("replacement"):
-                replace_stats = replace_linear(teacher, student, self._sample(train_w, finish.replace_samples, step.seed),
-                                               step.batch_size, objective=finish.replace)
+                student, replace_stats = replace_layers(teacher, student, self._sample(train_w, finish.replace_samples,
+                                                                                       step.seed),
+                                                        step.batch_size, method=finish.replace)
             with self.phase("evaluation"):
                 replaced_ppl = self._ppl(student, tok, "test", step)["perplexity"]
-            log.info("linear replacement: test perplexity %.2f (pruned %.2f)", replaced_ppl, pruned_ppl["perplexity"])
+            log.info("%s replacement: test perplexity %.2f (pruned %.2f)%s", finish.replace, replaced_ppl,
+                     pruned_ppl["perplexity"], f"; {replace_stats['added_layers']} layer(s) added"
+                     if replace_stats.get("added_layers") else "")
+        if finish.heal_mix:
+            train_w = self._mixed(tok, train_w, step, finish)
         with self.phase("healing"):
             student, heal_stats = heal(student, train_w, replace(finish.heal, kd_weight=0.0, seed=step.seed,
                                                                  progress=step.progress))
@@ -269,6 +287,18 @@ class CausalLMTask(Task):
             "healed_teacher": control, "replacement": replace_stats, "replaced_perplexity": replaced_ppl,
             "data": self.data.describe(),
         }
+
+    def _mixed(self, tok, train_w, step, finish):
+        """The healing windows with ``finish.heal_mix``'s train windows as ``heal_mix_share`` of them."""
+        from fusion_prune.corpus import load_corpus, mix_windows, token_windows
+
+        general = load_corpus(finish.heal_mix)
+        mixed = mix_windows(train_w, token_windows(tok, general.train, step.max_length, None,
+                                                   what=f"train split of --heal-mix {finish.heal_mix!r}"),
+                            finish.heal_mix_share, seed=step.seed)
+        log.info("healing on %d windows: %d of them general text (%s)", len(mixed), len(mixed) - len(train_w),
+                 finish.heal_mix)
+        return mixed
 
     def _harness(self, model, tok, finish) -> dict:
         """lm-evaluation-harness results ``{task: {metric: value}}`` of ``model`` ({} without --lm-eval)."""
@@ -381,7 +411,7 @@ class CausalLMTask(Task):
             "| stage | test perplexity |", "|---|---|",
             f"| teacher | {r['teacher_perplexity']:.3f} |",
             f"| pruned, before healing | {r['pruned_perplexity']:.3f} |",
-            f"| linear replacement folded in, before healing | {r['replaced_perplexity']:.3f} |"
+            f"| {_replacement_label(r['replacement'])}, before healing | {r['replaced_perplexity']:.3f} |"
             if r.get("replaced_perplexity") is not None else "",
             f"| healed ({heal.get('method', 'none')}, {heal.get('steps', 0)} steps) | {r['healed_perplexity']:.3f} |",
             f"| after distillation | {r['student_perplexity']:.3f} |" if r.get("distill") else "",
@@ -427,3 +457,10 @@ class CausalLMTask(Task):
                             "after healing" if report.results.get("heal") else "final":
                             report.results.get("student_perplexity")})
         return ["![perplexity](plots/perplexity.png)", ""]
+
+
+def _replacement_label(record: dict) -> str:
+    """The report's name for a replacement: what was put where the removed layers were."""
+    if record.get("method") == "layer":
+        return f"layer replacement ({record.get('added_layers', 0)} trained layer(s) put back)"
+    return f"{record.get('method', 'linear')} replacement folded in"

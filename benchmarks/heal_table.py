@@ -1,0 +1,279 @@
+"""The healing table of issue 36: every way to bring a pruned causal LM back, at equal CPU wall time.
+
+    python benchmarks/heal_table.py --corpora grimm-tales --depths 24,20 --budget 600 \\
+        --arms none,lora,full,partial4,linear,linear+full
+
+One removed set per (corpus, depth): the layers ``--strategy`` removed at seed 0 in
+``results/lm-cpu-choice`` (the choice alone; SLEB by default, the strongest greedy choice at
+30 -> 20). Each *arm* starts from the teacher with exactly those layers dropped and gets the same
+``--budget`` seconds of wall time, everything after loading counted (the replacement fit, the
+teacher-cache, the probe below, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
+
+- ``REPLACE``: ``linear`` (least-squares map folded into the layer before each run, ReplaceMe) or
+  ``layer`` (one layer of the model's class per run, initialised from a removed layer and trained
+  to reproduce the run's output, LLM-Streamline), fitted on ``--replace-samples`` train windows;
+- ``HEAL``: ``none``, ``lora``, ``full``, ``partialK`` (the last K layers, the final norm and the
+  head), ``qlora``: compress's healing (:func:`fusion_prune.heal.heal`), lr 2e-4, 4 windows of 512
+  tokens a step (compress's defaults);
+- ``MOD``: ``kd`` (half the loss is the KL to the teacher's logits, the teacher beside each step),
+  ``mix`` (a quarter of the training windows are general text, ``--mix-corpus``: the zero-shot
+  guard), ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher
+  control).
+
+Equal wall time: an arm first times three steps of its own healing at learning rate 0 (the
+weights do not move: AdamW with lr 0 and no decay; LoRA's B stays zero), then takes as many steps
+as the rest of its budget holds at that pace, with the learning-rate schedule of that many steps.
+Each arm runs in its own process, so its peak resident memory is its own.
+
+One row per (corpus, depth, arm, seed) lands in ``results/lm-heal-table/results.csv`` (finished
+rows are skipped: a stopped run resumes) with the test perplexity on at most 8,192 tokens of the
+corpus's test split (compress's protocol), its ratio to the teacher's, zero-shot accuracy on two
+labelled tasks (200 examples each, with the standard error), peak resident memory, parameters,
+steps and seconds; ``results.md`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "lm-heal-table"
+CHOICE = HERE / "results" / "lm-cpu-choice" / "results.csv"
+KEY = ["corpus", "depth", "arm", "seed"]
+ZERO_SHOT = {  # the prompts of lm_compress.py (the record's zero-shot protocol), 200 examples each
+    "rotten-tomatoes": {"prompt": "Review: {text}\nSentiment:", "verbalisers": "fresh=positive,rotten=negative",
+                        "max_length": 256},
+    "bbc-news": {"prompt": "{text}\nTopic:", "verbalisers": None, "max_length": 256},
+}
+PROBE_STEPS = 3
+MIX_SHARE = 0.25
+KD_WEIGHT = 0.5
+
+
+def parse_arm(arm: str) -> dict:
+    """``"linear+partial4/kd"`` -> {replace: linear, method: partial, top_layers: 4, mods: {kd}}."""
+    head, *mods = arm.split("/")
+    parts = head.split("+")
+    repl, method = (parts[0], parts[1]) if len(parts) == 2 else \
+        (parts[0], "none") if parts[0] in ("linear", "linear-cosine", "layer") else ("none", parts[0])
+    top = None
+    if method.startswith("partial"):
+        top, method = int(method[len("partial"):] or 4), "partial"
+    if repl not in ("none", "linear", "linear-cosine", "layer") or method not in ("none", "lora", "qlora", "full", "partial"):
+        raise SystemExit(f"--arms: cannot read {arm!r}; expected [linear+|layer+]none|lora|full|partialK|qlora[/kd][/mix][/control]")
+    bad = set(mods) - {"kd", "mix", "control"}
+    if bad:
+        raise SystemExit(f"--arms: unknown modifier(s) {sorted(bad)} in {arm!r}; expected kd, mix, control")
+    return {"replace": repl, "method": method, "top_layers": top, "mods": set(mods)}
+
+
+def removed_set(corpus: str, depth: int, strategy: str, teacher_layers: int, choice: Path = CHOICE) -> list[int]:
+    """The layers ``strategy`` removed from a ``teacher_layers``-deep teacher at seed 0 (``choice``'s row)."""
+    import pandas as pd
+
+    d = pd.read_csv(choice)
+    row = d[(d.dataset == corpus) & (d.target_layers == depth) & (d.strategy == strategy) & (d.seed == 0)]
+    if row.empty:
+        raise SystemExit(f"no seed-0 choice of {strategy!r} at depth {depth} on {corpus!r} in {choice}")
+    keep = {int(i) for i in str(row.iloc[0].kept_layers).split()}
+    return [i for i in range(teacher_layers) if i not in keep]
+
+
+def zero_shot_all(model, tok, samples: int, seed: int = 0) -> dict:
+    from fusion_prune.data import load_dataset, subsample
+    from fusion_prune.lm import parse_verbalisers, zero_shot
+
+    out = {}
+    for name, spec in ZERO_SHOT.items():
+        ds = load_dataset(name)
+        df = subsample(ds.test, samples, seed)
+        res = zero_shot(model, tok, df, ds.labels, spec["prompt"], parse_verbalisers(spec["verbalisers"], ds.labels),
+                        max_length=spec["max_length"], batch_size=8)
+        acc = res["accuracy"]
+        out[name] = {"accuracy": acc, "se": math.sqrt(acc * (1 - acc) / len(df)), "n": len(df)}
+    return out
+
+
+def cached(path: Path, compute) -> dict:
+    """The JSON at ``path``, computed and written (atomically) when missing."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+    return value
+
+
+def run_arm(args) -> dict:
+    """One arm in this process: the row of the table."""
+    sys.path.insert(0, str(HERE))
+    import torch
+    from signals_cost import PeakRSS
+
+    from fusion_prune.corpus import load_corpus, mix_windows, token_windows
+    from fusion_prune.heal import HealConfig, heal
+    from fusion_prune.lm import perplexity
+    from fusion_prune.models import load_causal_lm
+    from fusion_prune.surgery import count_parameters, drop_layers, num_layers
+
+    torch.manual_seed(args.seed)
+    spec = parse_arm(args.arm)
+    out = Path(args.out)
+    teacher, tok = load_causal_lm(args.model)
+    data = load_corpus(args.corpus)
+    train = token_windows(tok, data.train, args.max_length, None, what="train split")
+    test = token_windows(tok, data.test, args.max_length, args.max_eval_tokens, what="test split")
+    zs_n = args.zero_shot_samples
+    base = cached(out / f"teacher-{args.model}-{args.corpus}.json", lambda: {
+        "perplexity": perplexity(teacher, test)["perplexity"], "zero_shot": zero_shot_all(teacher, tok, zs_n),
+        "parameters": count_parameters(teacher)})
+    gone = removed_set(args.corpus, args.depth, args.strategy, num_layers(teacher))
+    control = "control" in spec["mods"]
+    student = teacher if control else drop_layers(teacher, gone)
+    if not control:
+        cached(out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{args.strategy}.json", lambda: {
+            "perplexity": perplexity(student, test)["perplexity"], "zero_shot": zero_shot_all(student, tok, zs_n)})
+    row = {"corpus": args.corpus, "depth": args.depth, "arm": args.arm, "seed": args.seed, "removed": " ".join(map(str, gone)),
+           "budget_seconds": args.budget}
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        if spec["replace"] != "none":
+            from fusion_prune.replace import replace_layers
+
+            g = torch.Generator().manual_seed(args.seed)
+            fit = train[torch.randperm(len(train), generator=g)[: args.replace_samples].sort().values]
+            student, _ = replace_layers(teacher, student, fit, batch_size=4, method=spec["replace"])
+            row["replace_seconds"] = round(time.perf_counter() - t0, 1)
+            t_eval = time.perf_counter()
+            row["replaced_perplexity"] = perplexity(student, test)["perplexity"]
+            t0 += time.perf_counter() - t_eval  # the evaluation is not part of the budget
+        kd = "kd" in spec["mods"]
+        if not kd and not control:
+            del teacher  # not needed again: free it before training
+        windows = train
+        if "mix" in spec["mods"]:
+            general = load_corpus(args.mix_corpus)
+            windows = mix_windows(train, token_windows(tok, general.train, args.max_length, None, what="mix corpus"),
+                                  MIX_SHARE, seed=args.seed)
+        steps = 0
+        if spec["method"] != "none":
+            cfg = HealConfig(method=spec["method"], steps=PROBE_STEPS, top_layers=spec["top_layers"] or 4,
+                             kd_weight=KD_WEIGHT if kd else 0.0, seed=args.seed, progress=False)
+            probe = replace(cfg)
+            probe.lr = 0.0  # timing only: with lr 0 (no weight decay in healing) no weight moves
+            t1 = time.perf_counter()
+            student, _ = heal(student, windows, probe, teacher=teacher if kd else None)
+            per_step = (time.perf_counter() - t1) / PROBE_STEPS
+            left = args.budget - (time.perf_counter() - t0)
+            steps = max(int(left // per_step), 0)
+            row.update(probe_seconds_per_step=round(per_step, 2))
+            if steps:
+                student, hstats = heal(student, windows, replace(cfg, steps=steps), teacher=teacher if kd else None)
+                row["final_train_loss"] = hstats.get("final_loss") or hstats.get("loss_last")
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["steps"] = steps
+    row["peak_rss_gib"] = round(rss.peak / 2**30, 3)
+    ppl = perplexity(student, test)["perplexity"]
+    zs = zero_shot_all(student, tok, zs_n)
+    pruned = {} if control else json.loads((out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{args.strategy}.json").read_text())
+    row.update(layers=num_layers(student), parameters=count_parameters(student), teacher_perplexity=base["perplexity"],
+               pruned_perplexity=pruned.get("perplexity"), perplexity=ppl, over_teacher=ppl / base["perplexity"])
+    for name, r in zs.items():
+        row[f"zs_{name}"] = r["accuracy"]
+        row[f"zs_{name}_se"] = r["se"]
+        row[f"zs_{name}_teacher"] = base["zero_shot"][name]["accuracy"]
+        if pruned:
+            row[f"zs_{name}_pruned"] = pruned["zero_shot"][name]["accuracy"]
+    return row
+
+
+def upsert(row: dict, csv: Path) -> None:
+    import pandas as pd
+
+    from fusion_prune.report import write_table
+
+    old = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=list(row))
+    if len(old):
+        same = (old[KEY].astype(str) == pd.Series({k: str(row[k]) for k in KEY})).all(axis=1)
+        old = old[~same]
+    table = pd.concat([old, pd.DataFrame([row])], ignore_index=True).sort_values(KEY)
+    write_table(table, csv)
+    cols = ["corpus", "depth", "arm", "seed", "steps", "seconds", "pruned_perplexity", "perplexity", "over_teacher",
+            "zs_rotten-tomatoes", "zs_bbc-news", "peak_rss_gib", "layers", "parameters"]
+    from fusion_prune.utils import write_text_atomic
+
+    write_text_atomic(csv.with_suffix(".md"), table[[c for c in cols if c in table]].to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
+def done(csv: Path) -> set[tuple]:
+    import pandas as pd
+
+    if not csv.is_file():
+        return set()
+    d = pd.read_csv(csv)
+    return {tuple(str(v) for v in r) for r in d[KEY].itertuples(index=False)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--corpora", default="grimm-tales")
+    ap.add_argument("--depths", default="24,20")
+    ap.add_argument("--arms", default="none,lora,full,partial4,linear,linear+full")
+    ap.add_argument("--budget", type=float, default=600.0, help="wall seconds per arm after loading")
+    ap.add_argument("--strategy", default="sleb")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--max-eval-tokens", type=int, default=8192)
+    ap.add_argument("--replace-samples", type=int, default=16)
+    ap.add_argument("--mix-corpus", default="book-excerpts")
+    ap.add_argument("--zero-shot-samples", type=int, default=200)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--arm", help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", help=argparse.SUPPRESS)
+    ap.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "results.csv"
+    if args.arm:  # a worker: one arm, its row on stdout's last line
+        print(json.dumps(run_arm(args)))
+        return
+    for a in args.arms.split(","):
+        parse_arm(a)  # refuse a bad arm before hours of work
+    finished = done(csv)
+    for corpus in args.corpora.split(","):
+        for depth in [int(d) for d in args.depths.split(",")]:
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                for arm in args.arms.split(","):
+                    if (corpus, str(depth), arm, str(seed)) in finished:
+                        continue
+                    cmd = [sys.executable, __file__, "--arm", arm, "--corpus", corpus, "--depth", str(depth),
+                           "--seed", str(seed), "--model", args.model, "--budget", str(args.budget),
+                           "--strategy", args.strategy, "--max-length", str(args.max_length),
+                           "--max-eval-tokens", str(args.max_eval_tokens), "--replace-samples", str(args.replace_samples),
+                           "--mix-corpus", args.mix_corpus, "--zero-shot-samples", str(args.zero_shot_samples),
+                           "--out", str(out)]
+                    print(f"[{time.strftime('%H:%M:%S')}] {corpus} {depth} {arm} seed {seed}", flush=True)
+                    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                    if res.returncode:
+                        print(res.stderr[-3000:], flush=True)
+                        continue
+                    row = json.loads(res.stdout.strip().splitlines()[-1])
+                    upsert(row, csv)
+                    print(f"    ppl {row['perplexity']:.2f} ({row['over_teacher']:.2f}x), {row['steps']} steps, "
+                          f"{row['seconds']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
