@@ -4,8 +4,9 @@ teacher's logits. One function, :func:`heal`, over token windows (:mod:`fusion_p
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -13,6 +14,8 @@ from torch import nn
 from fusion_prune.config import opt
 from fusion_prune.corpus import window_loader
 from fusion_prune.errors import BadInputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,10 +25,13 @@ class HealConfig:
     (the last ``top_layers`` layers, the final norm and the LM head, as "Reassessing Layer Pruning"
     trains them), or none."""
 
-    method: str = opt("lora", help="Causal LM: healing after the removals (LoRA adapters are merged into the "
-                                   "weights; qlora trains them on a 4-bit NF4 copy of the base and needs "
-                                   "bitsandbytes).")
-    steps: int = opt(60, help="Causal LM: healing steps.")
+    method: str = opt("auto", help="Causal LM: healing after the removals. auto: full fine-tuning where its "
+                                   "training state (12 bytes a parameter) fits in half the free memory, else "
+                                   "lora (adapters merged into the weights); qlora trains them on a 4-bit NF4 "
+                                   "copy of the base and needs bitsandbytes.")
+    # 30: on smollm2-135m 30 -> 24 (2-core CPU) 26 full fine-tuning steps of 4 x 512 tokens, 10 minutes,
+    # healed to 1.13x the teacher's perplexity (benchmarks/journal.md, "The healing table")
+    steps: int = opt(30, help="Causal LM: healing steps.")
     batch_size: int = 4
     lr: float = opt(2e-4, help="Causal LM: healing learning rate.")
     lora_r: int = opt(8, help="LoRA rank.")
@@ -57,7 +63,25 @@ class HealConfig:
         validate(self)  # ranges in fusion_prune/params.py
 
 
-HEAL_METHODS = ("lora", "qlora", "full", "partial", "none")
+HEAL_METHODS = ("auto", "lora", "qlora", "full", "partial", "none")
+#: bytes each trained parameter adds under full fine-tuning: its gradient and AdamW's two moments (float32)
+FULL_TRAINING_BYTES = 12
+
+
+def resolve_method(model: nn.Module, cfg: HealConfig) -> tuple[str, str]:
+    """(method, why): ``cfg.method``, or for ``auto`` full fine-tuning where the training state of
+    every parameter fits in half the memory free on the model's device, else LoRA. Measured on
+    smollm2-135m 30 -> 24 on a 2-core CPU (benchmarks/journal.md, "The healing table"): in the same
+    10 minutes full fine-tuning healed to 1.13x the teacher's perplexity, LoRA to 1.67x."""
+    if cfg.method != "auto":
+        return cfg.method, "chosen"
+    from fusion_prune.memory import available_bytes
+
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    need, free = params * FULL_TRAINING_BYTES, available_bytes(next(model.parameters()).device)
+    if need <= free / 2:
+        return "full", f"auto: full fine-tuning's {need / 2**30:.1f} GiB of training state fits in half the {free / 2**30:.1f} GiB free"
+    return "lora", f"auto: full fine-tuning's {need / 2**30:.1f} GiB of training state exceeds half the {free / 2**30:.1f} GiB free"
 
 
 def _lora(model, cfg: HealConfig):
@@ -166,6 +190,10 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
 
     if cfg.method == "none" or cfg.steps == 0:
         return student, {"method": "none", "steps": 0}
+    method, why = resolve_method(student, cfg)
+    if method != cfg.method:
+        log.info("healing by %s (%s)", method, why)
+        cfg = replace(cfg, method=method)
     if cfg.kd_weight > 0 and teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher")
     set_seed(cfg.seed)
@@ -234,7 +262,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         model = _merge_adapters(student, model, cfg).to(device)
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, {"method": cfg.method, "steps": len(losses), "trainable_parameters": int(trainable),
+    return model, {"method": cfg.method, "method_chosen": why, "steps": len(losses), "trainable_parameters": int(trainable),
                    "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), **loss_summary(losses),
                    **kd_stats, **memory,
                    "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}

@@ -17,6 +17,24 @@ _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
 
 
+def available_bytes(device=None) -> int:
+    """Memory free for new tensors on ``device``: CUDA's free memory, else the host's
+    ``MemAvailable`` (Linux), else its free physical pages."""
+    import os
+
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _rss_peak_bytes() -> int:
     if _STATUS.is_file():
         for line in _STATUS.read_text().splitlines():

@@ -218,7 +218,7 @@ def test_lm_output_reloads_and_generates_the_same(llama_dir, corpus_txt, tmp_pat
     model, tok = load_causal_lm(str(llama_dir))
     pruned = drop_layers(model, [1, 2])
     windows = torch.randint(5, 20, (4, 16), generator=torch.Generator().manual_seed(3))
-    healed, stats = heal(pruned, windows, HealConfig(steps=2, batch_size=2, progress=False))
+    healed, stats = heal(pruned, windows, HealConfig(method="lora", steps=2, batch_size=2, progress=False))
     assert stats["method"] == "lora" and stats["trainable_parameters"] < sum(p.numel() for p in model.parameters())
     assert type(healed).__name__ == "LlamaForCausalLM"  # LoRA merged: a plain model again
     healed.save_pretrained(tmp_path / "m")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -98,3 +99,25 @@ def _config(out):
 
     folder = next(p.parent for p in out.rglob("config.json") if "checkpoint" not in str(p))
     return AutoConfig.from_pretrained(folder)
+
+
+def test_auto_heals_fully_where_the_training_state_fits_else_with_lora(llama_dir, monkeypatch):  # noqa: F811
+    """--heal auto (the default): full fine-tuning when 12 bytes a parameter fit in half the free
+    memory, LoRA when they do not; the choice and its reason are in the healing record."""
+    import fusion_prune.memory as memory
+    from fusion_prune.heal import FULL_TRAINING_BYTES, HealConfig, heal
+    from fusion_prune.models import load_causal_lm
+
+    assert HealConfig().method == "auto"
+    model, _ = load_causal_lm(str(llama_dir))
+    need = sum(p.numel() for p in model.parameters()) * FULL_TRAINING_BYTES
+    windows = torch.randint(5, 20, (4, 16), generator=torch.Generator().manual_seed(3))
+    cfg = HealConfig(steps=1, batch_size=2, progress=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 2 * need)
+    _, stats = heal(model, windows, cfg)
+    assert stats["method"] == "full" and stats["method_chosen"].startswith("auto: full fine-tuning's")
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 2 * need - 1)
+    _, stats = heal(model, windows, cfg)
+    assert stats["method"] == "lora" and "exceeds half" in stats["method_chosen"]
+    monkeypatch.undo()
+    assert 0 < memory.available_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

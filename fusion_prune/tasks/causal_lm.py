@@ -265,9 +265,11 @@ class CausalLMTask(Task):
         control = None
         if finish.heal_teacher and heals:
             # Last, when the teacher is needed for nothing else: healed in place, no second copy.
-            log.info("healing the teacher alike (%s, %d steps): the control", finish.heal.method, finish.heal.steps)
+            method = heal_stats.get("method", finish.heal.method)  # auto's choice for the student, not redone
+            log.info("healing the teacher alike (%s, %d steps): the control", method, finish.heal.steps)
             with self.phase("healing"):
-                teacher, control_stats = heal(teacher, train_w, replace(finish.heal, kd_weight=0.0, seed=step.seed,
+                teacher, control_stats = heal(teacher, train_w, replace(finish.heal, method=method, kd_weight=0.0,
+                                                                        seed=step.seed,
                                                                         progress=step.progress))
             with self.phase("evaluation"):
                 control_ppl = self._ppl(teacher, tok, "test", step)
