@@ -136,11 +136,13 @@ def run_arm(args) -> dict:
     base = cached(out / f"teacher-{args.model}-{args.corpus}.json", lambda: {
         "perplexity": perplexity(teacher, test)["perplexity"], "zero_shot": zero_shot_all(teacher, tok, zs_n),
         "parameters": count_parameters(teacher)})
-    gone = removed_set(args.corpus, args.depth, args.strategy, num_layers(teacher))
+    gone = [int(i) for i in args.removed.split(",")] if args.removed else \
+        removed_set(args.corpus, args.depth, args.strategy, num_layers(teacher))
     control = "control" in spec["mods"]
+    tag = "removed-" + "-".join(map(str, gone)) if args.removed else args.strategy
     student = teacher if control else drop_layers(teacher, gone)
     if not control:
-        cached(out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{args.strategy}.json", lambda: {
+        cached(out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{tag}.json", lambda: {
             "perplexity": perplexity(student, test)["perplexity"], "zero_shot": zero_shot_all(student, tok, zs_n)})
     row = {"corpus": args.corpus, "depth": args.depth, "arm": args.arm, "seed": args.seed, "removed": " ".join(map(str, gone)),
            "budget_seconds": args.budget}
@@ -151,8 +153,12 @@ def run_arm(args) -> dict:
 
             g = torch.Generator().manual_seed(args.seed)
             fit = train[torch.randperm(len(train), generator=g)[: args.replace_samples].sort().values]
-            student, _ = replace_layers(teacher, student, fit, batch_size=4, method=spec["replace"])
+            student, record = replace_layers(teacher, student, fit, batch_size=4, method=spec["replace"])
             row["replace_seconds"] = round(time.perf_counter() - t0, 1)
+            # which removed layer each trained layer started from: a layer+ arm's same-depth control
+            # removes the others (--removed)
+            row["put_back"] = " ".join(str(r["initialised_from"]) for r in record["runs"]
+                                       if r.get("initialised_from") is not None)
             t_eval = time.perf_counter()
             row["replaced_perplexity"] = perplexity(student, test)["perplexity"]
             t0 += time.perf_counter() - t_eval  # the evaluation is not part of the budget
@@ -184,7 +190,7 @@ def run_arm(args) -> dict:
     row["peak_rss_gib"] = round(rss.peak / 2**30, 3)
     ppl = perplexity(student, test)["perplexity"]
     zs = zero_shot_all(student, tok, zs_n)
-    pruned = {} if control else json.loads((out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{args.strategy}.json").read_text())
+    pruned = {} if control else json.loads((out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{tag}.json").read_text())
     row.update(layers=num_layers(student), parameters=count_parameters(student), teacher_perplexity=base["perplexity"],
                pruned_perplexity=pruned.get("perplexity"), perplexity=ppl, over_teacher=ppl / base["perplexity"])
     for name, r in zs.items():
@@ -236,6 +242,9 @@ def main() -> None:
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
     ap.add_argument("--replace-samples", type=int, default=16)
     ap.add_argument("--mix-corpus", default="book-excerpts")
+    ap.add_argument("--removed", default="", help="comma-separated layers to remove instead of the strategy's "
+                    "choice; give the depth they leave (--depths 26) so its rows are their own cell, e.g. the "
+                    "same-depth control of a layer+ arm: SLEB's six but the row's put_back layers")
     ap.add_argument("--zero-shot-samples", type=int, default=200)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--arm", help=argparse.SUPPRESS)
@@ -263,6 +272,7 @@ def main() -> None:
                            "--strategy", args.strategy, "--max-length", str(args.max_length),
                            "--max-eval-tokens", str(args.max_eval_tokens), "--replace-samples", str(args.replace_samples),
                            "--mix-corpus", args.mix_corpus, "--zero-shot-samples", str(args.zero_shot_samples),
+                           "--removed", args.removed,
                            "--out", str(out)]
                     print(f"[{time.strftime('%H:%M:%S')}] {corpus} {depth} {arm} seed {seed}", flush=True)
                     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
