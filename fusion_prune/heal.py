@@ -76,9 +76,9 @@ def resolve_method(model: nn.Module, cfg: HealConfig) -> tuple[str, str]:
     if cfg.method != "auto":
         return cfg.method, "chosen"
     from fusion_prune.memory import available_bytes
+    from fusion_prune.surgery import count_parameters
 
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    need, free = params * FULL_TRAINING_BYTES, available_bytes(next(model.parameters()).device)
+    need, free = count_parameters(model) * FULL_TRAINING_BYTES, available_bytes(next(model.parameters()).device)
     if need <= free / 2:
         return "full", f"auto: full fine-tuning's {need / 2**30:.1f} GiB of training state fits in half the {free / 2**30:.1f} GiB free"
     return "lora", f"auto: full fine-tuning's {need / 2**30:.1f} GiB of training state exceeds half the {free / 2**30:.1f} GiB free"

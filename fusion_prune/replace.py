@@ -95,13 +95,17 @@ def _capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Ten
 
 
 def _run(model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
+    """Forward ``windows`` (N, T) through ``model`` in batches; a hook's :class:`_Stop` ends a batch early."""
     from fusion_prune.models import no_cache_kwargs
 
     device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
             ids = windows[start:start + batch_size].to(device)
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), **no_cache_kwargs(model))
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), **no_cache_kwargs(model))
+            except _Stop:
+                pass
 
 
 def fold(proj: nn.Module, T: torch.Tensor) -> None:
@@ -189,8 +193,6 @@ class _Stop(Exception):
 def _layer_io(model: nn.Module, module: nn.Module, windows: torch.Tensor, batch_size: int, *, inputs: bool) -> list:
     """Per batch of ``windows`` (N, T): ``module``'s (hidden states, other keyword arguments) when
     ``inputs``, else its output hidden states; the forward stops there. Hooks are removed after."""
-    from fusion_prune.models import no_cache_kwargs
-
     box: list = []
 
     def pre(_m, args, kwargs):
@@ -205,15 +207,8 @@ def _layer_io(model: nn.Module, module: nn.Module, windows: torch.Tensor, batch_
         raise _Stop
 
     handle = module.register_forward_pre_hook(pre, with_kwargs=True) if inputs else module.register_forward_hook(post)
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for start in range(0, len(windows), batch_size):
-                ids = windows[start:start + batch_size].to(device)
-                try:
-                    model(input_ids=ids, attention_mask=torch.ones_like(ids), **no_cache_kwargs(model))
-                except _Stop:
-                    pass
+        _run(model, windows, batch_size)
     finally:
         handle.remove()
     return box
@@ -244,7 +239,7 @@ def replace_layer(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
     import copy
     import time
 
-    from fusion_prune.surgery import insert_layer_, kept_layers, layer_list
+    from fusion_prune.surgery import KEPT_ATTR, insert_layer_, kept_layers, layer_list
 
     t_layers = layer_list(teacher)
     types = getattr(teacher.config, "layer_types", None)
@@ -267,8 +262,6 @@ def replace_layer(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
             new.load_state_dict(t_layers[init].state_dict())
             kept = kept_layers(student)
             kept[pos] = init
-            from fusion_prune.surgery import KEPT_ATTR
-
             setattr(student.config, KEPT_ATTR, kept)
         was_training = new.training
         new.train()
@@ -284,7 +277,7 @@ def replace_layer(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
                 torch.nn.utils.clip_grad_norm_(new.parameters(), 1.0)
                 opt.step()
         new.train(was_training)
-        record.append({"run": [i, j], "initialised_from": init, "position": pos, "tokens": int(windows[:].numel()),
+        record.append({"run": [i, j], "initialised_from": init, "position": pos, "tokens": int(windows.numel()),
                        "relative_error_initial": round(errors[init], 5),
                        "relative_error_after": round(_relative_error(new, ins, targets), 5),
                        "steps": steps, "seconds": round(time.perf_counter() - t0, 2)})
