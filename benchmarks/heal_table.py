@@ -7,7 +7,7 @@ One removed set per (corpus, depth): the layers ``--strategy`` removed at seed 0
 ``results/lm-cpu-choice`` (the choice alone; SLEB by default, the strongest greedy choice at
 30 -> 20). Each *arm* starts from the teacher with exactly those layers dropped and gets the same
 ``--budget`` seconds of wall time, everything after loading counted (the replacement fit, the
-teacher-cache, the probe below, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
+teacher-cache, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
 
 - ``REPLACE``: ``linear`` (least-squares map folded into the layer before each run, ReplaceMe) or
   ``layer`` (one layer of the model's class per run, initialised from a removed layer and trained
@@ -20,9 +20,10 @@ teacher-cache, the probe below, the training steps). An arm is ``[REPLACE+]HEAL[
   guard), ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher
   control).
 
-Equal wall time: an arm first times three steps of its own healing at learning rate 0 (the
-weights do not move: AdamW with lr 0 and no decay; LoRA's B stays zero), then takes as many steps
-as the rest of its budget holds at that pace, with the learning-rate schedule of that many steps.
+Equal wall time: an arm's healing gets the rest of its budget as ``--heal-seconds`` (the training
+loop re-plans its steps and learning-rate schedule at its measured pace and stops when the next
+step would not fit; rows before 2026-12-04 timed three steps at lr 0 first and fixed the count,
+``probe_seconds_per_step``, which counted set-up as step time and used 398-672 of 600 s).
 Each arm runs in its own process, so its peak resident memory is its own.
 
 One row per (corpus, depth, arm, seed) lands in ``results/lm-heal-table/results.csv`` (finished
@@ -41,7 +42,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +53,6 @@ ZERO_SHOT = {  # the prompts of lm_compress.py (the record's zero-shot protocol)
                         "max_length": 256},
     "bbc-news": {"prompt": "{text}\nTopic:", "verbalisers": None, "max_length": 256},
 }
-PROBE_STEPS = 3
 MIX_SHARE = 0.25
 KD_WEIGHT = 0.5
 
@@ -172,19 +171,14 @@ def run_arm(args) -> dict:
                                   MIX_SHARE, seed=args.seed)
         steps = 0
         if spec["method"] != "none":
-            cfg = HealConfig(method=spec["method"], steps=PROBE_STEPS, top_layers=spec["top_layers"] or 4,
+            # the rest of the budget, as compress's --heal-seconds: the loop re-plans its steps (and the
+            # learning-rate schedule) at its measured pace and stops when the next step would not fit
+            left = max(args.budget - (time.perf_counter() - t0), 1.0)
+            cfg = HealConfig(method=spec["method"], steps=10_000, max_seconds=left, top_layers=spec["top_layers"] or 4,
                              kd_weight=KD_WEIGHT if kd else 0.0, seed=args.seed, progress=False)
-            probe = replace(cfg)
-            probe.lr = 0.0  # timing only: with lr 0 (no weight decay in healing) no weight moves
-            t1 = time.perf_counter()
-            student, _ = heal(student, windows, probe, teacher=teacher if kd else None)
-            per_step = (time.perf_counter() - t1) / PROBE_STEPS
-            left = args.budget - (time.perf_counter() - t0)
-            steps = max(int(left // per_step), 0)
-            row.update(probe_seconds_per_step=round(per_step, 2))
-            if steps:
-                student, hstats = heal(student, windows, replace(cfg, steps=steps), teacher=teacher if kd else None)
-                row["final_train_loss"] = hstats.get("final_loss") or hstats.get("loss_last")
+            student, hstats = heal(student, windows, cfg, teacher=teacher if kd else None)
+            steps = hstats["steps"]
+            row.update(timing="in-loop limit", final_train_loss=hstats.get("final_loss"))
         row["seconds"] = round(time.perf_counter() - t0, 1)
     row["steps"] = steps
     row["peak_rss_gib"] = round(rss.peak / 2**30, 3)

@@ -31,7 +31,9 @@ class HealConfig:
                                    "copy of the base and needs bitsandbytes.")
     # 30: on smollm2-135m 30 -> 24 (2-core CPU) 26 full fine-tuning steps of 4 x 512 tokens, 10 minutes,
     # healed to 1.13x the teacher's perplexity (benchmarks/journal.md, "The healing table")
-    steps: int = opt(30, help="Causal LM: healing steps.")
+    steps: int = opt(30, help="Causal LM: healing steps (the ceiling when --heal-seconds is set).")
+    max_seconds: float = opt(0.0, help="Causal LM: wall-time limit of the healing steps in seconds (0: none); the "
+                                       "learning-rate schedule is fitted to the steps that fit in it.")
     batch_size: int = 4
     lr: float = opt(2e-4, help="Causal LM: healing learning rate.")
     lora_r: int = opt(8, help="LoRA rank.")
@@ -253,7 +255,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     with checkpointed_layers(layer_list(causal_lm_of(model)) if cfg.checkpoint_layers else []):
         losses, _ = run_steps(model, loader, compute_loss, accelerator, epochs=1.0, max_steps=cfg.steps, lr=cfg.lr,
                               weight_decay=0.0, warmup_ratio=0.05, grad_clip=1.0, progress=cfg.progress,
-                              desc=f"heal ({cfg.method}{', KD' if cfg.kd_weight else ''})")
+                              desc=f"heal ({cfg.method}{', KD' if cfg.kd_weight else ''})", max_seconds=cfg.max_seconds)
     memory = {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(device))} if cuda else {}
     model = accelerator.unwrap_model(model)
     if cfg.method == "lora":
@@ -262,7 +264,9 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         model = _merge_adapters(student, model, cfg).to(device)
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, {"method": cfg.method, "method_chosen": why, "steps": len(losses), "trainable_parameters": int(trainable),
+    return model, {"method": cfg.method, "method_chosen": why, "steps": len(losses),
+                   "stopped_by": "time limit" if cfg.max_seconds and len(losses) < cfg.steps else "steps",
+                   "trainable_parameters": int(trainable),
                    "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), **loss_summary(losses),
                    **kd_stats, **memory,
                    "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}

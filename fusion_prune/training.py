@@ -7,6 +7,7 @@ autocast) and, under ``accelerate launch``, on several GPUs or processes.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ def step_budget(batches_per_epoch: int, epochs: float, max_steps: int | None, mi
 
 def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_steps: int | None, lr: float,
               weight_decay: float, warmup_ratio: float, grad_clip: float, progress: bool,
-              desc: str, min_steps: int = 0, on_step=None) -> tuple[list[float], int]:
+              desc: str, min_steps: int = 0, on_step=None, max_seconds: float = 0.0) -> tuple[list[float], int]:
     """The one training loop: AdamW with linear warm-up and decay; returns (losses, steps an epoch).
 
     ``compute_loss(model, batch) -> scalar`` is called under autocast. ``model`` and ``loader``
@@ -39,9 +40,13 @@ def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_st
     steps of one process's shard. ``on_step(step, model) -> bool`` runs after every step (every
     process) and stops training when it returns True. The model is trained in place and left in
     eval mode.
+
+    ``max_seconds > 0`` limits the wall time of the steps (preparation not counted): after every
+    step the steps that still fit at the mean pace so far are counted, the planned total (and the
+    learning-rate schedule's warm-up and decay with it) becomes that, and training stops when the
+    next step would not fit. The step budget stays a ceiling.
     """
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     # Weight decay on matrices only: biases and LayerNorm gains are not decayed (as in BERT).
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -49,11 +54,20 @@ def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_st
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     wrapped, opt, loader = accelerator.prepare(model, opt, loader)
-    total = step_budget(len(loader), epochs, max_steps, min_steps)
-    sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total)
+    ceiling = total = step_budget(len(loader), epochs, max_steps, min_steps)
+
+    # transformers' linear warm-up and decay, over a total that a time limit can shrink
+    def factor(step: int) -> float:
+        warm = int(warmup_ratio * total)
+        if step < warm:
+            return step / max(1, warm)
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     wrapped.train()
     losses: list[float] = []
     bar = tqdm(total=total, desc=desc, disable=not (progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    start = time.perf_counter()
     try:
         while len(losses) < total:
             for batch in loader:
@@ -63,9 +77,13 @@ def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_st
                 if grad_clip:
                     accelerator.clip_grad_norm_(wrapped.parameters(), grad_clip)
                 opt.step()
+                losses.append(loss.item())
+                if max_seconds:  # before the schedule's step, so that the next learning rate knows the new total
+                    # re-planned every step, up or down: the first steps are the slow ones
+                    total = _steps_in_time(len(losses), time.perf_counter() - start, max_seconds, ceiling)
+                    bar.total = total
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
                 if on_step is not None and on_step(len(losses), wrapped):
@@ -76,6 +94,11 @@ def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_st
         bar.close()
         model.eval()
     return losses, len(loader)
+
+
+def _steps_in_time(done: int, elapsed: float, seconds: float, ceiling: int) -> int:
+    """Steps in all (at least ``done``, at most ``ceiling``) when the rest of ``seconds`` goes at the mean pace."""
+    return max(done, min(ceiling, done + int((seconds - elapsed) // max(elapsed / done, 1e-9))))
 
 
 def loss_summary(losses: list[float]) -> dict:

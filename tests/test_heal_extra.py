@@ -121,3 +121,48 @@ def test_auto_heals_fully_where_the_training_state_fits_else_with_lora(llama_dir
     assert stats["method"] == "lora" and "exceeds half" in stats["method_chosen"]
     monkeypatch.undo()
     assert 0 < memory.available_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Clock:
+    """A stand-in for the ``time`` module: every reading is ``tick`` seconds after the last."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_a_time_limit_ends_healing_with_the_schedule_fitted_to_it(llama_dir, monkeypatch):  # noqa: F811
+    import fusion_prune.training as training
+    from fusion_prune.heal import HealConfig, heal
+    from fusion_prune.models import load_causal_lm
+
+    # the limit counts the loop's clock only: a reading at the start and one after each step, 10 s apart
+    monkeypatch.setattr(training, "time", _Clock(10.0))
+    lrs = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    model, _ = load_causal_lm(str(llama_dir))
+    windows = torch.randint(5, 20, (8, 16), generator=torch.Generator().manual_seed(3))
+    _, stats = heal(model, windows, HealConfig(method="full", steps=100, max_seconds=35, batch_size=2, lr=1e-2,
+                                               progress=False))
+    # 10 s a step: three fit in 35 s, and the learning rate decays over those three, not over 100
+    assert stats["steps"] == 3 and stats["stopped_by"] == "time limit"
+    assert lrs == pytest.approx([0.0, 1e-2 * 2 / 3, 1e-2 / 3])
+    _, stats = heal(model, windows, HealConfig(method="full", steps=2, max_seconds=35, batch_size=2, progress=False))
+    assert stats["steps"] == 2 and stats["stopped_by"] == "steps"  # the step budget stays the ceiling
+
+
+def test_the_time_limit_is_checked_on_the_command_line(llama_dir, corpus_txt, tmp_path):  # noqa: F811
+    from fusion_prune.cli import main
+
+    res = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "3",
+                                    "-o", str(tmp_path / "out"), "--heal-seconds", "-5"])
+    assert res.exit_code == 2 and "'--heal-seconds' option must be a number >= 0" in res.output

@@ -59,6 +59,7 @@ def _strategies() -> str:
 @field_option("--heal", "heal_method", source=LM, path="heal.method",
               type=RegistryChoice("fusion_prune.heal:HEAL_METHODS"))
 @field_option("--heal-steps", source=LM, path="heal.steps", type=int)
+@field_option("--heal-seconds", source=LM, path="heal.max_seconds", type=float)
 @field_option("--heal-lr", source=LM, path="heal.lr", type=float)
 @field_option("--lora-r", source=LM, path="heal.lora_r", type=int)
 @field_option("--lora-alpha", source=LM, path="heal.lora_alpha", type=int)
@@ -88,7 +89,7 @@ def compress_cmd(model: str, dataset: str, text_column: str, label_column: str, 
              zero_shot: tuple[str, ...], prompt: str | None, verbalisers: str | None, zero_shot_samples: int | None,
              resume: bool, overwrite: bool, **options) -> None:
     """Remove layers down to --target-layers or a budget, recovering after each removal, then distil
-    (classifiers) or heal with LoRA and optionally distil (causal LMs)."""
+    (classifiers) or heal (full fine-tuning where it fits, else LoRA) and optionally distil (causal LMs)."""
     from fusion_prune.loop import run_compress
     from fusion_prune.report import compress_summary
 

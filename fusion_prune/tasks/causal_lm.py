@@ -77,7 +77,7 @@ class CausalLMFinish(FinishConfig):
             check_tasks(parse_tasks(self.lm_eval), self.lm_eval_include)
 
     flat: ClassVar[dict[str, str]] = {
-        "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_lr": "heal.lr", "lora_r": "heal.lora_r",
+        "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_seconds": "heal.max_seconds", "heal_lr": "heal.lr", "lora_r": "heal.lora_r",
         "lora_alpha": "heal.lora_alpha", "lora_targets": "heal.target_modules", "kd_top_k": "heal.kd_top_k",
         "temperature": "heal.temperature", "heal_layers": "heal.top_layers",
     }
@@ -206,8 +206,8 @@ class CausalLMTask(Task):
 
         # Recovery is a short full fine-tune with the healing's own settings (learning rate, batch).
         base = finish.heal if finish is not None else HealConfig()
-        heal(model, self.windows(tok, "train", step), replace(base, method="full", steps=steps, seed=seed,
-                                                              kd_weight=0.0, progress=False))
+        heal(model, self.windows(tok, "train", step), replace(base, method="full", steps=steps, max_seconds=0.0,
+                                                              seed=seed, kd_weight=0.0, progress=False))
 
     def step_metric(self, model, tok, step):
         return self._ppl(model, tok, "validation", step, step.step_eval_samples)["perplexity"]
@@ -225,7 +225,8 @@ class CausalLMTask(Task):
                          "pruned": self._zero_shot(student, tok, name, step, finish)} for name in finish.zero_shot}
             harness = {who: self._harness(m, tok, finish) for who, m in (("teacher", teacher), ("pruned", student))}
         heals = finish.heal.method != "none" and finish.heal.steps > 0
-        healing = f"healing ({finish.heal.method}, {finish.heal.steps} steps)" if heals else "no healing"
+        limit = f", at most {finish.heal.max_seconds:g} s" if finish.heal.max_seconds else ""
+        healing = f"healing ({finish.heal.method}, {finish.heal.steps} steps{limit})" if heals else "no healing"
         log.info("test perplexity: teacher %.2f, pruned %.2f; %s", teacher_ppl["perplexity"],
                  pruned_ppl["perplexity"], healing)
         train_w = self.windows(tok, "train", step)
@@ -254,7 +255,7 @@ class CausalLMTask(Task):
             log.info("healed perplexity %.2f; distilling (%d steps)", healed_ppl["perplexity"], finish.lm_distill_steps)
             with self.phase("distillation"):
                 student, distill_stats = heal(student, train_w, replace(
-                    finish.heal, steps=finish.lm_distill_steps, kd_weight=finish.kd_weight, seed=step.seed + 1,
+                    finish.heal, steps=finish.lm_distill_steps, max_seconds=0.0, kd_weight=finish.kd_weight, seed=step.seed + 1,
                     progress=step.progress), teacher=teacher)
             with self.phase("evaluation"):
                 student_ppl = self._ppl(student, tok, "test", step)
@@ -265,12 +266,13 @@ class CausalLMTask(Task):
         control = None
         if finish.heal_teacher and heals:
             # Last, when the teacher is needed for nothing else: healed in place, no second copy.
-            method = heal_stats.get("method", finish.heal.method)  # auto's choice for the student, not redone
-            log.info("healing the teacher alike (%s, %d steps): the control", method, finish.heal.steps)
+            # auto's choice for the student, not redone; the steps it took (a time limit may have cut them)
+            method, steps = heal_stats.get("method", finish.heal.method), heal_stats.get("steps", finish.heal.steps)
+            log.info("healing the teacher alike (%s, %d steps): the control", method, steps)
             with self.phase("healing"):
-                teacher, control_stats = heal(teacher, train_w, replace(finish.heal, method=method, kd_weight=0.0,
-                                                                        seed=step.seed,
-                                                                        progress=step.progress))
+                teacher, control_stats = heal(teacher, train_w, replace(finish.heal, method=method, steps=steps,
+                                                                        max_seconds=0.0, kd_weight=0.0,
+                                                                        seed=step.seed, progress=step.progress))
             with self.phase("evaluation"):
                 control_ppl = self._ppl(teacher, tok, "test", step)
                 for name in finish.zero_shot:
@@ -383,11 +385,12 @@ class CausalLMTask(Task):
         r = report.results
         lines = [f"teacher perplexity {r['teacher_perplexity']:.3f}",
                  f"pruned perplexity  {r['pruned_perplexity']:.3f}  (after removal, before healing)",
-                 f"healed perplexity  {r['healed_perplexity']:.3f}  ({r['heal']['method']}, {r['heal']['steps']} steps)"]
+                 f"healed perplexity  {r['healed_perplexity']:.3f}  ({_heal_label(r['heal'])})"]
         if r.get("distill"):
             lines.append(f"student perplexity {r['student_perplexity']:.3f}  (after distillation)")
         if r.get("replaced_perplexity") is not None:
-            lines.append(f"replaced perplexity {r['replaced_perplexity']:.3f}  (linear maps folded in, before healing)")
+            lines.append(f"replaced perplexity {r['replaced_perplexity']:.3f}  ({_replacement_label(r['replacement'])}, "
+                         f"before healing)")
         if r.get("healed_teacher"):
             c = r["healed_teacher"]
             lines.append(f"healed teacher     {c['perplexity']:.3f}  (the control, healed alike; student / it "
@@ -415,7 +418,7 @@ class CausalLMTask(Task):
             f"| pruned, before healing | {r['pruned_perplexity']:.3f} |",
             f"| {_replacement_label(r['replacement'])}, before healing | {r['replaced_perplexity']:.3f} |"
             if r.get("replaced_perplexity") is not None else "",
-            f"| healed ({heal.get('method', 'none')}, {heal.get('steps', 0)} steps) | {r['healed_perplexity']:.3f} |",
+            f"| healed ({_heal_label(heal)}) | {r['healed_perplexity']:.3f} |",
             f"| after distillation | {r['student_perplexity']:.3f} |" if r.get("distill") else "",
             f"| teacher healed alike (control) | {r['healed_teacher']['perplexity']:.3f} |"
             if r.get("healed_teacher") else "", "",
@@ -459,6 +462,12 @@ class CausalLMTask(Task):
                             "after healing" if report.results.get("heal") else "final":
                             report.results.get("student_perplexity")})
         return ["![perplexity](plots/perplexity.png)", ""]
+
+
+def _heal_label(record: dict) -> str:
+    """The report's name for a healing run: method and steps, and whether the time limit ended it."""
+    limit = ", stopped by --heal-seconds" if record.get("stopped_by") == "time limit" else ""
+    return f"{record.get('method', 'none')}, {record.get('steps', 0)} steps{limit}"
 
 
 def _replacement_label(record: dict) -> str:
