@@ -48,11 +48,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "lm-heal-table"
 CHOICE = HERE / "results" / "lm-cpu-choice" / "results.csv"
 KEY = ["corpus", "depth", "arm", "seed"]
-ZERO_SHOT = {  # the prompts of lm_compress.py (the record's zero-shot protocol), 200 examples each
-    "rotten-tomatoes": {"prompt": "Review: {text}\nSentiment:", "verbalisers": "fresh=positive,rotten=negative",
-                        "max_length": 256},
-    "bbc-news": {"prompt": "{text}\nTopic:", "verbalisers": None, "max_length": 256},
-}
+#: the record's zero-shot protocol: each task's own prompt and verbalisers (fusion_prune.lm.zero_shot_defaults,
+#: the prompts of lm_compress.py), 200 examples each, 256 tokens at most
+ZERO_SHOT = ("rotten-tomatoes", "bbc-news")
 MIX_SHARE = 0.25
 KD_WEIGHT = 0.5
 
@@ -88,14 +86,15 @@ def removed_set(corpus: str, depth: int, strategy: str, teacher_layers: int, cho
 
 def zero_shot_all(model, tok, samples: int, seed: int = 0) -> dict:
     from fusion_prune.data import load_dataset, subsample
-    from fusion_prune.lm import parse_verbalisers, zero_shot
+    from fusion_prune.lm import parse_verbalisers, zero_shot, zero_shot_defaults
 
     out = {}
-    for name, spec in ZERO_SHOT.items():
+    for name in ZERO_SHOT:
         ds = load_dataset(name)
         df = subsample(ds.test, samples, seed)
-        res = zero_shot(model, tok, df, ds.labels, spec["prompt"], parse_verbalisers(spec["verbalisers"], ds.labels),
-                        max_length=spec["max_length"], batch_size=8)
+        prompt, words = zero_shot_defaults(name)
+        res = zero_shot(model, tok, df, ds.labels, prompt, parse_verbalisers(words, ds.labels), max_length=256,
+                        batch_size=8)
         acc = res["accuracy"]
         out[name] = {"accuracy": acc, "se": math.sqrt(acc * (1 - acc) / len(df)), "n": len(df)}
     return out

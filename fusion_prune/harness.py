@@ -43,15 +43,22 @@ def local_datasets() -> dict[str, str]:
             a.description}
 
 
-def write_local_task(dataset: str, folder: str | Path, *, prompt: str = "{text}\nAnswer:",
+def write_local_task(dataset: str, folder: str | Path, *, prompt: str | None = None,
                      verbalisers: Sequence[str] | None = None, split: str = "test",
                      max_samples: int | None = None, seed: int = 0, name: str | None = None) -> str:
     """Write the harness task of ``dataset``'s ``split`` (subsampled as fusionprune subsamples it) to
-    ``folder`` (``NAME.yaml``, ``NAME.jsonl``); returns its name."""
+    ``folder`` (``NAME.yaml``, ``NAME.jsonl``); returns its name. Without ``prompt`` or ``verbalisers``
+    the dataset's own (:func:`fusion_prune.lm.zero_shot_defaults`), as ``evaluate --zero-shot`` scores it."""
     import yaml
 
     from fusion_prune.data import load_dataset, subsample
 
+    from fusion_prune.lm import parse_verbalisers, zero_shot_defaults
+
+    if verbalisers is None:
+        prompt, words = zero_shot_defaults(dataset, prompt)
+    else:
+        prompt = zero_shot_defaults(dataset, prompt)[0]
     if "{text}" not in prompt:
         raise BadInputError(f"The '--prompt' option must contain '{{text}}'. Got {prompt!r}.")
     data = load_dataset(dataset)
@@ -63,7 +70,7 @@ def write_local_task(dataset: str, folder: str | Path, *, prompt: str = "{text}\
     with rows.open("w") as f:
         for text, label in zip(df["text"], df["label"]):
             f.write(json.dumps({"text": str(text), "label": int(label)}) + "\n")
-    choices = list(verbalisers or [" " + n for n in data.labels])
+    choices = list(verbalisers if verbalisers is not None else parse_verbalisers(words, data.labels))
     spec = {
         "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(rows.resolve())}},
         "test_split": "test", "output_type": "multiple_choice",

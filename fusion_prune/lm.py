@@ -27,6 +27,17 @@ from fusion_prune.logits import forward_hidden
 DEFAULT_PROMPT = "{text}\nAnswer:"
 
 
+def zero_shot_defaults(dataset: str, prompt: str | None = None, verbalisers: str | None = None) -> tuple[str, str | None]:
+    """(prompt, verbalisers) for zero-shot scoring of ``dataset``: each given one as it is, each
+    missing one from the asset's registered pair (rotten-tomatoes: a review prompt, fresh=positive,
+    rotten=negative), else :data:`DEFAULT_PROMPT` and ``" " + label name``."""
+    from fusion_prune.assets import ASSETS
+
+    asset = ASSETS.get(dataset)
+    own_prompt, own_words = asset.zero_shot if asset is not None and asset.zero_shot else (DEFAULT_PROMPT, None)
+    return prompt or own_prompt, verbalisers or own_words
+
+
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> dict:
     """``{"perplexity", "nll", "tokens", "windows", "eval_seconds"}`` of ``model`` on windows (N, T)."""

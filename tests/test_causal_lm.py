@@ -488,3 +488,13 @@ def test_dtype_choices_and_their_errors():
         resolve_dtype("float64", "cpu")
     with pytest.raises(BadInputError, match="'dtype'"):
         _lm_cfg(dtype="int8")
+
+
+def test_zero_shot_defaults_are_the_datasets_own_and_each_given_one_wins():
+    from fusion_prune.lm import DEFAULT_PROMPT, zero_shot_defaults
+
+    # a sentiment prompt and words for the reviews: the generic "Answer:" scored the teacher at chance
+    assert zero_shot_defaults("rotten-tomatoes") == ("Review: {text}\nSentiment:", "fresh=positive,rotten=negative")
+    assert zero_shot_defaults("rotten-tomatoes", "Q: {text}\nA:") == ("Q: {text}\nA:", "fresh=positive,rotten=negative")
+    assert zero_shot_defaults("bbc-news", verbalisers="tech=tech") == ("{text}\nTopic:", "tech=tech")
+    assert zero_shot_defaults("/my/own/reviews.csv") == (DEFAULT_PROMPT, None)

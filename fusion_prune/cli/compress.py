@@ -76,7 +76,8 @@ def _strategies() -> str:
 @field_option("--max-eval-tokens", source=RUN, type=int)
 @click.option("--zero-shot", "zero_shot", multiple=True,
               help="Causal LM: labelled dataset to score zero-shot before and after (repeatable).")
-@click.option("--prompt", default=None, help="Zero-shot prompt with {text} [\"{text}\\nAnswer:\"].")
+@click.option("--prompt", default=None, help="Zero-shot prompt with {text} [each dataset's own where it has one "
+                                             "(rotten-tomatoes, bbc-news), else \"{text}\\nAnswer:\"].")
 @click.option("--verbalisers", default=None, help="Zero-shot words per label, e.g. fresh=positive,rotten=negative.")
 @click.option("--zero-shot-samples", default=None, type=int, help="Examples of each zero-shot set [200].")
 @field_option("--lm-eval", source=LM, type=str, metavar="TASKS")

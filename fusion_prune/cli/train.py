@@ -60,7 +60,8 @@ def finetune(model: str, dataset: str, text_column: str, label_column: str, outp
 @click.option("--max-eval-tokens", default=None, type=int, help="Causal LM: cap on the tokens scored.")
 @click.option("--zero-shot", "zero_shot", is_flag=True,
               help="Causal LM: zero-shot accuracy on a labelled dataset instead of perplexity.")
-@click.option("--prompt", default="{text}\nAnswer:", show_default=True, help="Zero-shot prompt with {text}.")
+@click.option("--prompt", default=None, help="Zero-shot prompt with {text} [the dataset's own where it has one "
+                                             "(rotten-tomatoes, bbc-news), else \"{text}\\nAnswer:\"].")
 @click.option("--verbalisers", default=None, help="Zero-shot words per label, e.g. fresh=positive,rotten=negative.")
 @click.option("--dtype", default="auto", show_default=True, type=RegistryChoice("fusion_prune.models:DTYPES"),
               help="Weights as loaded and computed (auto: bfloat16 for a causal LM on a GPU that has it, else "

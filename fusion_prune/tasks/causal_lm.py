@@ -314,16 +314,16 @@ class CausalLMTask(Task):
 
     def _zero_shot(self, model, tok, name: str, step, finish) -> dict:
         from fusion_prune.data import load_dataset, subsample
-        from fusion_prune.lm import parse_verbalisers, zero_shot
+        from fusion_prune.lm import parse_verbalisers, zero_shot, zero_shot_defaults
 
         spec = finish.zero_shot[name]
+        prompt, verbalisers = zero_shot_defaults(name, spec.get("prompt"), spec.get("verbalisers"))
         if name not in self._zero_shot_sets:  # the same examples for the teacher, pruned and final model
             ds = load_dataset(name)
             self._zero_shot_sets[name] = (subsample(ds.test, spec.get("max_samples") or ZERO_SHOT_SAMPLES, step.seed),
                                           ds.labels)
         df, labels = self._zero_shot_sets[name]
-        return zero_shot(model, tok, df, labels, spec.get("prompt") or "{text}\nAnswer:",
-                         parse_verbalisers(spec.get("verbalisers"), labels),
+        return zero_shot(model, tok, df, labels, prompt, parse_verbalisers(verbalisers, labels),
                          max_length=spec.get("max_length", 256), batch_size=step.batch_size * 2)
 
     # ------------------------------------------------------------------ analysis
@@ -339,7 +339,7 @@ class CausalLMTask(Task):
     # ------------------------------------------------------------------ evaluation and reports
     def evaluate(self, model_spec, dataset_spec, *, split="test", text_column="text", label_column="label",
                  batch_size=None, max_length=None, max_samples=None, max_eval_tokens=None, progress=True,
-                 zero_shot=False, prompt="{text}\nAnswer:", verbalisers=None, lm_eval=None, lm_eval_include=None,
+                 zero_shot=False, prompt=None, verbalisers=None, lm_eval=None, lm_eval_include=None,
                  limit=None, **options):
         from fusion_prune import lm
         from fusion_prune.corpus import token_windows
@@ -359,6 +359,7 @@ class CausalLMTask(Task):
         if zero_shot:
             data = load_dataset(dataset_spec, text_column, label_column)
             df = subsample(data.split(split), max_samples, 0)
+            prompt, verbalisers = lm.zero_shot_defaults(dataset_spec, prompt, verbalisers)
             res = lm.zero_shot(net, tok, df, data.labels, prompt, lm.parse_verbalisers(verbalisers, data.labels),
                                max_length=max_length or 256, batch_size=batch_size or 8, progress=progress)
             max_length = max_length or 256
