@@ -41,6 +41,8 @@ class DistillConfig:
     max_length: int = opt(128, help="Tokens per example.")
     seed: int = opt(0, help="Seed of the sample and of training.")
     max_train_samples: int | None = opt(None, help="Training rows to distil on (None: all).")
+    train_layers: int | None = opt(None, help="Distil into the last K layers and the head only (partial fine-tuning; "
+                                              "None: every parameter).")
     cache_teacher_logits: str = "auto"  # "auto", "yes" or "no"
     group_by_length: bool = True  # as FinetuneConfig.group_by_length
     mixed_precision: str = "auto"
@@ -130,6 +132,12 @@ def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: li
     if cfg.hidden_weight > 0 and not pairs:
         raise BadInputError("The 'hidden_weight' parameter needs student layers that came from teacher layers; "
                             "this student shares no original layer with the teacher.")
+    flags = [p.requires_grad for p in student.parameters()]
+    if cfg.train_layers:  # before the teacher's logits are cached: a bad K fails at once
+        from fusion_prune.surgery import train_only_the_top
+
+        train_only_the_top(student, cfg.train_layers, "--distill-layers")
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     teacher_was_training = teacher.training
     teacher.to(accelerator.device).eval()  # it runs under no_grad: its requires_grad flags stay as they are
     t0 = time.perf_counter()
@@ -165,6 +173,9 @@ def distill(teacher, student, tokenizer, train_df: pd.DataFrame, data_labels: li
                                   desc="distill")
     finally:
         teacher.train(teacher_was_training)
+        for p, flag in zip(student.parameters(), flags):  # handed back as it came
+            p.requires_grad_(flag)
     return {"steps": len(losses), "examples": len(df), "teacher_logits_cached": cache,
+            "trainable_parameters": int(trainable),
             "cache_seconds": round(cache_seconds, 2), **loss_summary(losses),
             "distill_seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg), "pairs": pairs}

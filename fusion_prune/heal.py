@@ -101,26 +101,6 @@ def _lora(model, cfg: HealConfig):
                             f"{type(model).__name__}: {first}") from e
 
 
-def _train_only_the_top(model: nn.Module, k: int) -> None:
-    """Freeze every parameter but those of the last ``k`` layers, the modules after the layer list
-    (the final norm) and the output embedding: what ``--heal partial`` trains."""
-    from fusion_prune.logits import causal_lm_of
-    from fusion_prune.surgery import layer_list
-
-    lm = causal_lm_of(model)
-    layers = layer_list(lm)
-    if not 1 <= k <= len(layers):
-        raise BadInputError(f"The '--heal-layers' option must be between 1 and the student's depth {len(layers)}. "
-                            f"Got {k}.")
-    in_layers = {id(p) for p in layers.parameters()}
-    embed = {id(p) for p in lm.get_input_embeddings().parameters()}
-    head = {id(p) for p in lm.get_output_embeddings().parameters()}
-    top = {id(p) for p in layers[len(layers) - k:].parameters()}
-    for p in lm.parameters():
-        # outside the layers and the input embedding: the final norm (and any module beside it)
-        p.requires_grad_(id(p) in top or id(p) in head or (id(p) not in in_layers and id(p) not in embed))
-
-
 def _quantised_copy(model, progress: bool = True):
     """A 4-bit NF4 copy of ``model`` (bitsandbytes, double quantisation, as QLoRA quantises its base)
     on the model's device, prepared for adapter training; ``model`` itself is left as it is."""
@@ -207,7 +187,9 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     else:
         model = _lora(student, cfg) if cfg.method == "lora" else student
         if cfg.method == "partial":
-            _train_only_the_top(student, cfg.top_layers)
+            from fusion_prune.surgery import train_only_the_top
+
+            train_only_the_top(causal_lm_of(student), cfg.top_layers, "--heal-layers")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator = make_accelerator()
     cache, kd_stats = None, {}

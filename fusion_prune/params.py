@@ -99,6 +99,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "lr": _POSITIVE, "teacher_lr": _POSITIVE, "heal_lr": _POSITIVE, "temperature": _POSITIVE,
     "weight_decay": _WEIGHT, "grad_clip": _POSITIVE, "warmup_ratio": Interval(float, 0, 1, "left"),
     "soft_weight": _WEIGHT, "hard_weight": _WEIGHT, "hidden_weight": _WEIGHT,
+    "train_layers": _count(none_ok=True), "distill_layers": _count(none_ok=True),
     "max_seconds": _WEIGHT, "heal_seconds": _WEIGHT,
     "kd_weight": _FRACTION, "kd_top_k": _count(0), "lora_dropout": Interval(float, 0, 1, "left"),
     "seed": Interval(int, 0, 2**32 - 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -182,3 +183,22 @@ def test_hard_labels_only_is_plain_fine_tuning_without_the_teacher(teacher_dir, 
     distill(other, b, tok, data.train, data.labels, cfg)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), n
+
+
+def test_partial_distillation_trains_the_last_layers_and_the_head_only(teacher_dir, sentiment_csv_dir):
+    data = load_dataset(str(sentiment_csv_dir))
+    teacher = T.AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    tok = T.AutoTokenizer.from_pretrained(teacher_dir)
+    student = copy.deepcopy(teacher)  # two layers: the embeddings and layer 0 stay frozen, layer 1 and the head train
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    stats = distill(teacher, student, tok, data.train, data.labels,
+                    DistillConfig(max_steps=3, batch_size=8, lr=1e-2, max_length=16, train_layers=1, progress=False))
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(before[k], v)}
+    trains = ("bert.encoder.layer.1.", "bert.pooler.", "classifier.")
+    assert changed and all(k.startswith(trains) for k in changed)
+    assert any(k.startswith("bert.encoder.layer.1.") for k in changed) and "classifier.weight" in changed
+    assert stats["trainable_parameters"] == sum(v.numel() for k, v in before.items() if k.startswith(trains))
+    assert all(p.requires_grad for p in student.parameters())  # handed back as it came
+    with pytest.raises(BadInputError, match="'--distill-layers' option must be between 1 and the student's depth 2"):
+        distill(teacher, student, tok, data.train, data.labels,
+                DistillConfig(max_steps=1, batch_size=8, max_length=16, train_layers=3, progress=False))

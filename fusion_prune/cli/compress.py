@@ -53,6 +53,7 @@ def _strategies() -> str:
 @field_option("--distill-samples", source=CLS, path="distill.max_train_samples", type=int)
 @field_option("--temperature", source=CLS, path="distill.temperature", type=float)
 @field_option("--hidden-weight", source=CLS, path="distill.hidden_weight", type=float)
+@field_option("--distill-layers", source=CLS, path="distill.train_layers", type=int)
 @click.option("--no-distill", is_flag=True, help="Stop after pruning and fine-tuning.")
 @field_option("--distill-control", source=CLS, is_flag=True)
 @field_option("--distill-data", source=CLS, type=ParamChoice("distill_data"))

@@ -43,6 +43,7 @@ class ClassificationFinish(FinishConfig):
     flat: ClassVar[dict[str, str]] = {
         "distill_epochs": "distill.epochs", "distill_samples": "distill.max_train_samples",
         "temperature": "distill.temperature", "hidden_weight": "distill.hidden_weight",
+        "distill_layers": "distill.train_layers",
     }
     flags: ClassVar[dict[str, tuple[str, Any]]] = {"no_distill": ("distill", None)}
     shared: ClassVar[dict[str, tuple[str, ...]]] = {"distill": ("batch_size", "lr")}
