@@ -76,6 +76,7 @@ class Profile:
     distill_data: str = "all"  # CompressConfig.distill_data: "unseen" distils on rows the teacher did not train on
     baseline: str | None = None  # the summary shows this profile's rows beside this one's (same teachers and seeds)
     hidden_weight: float = 0.0  # DistillConfig.hidden_weight: hidden-state matching during distillation
+    distill_layers: int | None = None  # DistillConfig.train_layers: distil into the last K layers and the head only
     paired: bool = False  # results.md gets the paired table (challengers against RIVALS on shared seeds)
     question: str = ""  # what the profile was run to answer (benchmarks/README.md says what it decided)
 
@@ -265,7 +266,8 @@ def _cell(profile: Profile, name: str, rows: pd.DataFrame, loaded: dict, dataset
         max_eval_samples=profile.max_eval_samples, max_length=profile.max_length,
         batch_size=profile.batch_size, seed=seed, progress=False,
         distill=DistillConfig(epochs=profile.distill_epochs, max_train_samples=profile.distill_samples,
-                              batch_size=profile.batch_size, hidden_weight=profile.hidden_weight),
+                              batch_size=profile.batch_size, hidden_weight=profile.hidden_weight,
+                              train_layers=profile.distill_layers),
         distill_control=strategy in profile.control, distill_data=profile.distill_data,
         teacher_margin=profile.teacher_margin)
     cell = work / "runs" / f"{_slug(dataset)}-l{target}-{strategy}-s{seed}"

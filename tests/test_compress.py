@@ -251,13 +251,14 @@ def test_compress_cli_summary(teacher, sentiment_csv_dir, tmp_path):
                                     "--target-layers", "2", "--strategy", "top", "-o", str(tmp_path / "o"),
                                     "--finetune-steps", "2", "--signal-samples", "16", "--drop-one-samples", "16",
                                     "--max-length", "16", "--distill-epochs", "1", "--distill-samples", "64",
-                                    "--distill-control", "--distill-data", "unseen"])
+                                    "--distill-control", "--distill-data", "unseen", "--distill-layers", "1"])
     assert res.exit_code == 0, res.output
     assert "layers            3 -> 2" in res.output and "after distillation" in res.output
     # the control: the same pruned student, plain fine-tuning for the distillation's steps
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert 0 <= report["control_accuracy"] <= 1 and "control accuracy" in res.output
     assert report["config"]["finish"]["distill_data"] == "unseen" and report["info"]["distill_rows"]["rows"] == 64
+    assert report["config"]["finish"]["distill"]["train_layers"] == 1  # --distill-layers reached the distillation
     assert "hard labels only" in (tmp_path / "o" / "report.md").read_text()
 
 

@@ -257,6 +257,8 @@ def test_collect_kill_between_model_and_rows_never_writes_a_state_twice(three_la
      "'--signal-samples' option must be an int >= 1. Got -3"),
     (["compress", "-m", "x", "-d", "y", "--target-layers", "1", "-o", "o", "--distill-samples", "0"],
      "'--distill-samples' option must be an int >= 1"),
+    (["compress", "-m", "x", "-d", "y", "--target-layers", "1", "-o", "o", "--distill-layers", "0"],
+     "'--distill-layers' option must be an int >= 1. Got 0"),
     (["compress", "-m", "x", "-d", "y", "--target-layers", "1", "-o", "o", "--kd-weight", "1.5"],
      "'--kd-weight' option must be a number in [0, 1]. Got 1.5"),
     (["compress", "-m", "x", "-d", "y", "--target-layers", "1", "-o", "o", "--lr", "nan"], "'--lr' option"),
