@@ -175,6 +175,11 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     method, why = resolve_method(student, cfg)
     if method != cfg.method:
         log.info("healing by %s (%s)", method, why)
+        unused = [f"--{k.replace('_', '-')}" for k in ("lora_r", "lora_alpha", "target_modules")
+                  if getattr(cfg, k) != getattr(HealConfig, k)]
+        if method not in ("lora", "qlora") and unused:  # said, not silently dropped
+            log.warning("%s set but --heal auto chose %s fine-tuning: they apply to --heal lora/qlora only",
+                        ", ".join(unused).replace("--target-modules", "--lora-targets"), method)
         cfg = replace(cfg, method=method)
     if cfg.kd_weight > 0 and teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher")

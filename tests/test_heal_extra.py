@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def _config(out):
     return AutoConfig.from_pretrained(folder)
 
 
-def test_auto_heals_fully_where_the_training_state_fits_else_with_lora(llama_dir, monkeypatch):  # noqa: F811
+def test_auto_heals_fully_where_the_training_state_fits_else_with_lora(llama_dir, monkeypatch, caplog):  # noqa: F811
     """--heal auto (the default): full fine-tuning when 12 bytes a parameter fit in half the free
     memory, LoRA when they do not; the choice and its reason are in the healing record."""
     import fusion_prune.memory as memory
@@ -116,6 +117,9 @@ def test_auto_heals_fully_where_the_training_state_fits_else_with_lora(llama_dir
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 2 * need)
     _, stats = heal(model, windows, cfg)
     assert stats["method"] == "full" and stats["method_chosen"].startswith("auto: full fine-tuning's")
+    with caplog.at_level("WARNING", logger="fusion_prune.heal"):  # LoRA settings that full training ignores: said
+        heal(model, windows, replace(cfg, lora_r=4, target_modules="q_proj"))
+    assert "--lora-r, --lora-targets set but --heal auto chose full fine-tuning" in caplog.text
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 2 * need - 1)
     _, stats = heal(model, windows, cfg)
     assert stats["method"] == "lora" and "exceeds half" in stats["method_chosen"]
