@@ -52,13 +52,9 @@ def write_local_task(dataset: str, folder: str | Path, *, prompt: str | None = N
     import yaml
 
     from fusion_prune.data import load_dataset, subsample
-
     from fusion_prune.lm import parse_verbalisers, zero_shot_defaults
 
-    if verbalisers is None:
-        prompt, words = zero_shot_defaults(dataset, prompt)
-    else:
-        prompt = zero_shot_defaults(dataset, prompt)[0]
+    prompt, words = zero_shot_defaults(dataset, prompt)  # words: used when no verbalisers are given
     if "{text}" not in prompt:
         raise BadInputError(f"The '--prompt' option must contain '{{text}}'. Got {prompt!r}.")
     data = load_dataset(dataset)
