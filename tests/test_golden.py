@@ -13,6 +13,10 @@ import pytest
 
 from golden_runs import CASES, make_inputs, run_case, summary
 
+#: relative tolerance of recorded floats: library releases move them (a fresh install on 2026-12-04
+#: moved a classifier drop-one loss by 1.1e-6 relative, and the commit that recorded the values
+#: fails the same way there); a change of behaviour moves them by far more
+REL = 1e-5
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_compress.json").read_text())
 
 
@@ -31,7 +35,7 @@ def _close(got, want, path="") -> None:
         for i, (g, w) in enumerate(zip(got, want)):
             _close(g, w, f"{path}[{i}]")
     elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), path
+        assert got == pytest.approx(want, rel=REL, abs=1e-9), path
     else:
         assert got == want, path
 
