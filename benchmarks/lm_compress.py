@@ -28,11 +28,9 @@ from pathlib import Path
 import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm-cpu"
-ZERO_SHOT = {
-    "rotten-tomatoes": {"prompt": "Review: {text}\nSentiment:", "verbalisers": "fresh=positive,rotten=negative",
-                        "max_samples": 100, "max_length": 128},
-    "bbc-news": {"prompt": "{text}\nTopic:", "verbalisers": None, "max_samples": 100, "max_length": 256},
-}
+# each task's own prompt and verbalisers (fusion_prune.lm.zero_shot_defaults: the record's protocol)
+ZERO_SHOT = {"rotten-tomatoes": {"max_samples": 100, "max_length": 128},
+             "bbc-news": {"max_samples": 100, "max_length": 256}}
 KEY = ["dataset", "strategy", "seed", "target_layers"]
 VERIFY_WINDOWS = 8  # validation windows fusion-verify measures its shortlist on (SLEB: the 4 calibration windows)
 

@@ -340,13 +340,12 @@ def drop_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     return drop_layers_(pruned, layers)
 
 
-def train_only_the_top(model: nn.Module, k: int, option: str) -> int:
+def train_only_the_top(model: nn.Module, k: int, option: str) -> None:
     """Freeze every parameter but those of the last ``k`` layers, of the modules after the layer list
     (a causal LM's final norm and head, a classifier's pooler and head) and of the output embedding
     (a head tied to the input embedding trains it too); the modules before the layers (the
     embeddings, with BERT's position embeddings and norm) stay frozen: partial fine-tuning,
-    as "Reassessing Layer Pruning" heals. Returns the trainable parameter count; undo with
-    ``requires_grad_(True)``. ``option`` names the parameter in the error for a ``k`` outside
+    as "Reassessing Layer Pruning" heals. Undo with ``requires_grad_(True)``. ``option`` names the parameter in the error for a ``k`` outside
     [1, depth]."""
     layers = layer_list(model)
     if not 1 <= k <= len(layers):
@@ -359,7 +358,6 @@ def train_only_the_top(model: nn.Module, k: int, option: str) -> int:
     for p in model.parameters():
         seen_layers = seen_layers or id(p) in in_layers
         p.requires_grad_(id(p) in top or id(p) in head or (seen_layers and id(p) not in in_layers))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -77,8 +77,8 @@ class CausalLMFinish(FinishConfig):
             check_tasks(parse_tasks(self.lm_eval), self.lm_eval_include)
 
     flat: ClassVar[dict[str, str]] = {
-        "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_seconds": "heal.max_seconds", "heal_lr": "heal.lr", "lora_r": "heal.lora_r",
-        "lora_alpha": "heal.lora_alpha", "lora_targets": "heal.target_modules", "kd_top_k": "heal.kd_top_k",
+        "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_seconds": "heal.max_seconds",
+        "heal_lr": "heal.lr", "lora_r": "heal.lora_r", "lora_alpha": "heal.lora_alpha", "lora_targets": "heal.target_modules", "kd_top_k": "heal.kd_top_k",
         "temperature": "heal.temperature", "heal_layers": "heal.top_layers",
     }
     # The run's batch size reaches healing; its learning rate does not (healing has its own, --heal-lr).
@@ -255,8 +255,8 @@ class CausalLMTask(Task):
             log.info("healed perplexity %.2f; distilling (%d steps)", healed_ppl["perplexity"], finish.lm_distill_steps)
             with self.phase("distillation"):
                 student, distill_stats = heal(student, train_w, replace(
-                    finish.heal, steps=finish.lm_distill_steps, max_seconds=0.0, kd_weight=finish.kd_weight, seed=step.seed + 1,
-                    progress=step.progress), teacher=teacher)
+                    finish.heal, steps=finish.lm_distill_steps, max_seconds=0.0, kd_weight=finish.kd_weight,
+                    seed=step.seed + 1, progress=step.progress), teacher=teacher)
             with self.phase("evaluation"):
                 student_ppl = self._ppl(student, tok, "test", step)
         with self.phase("evaluation"):
