@@ -71,6 +71,12 @@ class StepConfig:
     max_eval_tokens: int | None = opt(8192, help="Causal LM: cap on the held-out tokens for perplexity.")
     verify_k: int = opt(3, help="fusion-verify: the bundle's shortlist, among which the measured drop-one "
                                "metric decides.")
+    guard: str | None = opt(help="Causal LM: labelled datasets (comma-separated) whose zero-shot loss on "
+                                 "validation examples joins every candidate's measured loss (--guard-weight "
+                                 "times their mean), so the measuring strategies (fusion-verify, oracle, sleb, "
+                                 "evo-search) keep the layers those tasks need: the zero-shot guard of the choice.")
+    guard_weight: float = opt(1.0, help="Causal LM: weight of the --guard loss beside the next-token NLL.")
+    guard_samples: int = opt(128, help="Causal LM: validation examples of each --guard dataset.")
     progress: bool = True
 
     def step(self) -> StepConfig:

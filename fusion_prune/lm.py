@@ -146,3 +146,58 @@ def zero_shot(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt:
     return {"accuracy": float((pred == gold).mean()) if len(gold) else float("nan"), "examples": int(len(gold)),
             "majority_share": float(np.bincount(gold).max() / len(gold)) if len(gold) else float("nan"),
             "prompt": prompt, "verbalisers": verbalisers, "eval_seconds": round(time.perf_counter() - t0, 2)}
+
+
+# --------------------------------------------------------------------------- the zero-shot guard
+
+
+def zero_shot_batches(tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt: str,
+                      verbalisers: Sequence[str] | None, max_length: int = 256, batch_size: int = 8,
+                      device=None) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """Prompts of a labelled frame as batches for :func:`zero_shot_scorer`, and each class's
+    verbaliser token (its first, when it has several).
+
+    Each batch: ``input_ids`` and ``attention_mask`` (B, T), right-padded, and ``labels`` (B, 2):
+    the gold class and the position of the prompt's last token (where the verbaliser is predicted).
+    """
+    if "{text}" not in prompt:
+        raise BadInputError(f"The '--prompt' option must contain '{{text}}'. Got {prompt!r}.")
+    verbalisers = list(verbalisers or [" " + n for n in labels])
+    first = [tokenizer(v, add_special_tokens=False)["input_ids"][:1] for v in verbalisers]
+    if any(not f for f in first) or len({f[0] for f in first}) < len(first):
+        raise BadInputError(f"The verbalisers {verbalisers} must start with distinct tokens to guard a choice; "
+                            f"got first tokens {first}.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompts = [tokenizer(prompt.format(text=t), add_special_tokens=False)["input_ids"][-(max_length - 1):]
+               for t in df["text"]]
+    gold = df["label"].to_numpy()
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(chunk):
+            ids[r, :len(s)] = torch.as_tensor(s)
+            mask[r, :len(s)] = 1
+        lab = torch.as_tensor([[int(g), len(s) - 1] for g, s in zip(gold[start:start + batch_size], chunk)])
+        batches.append({k: v.to(device) for k, v in
+                        {"input_ids": ids, "attention_mask": mask, "labels": lab}.items()})
+    return batches, [f[0] for f in first]
+
+
+def zero_shot_scorer(verbaliser_ids: Sequence[int]):
+    """A drop-one scorer (:data:`fusion_prune.dropone.Scorer`) of zero-shot batches: correct
+    answers, summed cross-entropy of the gold class among the verbalisers (their log-probabilities
+    renormalised), and examples. The loss is the smooth form of the accuracy :func:`zero_shot`
+    reports (the same argmax when every verbaliser is one token)."""
+    verb = torch.as_tensor(list(verbaliser_ids))
+
+    def score(model, inputs: dict, batch: dict) -> tuple[float, float, int]:
+        states, head, _ = forward_hidden(model, inputs)
+        gold, last = batch["labels"].unbind(-1)
+        rows = torch.arange(len(gold), device=gold.device)
+        logits = head(states[rows, last]).float()[:, verb.to(states.device)]  # (B, classes)
+        logp = logits.log_softmax(-1)
+        return (float((logp.argmax(-1) == gold).sum()), float(-logp[rows, gold].sum()), len(gold))
+
+    return score

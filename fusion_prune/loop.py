@@ -598,6 +598,9 @@ def check_streamable(cfg) -> None:
                             f"(max_memory): gradients need each layer's weights in its backward. Expected one of "
                             f"oracle, sleb, angular-block, deepest, top, alternate, symmetric, random. "
                             f"Got {cfg.strategy!r}.")
+    if cfg.guard:
+        raise BadInputError(f"The 'guard' parameter is not supported when layers are streamed (max_memory) yet; "
+                            f"expected no guard. Got {cfg.guard!r}.")
     if cfg.finetune_steps:
         raise BadInputError(f"The 'finetune_steps' parameter must be 0 when layers are streamed (max_memory): "
                             f"recovery trains the whole model. Got {cfg.finetune_steps}.")

@@ -93,11 +93,11 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "finetune_steps": _count(0, none_ok=True), "recovery_steps": _count(0), "lm_distill_steps": _count(0),
     "heal_steps": _count(0), "steps": _count(0), "top_layers": _count(), "replace_samples": _count(), "lora_r": _count(), "lora_alpha": _count(),
     "patience": _count(0), "teacher_patience": _count(0), "eval_every": _count(0), "min_steps": _count(0),
-    "early_stopping_samples": _count(), "verify_k": _count(),
+    "early_stopping_samples": _count(), "verify_k": _count(), "guard_samples": _count(),
     # rates and weights
     "epochs": _POSITIVE, "teacher_epochs": _POSITIVE, "distill_epochs": _POSITIVE,
     "lr": _POSITIVE, "teacher_lr": _POSITIVE, "heal_lr": _POSITIVE, "temperature": _POSITIVE,
-    "weight_decay": _WEIGHT, "grad_clip": _POSITIVE, "warmup_ratio": Interval(float, 0, 1, "left"),
+    "weight_decay": _WEIGHT, "guard_weight": _WEIGHT, "grad_clip": _POSITIVE, "warmup_ratio": Interval(float, 0, 1, "left"),
     "soft_weight": _WEIGHT, "hard_weight": _WEIGHT, "hidden_weight": _WEIGHT,
     "train_layers": _count(none_ok=True), "distill_layers": _count(none_ok=True),
     "max_seconds": _WEIGHT, "heal_seconds": _WEIGHT,

@@ -251,8 +251,8 @@ def _taylor(s: StrategyState) -> list[int]:
 def _evo_search(s: StrategyState) -> list[int]:
     """EvoPress-style search (Sieberling et al., 2024) for the whole set of L - target layers at once,
     by calibration loss with the set removed; the fusion bundle proposes the first set and guides
-    the swaps, so few sets are measured. Keeps the first and last layers (as SLEB)."""
-    from fusion_prune.dropone import kept_scores
+    the swaps, so few sets are measured. Keeps the first and last layers (as SLEB). The loss is the
+    task's (:meth:`~fusion_prune.tasks.base.Task.kept_loss`: with a causal LM's --guard, it holds it)."""
     from fusion_prune.search import search_removal
 
     n, k = s.n_layers, s.n_layers - s.target_layers
@@ -262,9 +262,7 @@ def _evo_search(s: StrategyState) -> list[int]:
         allowed = list(range(n))
 
     def loss(removed: list[int]) -> float:
-        keep = [i for i in range(n) if i not in set(removed)]
-        _, total, count = kept_scores(s.model, s.batches, s.task.score, keep)
-        return total / max(count, 1)
+        return s.task.kept_loss(s.model, s.batches, [i for i in range(n) if i not in set(removed)])
 
     deepest = list(range(max(allowed) - k + 1, max(allowed) + 1))  # the contiguous block below the last layer
     result = search_removal(loss, allowed, k, prior=prior, seeds=[deepest], rng=s.rng)

@@ -498,3 +498,115 @@ def test_zero_shot_defaults_are_the_datasets_own_and_each_given_one_wins():
     assert zero_shot_defaults("rotten-tomatoes", "Q: {text}\nA:") == ("Q: {text}\nA:", "fresh=positive,rotten=negative")
     assert zero_shot_defaults("bbc-news", verbalisers="tech=tech") == ("{text}\nTopic:", "tech=tech")
     assert zero_shot_defaults("/my/own/reviews.csv") == (DEFAULT_PROMPT, None)
+
+
+# --------------------------------------------------------------------------- the zero-shot guard of the choice
+
+
+@pytest.fixture(scope="module")
+def word_labels_dir(tmp_path_factory):
+    """The tiny sentiment task with labels the tiny tokenizer knows as words ("good", "bad"), so the
+    default verbalisers " good" / " bad" are two distinct tokens."""
+    folder = tmp_path_factory.mktemp("word-labels")
+    for split, n, seed in (("train", 200, 1), ("test", 40, 2)):
+        sentiment_frame(n, seed).replace({"label": {"pos": "good", "neg": "bad"}}).to_csv(folder / f"{split}.csv",
+                                                                                         index=False)
+    return folder
+
+
+def test_guard_scorer_is_zero_shot_accuracy_and_its_cross_entropy(llama_dir):
+    from fusion_prune.dropone import kept_scores
+    from fusion_prune.lm import zero_shot, zero_shot_batches, zero_shot_scorer
+    from fusion_prune.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(llama_dir))
+    df = sentiment_frame(12).assign(label=lambda d: (d.label == "neg").astype(int))
+    words = [" good", " bad"]
+    batches, ids = zero_shot_batches(tok, df, ["pos", "neg"], "{text} is", words, max_length=32, batch_size=5)
+    assert [len(b["labels"]) for b in batches] == [5, 5, 2] and ids == [tok.convert_tokens_to_ids(w.strip())
+                                                                        for w in words]
+    correct, loss, count = kept_scores(model, batches, zero_shot_scorer(ids), range(4))
+    ref = zero_shot(model, tok, df, ["pos", "neg"], "{text} is", words, max_length=32)
+    assert count == 12 and correct / count == pytest.approx(ref["accuracy"])
+    # the loss by hand: the gold class's share of the two verbalisers' probabilities, one example at a time
+    by_hand = 0.0
+    for text, gold in zip(df["text"], df["label"]):
+        ids_ = tok(text + " is", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids_).logits[0, -1, ids]
+        by_hand -= float(logits.log_softmax(-1)[gold])
+    assert loss == pytest.approx(by_hand, rel=1e-4)
+    with pytest.raises(BadInputError, match="distinct tokens"):
+        zero_shot_batches(tok, df, ["pos", "neg"], "{text} is", [" good", " good"])
+
+
+def test_guard_joins_the_measured_loss_of_every_measuring_path(llama_dir, corpus_txt, word_labels_dir):
+    from fusion_prune.dropone import kept_scores
+    from fusion_prune.surgery import drop_layers
+    from fusion_prune.tasks import get_task
+
+    task = get_task("causal-lm")
+    task.load_data(str(corpus_txt))
+    model, tok, _ = task.load_model(str(llama_dir))
+    plain = _lm_cfg(drop_one_samples=2)
+    guarded = _lm_cfg(drop_one_samples=2, guard=str(word_labels_dir), guard_weight=0.5, guard_samples=10)
+    task.prepare_teacher(model, tok, plain, None, 0.0, True, str(llama_dir))
+    before = task.drop_one(model, tok, plain).table
+    batches = task.calibration_batches(model, tok, plain, 0)
+    sleb_before = task.score_batches(model, batches).table
+    kept_before = task.kept_loss(model, batches, [0, 3])
+    info = task.prepare_teacher(model, tok, guarded, None, 0.0, True, str(llama_dir))
+    g = info["guard"][str(word_labels_dir)]
+    assert g["examples"] == 10 and 0 <= g["accuracy"] <= 1
+    (_, gb, scorer), = task._guards
+    # each candidate's guard loss is that of the model without the layer (a copy), scored the slow way
+    after = task.drop_one(model, tok, guarded, only=[1, 2]).table
+    assert after[["layer", "nll_after_drop"]].dropna().equals(before[["layer", "loss_after_drop"]].iloc[[1, 2]]
+                                                                .rename(columns={"loss_after_drop": "nll_after_drop"}))
+    for layer in (1, 2):
+        _, loss, count = kept_scores(drop_layers(model, [layer]), gb, scorer, range(3))
+        row = after.set_index("layer").loc[layer]
+        assert row["guard_loss_after_drop"] == pytest.approx(loss / count, rel=1e-5)
+        assert row["loss_after_drop"] == pytest.approx(row["nll_after_drop"] + 0.5 * loss / count, rel=1e-6)
+    assert after.set_index("layer").loc[[0, 3], "loss_after_drop"].isna().all()
+    sleb = task.score_batches(model, batches).table
+    assert np.allclose(sleb["nll_after_drop"], sleb_before["loss_after_drop"])
+    assert np.allclose(sleb["loss_after_drop"], sleb["nll_after_drop"] + 0.5 * sleb["guard_loss_after_drop"])
+    _, loss, count = kept_scores(model, gb, scorer, [0, 3])
+    assert task.kept_loss(model, batches, [0, 3]) == pytest.approx(kept_before + 0.5 * loss / count, rel=1e-6)
+
+
+def test_lm_compress_with_a_guard_records_it(llama_dir, corpus_txt, word_labels_dir, tmp_path):
+    from fusion_prune.loop import compress_with_config as compress
+    from fusion_prune.tasks import get_task
+
+    task = get_task("causal-lm")
+    cfg = _lm_cfg(strategy="oracle", drop_one_samples=2, guard=str(word_labels_dir), guard_samples=8)
+    r = compress(str(llama_dir), task.load_data(str(corpus_txt)), cfg, tmp_path / "out", task=task)
+    assert r["info"]["guard"][str(word_labels_dir)]["examples"] == 8
+    for e in r["history"]:  # the oracle takes the lowest guarded loss, which is NLL + weight x guard loss
+        d = pd.DataFrame(e["drop_one"])
+        assert e["measured_nll_after_drop"] == d["loss_after_drop"].min()
+        assert np.allclose(d["loss_after_drop"], d["nll_after_drop"] + d["guard_loss_after_drop"])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Zero-shot guard of the choice" in report and "measured NLL + guard loss" in report
+
+
+def test_guard_is_refused_where_it_cannot_apply(llama_dir, corpus_txt, sentiment_csv_dir, tmp_path):
+    from fusion_prune.loop import CompressConfig
+
+    with pytest.raises(BadInputError, match="The 'guard' parameter guards zero-shot accuracy.*classification"):
+        CompressConfig.from_options(task="classification", target_layers=1, guard="rotten-tomatoes")
+    with pytest.raises(BadInputError, match="The 'guard' parameter is not supported when layers are streamed"):
+        CompressConfig.from_options(task="causal-lm", target_layers=2, strategy="sleb", max_memory="1GiB",
+                                    heal_method="none", guard="rotten-tomatoes")
+    with pytest.raises(BadInputError, match="guard_weight"):
+        CompressConfig.from_options(task="causal-lm", target_layers=2, guard="rotten-tomatoes", guard_weight=-1.0)
+    from fusion_prune.cli import main
+
+    res = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
+                                   "--max-length", "16", "--guard", str(sentiment_csv_dir), "-o", str(tmp_path / "o")])
+    # pos / neg are one unknown token each in the tiny vocabulary: one line that says so
+    assert res.exit_code != 0 and f"The 'guard' dataset {str(sentiment_csv_dir)!r}" in res.output
+    assert "must start with distinct tokens" in res.output
+    assert "Traceback" not in res.output

@@ -37,6 +37,9 @@ def _strategies() -> str:
 @field_option("--fusion", "fusion_path", source=RUN, path="fusion_path", type=click.Path(path_type=str))
 @field_option("--trust-pickle", source=RUN, is_flag=True)
 @field_option("--verify-k", source=RUN, type=int)
+@field_option("--guard", source=RUN, type=str, metavar="DATASETS")
+@field_option("--guard-weight", source=RUN, type=float)
+@field_option("--guard-samples", source=RUN, type=int)
 @field_option("--finetune-steps", source=RUN, type=int, help_extra=task_defaults("finetune_steps"))
 @field_option("--signal-samples", source=RUN, type=int, help_extra=task_defaults("signal_samples"))
 @field_option("--drop-one-samples", "--label-samples", "drop_one_samples", source=RUN, path="drop_one_samples",

@@ -151,6 +151,10 @@ class Task:
         for name, value in self.step_defaults.items():
             if getattr(cfg, name) is None:
                 setattr(cfg, name, value)
+        if cfg.guard and not self.scores_zero_shot:
+            guarding = sorted(name for name, t in TASKS.items() if t.scores_zero_shot)
+            raise BadInputError(f"The 'guard' parameter guards zero-shot accuracy, which task(s) {guarding} score; "
+                                f"expected no guard for task {self.name!r}. Got {cfg.guard!r}.")
 
     # ------------------------------------------------------------------ data and models
     def load_data(self, spec: str, text_column: str = "text", label_column: str = "label"):
@@ -190,6 +194,14 @@ class Task:
         from fusion_prune.dropone import drop_one_on_batches
 
         return drop_one_on_batches(model, batches, type(self).score)
+
+    def kept_loss(self, model, batches: list[dict], keep: list[int]) -> float:
+        """Mean loss of ``model`` run with only the current layers ``keep`` on (calibration) ``batches``:
+        what a search over whole sets of layers (evo-search) minimises."""
+        from fusion_prune.dropone import kept_scores
+
+        _, total, count = kept_scores(model, batches, type(self).score, keep)
+        return total / max(count, 1)
 
     def recover(self, model, tok, steps: int, step: StepConfig, seed: int, finish: FinishConfig | None = None
                 ) -> None:

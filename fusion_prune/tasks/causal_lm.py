@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 #: examples of each zero-shot set scored when its spec gives no ``max_samples``
 ZERO_SHOT_SAMPLES = 200
+#: tokens of each --guard prompt (its text cut from the left): the label's cue sits at the end, and
+#: the guard runs once per measured candidate, so short prompts keep it cheap (bbc-news at 256
+#: tokens cost 4x rotten-tomatoes' time in the drop-one pass).
+GUARD_MAX_LENGTH = 128
 
 
 @dataclass
@@ -134,6 +138,9 @@ class CausalLMTask(Task):
         super().__init__()
         self._windows: dict[tuple, object] = {}
         self._zero_shot_sets: dict[str, tuple] = {}
+        #: the zero-shot guard of the choice: (dataset, batches, scorer) per --guard set, and its weight
+        self._guards: list[tuple[str, list[dict], Any]] = []
+        self._guard_weight = 1.0
 
     def budget_limit(self, info, budget):
         # Relative: 0.5 allows 1.5x the teacher's validation perplexity (same windows), before healing.
@@ -182,7 +189,39 @@ class CausalLMTask(Task):
         return {"teacher_finetuned": False,
                 "teacher_validation_perplexity": self._ppl(model, tok, "validation", step, step.step_eval_samples)[
                     "perplexity"],
-                "train_windows": int(len(self.windows(tok, "train", step)))}
+                "train_windows": int(len(self.windows(tok, "train", step))),
+                **self._prepare_guard(model, tok, step)}
+
+    def _prepare_guard(self, model, tok, step) -> dict:
+        """Build the --guard batches (validation examples of each labelled dataset) and score the
+        teacher on them; {} without a guard."""
+        from fusion_prune.data import load_dataset, subsample
+        from fusion_prune.dropone import kept_scores
+        from fusion_prune.errors import BadInputError
+        from fusion_prune.lm import parse_verbalisers, zero_shot_batches, zero_shot_defaults, zero_shot_scorer
+        from fusion_prune.surgery import layer_list
+
+        self._guards, self._guard_weight = [], step.guard_weight
+        if not step.guard:
+            return {}
+        device = next(model.parameters()).device
+        teacher = {}
+        for name in (n.strip() for n in step.guard.split(",") if n.strip()):
+            ds = load_dataset(name)
+            prompt, words = zero_shot_defaults(name)
+            try:
+                batches, ids = zero_shot_batches(tok, subsample(ds.validation, step.guard_samples, step.seed),
+                                                 ds.labels, prompt, parse_verbalisers(words, ds.labels),
+                                                 GUARD_MAX_LENGTH, step.batch_size * 4, device)
+            except BadInputError as e:
+                raise BadInputError(f"The 'guard' dataset {name!r}: {e}") from None
+            scorer = zero_shot_scorer(ids)
+            self._guards.append((name, batches, scorer))
+            correct, loss, count = kept_scores(model, batches, scorer, range(len(layer_list(model))))
+            teacher[name] = {"accuracy": correct / count, "loss": loss / count, "examples": int(count)}
+            log.info("guard %s: %d validation examples; teacher zero-shot accuracy %.3f, loss %.4f", name, count,
+                     correct / count, loss / count)
+        return {"guard": teacher}
 
     def calibration_batches(self, model, tok, step, k):
         from fusion_prune.corpus import window_batches
@@ -195,8 +234,41 @@ class CausalLMTask(Task):
         from fusion_prune.dropone import drop_one_nll
 
         w = self.windows(tok, "validation", step, step.max_eval_tokens)[: step.drop_one_samples or None]
-        return drop_one_nll(model, window_batches(w, step.batch_size, next(model.parameters()).device),
-                            progress=step.progress, only=only)
+        return self._with_guard(model, drop_one_nll(model, window_batches(w, step.batch_size,
+                                                                           next(model.parameters()).device),
+                                                    progress=step.progress, only=only), only)
+
+    def score_batches(self, model, batches):
+        return self._with_guard(model, super().score_batches(model, batches))
+
+    def kept_loss(self, model, batches, keep):
+        from fusion_prune.dropone import kept_scores
+
+        loss = super().kept_loss(model, batches, keep)
+        for _, guard_batches, scorer in self._guards:
+            _, total, count = kept_scores(model, guard_batches, scorer, keep)
+            loss += self._guard_weight * total / max(count, 1) / len(self._guards)
+        return loss
+
+    def _with_guard(self, model, dropone, only=None):
+        """``dropone`` with the guard folded in: ``loss_after_drop`` becomes the next-token NLL
+        (kept as ``nll_after_drop``) plus the weight times the guard sets' mean zero-shot loss
+        (``guard_loss_after_drop``; their mean accuracy ``guard_acc_after_drop``)."""
+        if not self._guards:
+            return dropone
+        from fusion_prune.dropone import drop_one_scores
+
+        n = len(dropone.table)
+        loss, acc, before = np.zeros(n), np.zeros(n), 0.0
+        for _, batches, scorer in self._guards:
+            b, a = drop_one_scores(model, batches, scorer, only=only)
+            loss += a[:, 1] / a[:, 2] / len(self._guards)
+            acc += a[:, 0] / a[:, 2] / len(self._guards)
+            before += b[1] / b[2] / len(self._guards)
+        table = dropone.table.assign(nll_after_drop=dropone.table["loss_after_drop"], guard_loss_after_drop=loss,
+                                     guard_acc_after_drop=acc)
+        table["loss_after_drop"] = table["nll_after_drop"] + self._guard_weight * loss
+        return replace(dropone, table=table, loss_before=(dropone.loss_before or 0.0) + self._guard_weight * before)
 
     def row_extras(self, dropone):
         return {"loss_before": dropone.loss_before, "task": self.name}
@@ -438,13 +510,18 @@ class CausalLMTask(Task):
                 lines += [f"| {task} | {m} | {z['teacher'][m]:.4f} | {z['pruned'][m]:.4f} | {z['student'][m]:.4f} |"
                           for m in z["teacher"]]
             lines.append("")
+        for name, g in (report.info.get("guard") or {}).items():
+            lines += [f"Zero-shot guard of the choice: {name} ({g['examples']} validation examples; teacher accuracy "
+                      f"{g['accuracy']:.3f}, loss {g['loss']:.4f}), weight {report.config.get('guard_weight')}: each "
+                      "candidate's measured loss is its next-token NLL plus the weight times the guard's loss.", ""]
         lines += [f"Wall time {report.wall_seconds:.0f} s; time spent choosing layers {report.selection_seconds:.1f} s.",
                   ""]
         return lines
 
     def step_table(self, report):
         fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
-        lines = ["| step | layers | dropped (original) | measured NLL right after | validation perplexity |",
+        measured = "measured NLL + guard loss" if report.info.get("guard") else "measured NLL"
+        lines = [f"| step | layers | dropped (original) | {measured} right after | validation perplexity |",
                  "|---|---|---|---|---|"]
         for e in report.history:
             lines.append(f"| {e.step} | {e.layers_before} | {e.dropped_orig} | {fmt(e.measured)} | {e.metric:.3f} |")
