@@ -16,8 +16,8 @@ teacher-cache, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
   head), ``qlora``: compress's healing (:func:`fusion_prune.heal.heal`), lr 2e-4, 4 windows of 512
   tokens a step (compress's defaults);
 - ``MOD``: ``kd`` (half the loss is the KL to the teacher's logits, the teacher beside each step),
-  ``mix`` (a quarter of the training windows are general text, ``--mix-corpus``: the zero-shot
-  guard), ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher
+  ``mix`` (``--mix-share``, a quarter by default, of the training windows are general text,
+  ``--mix-corpus``: the zero-shot guard), ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher
   control).
 
 Equal wall time: an arm's healing gets the rest of its budget as ``--heal-seconds`` (the training
@@ -30,7 +30,8 @@ One row per (corpus, depth, arm, seed) lands in ``results/lm-heal-table/results.
 rows are skipped: a stopped run resumes) with the test perplexity on at most 8,192 tokens of the
 corpus's test split (compress's protocol), its ratio to the teacher's, zero-shot accuracy on two
 labelled tasks (200 examples each, with the standard error), peak resident memory, parameters,
-steps and seconds; ``results.md`` beside it.
+steps and seconds; ``results.md`` beside it. ``--unseen C1,C2`` adds the test perplexity on corpora
+that no arm trains on (and its ratio to the teacher's): general ability rather than the domain.
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def run_arm(args) -> dict:
     base = cached(out / f"teacher-{args.model}-{args.corpus}.json", lambda: {
         "perplexity": perplexity(teacher, test)["perplexity"], "zero_shot": zero_shot_all(teacher, tok, zs_n),
         "parameters": count_parameters(teacher)})
+    unseen = {}  # a corpus neither the teacher's nor any arm's training saw: general ability, not the domain
+    for other in (c for c in args.unseen.split(",") if c):
+        windows = token_windows(tok, load_corpus(other).test, args.max_length, args.max_eval_tokens,
+                                what=f"test split of {other}")
+        unseen[other] = (windows, cached(out / f"teacher-{args.model}-unseen-{other}.json", lambda: {
+            "perplexity": perplexity(teacher, windows)["perplexity"]})["perplexity"])
     gone = [int(i) for i in args.removed.split(",")] if args.removed else \
         removed_set(args.corpus, args.depth, args.strategy, num_layers(teacher))
     control = "control" in spec["mods"]
@@ -167,7 +174,7 @@ def run_arm(args) -> dict:
         if "mix" in spec["mods"]:
             general = load_corpus(args.mix_corpus)
             windows = mix_windows(train, token_windows(tok, general.train, args.max_length, None, what="mix corpus"),
-                                  MIX_SHARE, seed=args.seed)
+                                  args.mix_share, seed=args.seed)
         steps = 0
         if spec["method"] != "none":
             # the rest of the budget, as compress's --heal-seconds: the loop re-plans its steps (and the
@@ -184,6 +191,9 @@ def run_arm(args) -> dict:
     ppl = perplexity(student, test)["perplexity"]
     zs = zero_shot_all(student, tok, zs_n)
     pruned = {} if control else json.loads((out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{tag}.json").read_text())
+    for other, (windows, ref) in unseen.items():
+        row[f"unseen_{other}"] = perplexity(student, windows)["perplexity"]
+        row[f"unseen_{other}_over_teacher"] = row[f"unseen_{other}"] / ref
     row.update(layers=num_layers(student), parameters=count_parameters(student), teacher_perplexity=base["perplexity"],
                pruned_perplexity=pruned.get("perplexity"), perplexity=ppl, over_teacher=ppl / base["perplexity"])
     for name, r in zs.items():
@@ -207,7 +217,8 @@ def upsert(row: dict, csv: Path) -> None:
     table = pd.concat([old, pd.DataFrame([row])], ignore_index=True).sort_values(KEY)
     write_table(table, csv)
     cols = ["corpus", "depth", "arm", "seed", "steps", "seconds", "pruned_perplexity", "perplexity", "over_teacher",
-            "zs_rotten-tomatoes", "zs_bbc-news", "peak_rss_gib", "layers", "parameters"]
+            "zs_rotten-tomatoes", "zs_bbc-news", *[c for c in table if c.startswith("unseen_")], "peak_rss_gib",
+            "layers", "parameters"]
     from fusion_prune.utils import write_text_atomic
 
     write_text_atomic(csv.with_suffix(".md"), table[[c for c in cols if c in table]].to_markdown(index=False, floatfmt=".4g") + "\n")
@@ -235,6 +246,9 @@ def main() -> None:
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
     ap.add_argument("--replace-samples", type=int, default=16)
     ap.add_argument("--mix-corpus", default="book-excerpts")
+    ap.add_argument("--mix-share", type=float, default=MIX_SHARE, help="share of the windows from --mix-corpus")
+    ap.add_argument("--unseen", default="", help="comma-separated corpora no arm trains on: test perplexity on "
+                    "each (at most --max-eval-tokens), against the teacher's")
     ap.add_argument("--removed", default="", help="comma-separated layers to remove instead of the strategy's "
                     "choice; give the depth they leave (--depths 26) so its rows are their own cell, e.g. the "
                     "same-depth control of a layer+ arm: SLEB's six but the row's put_back layers")
@@ -264,7 +278,8 @@ def main() -> None:
                            "--seed", str(seed), "--model", args.model, "--budget", str(args.budget),
                            "--strategy", args.strategy, "--max-length", str(args.max_length),
                            "--max-eval-tokens", str(args.max_eval_tokens), "--replace-samples", str(args.replace_samples),
-                           "--mix-corpus", args.mix_corpus, "--zero-shot-samples", str(args.zero_shot_samples),
+                           "--mix-corpus", args.mix_corpus, "--mix-share", str(args.mix_share),
+                           "--unseen", args.unseen, "--zero-shot-samples", str(args.zero_shot_samples),
                            "--removed", args.removed,
                            "--out", str(out)]
                     print(f"[{time.strftime('%H:%M:%S')}] {corpus} {depth} {arm} seed {seed}", flush=True)
