@@ -82,6 +82,17 @@ def parse_verbalisers(text: str | None, labels: Sequence[str]) -> list[str]:
     return [out[n] for n in labels]
 
 
+def _right_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (B, T) of token lists, right-padded: the causal
+    positions of real tokens are unchanged."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.as_tensor(s)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def zero_shot(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt: str = DEFAULT_PROMPT,
               verbalisers: Sequence[str] | None = None, max_length: int = 256, batch_size: int = 8,
@@ -120,12 +131,7 @@ def zero_shot(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt:
                           dynamic_ncols=True):
             chunk = jobs[start:start + batch_size]
             seqs = [prompts[i] + ([] if c is None else verb_ids[c]) for i, c in chunk]
-            T = max(map(len, seqs))
-            ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, s in enumerate(seqs):  # right padding: causal positions of real tokens are unchanged
-                ids[r, :len(s)] = torch.as_tensor(s)
-                mask[r, :len(s)] = 1
+            ids, mask = _right_padded(seqs, pad)
             states, head, _ = forward_hidden(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
             # The vocabulary's log-probabilities only where a verbaliser token is predicted: (N, V).
             where = [(r, len(prompts[i]) - 1 + j) for r, (i, c) in enumerate(chunk)
@@ -174,11 +180,7 @@ def zero_shot_batches(tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt
     batches = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(chunk):
-            ids[r, :len(s)] = torch.as_tensor(s)
-            mask[r, :len(s)] = 1
+        ids, mask = _right_padded(chunk, pad)
         lab = torch.as_tensor([[int(g), len(s) - 1] for g, s in zip(gold[start:start + batch_size], chunk)])
         batches.append({k: v.to(device) for k, v in
                         {"input_ids": ids, "attention_mask": mask, "labels": lab}.items()})
