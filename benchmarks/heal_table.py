@@ -15,9 +15,11 @@ teacher-cache, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
 - ``HEAL``: ``none``, ``lora``, ``full``, ``partialK`` (the last K layers, the final norm and the
   head), ``qlora``: compress's healing (:func:`fusion_prune.heal.heal`), lr 2e-4, 4 windows of 512
   tokens a step (compress's defaults);
-- ``MOD``: ``kd`` (half the loss is the KL to the teacher's logits, the teacher beside each step),
-  ``mix`` (``--mix-share``, a quarter by default, of the training windows are general text,
-  ``--mix-corpus``: the zero-shot guard), ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher
+- ``MOD``: ``kd[W]`` (the weight W, a half by default, of the loss is the KL to the teacher's
+  logits, the teacher beside each step: over its top ``--kd-top-k`` logits and the mass outside
+  them, or the full vocabulary at 0, as rows before 2026-12-04 had it), ``mix[S]`` (the share S,
+  ``--mix-share`` by default, a quarter, of the training windows are general text,
+  ``--mix-corpus``: the zero-shot guard), ``lrX`` (learning rate X instead of compress's), ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher
   control).
 
 Equal wall time: an arm's healing gets the rest of its budget as ``--heal-seconds`` (the training
@@ -40,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -57,7 +60,9 @@ KD_WEIGHT = 0.5
 
 
 def parse_arm(arm: str) -> dict:
-    """``"linear+partial4/kd"`` -> {replace: linear, method: partial, top_layers: 4, mods: {kd}}."""
+    """``"linear+partial4/kd1/mix0.5/lr5e-5"`` -> {replace: linear, method: partial, top_layers: 4,
+    mods: {kd, mix}, kd_weight: 1.0, mix_share: 0.5, lr: 5e-5}; a bare ``kd``/``mix`` takes
+    KD_WEIGHT/``--mix-share``, no ``lr`` compress's default."""
     head, *mods = arm.split("/")
     parts = head.split("+")
     repl, method = (parts[0], parts[1]) if len(parts) == 2 else \
@@ -65,12 +70,24 @@ def parse_arm(arm: str) -> dict:
     top = None
     if method.startswith("partial"):
         top, method = int(method[len("partial"):] or 4), "partial"
+    grammar = "[linear+|layer+]none|lora|full|partialK|qlora[/kd[W]][/mix[S]][/lrX][/control]"
     if repl not in ("none", "linear", "linear-cosine", "layer") or method not in ("none", "lora", "qlora", "full", "partial"):
-        raise SystemExit(f"--arms: cannot read {arm!r}; expected [linear+|layer+]none|lora|full|partialK|qlora[/kd][/mix][/control]")
-    bad = set(mods) - {"kd", "mix", "control"}
-    if bad:
-        raise SystemExit(f"--arms: unknown modifier(s) {sorted(bad)} in {arm!r}; expected kd, mix, control")
-    return {"replace": repl, "method": method, "top_layers": top, "mods": set(mods)}
+        raise SystemExit(f"--arms: cannot read {arm!r}; expected {grammar}")
+    spec = {"replace": repl, "method": method, "top_layers": top, "mods": set(), "kd_weight": None,
+            "mix_share": None, "lr": None}
+    for mod in mods:
+        m = re.fullmatch(r"(kd|mix|lr)([0-9.eE+-]*)|control", mod)
+        name, value = (m.group(1) or "control", m.group(2) or "") if m else (mod, "")
+        try:
+            number = float(value) if value else None
+        except ValueError:
+            m = None
+        if m is None or (name == "lr" and number is None):
+            raise SystemExit(f"--arms: cannot read the modifier {mod!r} in {arm!r}; expected {grammar}")
+        spec["mods"].add(name)
+        if name != "control":
+            spec[{"kd": "kd_weight", "mix": "mix_share", "lr": "lr"}[name]] = number
+    return spec
 
 
 def removed_set(corpus: str, depth: int, strategy: str, teacher_layers: int, choice: Path = CHOICE) -> list[int]:
@@ -173,15 +190,20 @@ def run_arm(args) -> dict:
         windows = train
         if "mix" in spec["mods"]:
             general = load_corpus(args.mix_corpus)
+            share = args.mix_share if spec["mix_share"] is None else spec["mix_share"]
             windows = mix_windows(train, token_windows(tok, general.train, args.max_length, None, what="mix corpus"),
-                                  args.mix_share, seed=args.seed)
+                                  share, seed=args.seed)
+            row["mix_share"] = share
         steps = 0
         if spec["method"] != "none":
             # the rest of the budget, as compress's --heal-seconds: the loop re-plans its steps (and the
             # learning-rate schedule) at its measured pace and stops when the next step would not fit
             left = max(args.budget - (time.perf_counter() - t0), 1.0)
+            weight = (KD_WEIGHT if spec["kd_weight"] is None else spec["kd_weight"]) if kd else 0.0
             cfg = HealConfig(method=spec["method"], steps=10_000, max_seconds=left, top_layers=spec["top_layers"] or 4,
-                             kd_weight=KD_WEIGHT if kd else 0.0, seed=args.seed, progress=False)
+                             kd_weight=weight, kd_top_k=args.kd_top_k if kd else 0, seed=args.seed, progress=False,
+                             **({"lr": spec["lr"]} if spec["lr"] else {}))
+            row.update(lr=cfg.lr, **({"kd_weight": weight, "kd_top_k": cfg.kd_top_k} if kd else {}))
             student, hstats = heal(student, windows, cfg, teacher=teacher if kd else None)
             steps = hstats["steps"]
             row.update(timing="in-loop limit", final_train_loss=hstats.get("final_loss"))
@@ -247,6 +269,8 @@ def main() -> None:
     ap.add_argument("--replace-samples", type=int, default=16)
     ap.add_argument("--mix-corpus", default="book-excerpts")
     ap.add_argument("--mix-share", type=float, default=MIX_SHARE, help="share of the windows from --mix-corpus")
+    ap.add_argument("--kd-top-k", type=int, default=64, help="a /kd arm's KL over the teacher's top-k logits per "
+                    "token (and the mass outside them), taken beside each step; 0: the full vocabulary")
     ap.add_argument("--unseen", default="", help="comma-separated corpora no arm trains on: test perplexity on "
                     "each (at most --max-eval-tokens), against the teacher's")
     ap.add_argument("--removed", default="", help="comma-separated layers to remove instead of the strategy's "
@@ -279,7 +303,8 @@ def main() -> None:
                            "--strategy", args.strategy, "--max-length", str(args.max_length),
                            "--max-eval-tokens", str(args.max_eval_tokens), "--replace-samples", str(args.replace_samples),
                            "--mix-corpus", args.mix_corpus, "--mix-share", str(args.mix_share),
-                           "--unseen", args.unseen, "--zero-shot-samples", str(args.zero_shot_samples),
+                           "--unseen", args.unseen, "--kd-top-k", str(args.kd_top_k),
+                           "--zero-shot-samples", str(args.zero_shot_samples),
                            "--removed", args.removed,
                            "--out", str(out)]
                     print(f"[{time.strftime('%H:%M:%S')}] {corpus} {depth} {arm} seed {seed}", flush=True)

@@ -42,13 +42,15 @@ class HealConfig:
     top_layers: int = opt(4, help="--heal partial: the last K layers trained (with the final norm and the LM head; "
                                  "a head tied to the input embedding trains it too).")
     target_modules: str = opt("all-linear", help="Comma-separated module names (q_proj,v_proj) or all-linear.")
-    # distillation from the teacher's logits during healing: 0 = plain next-token loss
-    kd_weight: float = 0.0
+    kd_weight: float = opt(0.0, help="Causal LM: weight of the KL to the teacher's logits in the healing loss (the "
+                                     "rest is next-token loss; 0: none). The teacher runs beside each step; with "
+                                     "--kd-top-k the KL is over its top-k logits.")
     temperature: float = opt(2.0, help="Softmax temperature of the distillation.")
     # 0: the teacher runs beside each step (full-vocabulary KL); k > 0: its top-k logits per position
     # are cached once before training (distill.teacher_topk_logits) and the KL is taken over them
-    kd_top_k: int = opt(0, help="Causal LM: cache the teacher's top-k logits per token (and its mass outside them) "
-                                "before distilling (0: run the teacher beside each step, full vocabulary).")
+    kd_top_k: int = opt(0, help="Causal LM: distil over the teacher's top-k logits per token (and its mass outside "
+                                "them), cached before the steps, or taken beside each one under --heal-seconds "
+                                "(0: the teacher beside each step, full vocabulary).")
     seed: int = 0
     progress: bool = True
     #: recompute each layer in the backward pass instead of keeping its activations: one layer's
@@ -63,6 +65,10 @@ class HealConfig:
         if self.method not in HEAL_METHODS:
             raise bad_choice("heal", self.method, HEAL_METHODS)
         validate(self)  # ranges in fusion_prune/params.py
+
+
+def _vocab(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
 
 
 HEAL_METHODS = ("auto", "lora", "qlora", "full", "partial", "none")
@@ -160,7 +166,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     With ``cfg.kd_weight > 0`` the loss is ``(1 - w) * next-token CE + w * T^2 KL(teacher || student)``
     over the vocabulary at every position, the teacher running beside each step; with
     ``cfg.kd_top_k = k`` the teacher's top-k logits and its mass outside them are cached first and
-    the KL is taken over those k + 1 bins (:func:`distill.losses.topk_next_token_kl`).
+    the KL is taken over those k + 1 bins (:func:`distill.losses.topk_next_token_kl`); with a time
+    limit (``cfg.max_seconds``) as well, they are taken per batch beside each step instead.
     """
     from distill.losses import next_token_kl, topk_next_token_kl
     from distill.trainer import teacher_topk_logits
@@ -200,7 +207,13 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     cache, kd_stats = None, {}
     if teacher is not None:
         teacher.eval()
-    if cfg.kd_weight and cfg.kd_top_k:
+    per_step = bool(cfg.kd_weight and cfg.kd_top_k and cfg.max_seconds)
+    if per_step:
+        # Under a time limit the steps, hence the windows visited, are unknown in advance: the
+        # teacher's top-k is taken per batch as the step needs it (the same numbers as the cache,
+        # each window visited once either way, and no (B, T, V) teacher logits kept past the call).
+        kd_stats = {"teacher_logits": "top-k beside each step", "top_k": min(cfg.kd_top_k, _vocab(teacher))}
+    elif cfg.kd_weight and cfg.kd_top_k:
         # Cache only what the steps can visit: a seeded sample of steps * batch windows (all when
         # fewer), which the loader below then shuffles, as it shuffles the whole set without a cache.
         visit = cfg.steps * cfg.batch_size
@@ -224,9 +237,11 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         out = m(**batch, use_cache=False)
         logits = out.logits
         loss = next_token_loss(logits, batch)
-        if cache is not None:
+        if cache is not None or per_step:
             # the cache lies on the CPU, the prepared batch (index too) on the accelerator
-            values, ids, tail = (c[index.cpu()].to(logits.device) for c in cache)
+            top = teacher_topk_logits(teacher, batch["input_ids"], cfg.kd_top_k, len(index), logits.device,
+                                      temperature=cfg.temperature) if per_step else (c[index.cpu()] for c in cache)
+            values, ids, tail = (c.to(logits.device) for c in top)
             kd = topk_next_token_kl(logits, values, ids, cfg.temperature, teacher_log_tail=tail)
             loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
         elif cfg.kd_weight:

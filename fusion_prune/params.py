@@ -101,7 +101,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "soft_weight": _WEIGHT, "hard_weight": _WEIGHT, "hidden_weight": _WEIGHT,
     "train_layers": _count(none_ok=True), "distill_layers": _count(none_ok=True),
     "max_seconds": _WEIGHT, "heal_seconds": _WEIGHT,
-    "kd_weight": _FRACTION, "kd_top_k": _count(0), "lora_dropout": Interval(float, 0, 1, "left"),
+    "kd_weight": _FRACTION, "heal_kd_weight": _FRACTION, "kd_top_k": _count(0), "lora_dropout": Interval(float, 0, 1, "left"),
     "seed": Interval(int, 0, 2**32 - 1),
     "teacher_margin": _FRACTION, "max_accuracy_drop": Interval(float, 0, 1, "both", none_ok=True),
     "max_perplexity_increase": Interval(float, 0, None, "left", none_ok=True),

@@ -342,6 +342,13 @@ def test_heal_with_a_top_k_teacher_cache(llama_dir):
     assert runs[vocab]["cache_bytes"] == 4 * 16 * (vocab * 6 + 4)  # every window: 2 steps x 2 = 4 visited
     assert runs[vocab]["first_loss"] == pytest.approx(runs[0]["first_loss"], rel=1e-3)
     assert runs[vocab]["final_loss"] == pytest.approx(runs[0]["final_loss"], rel=1e-2)
+    # under a time limit the top-k is taken per batch beside each step: the same loss as the cache
+    _, beside = heal(drop_layers(teacher, [1, 2]), windows, replace(cfg, kd_top_k=vocab, max_seconds=1e6),
+                     teacher=teacher)
+    assert beside["teacher_logits"] == "top-k beside each step" and "cache_bytes" not in beside
+    assert beside["steps"] == 2
+    assert beside["first_loss"] == pytest.approx(runs[vocab]["first_loss"], rel=1e-4)
+    assert beside["final_loss"] == pytest.approx(runs[vocab]["final_loss"], rel=1e-4)
     _, one = heal(drop_layers(teacher, [1, 2]), windows, replace(cfg, steps=1, kd_top_k=8), teacher=teacher)
     assert one["cache_bytes"] == 2 * 16 * (8 * 6 + 4) and math.isfinite(one["final_loss"])  # 1 step x 2 windows
 
@@ -610,3 +617,24 @@ def test_guard_is_refused_where_it_cannot_apply(llama_dir, corpus_txt, sentiment
     assert res.exit_code != 0 and f"The 'guard' dataset {str(sentiment_csv_dir)!r}" in res.output
     assert "must start with distinct tokens" in res.output
     assert "Traceback" not in res.output
+
+
+def test_healing_can_distil_from_the_teacher(llama_dir, corpus_txt, tmp_path):
+    """--heal-kd-weight puts the KL to the teacher's logits into the healing loss; under
+    --heal-seconds with --kd-top-k the teacher's top-k is taken beside each step."""
+    from fusion_prune.cli import main
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
+                                    "-o", str(out), "--max-length", "16", "--heal", "full", "--heal-steps", "2",
+                                    "--heal-seconds", "100000", "--heal-kd-weight", "1", "--kd-top-k", "4",
+                                    "--max-eval-tokens", "64", "--signal-samples", "2", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    heal = r["heal"]
+    assert heal["teacher_logits"] == "top-k beside each step" and heal["top_k"] == 4
+    assert heal["config"]["kd_weight"] == 1.0 and heal["steps"] == 2 and math.isfinite(heal["final_loss"])
+    assert "KL to the teacher weighted 1" in (out / "report.md").read_text()
+    res = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
+                                    "-o", str(tmp_path / "bad"), "--heal-kd-weight", "1.5"])
+    assert res.exit_code == 2 and "--heal-kd-weight" in res.output and "1.5" in res.output, res.output

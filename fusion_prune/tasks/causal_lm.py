@@ -83,6 +83,7 @@ class CausalLMFinish(FinishConfig):
     flat: ClassVar[dict[str, str]] = {
         "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_seconds": "heal.max_seconds",
         "heal_lr": "heal.lr", "lora_r": "heal.lora_r", "lora_alpha": "heal.lora_alpha", "lora_targets": "heal.target_modules", "kd_top_k": "heal.kd_top_k",
+        "heal_kd_weight": "heal.kd_weight",
         "temperature": "heal.temperature", "heal_layers": "heal.top_layers",
     }
     # The run's batch size reaches healing; its learning rate does not (healing has its own, --heal-lr).
@@ -318,8 +319,8 @@ class CausalLMTask(Task):
         if finish.heal_mix:
             train_w = self._mixed(tok, train_w, step, finish)
         with self.phase("healing"):
-            student, heal_stats = heal(student, train_w, replace(finish.heal, kd_weight=0.0, seed=step.seed,
-                                                                 progress=step.progress))
+            student, heal_stats = heal(student, train_w, replace(finish.heal, seed=step.seed, progress=step.progress),
+                                       teacher=teacher if finish.heal.kd_weight else None)
         with self.phase("evaluation"):
             healed_ppl = self._ppl(student, tok, "test", step)
         distill_stats, student_ppl = None, healed_ppl
@@ -545,7 +546,9 @@ class CausalLMTask(Task):
 def _heal_label(record: dict) -> str:
     """The report's name for a healing run: method and steps, and whether the time limit ended it."""
     limit = ", stopped by --heal-seconds" if record.get("stopped_by") == "time limit" else ""
-    return f"{record.get('method', 'none')}, {record.get('steps', 0)} steps{limit}"
+    weight = (record.get("config") or {}).get("kd_weight")
+    kd = f", KL to the teacher weighted {weight:g}" if weight else ""
+    return f"{record.get('method', 'none')}, {record.get('steps', 0)} steps{kd}{limit}"
 
 
 def _replacement_label(record: dict) -> str:
