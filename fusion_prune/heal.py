@@ -46,8 +46,9 @@ class HealConfig:
                                      "rest is next-token loss; 0: none). The teacher runs beside each step; with "
                                      "--kd-top-k the KL is over its top-k logits.")
     temperature: float = opt(2.0, help="Softmax temperature of the distillation.")
-    # 0: the teacher runs beside each step (full-vocabulary KL); k > 0: its top-k logits per position
-    # are cached once before training (distill.teacher_topk_logits) and the KL is taken over them
+    # 0: the teacher runs beside each step (full-vocabulary KL); k > 0: the KL is over its top-k logits
+    # per position (distill.teacher_topk_logits), cached once before training, or per batch under a
+    # time limit
     kd_top_k: int = opt(0, help="Causal LM: distil over the teacher's top-k logits per token (and its mass outside "
                                 "them), cached before the steps, or taken beside each one under --heal-seconds "
                                 "(0: the teacher beside each step, full vocabulary).")
@@ -210,8 +211,9 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     per_step = bool(cfg.kd_weight and cfg.kd_top_k and cfg.max_seconds)
     if per_step:
         # Under a time limit the steps, hence the windows visited, are unknown in advance: the
-        # teacher's top-k is taken per batch as the step needs it (the same numbers as the cache,
-        # each window visited once either way, and no (B, T, V) teacher logits kept past the call).
+        # teacher's top-k is taken per batch as the step needs it (the same numbers as the cache;
+        # nothing computed for windows never reached, at the price of a second teacher pass for a
+        # window visited twice; no (B, T, V) teacher logits kept past the call).
         kd_stats = {"teacher_logits": "top-k beside each step", "top_k": min(cfg.kd_top_k, _vocab(teacher))}
     elif cfg.kd_weight and cfg.kd_top_k:
         # Cache only what the steps can visit: a seeded sample of steps * batch windows (all when
