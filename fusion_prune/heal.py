@@ -29,8 +29,10 @@ class HealConfig:
                                    "training state (12 bytes a parameter) fits in half the free memory, else "
                                    "lora (adapters merged into the weights); qlora trains them on a 4-bit NF4 "
                                    "copy of the base and needs bitsandbytes.")
-    # 30: on smollm2-135m 30 -> 24 (2-core CPU) 26 full fine-tuning steps of 4 x 512 tokens, 10 minutes,
-    # healed to 1.13x the teacher's perplexity (benchmarks/journal.md, "The healing table")
+    # 30: on smollm2-135m 30 -> 24 (2-core CPU) 26 full fine-tuning steps of 4 x 512 tokens healed to
+    # 1.13x the teacher's perplexity (benchmarks/journal.md, "The healing table"); 30 steps take about
+    # 4.6 minutes alone. More steps on the user's corpus lower its perplexity further (77 steps:
+    # 1.05x) and cost general ability ("Distilling while healing"), so the default stays short.
     steps: int = opt(30, help="Causal LM: healing steps (the ceiling when --heal-seconds is set).")
     max_seconds: float = opt(0.0, help="Causal LM: wall-time limit of the healing steps in seconds (0: none); the "
                                        "learning-rate schedule is fitted to the steps that fit in it.")
