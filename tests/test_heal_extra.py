@@ -170,3 +170,17 @@ def test_the_time_limit_is_checked_on_the_command_line(llama_dir, corpus_txt, tm
     res = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "3",
                                     "-o", str(tmp_path / "out"), "--heal-seconds", "-5"])
     assert res.exit_code == 2 and "'--heal-seconds' option must be a number >= 0" in res.output
+
+
+def test_healing_says_when_it_passes_over_its_windows_more_than_once(llama_dir, caplog):  # noqa: F811
+    from fusion_prune.heal import HealConfig, heal
+    from fusion_prune.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(llama_dir))
+    windows = torch.randint(5, 20, (4, 16), generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="fusion_prune.heal"):
+        _, once = heal(model, windows, HealConfig(method="full", steps=2, batch_size=2, progress=False))
+    assert once["passes"] == 1.0 and "over-fits" not in caplog.text
+    with caplog.at_level("WARNING", logger="fusion_prune.heal"):
+        _, thrice = heal(model, windows, HealConfig(method="full", steps=6, batch_size=2, progress=False))
+    assert thrice["passes"] == 3.0 and "4 training windows 3.0 times" in caplog.text
