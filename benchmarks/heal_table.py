@@ -19,8 +19,8 @@ teacher-cache, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
   logits, the teacher beside each step: over its top ``--kd-top-k`` logits and the mass outside
   them, or the full vocabulary at 0, as rows before 2026-12-04 had it), ``mix[S]`` (the share S,
   ``--mix-share`` by default, a quarter, of the training windows are general text,
-  ``--mix-corpus``: the zero-shot guard), ``lrX`` (learning rate X instead of compress's), ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher
-  control).
+  ``--mix-corpus``: the zero-shot guard), ``lrX`` (learning rate X instead of compress's),
+  ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher control).
 
 Equal wall time: an arm's healing gets the rest of its budget as ``--heal-seconds`` (the training
 loop re-plans its steps and learning-rate schedule at its measured pace and stops when the next

@@ -70,10 +70,6 @@ class HealConfig:
         validate(self)  # ranges in fusion_prune/params.py
 
 
-def _vocab(model: nn.Module) -> int:
-    return model.get_output_embeddings().weight.shape[0]
-
-
 HEAL_METHODS = ("auto", "lora", "qlora", "full", "partial", "none")
 #: bytes each trained parameter adds under full fine-tuning: its gradient and AdamW's two moments (float32)
 FULL_TRAINING_BYTES = 12
@@ -216,7 +212,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         # teacher's top-k is taken per batch as the step needs it (the same numbers as the cache;
         # nothing computed for windows never reached, at the price of a second teacher pass for a
         # window visited twice; no (B, T, V) teacher logits kept past the call).
-        kd_stats = {"teacher_logits": "top-k beside each step", "top_k": min(cfg.kd_top_k, _vocab(teacher))}
+        vocab = teacher.get_output_embeddings().weight.shape[0]
+        kd_stats = {"teacher_logits": "top-k beside each step", "top_k": min(cfg.kd_top_k, vocab)}
     elif cfg.kd_weight and cfg.kd_top_k:
         # Cache only what the steps can visit: a seeded sample of steps * batch windows (all when
         # fewer), which the loader below then shuffles, as it shuffles the whole set without a cache.
@@ -280,6 +277,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     return model, {"method": cfg.method, "method_chosen": why, "steps": len(losses),
                    "stopped_by": "time limit" if cfg.max_seconds and len(losses) < cfg.steps else "steps",
                    "trainable_parameters": int(trainable),
-                   "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), "passes": round(passes, 2), **loss_summary(losses),
+                   "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), "passes": round(passes, 2),
+                   **loss_summary(losses),
                    **kd_stats, **memory,
                    "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}
