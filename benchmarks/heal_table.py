@@ -18,9 +18,12 @@ teacher-cache, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
 - ``MOD``: ``kd[W]`` (the weight W, a half by default, of the loss is the KL to the teacher's
   logits, the teacher beside each step: over its top ``--kd-top-k`` logits and the mass outside
   them, or the full vocabulary at 0, as rows before 2026-12-04 had it), ``mix[S]`` (the share S,
-  ``--mix-share`` by default, a quarter, of the training windows are general text,
-  ``--mix-corpus``: the zero-shot guard), ``lrX`` (learning rate X instead of compress's),
-  ``control`` (the *teacher* is healed instead, nothing removed: the healed-teacher control).
+  ``--mix-share`` by default, a quarter, of the windows are general text, ``--mix-corpus``: the
+  zero-shot guard; the replacement is fitted on the same mixed windows), ``guard[W]`` (the weight
+  W, 1 by default, times the KL from the teacher's to the student's answers on ``--guard-samples``
+  train prompts of each ``--guard`` dataset joins the loss: compress's ``--heal-guard-weight``),
+  ``lrX`` (learning rate X instead of compress's), ``control`` (the *teacher* is healed instead,
+  nothing removed: the healed-teacher control).
 
 Equal wall time: an arm's healing gets the rest of its budget as ``--heal-seconds`` (the training
 loop re-plans its steps and learning-rate schedule at its measured pace and stops when the next
@@ -58,6 +61,7 @@ KEY = ["corpus", "depth", "arm", "seed"]
 ZERO_SHOT = ("rotten-tomatoes", "bbc-news")
 MIX_SHARE = 0.25
 KD_WEIGHT = 0.5
+GUARD_WEIGHT = 1.0
 
 
 def parse_arm(arm: str) -> dict:
@@ -71,13 +75,13 @@ def parse_arm(arm: str) -> dict:
     top = None
     if method.startswith("partial"):
         top, method = int(method[len("partial"):] or 4), "partial"
-    grammar = "[linear+|layer+]none|lora|full|partialK|qlora[/kd[W]][/mix[S]][/lrX][/control]"
+    grammar = "[linear+|layer+]none|lora|full|partialK|qlora[/kd[W]][/mix[S]][/guard[W]][/lrX][/control]"
     if repl not in ("none", "linear", "linear-cosine", "layer") or method not in ("none", "lora", "qlora", "full", "partial"):
         raise SystemExit(f"--arms: cannot read {arm!r}; expected {grammar}")
     spec = {"replace": repl, "method": method, "top_layers": top, "mods": set(), "kd_weight": None,
-            "mix_share": None, "lr": None}
+            "mix_share": None, "lr": None, "guard_weight": None}
     for mod in mods:
-        m = re.fullmatch(r"(kd|mix|lr)([0-9.eE+-]*)|control", mod)
+        m = re.fullmatch(r"(kd|mix|lr|guard)([0-9.eE+-]*)|control", mod)
         name, value = (m.group(1) or "control", m.group(2) or "") if m else (mod, "")
         try:
             number = float(value) if value else None
@@ -87,7 +91,7 @@ def parse_arm(arm: str) -> dict:
             raise SystemExit(f"--arms: cannot read the modifier {mod!r} in {arm!r}; expected {grammar}")
         spec["mods"].add(name)
         if name != "control":
-            spec[{"kd": "kd_weight", "mix": "mix_share", "lr": "lr"}[name]] = number
+            spec[{"kd": "kd_weight", "mix": "mix_share", "lr": "lr", "guard": "guard_weight"}[name]] = number
     return spec
 
 
@@ -171,11 +175,18 @@ def run_arm(args) -> dict:
            "budget_seconds": args.budget}
     with PeakRSS() as rss:
         t0 = time.perf_counter()
+        windows = train  # what the arm learns from: the replacement's fit and the healing
+        if "mix" in spec["mods"]:
+            general = load_corpus(args.mix_corpus)
+            share = args.mix_share if spec["mix_share"] is None else spec["mix_share"]
+            windows = mix_windows(train, token_windows(tok, general.train, args.max_length, None, what="mix corpus"),
+                                  share, seed=args.seed)
+            row["mix_share"] = share
         if spec["replace"] != "none":
             from fusion_prune.replace import replace_layers
 
             g = torch.Generator().manual_seed(args.seed)
-            fit = train[torch.randperm(len(train), generator=g)[: args.replace_samples].sort().values]
+            fit = windows[torch.randperm(len(windows), generator=g)[: args.replace_samples].sort().values]
             student, record = replace_layers(teacher, student, fit, batch_size=4, method=spec["replace"])
             row["replace_seconds"] = round(time.perf_counter() - t0, 1)
             # which removed layer each trained layer started from: a layer+ arm's same-depth control
@@ -186,15 +197,16 @@ def run_arm(args) -> dict:
             row["replaced_perplexity"] = perplexity(student, test)["perplexity"]
             t0 += time.perf_counter() - t_eval  # the evaluation is not part of the budget
         kd = "kd" in spec["mods"]
+        guard = ()
+        if "guard" in spec["mods"]:  # the teacher's answers on the guard datasets' train prompts
+            from fusion_prune.heal import HEAL_GUARD_BATCH, guard_targets
+            from fusion_prune.tasks.causal_lm import guard_prompts
+
+            guard = guard_targets(teacher, guard_prompts(tok, args.guard, "train", args.guard_samples, args.seed,
+                                                         HEAL_GUARD_BATCH).values())
+            row.update(guard=args.guard, guard_prompts=args.guard_samples)
         if not kd and not control:
             del teacher  # not needed again: free it before training
-        windows = train
-        if "mix" in spec["mods"]:
-            general = load_corpus(args.mix_corpus)
-            share = args.mix_share if spec["mix_share"] is None else spec["mix_share"]
-            windows = mix_windows(train, token_windows(tok, general.train, args.max_length, None, what="mix corpus"),
-                                  share, seed=args.seed)
-            row["mix_share"] = share
         steps = 0
         if spec["method"] != "none":
             # the rest of the budget, as compress's --heal-seconds: the loop re-plans its steps (and the
@@ -203,9 +215,13 @@ def run_arm(args) -> dict:
             weight = (KD_WEIGHT if spec["kd_weight"] is None else spec["kd_weight"]) if kd else 0.0
             cfg = HealConfig(method=spec["method"], steps=10_000, max_seconds=left, top_layers=spec["top_layers"] or 4,
                              kd_weight=weight, kd_top_k=args.kd_top_k if kd else 0, seed=args.seed, progress=False,
+                             guard_weight=(spec["guard_weight"] or GUARD_WEIGHT) if guard else 0.0,
                              **({"lr": spec["lr"]} if spec["lr"] else {}))
             row.update(lr=cfg.lr, **({"kd_weight": weight, "kd_top_k": cfg.kd_top_k} if kd else {}))
-            student, hstats = heal(student, windows, cfg, teacher=teacher if kd else None)
+            student, hstats = heal(student, windows, cfg, teacher=teacher if kd else None, guard=guard)
+            if guard:
+                row.update(guard_weight=cfg.guard_weight, guard_kl_first=hstats["guard"]["kl_first"],
+                           guard_kl_last=hstats["guard"]["kl_last"])
             steps = hstats["steps"]
             row.update(timing="in-loop limit", final_train_loss=hstats.get("final_loss"))
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -270,6 +286,9 @@ def main() -> None:
     ap.add_argument("--replace-samples", type=int, default=16)
     ap.add_argument("--mix-corpus", default="book-excerpts")
     ap.add_argument("--mix-share", type=float, default=MIX_SHARE, help="share of the windows from --mix-corpus")
+    ap.add_argument("--guard", default="rotten-tomatoes", help="a /guard arm's labelled datasets: the teacher's "
+                    "answers on their train prompts join the healing loss (compress --heal-guard-weight)")
+    ap.add_argument("--guard-samples", type=int, default=512, help="train prompts of each --guard dataset")
     ap.add_argument("--kd-top-k", type=int, default=64, help="a /kd arm's KL over the teacher's top-k logits per "
                     "token (and the mass outside them), taken beside each step; 0: the full vocabulary")
     ap.add_argument("--unseen", default="", help="comma-separated corpora no arm trains on: test perplexity on "
@@ -308,7 +327,8 @@ def main() -> None:
                            "--strategy", args.strategy, "--max-length", str(args.max_length),
                            "--max-eval-tokens", str(args.max_eval_tokens), "--replace-samples", str(args.replace_samples),
                            "--mix-corpus", args.mix_corpus, "--mix-share", str(args.mix_share),
-                           "--unseen", args.unseen, "--kd-top-k", str(args.kd_top_k),
+                           "--unseen", args.unseen, "--kd-top-k", str(args.kd_top_k), "--guard", args.guard,
+                           "--guard-samples", str(args.guard_samples),
                            "--zero-shot-samples", str(args.zero_shot_samples),
                            "--removed", args.removed,
                            "--out", str(out)]

@@ -76,7 +76,8 @@ class StepConfig:
                                  "times their mean), so the measuring strategies (fusion-verify, oracle, sleb, "
                                  "evo-search) keep the layers those tasks need: the zero-shot guard of the choice.")
     guard_weight: float = opt(1.0, help="Causal LM: weight of the --guard loss beside the next-token NLL.")
-    guard_samples: int = opt(128, help="Causal LM: validation examples of each --guard dataset.")
+    guard_samples: int = opt(128, help="Causal LM: examples of each --guard dataset: validation ones for the "
+                                       "choice, train ones for --heal-guard-weight.")
     progress: bool = True
 
     def step(self) -> StepConfig:

@@ -8,6 +8,9 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 
+from typing import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,6 +50,12 @@ class HealConfig:
     kd_weight: float = opt(0.0, help="Causal LM: weight of the KL to the teacher's logits in the healing loss (the "
                                      "rest is next-token loss; 0: none). The teacher runs beside each step; with "
                                      "--kd-top-k the KL is over its top-k logits.")
+    # The zero-shot guard of healing: the KL from the teacher's to the student's distribution over
+    # the verbalisers of the --guard datasets' *train* prompts (the teacher's answers, never the
+    # gold labels), one batch of prompts beside each step.
+    guard_weight: float = opt(0.0, help="Causal LM: weight of the KL to the teacher's answers on --guard datasets' "
+                                        "train prompts (distribution over their verbalisers), added to the "
+                                        "healing loss; needs --guard (0: none).")
     temperature: float = opt(2.0, help="Softmax temperature of the distillation.")
     # 0: the teacher runs beside each step (full-vocabulary KL); k > 0: the KL is over its top-k logits
     # per position (distill.teacher_topk_logits), cached once before training, or per batch under a
@@ -153,7 +162,32 @@ def _merge_adapters(student, trained, cfg: HealConfig):
     return merged.merge_and_unload()
 
 
-def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple[nn.Module, dict]:
+#: prompts in each guard batch; one batch goes beside each healing step
+HEAL_GUARD_BATCH = 8
+#: a guard batch of :func:`fusion_prune.lm.zero_shot_batches`, its verbaliser token ids, and the
+#: teacher's verbaliser logits (B, classes) on it
+GuardBatch = tuple[dict, Sequence[int], torch.Tensor]
+
+
+@torch.no_grad()
+def guard_targets(teacher, guards: Sequence[tuple[Sequence[dict], Sequence[int]]]) -> list[GuardBatch]:
+    """The teacher's verbaliser logits on each guard dataset's batches (``guards``: its
+    :func:`fusion_prune.lm.zero_shot_batches` batches and verbaliser ids): the healing guard's
+    targets, computed once before the steps."""
+    from fusion_prune.lm import verbaliser_logits
+
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        return [(b, verb, verbaliser_logits(teacher, {k: b[k] for k in ("input_ids", "attention_mask")},
+                                            b["labels"][:, 1], verb))
+                for batches, verb in guards for b in batches]
+    finally:
+        teacher.train(was_training)
+
+
+def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
+         guard: Sequence[GuardBatch] = ()) -> tuple[nn.Module, dict]:
     """Train ``student`` on token windows (N, T) for ``cfg.steps``; returns (model, stats).
 
     LoRA adapters are merged into the weights before returning, so the result is a plain model
@@ -167,9 +201,14 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     ``cfg.kd_top_k = k`` the teacher's top-k logits and its mass outside them are cached first and
     the KL is taken over those k + 1 bins (:func:`distill.losses.topk_next_token_kl`); with a time
     limit (``cfg.max_seconds``) as well, they are taken per batch beside each step instead.
+    With ``cfg.guard_weight > 0`` each step also takes the next ``guard`` batch (:func:`guard_targets`,
+    cycled in a seeded order) and adds the weight times ``KL(teacher || student)`` over its
+    verbalisers at each prompt's last token: the teacher's zero-shot answers are kept while the
+    corpus heals.
     """
-    from distill.losses import next_token_kl, topk_next_token_kl
+    from distill.losses import next_token_kl, soft_kl, topk_next_token_kl
     from distill.trainer import teacher_topk_logits
+    from fusion_prune.lm import verbaliser_logits
     from fusion_prune.training import loss_summary, make_accelerator, run_steps
     from fusion_prune.utils import set_seed
     from fusion_prune.logits import causal_lm_of, next_token_loss
@@ -189,6 +228,9 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
         cfg = replace(cfg, method=method)
     if cfg.kd_weight > 0 and teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher")
+    if cfg.guard_weight > 0 and not guard:
+        raise BadInputError(f"The 'heal_guard_weight' parameter needs --guard datasets whose prompts it keeps; "
+                            f"expected --guard with --heal-guard-weight {cfg.guard_weight:g}. Got no guard prompts.")
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     device = next(student.parameters()).device
@@ -230,7 +272,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
     elif cfg.kd_weight:
         kd_stats = {"teacher_logits": "computed beside each step"}
 
-    def compute_loss(m, batch):
+    def window_loss(m, batch):
         index = batch.pop("index")
         if not cfg.kd_weight:  # next-token loss alone: no (B, T, V) logits are held (fusion_prune.logits)
             res = task_loss(m, batch, batch)
@@ -249,6 +291,19 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
             with torch.no_grad():
                 t = teacher(**batch, use_cache=False).logits
             loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * next_token_kl(logits, t, cfg.temperature)
+        return loss
+
+    guard_order = _cycle(len(guard), cfg.seed) if cfg.guard_weight else None
+    guard_kl: list[float] = []
+
+    def compute_loss(m, batch):
+        loss = window_loss(m, batch)
+        if guard_order is not None:
+            g, verb, target = guard[next(guard_order)]
+            kl = soft_kl(verbaliser_logits(m, {k: g[k] for k in ("input_ids", "attention_mask")}, g["labels"][:, 1],
+                                           verb), target, temperature=1.0)
+            guard_kl.append(float(kl.detach()))
+            loss = loss + cfg.guard_weight * kl
         return loss
 
     loader = window_loader(windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -279,5 +334,22 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None) -> tuple
                    "trainable_parameters": int(trainable),
                    "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), "passes": round(passes, 2),
                    **loss_summary(losses),
-                   **kd_stats, **memory,
+                   **kd_stats, **memory, **_guard_stats(cfg, guard, guard_kl),
                    "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}
+
+
+def _cycle(n: int, seed: int):
+    """Indices 0..n-1 in a fresh seeded order each pass, forever."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=g).tolist()
+
+
+def _guard_stats(cfg: HealConfig, guard: Sequence[GuardBatch], kl: list[float]) -> dict:
+    """The guard's record: weight, prompts, and its KL over the first and last tenth of the steps."""
+    if not cfg.guard_weight:
+        return {}
+    tenth = max(len(kl) // 10, 1)
+    return {"guard": {"weight": cfg.guard_weight, "prompts": int(sum(len(t) for _, _, t in guard)),
+                      "kl_first": float(np.mean(kl[:tenth])) if kl else None,
+                      "kl_last": float(np.mean(kl[-tenth:])) if kl else None}}

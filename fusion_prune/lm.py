@@ -187,19 +187,25 @@ def zero_shot_batches(tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt
     return batches, [f[0] for f in first]
 
 
+def verbaliser_logits(model, inputs: dict, last: torch.Tensor, verbaliser_ids: Sequence[int]) -> torch.Tensor:
+    """Logits (B, classes), float32, of each class's verbaliser token at position ``last`` (B,) of
+    each prompt (a :func:`zero_shot_batches` batch's ``labels[:, 1]``); ``inputs`` go to the model
+    as they are. Differentiable: the healing's guard trains on them."""
+    states, head, _ = forward_hidden(model, inputs)
+    rows = torch.arange(len(last), device=last.device)
+    return head(states[rows, last]).float()[:, torch.as_tensor(list(verbaliser_ids), device=states.device)]
+
+
 def zero_shot_scorer(verbaliser_ids: Sequence[int]):
     """A drop-one scorer (:data:`fusion_prune.dropone.Scorer`) of zero-shot batches: correct
     answers, summed cross-entropy of the gold class among the verbalisers (their log-probabilities
     renormalised), and examples. The loss is the smooth form of the accuracy :func:`zero_shot`
     reports (the same argmax when every verbaliser is one token)."""
-    verb = torch.as_tensor(list(verbaliser_ids))
 
     def score(model, inputs: dict, batch: dict) -> tuple[float, float, int]:
-        states, head, _ = forward_hidden(model, inputs)
         gold, last = batch["labels"].unbind(-1)
         rows = torch.arange(len(gold), device=gold.device)
-        logits = head(states[rows, last]).float()[:, verb.to(states.device)]  # (B, classes)
-        logp = logits.log_softmax(-1)
+        logp = verbaliser_logits(model, inputs, last, verbaliser_ids).log_softmax(-1)
         return (float((logp.argmax(-1) == gold).sum()), float(-logp[rows, gold].sum()), len(gold))
 
     return score

@@ -103,6 +103,7 @@ class CompressConfig(StepConfig):
         elif not isinstance(self.finish, task.finish_config):
             raise BadInputError(f"The 'finish' parameter must be a {task.finish_config.__name__} for task "
                                 f"{self.task!r}. Got {type(self.finish).__name__}.")
+        task().check_finish(self, self.finish)
         if self.strategy not in STRATEGIES:
             raise bad_choice("strategy", self.strategy, STRATEGIES)
         if self.fusion_path is not None and STRATEGIES[self.strategy].needs_bundle \

@@ -97,7 +97,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     # rates and weights
     "epochs": _POSITIVE, "teacher_epochs": _POSITIVE, "distill_epochs": _POSITIVE,
     "lr": _POSITIVE, "teacher_lr": _POSITIVE, "heal_lr": _POSITIVE, "temperature": _POSITIVE,
-    "weight_decay": _WEIGHT, "guard_weight": _WEIGHT, "grad_clip": _POSITIVE, "warmup_ratio": Interval(float, 0, 1, "left"),
+    "weight_decay": _WEIGHT, "guard_weight": _WEIGHT, "heal_guard_weight": _WEIGHT, "grad_clip": _POSITIVE, "warmup_ratio": Interval(float, 0, 1, "left"),
     "soft_weight": _WEIGHT, "hard_weight": _WEIGHT, "hidden_weight": _WEIGHT,
     "train_layers": _count(none_ok=True), "distill_layers": _count(none_ok=True),
     "max_seconds": _WEIGHT, "heal_seconds": _WEIGHT,

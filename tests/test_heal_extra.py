@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_causal_lm import corpus_txt, llama_dir  # noqa: F401 - module fixtures
+from test_causal_lm import corpus_txt, llama_dir, word_labels_dir  # noqa: F401 - module fixtures
 
 
 def test_partial_healing_trains_only_the_top_layers_the_norm_and_the_head(llama_dir):  # noqa: F811
@@ -184,3 +184,61 @@ def test_healing_says_when_it_passes_over_its_windows_more_than_once(llama_dir, 
     with caplog.at_level("WARNING", logger="fusion_prune.heal"):
         _, thrice = heal(model, windows, HealConfig(method="full", steps=6, batch_size=2, progress=False))
     assert thrice["passes"] == 3.0 and "4 training windows 3.0 times" in caplog.text
+
+
+def test_the_healing_guard_keeps_the_teachers_answers(llama_dir):  # noqa: F811
+    """--heal-guard-weight: the teacher's verbaliser logits are the targets; with the guard the
+    healed student's answers on the guard prompts end closer to the teacher's than without it, from
+    the same start, seed and windows; the record says so; no guard prompts is refused."""
+    from conftest import sentiment_frame
+
+    from distill.losses import soft_kl
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.heal import HealConfig, guard_targets, heal
+    from fusion_prune.lm import verbaliser_logits, zero_shot_batches
+    from fusion_prune.models import load_causal_lm
+    from fusion_prune.surgery import drop_layers
+
+    teacher, tok = load_causal_lm(str(llama_dir))
+    df = sentiment_frame(16).assign(label=lambda d: (d.label == "neg").astype(int))
+    batches, ids = zero_shot_batches(tok, df, ["pos", "neg"], "{text} is", [" good", " bad"], max_length=32,
+                                     batch_size=4)
+    guard = guard_targets(teacher, [(batches, ids)])
+    assert len(guard) == 4 and all(t.shape == (len(b["labels"]), 2) for b, _, t in guard)
+    # the targets are the teacher's own answers: its KL to them is zero, one prompt at a time too
+    text = df["text"][0] + " is"
+    with torch.no_grad():
+        alone = teacher(**tok(text, add_special_tokens=False, return_tensors="pt")).logits[0, -1, ids]
+    assert torch.allclose(guard[0][2][0], alone, atol=1e-4)
+
+    def distance(model):
+        with torch.no_grad():
+            return sum(float(soft_kl(verbaliser_logits(model, {k: b[k] for k in ("input_ids", "attention_mask")},
+                                                       b["labels"][:, 1], v), t, 1.0)) for b, v, t in guard)
+
+    assert distance(teacher) == pytest.approx(0.0, abs=1e-6)
+    windows = torch.randint(5, 20, (8, 16), generator=torch.Generator().manual_seed(3))
+    cfg = HealConfig(method="full", steps=6, batch_size=2, lr=1e-2, progress=False, seed=1)
+    plain, _ = heal(drop_layers(teacher, [1]), windows, cfg)
+    guarded, stats = heal(drop_layers(teacher, [1]), windows, replace(cfg, guard_weight=5.0), guard=guard)
+    assert distance(guarded) < distance(plain)
+    g = stats["guard"]
+    assert g["weight"] == 5.0 and g["prompts"] == 16 and g["kl_first"] >= 0 and g["kl_last"] >= 0
+    with pytest.raises(BadInputError, match="'heal_guard_weight' parameter needs --guard"):
+        heal(drop_layers(teacher, [1]), windows, replace(cfg, guard_weight=1.0))
+
+
+def test_heal_guard_weight_through_compress(llama_dir, corpus_txt, word_labels_dir, tmp_path):  # noqa: F811
+    from fusion_prune.cli import main
+
+    base = ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "3", "--max-length", "16",
+            "--heal-steps", "2", "--max-eval-tokens", "64", "--signal-samples", "2", "--batch-size", "2",
+            "--strategy", "deepest", "--heal", "full", "--heal-guard-weight", "2"]
+    res = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "refused")])
+    assert res.exit_code != 0 and "--heal-guard-weight 2 and no --guard" in res.output
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, [*base, "-o", str(out), "--guard", str(word_labels_dir), "--guard-samples", "12"])
+    assert res.exit_code == 0, res.output
+    heal_stats = json.loads((out / "report.json").read_text())["heal"]
+    assert heal_stats["guard"]["prompts"] == 12 and heal_stats["guard"]["weight"] == 2.0

@@ -77,6 +77,7 @@ def _strategies() -> str:
 @field_option("--lm-distill-steps", source=LM, type=int)
 @field_option("--kd-weight", source=LM, type=float)
 @field_option("--heal-kd-weight", source=LM, path="heal.kd_weight", type=float)
+@field_option("--heal-guard-weight", source=LM, path="heal.guard_weight", type=float)
 @field_option("--kd-top-k", source=LM, path="heal.kd_top_k", type=int)
 @field_option("--max-eval-tokens", source=RUN, type=int)
 @click.option("--zero-shot", "zero_shot", multiple=True,

@@ -156,6 +156,9 @@ class Task:
             raise BadInputError(f"The 'guard' parameter guards zero-shot accuracy, which task(s) {guarding} score; "
                                 f"expected no guard for task {self.name!r}. Got {cfg.guard!r}.")
 
+    def check_finish(self, step: StepConfig, finish: FinishConfig) -> None:
+        """Refuse finish options that the step's options make meaningless, before any work."""
+
     # ------------------------------------------------------------------ data and models
     def load_data(self, spec: str, text_column: str = "text", label_column: str = "label"):
         raise NotImplementedError

@@ -31,6 +31,27 @@ ZERO_SHOT_SAMPLES = 200
 GUARD_MAX_LENGTH = 128
 
 
+def guard_prompts(tok, guard: str, split: str, samples: int, seed: int, batch_size: int, device=None
+                  ) -> dict[str, tuple[list[dict], list[int]]]:
+    """``{dataset: (batches, verbaliser ids)}`` of :func:`fusion_prune.lm.zero_shot_batches` for each
+    of the comma-separated ``guard`` datasets: a seeded sample of ``samples`` examples of ``split``,
+    with the dataset's own prompt and verbalisers, at most :data:`GUARD_MAX_LENGTH` tokens."""
+    from fusion_prune.data import load_dataset, subsample
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.lm import parse_verbalisers, zero_shot_batches, zero_shot_defaults
+
+    out = {}
+    for name in (n.strip() for n in guard.split(",") if n.strip()):
+        ds = load_dataset(name)
+        prompt, words = zero_shot_defaults(name)
+        try:
+            out[name] = zero_shot_batches(tok, subsample(getattr(ds, split), samples, seed), ds.labels, prompt,
+                                          parse_verbalisers(words, ds.labels), GUARD_MAX_LENGTH, batch_size, device)
+        except BadInputError as e:
+            raise BadInputError(f"The 'guard' dataset {name!r}: {e}") from None
+    return out
+
+
 @dataclass
 class CausalLMFinish(FinishConfig):
     """How ``compress`` ends for a causal LM: healing, then optional distillation, zero-shot checks."""
@@ -46,8 +67,9 @@ class CausalLMFinish(FinishConfig):
                                    "the teacher's stream from there; 'layer' puts one trained layer back in place "
                                    "of each run (LLM-Streamline: one more layer per run); 'none' leaves the gap.")
     replace_samples: int = opt(16, help="Causal LM: training windows the --replace map or layer is fitted on.")
-    heal_mix: str | None = opt(help="Causal LM: a general-text corpus mixed into the healing windows (the zero-shot "
-                                    "guard: a narrow corpus alone costs general ability); any corpus spec.")
+    heal_mix: str | None = opt(help="Causal LM: a general-text corpus mixed into the healing windows and those the "
+                                    "--replace fit sees (a narrow corpus alone costs general ability); any corpus "
+                                    "spec.")
     heal_mix_share: float = opt(0.25, help="Causal LM: share of the healing windows that come from --heal-mix.")
     heal_teacher: bool = opt(False, help="Causal LM: also heal a copy of the teacher with the same method, steps and "
                                          "data, and report the student against it (the control that separates "
@@ -83,7 +105,7 @@ class CausalLMFinish(FinishConfig):
     flat: ClassVar[dict[str, str]] = {
         "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_seconds": "heal.max_seconds",
         "heal_lr": "heal.lr", "lora_r": "heal.lora_r", "lora_alpha": "heal.lora_alpha", "lora_targets": "heal.target_modules", "kd_top_k": "heal.kd_top_k",
-        "heal_kd_weight": "heal.kd_weight",
+        "heal_kd_weight": "heal.kd_weight", "heal_guard_weight": "heal.guard_weight",
         "temperature": "heal.temperature", "heal_layers": "heal.top_layers",
     }
     # The run's batch size reaches healing; its learning rate does not (healing has its own, --heal-lr).
@@ -193,29 +215,27 @@ class CausalLMTask(Task):
                 "train_windows": int(len(self.windows(tok, "train", step))),
                 **self._prepare_guard(model, tok, step)}
 
+    def check_finish(self, step, finish) -> None:
+        if finish.heal.guard_weight and not step.guard:
+            from fusion_prune.errors import BadInputError
+
+            raise BadInputError(f"The 'heal_guard_weight' parameter keeps the teacher's answers on --guard datasets' "
+                                f"prompts; expected --guard DATASETS with it. Got --heal-guard-weight "
+                                f"{finish.heal.guard_weight:g} and no --guard.")
+
     def _prepare_guard(self, model, tok, step) -> dict:
         """Build the --guard batches (validation examples of each labelled dataset) and score the
         teacher on them; {} without a guard."""
-        from fusion_prune.data import load_dataset, subsample
         from fusion_prune.dropone import kept_scores
-        from fusion_prune.errors import BadInputError
-        from fusion_prune.lm import parse_verbalisers, zero_shot_batches, zero_shot_defaults, zero_shot_scorer
+        from fusion_prune.lm import zero_shot_scorer
         from fusion_prune.surgery import layer_list
 
         self._guards, self._guard_weight = [], step.guard_weight
         if not step.guard:
             return {}
-        device = next(model.parameters()).device
         teacher = {}
-        for name in (n.strip() for n in step.guard.split(",") if n.strip()):
-            ds = load_dataset(name)
-            prompt, words = zero_shot_defaults(name)
-            try:
-                batches, ids = zero_shot_batches(tok, subsample(ds.validation, step.guard_samples, step.seed),
-                                                 ds.labels, prompt, parse_verbalisers(words, ds.labels),
-                                                 GUARD_MAX_LENGTH, step.batch_size * 4, device)
-            except BadInputError as e:
-                raise BadInputError(f"The 'guard' dataset {name!r}: {e}") from None
+        for name, (batches, ids) in guard_prompts(tok, step.guard, "validation", step.guard_samples, step.seed,
+                                                  step.batch_size * 4, next(model.parameters()).device).items():
             scorer = zero_shot_scorer(ids)
             self._guards.append((name, batches, scorer))
             correct, loss, count = kept_scores(model, batches, scorer, range(len(layer_list(model))))
@@ -303,6 +323,9 @@ class CausalLMTask(Task):
         log.info("test perplexity: teacher %.2f, pruned %.2f; %s", teacher_ppl["perplexity"],
                  pruned_ppl["perplexity"], healing)
         train_w = self.windows(tok, "train", step)
+        if finish.heal_mix:  # the replacement's fit and the healing alike (a map fitted on the corpus alone
+            # cost more unseen-text perplexity: journal, "Linear replacement and general ability")
+            train_w = self._mixed(tok, train_w, step, finish)
         replace_stats, replaced_ppl = None, None
         if finish.replace != "none":
             from fusion_prune.replace import replace_layers
@@ -316,11 +339,17 @@ class CausalLMTask(Task):
             log.info("%s replacement: test perplexity %.2f (pruned %.2f)%s", finish.replace, replaced_ppl,
                      pruned_ppl["perplexity"], f"; {replace_stats['added_layers']} layer(s) added"
                      if replace_stats.get("added_layers") else "")
-        if finish.heal_mix:
-            train_w = self._mixed(tok, train_w, step, finish)
+        guard = ()
+        if finish.heal.guard_weight:
+            from fusion_prune.heal import HEAL_GUARD_BATCH, guard_targets
+
+            # the guard datasets' *train* prompts (the choice's guard scored validation ones) and the
+            # teacher's answers on them
+            guard = guard_targets(teacher, guard_prompts(tok, step.guard, "train", step.guard_samples, step.seed,
+                                                         HEAL_GUARD_BATCH, next(student.parameters()).device).values())
         with self.phase("healing"):
             student, heal_stats = heal(student, train_w, replace(finish.heal, seed=step.seed, progress=step.progress),
-                                       teacher=teacher if finish.heal.kd_weight else None)
+                                       teacher=teacher if finish.heal.kd_weight else None, guard=guard)
         with self.phase("evaluation"):
             healed_ppl = self._ppl(student, tok, "test", step)
         distill_stats, student_ppl = None, healed_ppl
