@@ -238,7 +238,11 @@ def test_heal_guard_weight_through_compress(llama_dir, corpus_txt, word_labels_d
     assert res.exit_code != 0 and "--heal-guard-weight 2 and no --guard" in res.output
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, [*base, "-o", str(out), "--guard", str(word_labels_dir), "--guard-samples", "12"])
+    # every healing in the run takes it alike or leaves it out: the recovery between removals (off),
+    # the distillation after healing and the healed-teacher control (on)
+    res = CliRunner().invoke(main, [*base, "-o", str(out), "--guard", str(word_labels_dir), "--guard-samples", "12",
+                                    "--finetune-steps", "1", "--lm-distill-steps", "1", "--heal-teacher"])
     assert res.exit_code == 0, res.output
-    heal_stats = json.loads((out / "report.json").read_text())["heal"]
-    assert heal_stats["guard"]["prompts"] == 12 and heal_stats["guard"]["weight"] == 2.0
+    r = json.loads((out / "report.json").read_text())
+    assert r["heal"]["guard"]["prompts"] == 12 and r["heal"]["guard"]["weight"] == 2.0
+    assert r["distill"]["guard"]["prompts"] == 12 and r["healed_teacher"]["heal"]["guard"]["prompts"] == 12

@@ -300,7 +300,8 @@ class CausalLMTask(Task):
         # Recovery is a short full fine-tune with the healing's own settings (learning rate, batch).
         base = finish.heal if finish is not None else HealConfig()
         heal(model, self.windows(tok, "train", step), replace(base, method="full", steps=steps, max_seconds=0.0,
-                                                              seed=seed, kd_weight=0.0, progress=False))
+                                                              seed=seed, kd_weight=0.0, guard_weight=0.0,
+                                                              progress=False))
 
     def step_metric(self, model, tok, step):
         return self._ppl(model, tok, "validation", step, step.step_eval_samples)["perplexity"]
@@ -358,7 +359,7 @@ class CausalLMTask(Task):
             with self.phase("distillation"):
                 student, distill_stats = heal(student, train_w, replace(
                     finish.heal, steps=finish.lm_distill_steps, max_seconds=0.0, kd_weight=finish.kd_weight,
-                    seed=step.seed + 1, progress=step.progress), teacher=teacher)
+                    seed=step.seed + 1, progress=step.progress), teacher=teacher, guard=guard)
             with self.phase("evaluation"):
                 student_ppl = self._ppl(student, tok, "test", step)
         with self.phase("evaluation"):
@@ -374,7 +375,8 @@ class CausalLMTask(Task):
             with self.phase("healing"):
                 teacher, control_stats = heal(teacher, train_w, replace(finish.heal, method=method, steps=steps,
                                                                         max_seconds=0.0, kd_weight=0.0,
-                                                                        seed=step.seed, progress=step.progress))
+                                                                        seed=step.seed, progress=step.progress),
+                                               guard=guard)  # alike: the guard too (toward its own answers)
             with self.phase("evaluation"):
                 control_ppl = self._ppl(teacher, tok, "test", step)
                 for name in finish.zero_shot:
