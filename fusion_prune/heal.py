@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
-
 from typing import Sequence
 
 import numpy as np
