@@ -199,11 +199,9 @@ def run_arm(args) -> dict:
         kd = "kd" in spec["mods"]
         guard = ()
         if "guard" in spec["mods"]:  # the teacher's answers on the guard datasets' train prompts
-            from fusion_prune.heal import HEAL_GUARD_BATCH, guard_targets
-            from fusion_prune.tasks.causal_lm import guard_prompts
+            from fusion_prune.tasks.causal_lm import heal_guard
 
-            guard = guard_targets(teacher, guard_prompts(tok, args.guard, "train", args.guard_samples, args.seed,
-                                                         HEAL_GUARD_BATCH).values())
+            guard = heal_guard(teacher, tok, args.guard, args.guard_samples, args.seed)
             row.update(guard=args.guard, guard_prompts=args.guard_samples)
         if not kd and not control:
             del teacher  # not needed again: free it before training

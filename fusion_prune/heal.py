@@ -173,16 +173,20 @@ def guard_targets(teacher, guards: Sequence[tuple[Sequence[dict], Sequence[int]]
     """The teacher's verbaliser logits on each guard dataset's batches (``guards``: its
     :func:`fusion_prune.lm.zero_shot_batches` batches and verbaliser ids): the healing guard's
     targets, computed once before the steps."""
-    from fusion_prune.lm import verbaliser_logits
-
     was_training = teacher.training
     teacher.eval()
     try:
-        return [(b, verb, verbaliser_logits(teacher, {k: b[k] for k in ("input_ids", "attention_mask")},
-                                            b["labels"][:, 1], verb))
-                for batches, verb in guards for b in batches]
+        return [(b, verb, _guard_logits(teacher, b, verb)) for batches, verb in guards for b in batches]
     finally:
         teacher.train(was_training)
+
+
+def _guard_logits(model, batch: dict, verbaliser_ids: Sequence[int]) -> torch.Tensor:
+    """``model``'s verbaliser logits (B, classes) on a guard batch, at each prompt's last token."""
+    from fusion_prune.lm import verbaliser_logits
+
+    return verbaliser_logits(model, {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"][:, 1],
+                             verbaliser_ids)
 
 
 def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
@@ -207,7 +211,6 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
     """
     from distill.losses import next_token_kl, soft_kl, topk_next_token_kl
     from distill.trainer import teacher_topk_logits
-    from fusion_prune.lm import verbaliser_logits
     from fusion_prune.training import loss_summary, make_accelerator, run_steps
     from fusion_prune.utils import set_seed
     from fusion_prune.logits import causal_lm_of, next_token_loss
@@ -299,8 +302,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
         loss = window_loss(m, batch)
         if guard_order is not None:
             g, verb, target = guard[next(guard_order)]
-            kl = soft_kl(verbaliser_logits(m, {k: g[k] for k in ("input_ids", "attention_mask")}, g["labels"][:, 1],
-                                           verb), target, temperature=1.0)
+            kl = soft_kl(_guard_logits(m, g, verb), target, temperature=1.0)
             guard_kl.append(float(kl.detach()))
             loss = loss + cfg.guard_weight * kl
         return loss

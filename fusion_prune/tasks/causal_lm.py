@@ -52,6 +52,16 @@ def guard_prompts(tok, guard: str, split: str, samples: int, seed: int, batch_si
     return out
 
 
+def heal_guard(teacher, tok, guard: str, samples: int, seed: int) -> list:
+    """The healing guard (:func:`fusion_prune.heal.guard_targets`): the teacher's answers on
+    ``samples`` *train* prompts of each ``guard`` dataset (the choice's guard scores validation
+    prompts), in batches of :data:`fusion_prune.heal.HEAL_GUARD_BATCH` on the teacher's device."""
+    from fusion_prune.heal import HEAL_GUARD_BATCH, guard_targets
+
+    return guard_targets(teacher, guard_prompts(tok, guard, "train", samples, seed, HEAL_GUARD_BATCH,
+                                                next(teacher.parameters()).device).values())
+
+
 @dataclass
 class CausalLMFinish(FinishConfig):
     """How ``compress`` ends for a causal LM: healing, then optional distillation, zero-shot checks."""
@@ -325,7 +335,7 @@ class CausalLMTask(Task):
                  pruned_ppl["perplexity"], healing)
         train_w = self.windows(tok, "train", step)
         if finish.heal_mix:  # the replacement's fit and the healing alike (a map fitted on the corpus alone
-            # cost more unseen-text perplexity: journal, "Linear replacement and general ability")
+            # cost more unseen-text perplexity: benchmarks/journal.md, "Linear replacement and general ability")
             train_w = self._mixed(tok, train_w, step, finish)
         replace_stats, replaced_ppl = None, None
         if finish.replace != "none":
@@ -340,14 +350,7 @@ class CausalLMTask(Task):
             log.info("%s replacement: test perplexity %.2f (pruned %.2f)%s", finish.replace, replaced_ppl,
                      pruned_ppl["perplexity"], f"; {replace_stats['added_layers']} layer(s) added"
                      if replace_stats.get("added_layers") else "")
-        guard = ()
-        if finish.heal.guard_weight:
-            from fusion_prune.heal import HEAL_GUARD_BATCH, guard_targets
-
-            # the guard datasets' *train* prompts (the choice's guard scored validation ones) and the
-            # teacher's answers on them
-            guard = guard_targets(teacher, guard_prompts(tok, step.guard, "train", step.guard_samples, step.seed,
-                                                         HEAL_GUARD_BATCH, next(student.parameters()).device).values())
+        guard = heal_guard(teacher, tok, step.guard, step.guard_samples, step.seed) if finish.heal.guard_weight else ()
         with self.phase("healing"):
             student, heal_stats = heal(student, train_w, replace(finish.heal, seed=step.seed, progress=step.progress),
                                        teacher=teacher if finish.heal.kd_weight else None, guard=guard)
@@ -404,7 +407,7 @@ class CausalLMTask(Task):
         mixed = mix_windows(train_w, token_windows(tok, general.train, step.max_length, None,
                                                    what=f"train split of --heal-mix {finish.heal_mix!r}"),
                             finish.heal_mix_share, seed=step.seed)
-        log.info("healing on %d windows: %d of them general text (%s)", len(mixed), len(mixed) - len(train_w),
+        log.info("training on %d windows: %d of them general text (%s)", len(mixed), len(mixed) - len(train_w),
                  finish.heal_mix)
         return mixed
 
