@@ -76,8 +76,19 @@ class StepConfig:
                                  "times their mean), so the measuring strategies (fusion-verify, oracle, sleb, "
                                  "evo-search) keep the layers those tasks need: the zero-shot guard of the choice.")
     guard_weight: float = opt(1.0, help="Causal LM: weight of the --guard loss beside the next-token NLL.")
-    guard_samples: int = opt(128, help="Causal LM: examples of each --guard dataset: validation ones for the "
-                                       "choice, train ones for --heal-guard-weight.")
+    guard_samples: int = opt(128, help="Causal LM: validation examples of each --guard dataset that every "
+                                       "candidate is scored on (time grows with them).")
+    # 12: in the guarded oracle runs of the record (11 steps, smollm2-135m) the chosen layer was at
+    # most the 9th lowest NLL; the guard's prompts are most of a guarded step's time, and 12 of 30
+    # candidates (the low-NLL ones sit mid-depth, where a removal's suffix is long) cost about half
+    guard_shortlist: int = opt(12, help="Causal LM: the --guard scores only the K measured candidates of lowest "
+                                       "next-token NLL, which the rest is unlikely to beat (0: every candidate).")
+    # teacher: with two tasks guarded by the gold labels, a gain on bbc-news topics paid for a loss
+    # on sentiment (journal, "A guarded choice within the budget")
+    guard_target: str = opt("teacher", help="Causal LM: what the --guard loss measures: teacher (KL from the "
+                                            "teacher's answers over the verbalisers: any departure costs) or labels "
+                                            "(cross-entropy of the gold class: a gain on one guarded task can pay "
+                                            "for a loss on another).")
     progress: bool = True
 
     def step(self) -> StepConfig:

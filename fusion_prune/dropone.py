@@ -74,6 +74,15 @@ def _score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, float]:
         logits.float(), labels, reduction="sum"))
 
 
+#: a batch's entries that are targets of a scorer, not inputs of the model
+TARGET_KEYS = ("labels", "teacher_logp")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The entries of ``batch`` the model takes (all but :data:`TARGET_KEYS`)."""
+    return {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+
+
 #: ``score(model, inputs, batch) -> (correct, loss sum, count)``: run ``model`` on one batch's
 #: ``inputs`` and score it; the count is examples for a classifier and predicted tokens for a
 #: causal LM. The scorer runs the forward so that a task can avoid materialising what it does not need.
@@ -124,8 +133,7 @@ def drop_one_scores(model, batches: list[dict], score: Scorer, progress: bool = 
         after[sorted(set(range(n)) - wanted)] = np.nan
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress, dynamic_ncols=True):
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            inputs = inputs | kw
+            inputs = model_inputs(batch) | kw
             with record_layer_io(model) as seen:
                 before += score(model, inputs, batch)
             for l, h_in, out in seen:
@@ -152,7 +160,7 @@ def kept_scores(model, batches: list[dict], score: Scorer, keep: Sequence[int]) 
     try:
         with temporary_layers(model, [layers[i] for i in keep], keep):
             for batch in batches:
-                total += score(model, {k: v for k, v in batch.items() if k != "labels"} | kw, batch)
+                total += score(model, model_inputs(batch) | kw, batch)
     finally:
         model.train(was_training)
     return total
@@ -197,7 +205,7 @@ def drop_one_naive(model, batches: list[dict], score: Scorer) -> DropOne:
 
     def run(m) -> np.ndarray:
         m.eval()
-        return sum((np.asarray(score(m, {k: v for k, v in b.items() if k != "labels"} | kw, b))
+        return sum((np.asarray(score(m, model_inputs(b) | kw, b))
                     for b in batches), np.zeros(3))
 
     n = len(layer_list(model))

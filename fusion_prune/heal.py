@@ -55,6 +55,9 @@ class HealConfig:
     guard_weight: float = opt(0.0, help="Causal LM: weight of the KL to the teacher's answers on --guard datasets' "
                                         "train prompts (distribution over their verbalisers), added to the "
                                         "healing loss; needs --guard (0: none).")
+    # 512: the healing table's count (the choice's guard costs time per prompt and candidate, this
+    # one only the teacher's answers once, before the steps)
+    guard_samples: int = opt(512, help="Causal LM: train prompts of each --guard dataset for --heal-guard-weight.")
     temperature: float = opt(2.0, help="Softmax temperature of the distillation.")
     # 0: the teacher runs beside each step (full-vocabulary KL); k > 0: the KL is over its top-k logits
     # per position (distill.teacher_topk_logits), cached once before training, or per batch under a

@@ -159,9 +159,11 @@ def zero_shot(model, tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt:
 
 def zero_shot_batches(tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt: str,
                       verbalisers: Sequence[str] | None, max_length: int = 256, batch_size: int = 8,
-                      device=None) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+                      device=None, by_length: bool = False) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
     """Prompts of a labelled frame as batches for :func:`zero_shot_scorer`, and each class's
-    verbaliser token (its first, when it has several).
+    verbaliser token (its first, when it has several). ``by_length``: batch prompts of similar
+    length together (in the frame's order otherwise): a scorer's sums do not depend on the order,
+    and the padding does (rotten-tomatoes reviews: 40% fewer tokens).
 
     Each batch: ``input_ids`` and ``attention_mask`` (B, T), right-padded, and ``labels`` (B, 2):
     the gold class and the position of the prompt's last token (where the verbaliser is predicted).
@@ -177,6 +179,9 @@ def zero_shot_batches(tokenizer, df: pd.DataFrame, labels: Sequence[str], prompt
     prompts = [tokenizer(prompt.format(text=t), add_special_tokens=False)["input_ids"][-(max_length - 1):]
                for t in df["text"]]
     gold = df["label"].to_numpy()
+    if by_length:
+        order = np.argsort([len(p) for p in prompts], kind="stable")
+        prompts, gold = [prompts[i] for i in order], gold[order]
     batches = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -207,5 +212,36 @@ def zero_shot_scorer(verbaliser_ids: Sequence[int]):
         rows = torch.arange(len(gold), device=gold.device)
         logp = verbaliser_logits(model, inputs, last, verbaliser_ids).log_softmax(-1)
         return (float((logp.argmax(-1) == gold).sum()), float(-logp[rows, gold].sum()), len(gold))
+
+    return score
+
+
+def teacher_answers(model, batches: Sequence[dict], verbaliser_ids: Sequence[int]) -> list[dict]:
+    """``batches`` (of :func:`zero_shot_batches`) with ``teacher_logp`` (B, classes): ``model``'s
+    log-probabilities over the verbalisers at each prompt's last token, the targets of
+    :func:`teacher_kl_scorer`."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [b | {"teacher_logp": verbaliser_logits(model, {k: b[k] for k in ("input_ids", "attention_mask")},
+                                                           b["labels"][:, 1], verbaliser_ids).log_softmax(-1)}
+                    for b in batches]
+    finally:
+        model.train(was_training)
+
+
+def teacher_kl_scorer(verbaliser_ids: Sequence[int]):
+    """A drop-one scorer of :func:`teacher_answers` batches: correct answers (against the gold
+    labels, as :func:`zero_shot_scorer`), summed KL from the teacher's distribution over the
+    verbalisers to the model's, and examples. Unlike the gold labels' cross-entropy, a change
+    for the better on one guarded task cannot pay for a loss on another: any departure from the
+    teacher's answers costs."""
+
+    def score(model, inputs: dict, batch: dict) -> tuple[float, float, int]:
+        gold, last = batch["labels"].unbind(-1)
+        logp = verbaliser_logits(model, inputs, last, verbaliser_ids).log_softmax(-1)
+        t = batch["teacher_logp"]
+        return (float((logp.argmax(-1) == gold).sum()), float((t.exp() * (t - logp)).sum()), len(gold))
 
     return score

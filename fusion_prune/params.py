@@ -93,7 +93,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "finetune_steps": _count(0, none_ok=True), "recovery_steps": _count(0), "lm_distill_steps": _count(0),
     "heal_steps": _count(0), "steps": _count(0), "top_layers": _count(), "replace_samples": _count(), "lora_r": _count(), "lora_alpha": _count(),
     "patience": _count(0), "teacher_patience": _count(0), "eval_every": _count(0), "min_steps": _count(0),
-    "early_stopping_samples": _count(), "verify_k": _count(), "guard_samples": _count(),
+    "early_stopping_samples": _count(), "verify_k": _count(), "guard_samples": _count(), "heal_guard_samples": _count(), "guard_shortlist": _count(0),
     # rates and weights
     "epochs": _POSITIVE, "teacher_epochs": _POSITIVE, "distill_epochs": _POSITIVE,
     "lr": _POSITIVE, "teacher_lr": _POSITIVE, "heal_lr": _POSITIVE, "temperature": _POSITIVE,
@@ -108,7 +108,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     # enumerations
     "mixed_precision": Options(("auto", "no", "bf16", "fp16")),
     "cache_teacher_logits": Options(("auto", "yes", "no")),
-    "distill_data": Options(("all", "unseen")),
+    "distill_data": Options(("all", "unseen")), "guard_target": Options(("labels", "teacher")),
 }
 
 

@@ -233,7 +233,9 @@ def _sleb(s: StrategyState) -> list[int]:
     table = s.task.score_batches(s.model, s.batches).table.sort_values("layer")
     loss = table["loss_after_drop"].to_numpy(dtype=np.float64)
     s.note("calibration loss after drop", loss)
-    return _argmax(np.where(_allowed(s, 1, 1), -loss, -np.inf))
+    measured = np.isfinite(loss)  # a --guard-shortlist leaves the rest unmeasured (NaN)
+    allowed = _allowed(s, 1, 1) & measured
+    return _argmax(np.where(allowed if allowed.any() else measured, -loss, -np.inf))
 
 
 @register_strategy("taylor", needs_signals=True)

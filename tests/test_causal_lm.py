@@ -6,6 +6,7 @@ import json
 import math
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -543,6 +544,13 @@ def test_guard_scorer_is_zero_shot_accuracy_and_its_cross_entropy(llama_dir):
             logits = model(input_ids=ids_).logits[0, -1, ids]
         by_hand -= float(logits.log_softmax(-1)[gold])
     assert loss == pytest.approx(by_hand, rel=1e-4)
+    # batched by length: the same sums on fewer padded tokens (reviews of 1-4 times their length)
+    varied = df.assign(text=[" ".join([t] * (1 + i % 4)) for i, t in enumerate(df["text"])])
+    plain, grouped = (zero_shot_batches(tok, varied, ["pos", "neg"], "{text} is", words, max_length=32,
+                                        batch_size=5, by_length=g)[0] for g in (False, True))
+    assert kept_scores(model, grouped, zero_shot_scorer(ids), range(4)) == pytest.approx(
+        kept_scores(model, plain, zero_shot_scorer(ids), range(4)), rel=1e-5)
+    assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in plain)
     with pytest.raises(BadInputError, match="distinct tokens"):
         zero_shot_batches(tok, df, ["pos", "neg"], "{text} is", [" good", " good"])
 
@@ -581,6 +589,64 @@ def test_guard_joins_the_measured_loss_of_every_measuring_path(llama_dir, corpus
     assert np.allclose(sleb["loss_after_drop"], sleb["nll_after_drop"] + 0.5 * sleb["guard_loss_after_drop"])
     _, loss, count = kept_scores(model, gb, scorer, [0, 3])
     assert task.kept_loss(model, batches, [0, 3]) == pytest.approx(kept_before + 0.5 * loss / count, rel=1e-6)
+
+
+def test_guard_target_teacher_is_the_kl_from_the_teachers_answers(llama_dir, corpus_txt, word_labels_dir):
+    from fusion_prune.dropone import kept_scores
+    from fusion_prune.lm import verbaliser_logits
+    from fusion_prune.loop import CompressConfig
+    from fusion_prune.surgery import drop_layers
+    from fusion_prune.tasks import get_task
+    from fusion_prune.tasks.causal_lm import guard_prompts
+
+    task = get_task("causal-lm")
+    task.load_data(str(corpus_txt))
+    model, tok, _ = task.load_model(str(llama_dir))
+    cfg = _lm_cfg(drop_one_samples=2, guard=str(word_labels_dir), guard_samples=10, guard_target="teacher")
+    task.prepare_teacher(model, tok, cfg, None, 0.0, True, str(llama_dir))
+    (_, gb, scorer), = task._guards
+    (_, ids), = guard_prompts(tok, str(word_labels_dir), "validation", 10, cfg.seed, 1).values()
+    assert kept_scores(model, gb, scorer, range(4))[1] == pytest.approx(0.0, abs=1e-5)  # the teacher against itself
+    table = task.drop_one(model, tok, cfg).table.set_index("layer")
+    for layer in (1, 2):  # by hand: KL(teacher || the model without the layer), a copy, per prompt
+        student, kl, count = drop_layers(model, [layer]).eval(), 0.0, 0
+        for b in gb:
+            inputs, last = {k: b[k] for k in ("input_ids", "attention_mask")}, b["labels"][:, 1]
+            with torch.no_grad():
+                t = verbaliser_logits(model, inputs, last, ids).log_softmax(-1)
+                s = verbaliser_logits(student, inputs, last, ids).log_softmax(-1)
+            kl, count = kl + float((t.exp() * (t - s)).sum()), count + len(t)
+        assert kl > 0 and table.loc[layer, "guard_loss_after_drop"] == pytest.approx(kl / count, rel=1e-4)
+    with pytest.raises(BadInputError, match="guard_target"):
+        CompressConfig.from_options(task="causal-lm", target_layers=2, guard="rotten-tomatoes", guard_target="gold")
+
+
+def test_guard_shortlist_scores_only_the_lowest_nll_candidates(llama_dir, corpus_txt, word_labels_dir):
+    from fusion_prune.strategies import STRATEGIES
+    from fusion_prune.tasks import get_task
+
+    task = get_task("causal-lm")
+    task.load_data(str(corpus_txt))
+    model, tok, _ = task.load_model(str(llama_dir))
+    tables = {}
+    for k in (0, 2):  # 0: every candidate
+        cfg = _lm_cfg(drop_one_samples=2, guard=str(word_labels_dir), guard_samples=10, guard_shortlist=k)
+        task.prepare_teacher(model, tok, cfg, None, 0.0, True, str(llama_dir))
+        tables[k] = task.drop_one(model, tok, cfg).table.set_index("layer")
+    full, short = tables[0], tables[2]
+    lowest = set(full["nll_after_drop"].nsmallest(2).index)
+    assert set(short["guard_loss_after_drop"].dropna().index) == lowest
+    assert short.loc[sorted(lowest), "loss_after_drop"].to_numpy() == pytest.approx(
+        full.loc[sorted(lowest), "loss_after_drop"].to_numpy(), rel=1e-6)
+    assert short.drop(index=sorted(lowest))["loss_after_drop"].isna().all()
+    assert short["nll_after_drop"].notna().all()
+    # the measuring strategies choose among the scored ones (SLEB's argmax would take a NaN)
+    assert task.best_candidate(short.reset_index()) in lowest
+    state = SimpleNamespace(task=task, model=model, batches=task.calibration_batches(model, tok, cfg, 0),
+                            n_layers=4, orig_layers=[0, 1, 2, 3], full_layers=4, note=lambda *a: None)
+    sleb = task.score_batches(model, state.batches).table.set_index("layer")
+    assert sleb["guard_loss_after_drop"].notna().sum() == 2
+    assert STRATEGIES["sleb"].fn(state)[0] in set(sleb["guard_loss_after_drop"].dropna().index)
 
 
 def test_lm_compress_with_a_guard_records_it(llama_dir, corpus_txt, word_labels_dir, tmp_path):

@@ -240,7 +240,8 @@ def test_heal_guard_weight_through_compress(llama_dir, corpus_txt, word_labels_d
     out = tmp_path / "out"
     # every healing in the run takes it alike or leaves it out: the recovery between removals (off),
     # the distillation after healing and the healed-teacher control (on)
-    res = CliRunner().invoke(main, [*base, "-o", str(out), "--guard", str(word_labels_dir), "--guard-samples", "12",
+    res = CliRunner().invoke(main, [*base, "-o", str(out), "--guard", str(word_labels_dir), "--guard-samples", "4",
+                                    "--heal-guard-samples", "12",
                                     "--finetune-steps", "1", "--lm-distill-steps", "1", "--heal-teacher"])
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())

@@ -40,6 +40,8 @@ def _strategies() -> str:
 @field_option("--guard", source=RUN, type=str, metavar="DATASETS")
 @field_option("--guard-weight", source=RUN, type=float)
 @field_option("--guard-samples", source=RUN, type=int)
+@field_option("--guard-shortlist", source=RUN, type=int)
+@field_option("--guard-target", source=RUN, type=ParamChoice("guard_target"))
 @field_option("--finetune-steps", source=RUN, type=int, help_extra=task_defaults("finetune_steps"))
 @field_option("--signal-samples", source=RUN, type=int, help_extra=task_defaults("signal_samples"))
 @field_option("--drop-one-samples", "--label-samples", "drop_one_samples", source=RUN, path="drop_one_samples",
@@ -78,6 +80,7 @@ def _strategies() -> str:
 @field_option("--kd-weight", source=LM, type=float)
 @field_option("--heal-kd-weight", source=LM, path="heal.kd_weight", type=float)
 @field_option("--heal-guard-weight", source=LM, path="heal.guard_weight", type=float)
+@field_option("--heal-guard-samples", source=LM, path="heal.guard_samples", type=int)
 @field_option("--kd-top-k", source=LM, path="heal.kd_top_k", type=int)
 @field_option("--max-eval-tokens", source=RUN, type=int)
 @click.option("--zero-shot", "zero_shot", multiple=True,

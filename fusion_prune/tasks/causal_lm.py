@@ -31,11 +31,12 @@ ZERO_SHOT_SAMPLES = 200
 GUARD_MAX_LENGTH = 128
 
 
-def guard_prompts(tok, guard: str, split: str, samples: int, seed: int, batch_size: int, device=None
-                  ) -> dict[str, tuple[list[dict], list[int]]]:
+def guard_prompts(tok, guard: str, split: str, samples: int, seed: int, batch_size: int, device=None,
+                  by_length: bool = False) -> dict[str, tuple[list[dict], list[int]]]:
     """``{dataset: (batches, verbaliser ids)}`` of :func:`fusion_prune.lm.zero_shot_batches` for each
     of the comma-separated ``guard`` datasets: a seeded sample of ``samples`` examples of ``split``,
-    with the dataset's own prompt and verbalisers, at most :data:`GUARD_MAX_LENGTH` tokens."""
+    with the dataset's own prompt and verbalisers, at most :data:`GUARD_MAX_LENGTH` tokens
+    (``by_length``: similar lengths batched together)."""
     from fusion_prune.data import load_dataset, subsample
     from fusion_prune.errors import BadInputError
     from fusion_prune.lm import parse_verbalisers, zero_shot_batches, zero_shot_defaults
@@ -46,7 +47,8 @@ def guard_prompts(tok, guard: str, split: str, samples: int, seed: int, batch_si
         prompt, words = zero_shot_defaults(name)
         try:
             out[name] = zero_shot_batches(tok, subsample(getattr(ds, split), samples, seed), ds.labels, prompt,
-                                          parse_verbalisers(words, ds.labels), GUARD_MAX_LENGTH, batch_size, device)
+                                          parse_verbalisers(words, ds.labels), GUARD_MAX_LENGTH, batch_size, device,
+                                          by_length)
         except BadInputError as e:
             raise BadInputError(f"The 'guard' dataset {name!r}: {e}") from None
     return out
@@ -116,6 +118,7 @@ class CausalLMFinish(FinishConfig):
         "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_seconds": "heal.max_seconds",
         "heal_lr": "heal.lr", "lora_r": "heal.lora_r", "lora_alpha": "heal.lora_alpha", "lora_targets": "heal.target_modules", "kd_top_k": "heal.kd_top_k",
         "heal_kd_weight": "heal.kd_weight", "heal_guard_weight": "heal.guard_weight",
+        "heal_guard_samples": "heal.guard_samples",
         "temperature": "heal.temperature", "heal_layers": "heal.top_layers",
     }
     # The run's batch size reaches healing; its learning rate does not (healing has its own, --heal-lr).
@@ -173,7 +176,7 @@ class CausalLMTask(Task):
         self._zero_shot_sets: dict[str, tuple] = {}
         #: the zero-shot guard of the choice: (dataset, batches, scorer) per --guard set, and its weight
         self._guards: list[tuple[str, list[dict], Any]] = []
-        self._guard_weight = 1.0
+        self._guard_weight, self._guard_shortlist = 1.0, 0
 
     def budget_limit(self, info, budget):
         # Relative: 0.5 allows 1.5x the teacher's validation perplexity (same windows), before healing.
@@ -237,18 +240,21 @@ class CausalLMTask(Task):
         """Build the --guard batches (validation examples of each labelled dataset) and score the
         teacher on them; {} without a guard."""
         from fusion_prune.dropone import kept_scores
-        from fusion_prune.lm import zero_shot_scorer
+        from fusion_prune.lm import teacher_answers, teacher_kl_scorer, zero_shot_scorer
         from fusion_prune.surgery import layer_list
 
-        self._guards, self._guard_weight = [], step.guard_weight
+        self._guards, self._guard_weight, self._guard_shortlist = [], step.guard_weight, step.guard_shortlist
         if not step.guard:
             return {}
         teacher = {}
         for name, (batches, ids) in guard_prompts(tok, step.guard, "validation", step.guard_samples, step.seed,
-                                                  step.batch_size * 4, next(model.parameters()).device).items():
+                                                  step.batch_size * 4, next(model.parameters()).device,
+                                                  by_length=True).items():
             scorer = zero_shot_scorer(ids)
-            self._guards.append((name, batches, scorer))
             correct, loss, count = kept_scores(model, batches, scorer, range(len(layer_list(model))))
+            if step.guard_target == "teacher":
+                batches, scorer = teacher_answers(model, batches, ids), teacher_kl_scorer(ids)
+            self._guards.append((name, batches, scorer))
             teacher[name] = {"accuracy": correct / count, "loss": loss / count, "examples": int(count)}
             log.info("guard %s: %d validation examples; teacher zero-shot accuracy %.3f, loss %.4f", name, count,
                      correct / count, loss / count)
@@ -284,12 +290,19 @@ class CausalLMTask(Task):
     def _with_guard(self, model, dropone, only=None):
         """``dropone`` with the guard folded in: ``loss_after_drop`` becomes the next-token NLL
         (kept as ``nll_after_drop``) plus the weight times the guard sets' mean zero-shot loss
-        (``guard_loss_after_drop``; their mean accuracy ``guard_acc_after_drop``)."""
+        (``guard_loss_after_drop``; their mean accuracy ``guard_acc_after_drop``). With a shortlist
+        (--guard-shortlist K) only the K candidates of lowest NLL are scored; the others' guard
+        columns and sum are NaN (not measured), which the measuring strategies pass over: a time
+        saving that can change the choice where a candidate of higher NLL would win by its guard."""
         if not self._guards:
             return dropone
         from fusion_prune.dropone import drop_one_scores
 
         n = len(dropone.table)
+        nll = dropone.table["loss_after_drop"].to_numpy(dtype=np.float64)
+        measured = np.flatnonzero(np.isfinite(nll))
+        if self._guard_shortlist and len(measured) > self._guard_shortlist:
+            only = sorted(int(i) for i in measured[np.argsort(nll[measured], kind="stable")[: self._guard_shortlist]])
         loss, acc, before = np.zeros(n), np.zeros(n), 0.0
         for _, batches, scorer in self._guards:
             b, a = drop_one_scores(model, batches, scorer, only=only)
@@ -350,7 +363,7 @@ class CausalLMTask(Task):
             log.info("%s replacement: test perplexity %.2f (pruned %.2f)%s", finish.replace, replaced_ppl,
                      pruned_ppl["perplexity"], f"; {replace_stats['added_layers']} layer(s) added"
                      if replace_stats.get("added_layers") else "")
-        guard = heal_guard(teacher, tok, step.guard, step.guard_samples, step.seed) if finish.heal.guard_weight else ()
+        guard = heal_guard(teacher, tok, step.guard, finish.heal.guard_samples, step.seed) if finish.heal.guard_weight else ()
         with self.phase("healing"):
             student, heal_stats = heal(student, train_w, replace(finish.heal, seed=step.seed, progress=step.progress),
                                        teacher=teacher if finish.heal.kd_weight else None, guard=guard)
@@ -548,7 +561,9 @@ class CausalLMTask(Task):
         for name, g in (report.info.get("guard") or {}).items():
             lines += [f"Zero-shot guard of the choice: {name} ({g['examples']} validation examples; teacher accuracy "
                       f"{g['accuracy']:.3f}, loss {g['loss']:.4f}), weight {report.config.get('guard_weight')}: each "
-                      "candidate's measured loss is its next-token NLL plus the weight times the guard's loss.", ""]
+                      "candidate's measured loss is its next-token NLL plus the weight times the guard's loss ("
+                      + ("KL from the teacher's answers" if report.config.get("guard_target") == "teacher"
+                         else "cross-entropy of the gold class") + ").", ""]
         lines += [f"Wall time {report.wall_seconds:.0f} s; time spent choosing layers {report.selection_seconds:.1f} s.",
                   ""]
         return lines
