@@ -16,6 +16,7 @@ from torch import nn
 from fusion_prune.config import opt
 from fusion_prune.corpus import window_loader
 from fusion_prune.errors import BadInputError
+from fusion_prune.lm import batch_verbaliser_logits
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +180,9 @@ def guard_targets(teacher, guards: Sequence[tuple[Sequence[dict], Sequence[int]]
     was_training = teacher.training
     teacher.eval()
     try:
-        return [(b, verb, _guard_logits(teacher, b, verb)) for batches, verb in guards for b in batches]
+        return [(b, verb, batch_verbaliser_logits(teacher, b, verb)) for batches, verb in guards for b in batches]
     finally:
         teacher.train(was_training)
-
-
-def _guard_logits(model, batch: dict, verbaliser_ids: Sequence[int]) -> torch.Tensor:
-    """``model``'s verbaliser logits (B, classes) on a guard batch, at each prompt's last token."""
-    from fusion_prune.lm import verbaliser_logits
-
-    return verbaliser_logits(model, {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"][:, 1],
-                             verbaliser_ids)
 
 
 def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
@@ -305,7 +298,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
         loss = window_loss(m, batch)
         if guard_order is not None:
             g, verb, target = guard[next(guard_order)]
-            kl = soft_kl(_guard_logits(m, g, verb), target, temperature=1.0)
+            kl = soft_kl(batch_verbaliser_logits(m, g, verb), target, temperature=1.0)
             guard_kl.append(float(kl.detach()))
             loss = loss + cfg.guard_weight * kl
         return loss

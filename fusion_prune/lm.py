@@ -201,6 +201,12 @@ def verbaliser_logits(model, inputs: dict, last: torch.Tensor, verbaliser_ids: S
     return head(states[rows, last]).float()[:, torch.as_tensor(list(verbaliser_ids), device=states.device)]
 
 
+def batch_verbaliser_logits(model, batch: dict, verbaliser_ids: Sequence[int]) -> torch.Tensor:
+    """:func:`verbaliser_logits` (B, classes) of a :func:`zero_shot_batches` batch, at each prompt's last token."""
+    return verbaliser_logits(model, {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"][:, 1],
+                             verbaliser_ids)
+
+
 def zero_shot_scorer(verbaliser_ids: Sequence[int]):
     """A drop-one scorer (:data:`fusion_prune.dropone.Scorer`) of zero-shot batches: correct
     answers, summed cross-entropy of the gold class among the verbalisers (their log-probabilities
@@ -224,8 +230,7 @@ def teacher_answers(model, batches: Sequence[dict], verbaliser_ids: Sequence[int
     model.eval()
     try:
         with torch.no_grad():
-            return [b | {"teacher_logp": verbaliser_logits(model, {k: b[k] for k in ("input_ids", "attention_mask")},
-                                                           b["labels"][:, 1], verbaliser_ids).log_softmax(-1)}
+            return [b | {"teacher_logp": batch_verbaliser_logits(model, b, verbaliser_ids).log_softmax(-1)}
                     for b in batches]
     finally:
         model.train(was_training)
