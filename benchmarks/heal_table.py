@@ -271,6 +271,8 @@ def done(csv: Path) -> set[tuple]:
 
 
 def main() -> None:
+    from fusion_prune.heal import HealConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--corpora", default="grimm-tales")
@@ -286,7 +288,8 @@ def main() -> None:
     ap.add_argument("--mix-share", type=float, default=MIX_SHARE, help="share of the windows from --mix-corpus")
     ap.add_argument("--guard", default="rotten-tomatoes", help="a /guard arm's labelled datasets: the teacher's "
                     "answers on their train prompts join the healing loss (compress --heal-guard-weight)")
-    ap.add_argument("--guard-samples", type=int, default=512, help="train prompts of each --guard dataset")
+    ap.add_argument("--guard-samples", type=int, default=HealConfig.guard_samples,
+                    help="train prompts of each --guard dataset (compress's --heal-guard-samples)")
     ap.add_argument("--kd-top-k", type=int, default=64, help="a /kd arm's KL over the teacher's top-k logits per "
                     "token (and the mass outside them), taken beside each step; 0: the full vocabulary")
     ap.add_argument("--unseen", default="", help="comma-separated corpora no arm trains on: test perplexity on "

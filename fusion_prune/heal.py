@@ -16,7 +16,7 @@ from torch import nn
 from fusion_prune.config import opt
 from fusion_prune.corpus import window_loader
 from fusion_prune.errors import BadInputError
-from fusion_prune.lm import batch_verbaliser_logits
+from fusion_prune.lm import answers, batch_verbaliser_logits
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +172,11 @@ HEAL_GUARD_BATCH = 8
 GuardBatch = tuple[dict, Sequence[int], torch.Tensor]
 
 
-@torch.no_grad()
 def guard_targets(teacher, guards: Sequence[tuple[Sequence[dict], Sequence[int]]]) -> list[GuardBatch]:
-    """The teacher's verbaliser logits on each guard dataset's batches (``guards``: its
-    :func:`fusion_prune.lm.zero_shot_batches` batches and verbaliser ids): the healing guard's
-    targets, computed once before the steps."""
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        return [(b, verb, batch_verbaliser_logits(teacher, b, verb)) for batches, verb in guards for b in batches]
-    finally:
-        teacher.train(was_training)
+    """The teacher's verbaliser logits (:func:`fusion_prune.lm.answers`) on each guard dataset's
+    batches (``guards``: its :func:`fusion_prune.lm.zero_shot_batches` batches and verbaliser
+    ids): the healing guard's targets, computed once before the steps."""
+    return [(b, verb, t) for batches, verb in guards for b, t in zip(batches, answers(teacher, batches, verb))]
 
 
 def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,

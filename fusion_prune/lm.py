@@ -222,18 +222,23 @@ def zero_shot_scorer(verbaliser_ids: Sequence[int]):
     return score
 
 
-def teacher_answers(model, batches: Sequence[dict], verbaliser_ids: Sequence[int]) -> list[dict]:
-    """``batches`` (of :func:`zero_shot_batches`) with ``teacher_logp`` (B, classes): ``model``'s
-    log-probabilities over the verbalisers at each prompt's last token, the targets of
-    :func:`teacher_kl_scorer`."""
+@torch.no_grad()
+def answers(model, batches: Sequence[dict], verbaliser_ids: Sequence[int]) -> list[torch.Tensor]:
+    """``model``'s verbaliser logits (B, classes) on each :func:`zero_shot_batches` batch, in eval
+    mode (put back after): a teacher's answers, the targets of both zero-shot guards."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            return [b | {"teacher_logp": batch_verbaliser_logits(model, b, verbaliser_ids).log_softmax(-1)}
-                    for b in batches]
+        return [batch_verbaliser_logits(model, b, verbaliser_ids) for b in batches]
     finally:
         model.train(was_training)
+
+
+def teacher_answers(model, batches: Sequence[dict], verbaliser_ids: Sequence[int]) -> list[dict]:
+    """``batches`` (of :func:`zero_shot_batches`) with ``teacher_logp`` (B, classes): ``model``'s
+    log-probabilities over the verbalisers at each prompt's last token (:func:`answers`), the
+    targets of :func:`teacher_kl_scorer`."""
+    return [b | {"teacher_logp": t.log_softmax(-1)} for b, t in zip(batches, answers(model, batches, verbaliser_ids))]
 
 
 def teacher_kl_scorer(verbaliser_ids: Sequence[int]):
