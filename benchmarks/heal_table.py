@@ -23,13 +23,16 @@ teacher-cache, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
   W, 1 by default, times the KL from the teacher's to the student's answers on ``--guard-samples``
   train prompts of each ``--guard`` dataset joins the loss: compress's ``--heal-guard-weight``),
   ``lrX`` (learning rate X instead of compress's), ``control`` (the *teacher* is healed instead,
-  nothing removed: the healed-teacher control).
+  nothing removed: the healed-teacher control), ``stepsN`` (exactly N healing steps instead of the
+  wall budget: the table at a GPU's budget, where wall time is shared and says little).
 
 Equal wall time: an arm's healing gets the rest of its budget as ``--heal-seconds`` (the training
 loop re-plans its steps and learning-rate schedule at its measured pace and stops when the next
 step would not fit; rows before 2026-12-04 timed three steps at lr 0 first and fixed the count,
 ``probe_seconds_per_step``, which counted set-up as step time and used 398-672 of 600 s).
-Each arm runs in its own process, so its peak resident memory is its own.
+Each arm runs in its own process, so its peak resident memory is its own; ``--workers K`` runs K
+arms at a time (on a GPU, where a 135M model leaves the card mostly idle; on a CPU their times
+would be shared and the wall budget meaningless).
 
 One row per (corpus, depth, arm, seed) lands in ``results/lm-heal-table/results.csv`` (finished
 rows are skipped: a stopped run resumes) with the test perplexity on at most 8,192 tokens of the
@@ -75,23 +78,23 @@ def parse_arm(arm: str) -> dict:
     top = None
     if method.startswith("partial"):
         top, method = int(method[len("partial"):] or 4), "partial"
-    grammar = "[linear+|layer+]none|lora|full|partialK|qlora[/kd[W]][/mix[S]][/guard[W]][/lrX][/control]"
+    grammar = "[linear+|layer+]none|lora|full|partialK|qlora[/kd[W]][/mix[S]][/guard[W]][/lrX][/stepsN][/control]"
     if repl not in ("none", "linear", "linear-cosine", "layer") or method not in ("none", "lora", "qlora", "full", "partial"):
         raise SystemExit(f"--arms: cannot read {arm!r}; expected {grammar}")
     spec = {"replace": repl, "method": method, "top_layers": top, "mods": set(), "kd_weight": None,
-            "mix_share": None, "lr": None, "guard_weight": None}
+            "mix_share": None, "lr": None, "guard_weight": None, "steps": None}
     for mod in mods:
-        m = re.fullmatch(r"(kd|mix|lr|guard)([0-9.eE+-]*)|control", mod)
+        m = re.fullmatch(r"(kd|mix|lr|guard|steps)([0-9.eE+-]*)|control", mod)
         name, value = (m.group(1) or "control", m.group(2) or "") if m else (mod, "")
         try:
             number = float(value) if value else None
         except ValueError:
             m = None
-        if m is None or (name == "lr" and number is None):
+        if m is None or (name in ("lr", "steps") and not number) or (name == "steps" and number != int(number)):
             raise SystemExit(f"--arms: cannot read the modifier {mod!r} in {arm!r}; expected {grammar}")
         spec["mods"].add(name)
         if name != "control":
-            spec[{"kd": "kd_weight", "mix": "mix_share", "lr": "lr", "guard": "guard_weight"}[name]] = number
+            spec[{"kd": "kd_weight", "mix": "mix_share", "lr": "lr", "guard": "guard_weight", "steps": "steps"}[name]] = number
     return spec
 
 
@@ -124,11 +127,12 @@ def zero_shot_all(model, tok, samples: int, seed: int = 0) -> dict:
 
 
 def cached(path: Path, compute) -> dict:
-    """The JSON at ``path``, computed and written (atomically) when missing."""
+    """The JSON at ``path``, computed and written (atomically) when missing; concurrent workers may
+    each compute it, and each writes its own temporary file."""
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, indent=1))
     tmp.replace(path)
     return value
@@ -171,8 +175,10 @@ def run_arm(args) -> dict:
     if not control:
         cached(out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{tag}.json", lambda: {
             "perplexity": perplexity(student, test)["perplexity"], "zero_shot": zero_shot_all(student, tok, zs_n)})
+    from fusion_prune.utils import machine_description
+
     row = {"corpus": args.corpus, "depth": args.depth, "arm": args.arm, "seed": args.seed, "removed": " ".join(map(str, gone)),
-           "budget_seconds": args.budget}
+           "budget_seconds": args.budget, "machine": machine_description()}
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         windows = train  # what the arm learns from: the replacement's fit and the healing
@@ -211,7 +217,9 @@ def run_arm(args) -> dict:
             # learning-rate schedule) at its measured pace and stops when the next step would not fit
             left = max(args.budget - (time.perf_counter() - t0), 1.0)
             weight = (KD_WEIGHT if spec["kd_weight"] is None else spec["kd_weight"]) if kd else 0.0
-            cfg = HealConfig(method=spec["method"], steps=10_000, max_seconds=left, top_layers=spec["top_layers"] or 4,
+            fixed = int(spec["steps"]) if spec["steps"] else None
+            cfg = HealConfig(method=spec["method"], steps=fixed or 10_000, max_seconds=0.0 if fixed else left,
+                             top_layers=spec["top_layers"] or 4,
                              kd_weight=weight, kd_top_k=args.kd_top_k if kd else 0, seed=args.seed, progress=False,
                              guard_weight=(spec["guard_weight"] or GUARD_WEIGHT) if guard else 0.0,
                              **({"lr": spec["lr"]} if spec["lr"] else {}))
@@ -221,7 +229,8 @@ def run_arm(args) -> dict:
                 row.update(guard_weight=cfg.guard_weight, guard_kl_first=hstats["guard"]["kl_first"],
                            guard_kl_last=hstats["guard"]["kl_last"])
             steps = hstats["steps"]
-            row.update(timing="in-loop limit", final_train_loss=hstats.get("final_loss"))
+            row.update(timing="fixed steps" if fixed else "in-loop limit", final_train_loss=hstats.get("final_loss"),
+                       **({"gpu_peak_gib": round(hstats["gpu_peak_bytes"] / 2**30, 3)} if "gpu_peak_bytes" in hstats else {}))
         row["seconds"] = round(time.perf_counter() - t0, 1)
     row["steps"] = steps
     row["peak_rss_gib"] = round(rss.peak / 2**30, 3)
@@ -299,6 +308,8 @@ def main() -> None:
                     "same-depth control of a layer+ arm: SLEB's six but the row's put_back layers")
     ap.add_argument("--zero-shot-samples", type=int, default=200)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--workers", type=int, default=1, help="arms run at a time, each in its own process (a GPU's "
+                    "table; on a CPU keep 1, or the arms share the cores their wall budget is measured on)")
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, help=argparse.SUPPRESS)
@@ -312,36 +323,69 @@ def main() -> None:
         return
     for a in args.arms.split(","):
         parse_arm(a)  # refuse a bad arm before hours of work
-    # A stopped table stops its arm too: SIGTERM becomes SystemExit, and subprocess.run kills its
-    # child on any exception. Without it the worker ran on beside the next arms, taking half the
-    # CPU they are timed on.
+    # A stopped table stops its arms too: SIGTERM becomes SystemExit, and the finally below kills
+    # them. Without it a worker ran on beside the next arms, taking half the CPU they are timed on.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     finished = done(csv)
-    for corpus in args.corpora.split(","):
-        for depth in [int(d) for d in args.depths.split(",")]:
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                for arm in args.arms.split(","):
-                    if (corpus, str(depth), arm, str(seed)) in finished:
-                        continue
-                    cmd = [sys.executable, __file__, "--arm", arm, "--corpus", corpus, "--depth", str(depth),
-                           "--seed", str(seed), "--model", args.model, "--budget", str(args.budget),
-                           "--strategy", args.strategy, "--max-length", str(args.max_length),
-                           "--max-eval-tokens", str(args.max_eval_tokens), "--replace-samples", str(args.replace_samples),
-                           "--mix-corpus", args.mix_corpus, "--mix-share", str(args.mix_share),
-                           "--unseen", args.unseen, "--kd-top-k", str(args.kd_top_k), "--guard", args.guard,
-                           "--guard-samples", str(args.guard_samples),
-                           "--zero-shot-samples", str(args.zero_shot_samples),
-                           "--removed", args.removed,
-                           "--out", str(out)]
-                    print(f"[{time.strftime('%H:%M:%S')}] {corpus} {depth} {arm} seed {seed}", flush=True)
-                    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-                    if res.returncode:
-                        print(res.stderr[-3000:], flush=True)
-                        continue
-                    row = json.loads(res.stdout.strip().splitlines()[-1])
-                    upsert(row, csv)
-                    print(f"    ppl {row['perplexity']:.2f} ({row['over_teacher']:.2f}x), {row['steps']} steps, "
-                          f"{row['seconds']:.0f} s", flush=True)
+    cells = [(corpus, int(depth), arm, int(seed)) for corpus in args.corpora.split(",")
+             for depth in args.depths.split(",") for seed in args.seeds.split(",") for arm in args.arms.split(",")
+             if (corpus, depth, arm, seed) not in finished]
+    running: list[tuple[tuple, subprocess.Popen, tuple]] = []
+    try:
+        _work(cells, running, args, out, csv)
+    finally:  # a stopped table (SIGTERM, ^C) stops its arms: they would go on beside whatever runs next
+        for _, proc, _ in running:
+            proc.kill()
+
+
+def _work(cells: list, running: list, args, out: Path, csv: Path) -> None:
+    """Run ``cells`` (corpus, depth, arm, seed) at most ``args.workers`` at a time; each row into ``csv``."""
+    import tempfile
+
+    while cells or running:
+        while cells and len(running) < args.workers:
+            corpus, depth, arm, seed = cell = cells.pop(0)
+            cmd = [sys.executable, __file__, "--arm", arm, "--corpus", corpus, "--depth", str(depth),
+                   "--seed", str(seed), "--model", args.model, "--budget", str(args.budget),
+                   "--strategy", args.strategy, "--max-length", str(args.max_length),
+                   "--max-eval-tokens", str(args.max_eval_tokens), "--replace-samples", str(args.replace_samples),
+                   "--mix-corpus", args.mix_corpus, "--mix-share", str(args.mix_share),
+                   "--unseen", args.unseen, "--kd-top-k", str(args.kd_top_k), "--guard", args.guard,
+                   "--guard-samples", str(args.guard_samples),
+                   "--zero-shot-samples", str(args.zero_shot_samples),
+                   "--removed", args.removed,
+                   "--out", str(out)]
+            print(f"[{time.strftime('%H:%M:%S')}] {corpus} {depth} {arm} seed {seed}", flush=True)
+            # output to files, not pipes: a worker's warnings could fill a pipe nobody reads while it runs
+            logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            proc = subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1], text=True,
+                                    env={**os.environ, "TQDM_DISABLE": "1"})
+            running.append((cell, proc, logs))
+        cell, proc, logs = _first_done(running)
+        stdout, stderr = (_read(f) for f in logs)
+        if proc.returncode:
+            print(f"{' '.join(map(str, cell))} failed:\n{stderr[-3000:]}", flush=True)
+            continue
+        row = json.loads(stdout.strip().splitlines()[-1])
+        upsert(row, csv)  # one row at a time, in this process: a stopped table keeps every finished arm
+        print(f"    {' '.join(map(str, cell))}: ppl {row['perplexity']:.2f} ({row['over_teacher']:.2f}x), "
+              f"{row['steps']} steps, {row['seconds']:.0f} s", flush=True)
+
+
+def _first_done(running: list) -> tuple:
+    """Wait for one of ``running``'s processes to end; remove it from the list and return it."""
+    while True:
+        for i, (_, proc, _) in enumerate(running):
+            if proc.poll() is not None:
+                return running.pop(i)
+        time.sleep(0.5)
+
+
+def _read(f) -> str:
+    """The whole text of a temporary file written by a child process; the file is closed (deleted)."""
+    with f:
+        f.seek(0)
+        return f.read()
 
 
 if __name__ == "__main__":
