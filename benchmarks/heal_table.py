@@ -24,7 +24,10 @@ teacher-cache, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
   train prompts of each ``--guard`` dataset joins the loss: compress's ``--heal-guard-weight``),
   ``lrX`` (learning rate X instead of compress's), ``control`` (the *teacher* is healed instead,
   nothing removed: the healed-teacher control), ``stepsN`` (exactly N healing steps instead of the
-  wall budget: the table at a GPU's budget, where wall time is shared and says little).
+  wall budget: the table at a GPU's budget, where wall time is shared and says little), ``stop[K]``
+  (the validation check of compress's healing every K steps, ``HealConfig.eval_every`` by default:
+  stop when the corpus's validation loss has not improved for ``HealConfig.patience`` checks and keep
+  the best weights; rows without it never check).
 
 Equal wall time: an arm's healing gets the rest of its budget as ``--heal-seconds`` (the training
 loop re-plans its steps and learning-rate schedule at its measured pace and stops when the next
@@ -78,23 +81,25 @@ def parse_arm(arm: str) -> dict:
     top = None
     if method.startswith("partial"):
         top, method = int(method[len("partial"):] or 4), "partial"
-    grammar = "[linear+|layer+]none|lora|full|partialK|qlora[/kd[W]][/mix[S]][/guard[W]][/lrX][/stepsN][/control]"
+    grammar = "[linear+|layer+]none|lora|full|partialK|qlora[/kd[W]][/mix[S]][/guard[W]][/lrX][/stepsN][/stop[K]][/control]"
     if repl not in ("none", "linear", "linear-cosine", "layer") or method not in ("none", "lora", "qlora", "full", "partial"):
         raise SystemExit(f"--arms: cannot read {arm!r}; expected {grammar}")
     spec = {"replace": repl, "method": method, "top_layers": top, "mods": set(), "kd_weight": None,
-            "mix_share": None, "lr": None, "guard_weight": None, "steps": None}
+            "mix_share": None, "lr": None, "guard_weight": None, "steps": None, "stop": None}
     for mod in mods:
-        m = re.fullmatch(r"(kd|mix|lr|guard|steps)([0-9.eE+-]*)|control", mod)
+        m = re.fullmatch(r"(kd|mix|lr|guard|steps|stop)([0-9.eE+-]*)|control", mod)
         name, value = (m.group(1) or "control", m.group(2) or "") if m else (mod, "")
         try:
             number = float(value) if value else None
         except ValueError:
             m = None
-        if m is None or (name in ("lr", "steps") and not number) or (name == "steps" and number != int(number)):
+        counted = name in ("steps", "stop") and number is not None and (number != int(number) or number < 1)
+        if m is None or (name in ("lr", "steps") and not number) or counted:
             raise SystemExit(f"--arms: cannot read the modifier {mod!r} in {arm!r}; expected {grammar}")
         spec["mods"].add(name)
         if name != "control":
-            spec[{"kd": "kd_weight", "mix": "mix_share", "lr": "lr", "guard": "guard_weight", "steps": "steps"}[name]] = number
+            spec[{"kd": "kd_weight", "mix": "mix_share", "lr": "lr", "guard": "guard_weight", "steps": "steps",
+                  "stop": "stop"}[name]] = number
     return spec
 
 
@@ -218,13 +223,21 @@ def run_arm(args) -> dict:
             left = max(args.budget - (time.perf_counter() - t0), 1.0)
             weight = (KD_WEIGHT if spec["kd_weight"] is None else spec["kd_weight"]) if kd else 0.0
             fixed = int(spec["steps"]) if spec["steps"] else None
+            stop = "stop" in spec["mods"]  # the corpus's validation windows, as compress checks them
+            every = int(spec["stop"] or HealConfig.eval_every) if stop else 0
             cfg = HealConfig(method=spec["method"], steps=fixed or 10_000, max_seconds=0.0 if fixed else left,
                              top_layers=spec["top_layers"] or 4,
                              kd_weight=weight, kd_top_k=args.kd_top_k if kd else 0, seed=args.seed, progress=False,
-                             guard_weight=(spec["guard_weight"] or GUARD_WEIGHT) if guard else 0.0,
+                             guard_weight=(spec["guard_weight"] or GUARD_WEIGHT) if guard else 0.0, eval_every=every,
                              **({"lr": spec["lr"]} if spec["lr"] else {}))
             row.update(lr=cfg.lr, **({"kd_weight": weight, "kd_top_k": cfg.kd_top_k} if kd else {}))
-            student, hstats = heal(student, windows, cfg, teacher=teacher if kd else None, guard=guard)
+            val = token_windows(tok, data.validation, args.max_length, args.max_eval_tokens,
+                                what="validation split")[: cfg.eval_windows] if stop else None
+            student, hstats = heal(student, windows, cfg, teacher=teacher if kd else None, guard=guard, validation=val)
+            if stop:
+                es = hstats.get("early_stopping", {})
+                row.update(eval_every=every, stopped_by=hstats["stopped_by"], best_step=es.get("best_step"),
+                           validation_curve=" ".join(f"{s}:{v:.4f}" for s, v in es.get("curve", [])))
             if guard:
                 row.update(guard_weight=cfg.guard_weight, guard_kl_first=hstats["guard"]["kl_first"],
                            guard_kl_last=hstats["guard"]["kl_last"])

@@ -24,7 +24,7 @@ from fusion_prune.data import TextDataset, label_map, make_loader, subsample
 from fusion_prune.errors import BadInputError
 from fusion_prune.models import save_model
 from fusion_prune.params import TEACHER_DEFAULTS, validate
-from fusion_prune.training import loss_summary, make_accelerator, run_steps, step_budget
+from fusion_prune.training import EarlyStopping, loss_summary, make_accelerator, run_steps, step_budget
 from fusion_prune.utils import atomic_dir, check_output, output_lock, set_seed, versions, write_json_atomic
 
 RUN_RECORD = "fusionprune_run.json"
@@ -71,51 +71,6 @@ def teacher_config(**overrides) -> FinetuneConfig:
     return FinetuneConfig(**{**TEACHER_DEFAULTS, **overrides})
 
 
-class EarlyStopping:
-    """``on_step`` callback of :func:`run_steps`: validation accuracy every ``every`` steps, the best
-    weights kept on the CPU, stop after ``patience`` checks without a gain of more than ``min_delta``.
-
-    ``curve`` holds ``(step, accuracy)`` of every check; :meth:`restore` loads the best weights.
-    """
-
-    def __init__(self, model, tokenizer, val_df: pd.DataFrame, data_labels: list[str], cfg: FinetuneConfig,
-                 every: int, accelerator, min_delta: float = 1e-4) -> None:
-        self.model, self.tok, self.val, self.labels, self.cfg = model, tokenizer, val_df, data_labels, cfg
-        self.every, self.acc, self.min_delta = every, accelerator, min_delta
-        self.curve: list[tuple[int, float]] = []
-        self.best_acc, self.best_step, self.best_state, self.bad = -1.0, 0, None, 0
-
-    def __call__(self, step: int, wrapped) -> bool:
-        if step % self.every:
-            return False
-        acc = evaluate(self.model, self.tok, self.val, self.labels, self.cfg.eval_batch_size, self.cfg.max_length,
-                       self.acc)["accuracy"]
-        self.curve.append((step, round(acc, 5)))
-        if acc > self.best_acc + self.min_delta:
-            self.best_acc, self.best_step, self.bad = acc, step, 0
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        else:
-            self.bad += 1
-        log.info("fine-tune step %d: validation accuracy %.4f on %d examples (best %.4f at step %d)", step, acc,
-                 len(self.val), self.best_acc, self.best_step)
-        if self.bad >= self.cfg.patience:
-            log.info("early stop at step %d: no gain in %d checks; keeping the weights of step %d (validation "
-                     "accuracy %.4f)", step, self.bad, self.best_step, self.best_acc)
-            return True
-        return False
-
-    def restore(self, final_step: int) -> None:
-        """Load the best weights unless the final ones were never checked (then they may be better)."""
-        if self.best_state is not None and self.curve and self.curve[-1][0] == final_step \
-                and self.best_step != final_step:
-            self.model.load_state_dict(self.best_state)
-
-    def record(self) -> dict:
-        return {"early_stopping": {"every": self.every, "patience": self.cfg.patience, "best_step": self.best_step,
-                                   "best_validation_accuracy": round(self.best_acc, 5),
-                                   "curve": [list(c) for c in self.curve]}}
-
-
 def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, accelerator=None,
           val_df: pd.DataFrame | None = None, data_labels: list[str] | None = None) -> dict:
     """Train ``model`` in place on ``train_df`` (cross-entropy); returns steps, losses and wall time.
@@ -131,8 +86,10 @@ def train(model, tokenizer, train_df: pd.DataFrame, cfg: FinetuneConfig, acceler
     stopper = None
     if cfg.patience and val_df is not None and len(val_df):
         every = cfg.eval_every or min(50, max(10, len(loader) // 2))
-        stopper = EarlyStopping(model, tokenizer, subsample(val_df, cfg.early_stopping_samples, cfg.seed),
-                                data_labels, cfg, every, accelerator)
+        val = subsample(val_df, cfg.early_stopping_samples, cfg.seed)
+        stopper = EarlyStopping(model, lambda m: evaluate(m, tokenizer, val, data_labels, cfg.eval_batch_size,
+                                                          cfg.max_length, accelerator)["accuracy"],
+                                every, cfg.patience, "validation_accuracy")
     t0 = time.perf_counter()
     losses, steps_per_epoch = run_steps(
         model, loader, lambda m, batch: m(**batch).loss, accelerator, epochs=cfg.epochs, max_steps=cfg.max_steps,

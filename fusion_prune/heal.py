@@ -66,6 +66,18 @@ class HealConfig:
     kd_top_k: int = opt(0, help="Causal LM: distil over the teacher's top-k logits per token (and its mass outside "
                                 "them), cached before the steps, or taken beside each one under --heal-seconds "
                                 "(0: the teacher beside each step, full vocabulary).")
+    # Measured on one H200 (benchmarks/journal.md, "The healing table at a GPU's budget"): full
+    # fine-tuning of smollm2-135m 30 -> 24 on grimm-tales' 143 train windows was at 1.50x the
+    # teacher's test perplexity after 150 steps and 26x after 600 (train loss 0.015): past a few
+    # passes it memorises the windows. The validation windows say when; a check costs one forward
+    # over them (12 windows of 512 tokens: about 4 s on the 2-core CPU, a few percent of 10 steps).
+    eval_every: int = opt(10, help="Causal LM: the healing's next-token loss on the corpus's validation windows every "
+                                   "K steps; it stops after --heal-patience checks without a gain and keeps the "
+                                   "best weights (0: never checked).")
+    patience: int = opt(2, help="Causal LM: validation checks without a gain before healing stops (0: never stops "
+                                "early).")
+    #: validation windows a check reads (the first ones): the cost of a check is bounded on a large corpus
+    eval_windows: int = 16
     seed: int = 0
     progress: bool = True
     #: recompute each layer in the backward pass instead of keeping its activations: one layer's
@@ -180,8 +192,12 @@ def guard_targets(teacher, guards: Sequence[tuple[Sequence[dict], Sequence[int]]
 
 
 def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
-         guard: Sequence[GuardBatch] = ()) -> tuple[nn.Module, dict]:
+         guard: Sequence[GuardBatch] = (), validation: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
     """Train ``student`` on token windows (N, T) for ``cfg.steps``; returns (model, stats).
+
+    With ``validation`` windows (M, T), ``cfg.eval_every`` and ``cfg.patience``, the next-token
+    loss on them is checked every ``eval_every`` steps; healing stops after ``patience`` checks
+    without a gain and ends with the best checked weights (``stats["early_stopping"]``).
 
     LoRA adapters are merged into the weights before returning, so the result is a plain model
     of the input's class (the input module itself is trained in place and may be the result).
@@ -297,6 +313,13 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
             loss = loss + cfg.guard_weight * kl
         return loss
 
+    stopper = None
+    if validation is not None and len(validation) and cfg.eval_every and cfg.patience:
+        from fusion_prune.lm import perplexity
+        from fusion_prune.training import EarlyStopping
+
+        stopper = EarlyStopping(model, lambda m: perplexity(m, validation, cfg.batch_size)["nll"], cfg.eval_every,
+                                cfg.patience, "validation_nll", higher_is_better=False)
     loader = window_loader(windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
     cuda = device.type == "cuda"
     if cuda:  # the training steps' peak: for QLoRA the 4-bit base, not the copy it was made from
@@ -304,15 +327,20 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
     with checkpointed_layers(layer_list(causal_lm_of(model)) if cfg.checkpoint_layers else []):
         losses, _ = run_steps(model, loader, compute_loss, accelerator, epochs=1.0, max_steps=cfg.steps, lr=cfg.lr,
                               weight_decay=0.0, warmup_ratio=0.05, grad_clip=1.0, progress=cfg.progress,
-                              desc=f"heal ({cfg.method}{', KD' if cfg.kd_weight else ''})", max_seconds=cfg.max_seconds)
+                              desc=f"heal ({cfg.method}{', KD' if cfg.kd_weight else ''})", max_seconds=cfg.max_seconds,
+                              on_step=stopper)
+    if stopper is not None:
+        stopper.restore(len(losses))
     memory = {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(device))} if cuda else {}
     passes = len(losses) * cfg.batch_size / len(windows)
-    if passes > 1.5:
+    stopped_early = stopper is not None and stopper.bad >= stopper.patience
+    if passes > 1.5 and stopper is None:
         # measured: on smollm2-135m 30 -> 24, three passes over 286 windows left test perplexity at 1.22x
         # the teacher's and unseen text at 2.50x, against 1.06x and 2.08x after one (benchmarks/journal.md,
         # "Distilling while healing")
         log.warning("healing passed over its %d training windows %.1f times; past one pass it over-fits them "
-                    "(measured): fewer steps, or more text (--heal-mix), serve better", len(windows), passes)
+                    "(measured): fewer steps, more text (--heal-mix) or validation checks (--heal-eval-every) serve "
+                    "better", len(windows), passes)
     model = accelerator.unwrap_model(model)
     if cfg.method == "lora":
         model = model.merge_and_unload()
@@ -321,11 +349,13 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
     for p in model.parameters():
         p.requires_grad_(True)
     return model, {"method": cfg.method, "method_chosen": why, "steps": len(losses),
-                   "stopped_by": "time limit" if cfg.max_seconds and len(losses) < cfg.steps else "steps",
+                   "stopped_by": "validation loss" if stopped_early else
+                   "time limit" if cfg.max_seconds and len(losses) < cfg.steps else "steps",
                    "trainable_parameters": int(trainable),
                    "tokens_seen": int(len(losses) * cfg.batch_size * windows.shape[1]), "passes": round(passes, 2),
                    **loss_summary(losses),
                    **kd_stats, **memory, **_guard_stats(cfg, guard, guard_kl),
+                   **(stopper.record() if stopper is not None else {}),
                    "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg)}
 
 

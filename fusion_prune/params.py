@@ -94,6 +94,7 @@ CONSTRAINTS: dict[str, Interval | Options] = {
     "heal_steps": _count(0), "steps": _count(0), "top_layers": _count(), "replace_samples": _count(), "lora_r": _count(), "lora_alpha": _count(),
     "patience": _count(0), "teacher_patience": _count(0), "eval_every": _count(0), "min_steps": _count(0),
     "early_stopping_samples": _count(), "verify_k": _count(), "guard_samples": _count(), "heal_guard_samples": _count(), "guard_shortlist": _count(0),
+    "heal_eval_every": _count(0), "heal_patience": _count(0),
     # rates and weights
     "epochs": _POSITIVE, "teacher_epochs": _POSITIVE, "distill_epochs": _POSITIVE,
     "lr": _POSITIVE, "teacher_lr": _POSITIVE, "heal_lr": _POSITIVE, "temperature": _POSITIVE,

@@ -96,6 +96,62 @@ def run_steps(model, loader, compute_loss, accelerator, *, epochs: float, max_st
     return losses, len(loader)
 
 
+class EarlyStopping:
+    """``on_step`` callback of :func:`run_steps`: ``measure(model) -> float`` every ``every`` steps,
+    the best *trainable* weights kept on the CPU, stop after ``patience`` checks without a gain of
+    more than ``min_delta``.
+
+    ``what`` names the measure in the record and the log (``"validation_accuracy"``);
+    ``higher_is_better=False`` for a loss. ``curve`` holds ``(step, value)`` of every check;
+    :meth:`restore` loads the best weights. Only parameters that train are copied (LoRA: the
+    adapters; full fine-tuning: the whole model, once, in CPU memory).
+    """
+
+    def __init__(self, model, measure, every: int, patience: int, what: str, higher_is_better: bool = True,
+                 min_delta: float = 1e-4) -> None:
+        self.model, self.measure, self.every, self.patience, self.what = model, measure, every, patience, what
+        self.sign, self.min_delta = (1.0 if higher_is_better else -1.0), min_delta
+        self.curve: list[tuple[int, float]] = []
+        self.best, self.best_step, self.best_state, self.bad = None, 0, None, 0
+
+    def __call__(self, step: int, wrapped=None) -> bool:
+        import logging
+
+        if step % self.every:
+            return False
+        value = float(self.measure(self.model))
+        self.curve.append((step, round(value, 5)))
+        if self.best is None or self.sign * (value - self.best) > self.min_delta:
+            self.best, self.best_step, self.bad = value, step, 0
+            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                               if p.requires_grad}
+        else:
+            self.bad += 1
+        log = logging.getLogger("fusion_prune")
+        what = self.what.replace("_", " ")
+        log.info("step %d: %s %.4f (best %.4f at step %d)", step, what, value, self.best, self.best_step)
+        if self.bad >= self.patience:
+            log.info("early stop at step %d: no gain in %d checks; keeping the weights of step %d (%s %.4f)",
+                     step, self.bad, self.best_step, what, self.best)
+            return True
+        return False
+
+    def restore(self, final_step: int) -> None:
+        """Load the best weights unless the final ones were never checked (then they may be better)."""
+        if self.best_state is not None and self.curve and self.curve[-1][0] == final_step \
+                and self.best_step != final_step:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in self.best_state:
+                        p.copy_(self.best_state[n].to(p.device))
+        self.best_state = None  # the copy is not needed past here
+
+    def record(self) -> dict:
+        return {"early_stopping": {"every": self.every, "patience": self.patience, "best_step": self.best_step,
+                                   f"best_{self.what}": None if self.best is None else round(self.best, 5),
+                                   "curve": [list(c) for c in self.curve]}}
+
+
 def _steps_in_time(done: int, elapsed: float, seconds: float, ceiling: int) -> int:
     """Steps in all (at least ``done``, at most ``ceiling``) when the rest of ``seconds`` goes at the mean pace."""
     return max(done, min(ceiling, done + int((seconds - elapsed) // max(elapsed / done, 1e-9))))

@@ -631,19 +631,20 @@ def test_heal_table_reads_arms_and_removed_sets_and_upserts_rows(tmp_path):
     import pandas as pd
 
     ht = _load("heal_table")
-    unset = {"kd_weight": None, "mix_share": None, "lr": None, "guard_weight": None, "steps": None}
+    unset = {"kd_weight": None, "mix_share": None, "lr": None, "guard_weight": None, "steps": None, "stop": None}
     assert ht.parse_arm("linear") == {"replace": "linear", "method": "none", "top_layers": None, "mods": set(), **unset}
     assert ht.parse_arm("layer+partial8/kd/mix") == {"replace": "layer", "method": "partial", "top_layers": 8,
                                                      "mods": {"kd", "mix"}, **unset}
     assert ht.parse_arm("full/kd1/mix0.5/lr5e-5") == {"replace": "none", "method": "full", "top_layers": None,
                                                       "mods": {"kd", "mix", "lr"}, "kd_weight": 1.0,
                                                       "mix_share": 0.5, "lr": 5e-5, "guard_weight": None,
-                                                      "steps": None}
+                                                      "steps": None, "stop": None}
     assert ht.parse_arm("full/mix0.5/guard5")["guard_weight"] == 5.0
     assert ht.parse_arm("lora/steps800")["steps"] == 800
+    assert ht.parse_arm("full/steps150/stop")["mods"] == {"steps", "stop"} and ht.parse_arm("full/stop5")["stop"] == 5
     assert ht.parse_arm("full/guard")["mods"] == {"guard"}
     for bad in ("dora", "full/fast", "linear+dora", "full/kdx", "full/lr", "full/control1", "full/guardx",
-                "full/steps", "full/steps2.5", "full/steps0"):
+                "full/steps", "full/steps2.5", "full/steps0", "full/stop0", "full/stop1.5"):
         with pytest.raises(SystemExit):
             ht.parse_arm(bad)
     choice = tmp_path / "choice.csv"

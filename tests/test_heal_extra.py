@@ -247,3 +247,52 @@ def test_heal_guard_weight_through_compress(llama_dir, corpus_txt, word_labels_d
     r = json.loads((out / "report.json").read_text())
     assert r["heal"]["guard"]["prompts"] == 12 and r["heal"]["guard"]["weight"] == 2.0
     assert r["distill"]["guard"]["prompts"] == 12 and r["healed_teacher"]["heal"]["guard"]["prompts"] == 12
+
+
+def test_healing_stops_when_the_validation_loss_rises_and_keeps_the_best_weights(llama_dir):  # noqa: F811
+    """One window repeated is memorised; the validation windows, other tokens, get worse as it is:
+    the check every 2 steps stops after 2 checks without a gain and the model ends with the weights
+    of the best check."""
+    from fusion_prune.heal import HealConfig, heal
+    from fusion_prune.lm import perplexity
+    from fusion_prune.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(llama_dir))
+    g = torch.Generator().manual_seed(3)
+    windows = torch.randint(5, 12, (1, 16), generator=g).repeat(8, 1)
+    validation = torch.randint(12, 23, (4, 16), generator=g)  # the rest of the 23-token vocabulary
+    cfg = HealConfig(method="full", steps=200, batch_size=2, lr=1e-2, eval_every=2, patience=2, progress=False)
+    healed, stats = heal(model, windows, cfg, validation=validation)
+    es = stats["early_stopping"]
+    curve = es["curve"]
+    assert stats["stopped_by"] == "validation loss" and stats["steps"] < 200
+    assert [s for s, _ in curve] == list(range(2, stats["steps"] + 1, 2))
+    best = min(v for _, v in curve)
+    assert es["best_validation_nll"] == pytest.approx(best, abs=1e-4) and es["best_step"] <= stats["steps"] - 4
+    assert all(v > best for _, v in curve[-2:])  # the two checks that stopped it
+    assert perplexity(healed, validation, 2)["nll"] == pytest.approx(best, abs=1e-4)  # the best weights, restored
+    # no validation windows, or a check every 0 steps: the whole budget, as before
+    _, plain = heal(load_causal_lm(str(llama_dir))[0], windows, replace(cfg, steps=6))
+    _, off = heal(load_causal_lm(str(llama_dir))[0], windows, replace(cfg, steps=6, eval_every=0),
+                  validation=validation)
+    assert plain["steps"] == off["steps"] == 6 and "early_stopping" not in plain and "early_stopping" not in off
+
+
+def test_the_validation_check_of_healing_through_compress(llama_dir, corpus_txt, tmp_path):  # noqa: F811
+    from fusion_prune.cli import main
+
+    base = ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "3", "--max-length", "16",
+            "--heal-steps", "4", "--max-eval-tokens", "64", "--signal-samples", "2", "--batch-size", "2",
+            "--strategy", "deepest", "--heal", "full"]
+    res = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "refused"), "--heal-eval-every", "-1"])
+    assert res.exit_code == 2 and "'--heal-eval-every' option must be" in res.output
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, [*base, "-o", str(out), "--heal-eval-every", "1", "--heal-patience", "1",
+                                    "--heal-teacher"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    es = r["heal"]["early_stopping"]
+    assert es["every"] == 1 and es["patience"] == 1 and len(es["curve"]) == r["heal"]["steps"]
+    # the control heals the teacher for the steps whose weights the student kept, with no check of its own
+    assert r["healed_teacher"]["heal"]["steps"] == es["best_step"]
+    assert "early_stopping" not in r["healed_teacher"]["heal"]

@@ -67,6 +67,8 @@ def _strategies() -> str:
 @field_option("--heal-steps", source=LM, path="heal.steps", type=int)
 @field_option("--heal-seconds", source=LM, path="heal.max_seconds", type=float)
 @field_option("--heal-lr", source=LM, path="heal.lr", type=float)
+@field_option("--heal-eval-every", source=LM, path="heal.eval_every", type=int)
+@field_option("--heal-patience", source=LM, path="heal.patience", type=int)
 @field_option("--lora-r", source=LM, path="heal.lora_r", type=int)
 @field_option("--lora-alpha", source=LM, path="heal.lora_alpha", type=int)
 @field_option("--lora-targets", source=LM, path="heal.target_modules", type=str)

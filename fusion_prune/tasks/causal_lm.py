@@ -118,7 +118,7 @@ class CausalLMFinish(FinishConfig):
         "heal_method": "heal.method", "heal_steps": "heal.steps", "heal_seconds": "heal.max_seconds",
         "heal_lr": "heal.lr", "lora_r": "heal.lora_r", "lora_alpha": "heal.lora_alpha", "lora_targets": "heal.target_modules", "kd_top_k": "heal.kd_top_k",
         "heal_kd_weight": "heal.kd_weight", "heal_guard_weight": "heal.guard_weight",
-        "heal_guard_samples": "heal.guard_samples",
+        "heal_guard_samples": "heal.guard_samples", "heal_eval_every": "heal.eval_every", "heal_patience": "heal.patience",
         "temperature": "heal.temperature", "heal_layers": "heal.top_layers",
     }
     # The run's batch size reaches healing; its learning rate does not (healing has its own, --heal-lr).
@@ -364,9 +364,12 @@ class CausalLMTask(Task):
                      pruned_ppl["perplexity"], f"; {replace_stats['added_layers']} layer(s) added"
                      if replace_stats.get("added_layers") else "")
         guard = heal_guard(teacher, tok, step.guard, finish.heal.guard_samples, step.seed) if finish.heal.guard_weight else ()
+        # the corpus's own validation windows (never the mix's): healing stops when it over-fits them
+        val_w = self.windows(tok, "validation", step, step.max_eval_tokens)[: finish.heal.eval_windows]
         with self.phase("healing"):
             student, heal_stats = heal(student, train_w, replace(finish.heal, seed=step.seed, progress=step.progress),
-                                       teacher=teacher if finish.heal.kd_weight else None, guard=guard)
+                                       teacher=teacher if finish.heal.kd_weight else None, guard=guard,
+                                       validation=val_w)
         with self.phase("evaluation"):
             healed_ppl = self._ppl(student, tok, "test", step)
         distill_stats, student_ppl = None, healed_ppl
@@ -375,7 +378,7 @@ class CausalLMTask(Task):
             with self.phase("distillation"):
                 student, distill_stats = heal(student, train_w, replace(
                     finish.heal, steps=finish.lm_distill_steps, max_seconds=0.0, kd_weight=finish.kd_weight,
-                    seed=step.seed + 1, progress=step.progress), teacher=teacher, guard=guard)
+                    seed=step.seed + 1, progress=step.progress), teacher=teacher, guard=guard, validation=val_w)
             with self.phase("evaluation"):
                 student_ppl = self._ppl(student, tok, "test", step)
         with self.phase("evaluation"):
@@ -385,8 +388,10 @@ class CausalLMTask(Task):
         control = None
         if finish.heal_teacher and heals:
             # Last, when the teacher is needed for nothing else: healed in place, no second copy.
-            # auto's choice for the student, not redone; the steps it took (a time limit may have cut them)
+            # auto's choice for the student, not redone; the steps it took (a time limit or the validation
+            # check may have cut them), without a check of its own: the same budget
             method, steps = heal_stats.get("method", finish.heal.method), heal_stats.get("steps", finish.heal.steps)
+            steps = heal_stats.get("early_stopping", {}).get("best_step") or steps  # the student kept that step's weights
             log.info("healing the teacher alike (%s, %d steps): the control", method, steps)
             with self.phase("healing"):
                 teacher, control_stats = heal(teacher, train_w, replace(finish.heal, method=method, steps=steps,
