@@ -17,6 +17,10 @@
 # Every arm scores test perplexity on its corpus and on UNSEEN (default bbc-news text, which no arm
 # trains on but the guarded ones take prompts from), and zero-shot accuracy on ZS (1,000) rotten-tomatoes
 # and all 425 bbc-news test examples. Arms are listed by priority: the first ones start first.
+# Pace (2026-12-04, one H200, 16 cores): an arm ran 600 steps in 255-320 s with 14 arms sharing the
+# card, and four arms alone were hardly faster: a step is bound by its own process (one CPU thread
+# launching small kernels, layers recomputed in the backward pass), not by the GPU. Give LIMIT about
+# STEPS / 2.2 s plus two minutes of loading and evaluation, and more workers rather than fewer.
 # OUT receives run.log (versions, both tables' progress) and d24.csv/.md, d20.csv/.md (copied as rows
 # land, so a table stopped at LIMIT still returns its finished arms).
 set -u

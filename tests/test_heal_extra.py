@@ -296,3 +296,11 @@ def test_the_validation_check_of_healing_through_compress(llama_dir, corpus_txt,
     # the control heals the teacher for the steps whose weights the student kept, with no check of its own
     assert r["healed_teacher"]["heal"]["steps"] == es["best_step"]
     assert "early_stopping" not in r["healed_teacher"]["heal"]
+
+
+def test_the_report_says_when_the_validation_check_ended_healing():
+    from fusion_prune.tasks.causal_lm import _heal_label
+
+    rec = {"method": "full", "steps": 60, "stopped_by": "validation loss", "early_stopping": {"best_step": 40}}
+    assert _heal_label(rec) == "full, 60 steps, stopped by the validation loss (weights of step 40 kept)"
+    assert _heal_label({"method": "lora", "steps": 30, "stopped_by": "steps"}) == "lora, 30 steps"

@@ -598,8 +598,11 @@ class CausalLMTask(Task):
 
 
 def _heal_label(record: dict) -> str:
-    """The report's name for a healing run: method and steps, and whether the time limit ended it."""
+    """The report's name for a healing run: method and steps, and whether the time limit or the
+    validation check ended it."""
     limit = ", stopped by --heal-seconds" if record.get("stopped_by") == "time limit" else ""
+    if record.get("stopped_by") == "validation loss":
+        limit = f", stopped by the validation loss (weights of step {record['early_stopping']['best_step']} kept)"
     weight = (record.get("config") or {}).get("kd_weight")
     kd = f", KL to the teacher weighted {weight:g}" if weight else ""
     return f"{record.get('method', 'none')}, {record.get('steps', 0)} steps{kd}{limit}"
