@@ -333,7 +333,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
         stopper.restore(len(losses))
     memory = {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(device))} if cuda else {}
     passes = len(losses) * cfg.batch_size / len(windows)
-    stopped_early = stopper is not None and stopper.bad >= stopper.patience
+    stopped_early = stopper is not None and stopper.stopped
     if passes > 1.5 and stopper is None:
         # measured: on smollm2-135m 30 -> 24, three passes over 286 windows left test perplexity at 1.22x
         # the teacher's and unseen text at 2.50x, against 1.06x and 2.08x after one (benchmarks/journal.md,

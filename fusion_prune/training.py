@@ -6,11 +6,14 @@ autocast) and, under ``accelerate launch``, on several GPUs or processes.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def make_accelerator(mixed_precision: str = "auto"):
@@ -114,9 +117,12 @@ class EarlyStopping:
         self.curve: list[tuple[int, float]] = []
         self.best, self.best_step, self.best_state, self.bad = None, 0, None, 0
 
-    def __call__(self, step: int, wrapped=None) -> bool:
-        import logging
+    @property
+    def stopped(self) -> bool:
+        """Whether the last check ended training."""
+        return self.bad >= self.patience
 
+    def __call__(self, step: int, wrapped=None) -> bool:
         if step % self.every:
             return False
         value = float(self.measure(self.model))
@@ -127,10 +133,9 @@ class EarlyStopping:
                                if p.requires_grad}
         else:
             self.bad += 1
-        log = logging.getLogger("fusion_prune")
         what = self.what.replace("_", " ")
         log.info("step %d: %s %.4f (best %.4f at step %d)", step, what, value, self.best, self.best_step)
-        if self.bad >= self.patience:
+        if self.stopped:
             log.info("early stop at step %d: no gain in %d checks; keeping the weights of step %d (%s %.4f)",
                      step, self.bad, self.best_step, what, self.best)
             return True
