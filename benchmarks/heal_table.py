@@ -232,7 +232,7 @@ def run_arm(args) -> dict:
                              **({"lr": spec["lr"]} if spec["lr"] else {}))
             row.update(lr=cfg.lr, **({"kd_weight": weight, "kd_top_k": cfg.kd_top_k} if kd else {}))
             val = token_windows(tok, data.validation, args.max_length, args.max_eval_tokens,
-                                what="validation split")[: cfg.eval_windows] if stop else None
+                                what="validation split") if stop else None
             student, hstats = heal(student, windows, cfg, teacher=teacher if kd else None, guard=guard, validation=val)
             if stop:
                 es = hstats.get("early_stopping", {})

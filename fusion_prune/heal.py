@@ -196,8 +196,9 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
     """Train ``student`` on token windows (N, T) for ``cfg.steps``; returns (model, stats).
 
     With ``validation`` windows (M, T), ``cfg.eval_every`` and ``cfg.patience``, the next-token
-    loss on them is checked every ``eval_every`` steps; healing stops after ``patience`` checks
-    without a gain and ends with the best checked weights (``stats["early_stopping"]``).
+    loss on the first ``cfg.eval_windows`` of them is checked every ``eval_every`` steps; healing
+    stops after ``patience`` checks without a gain and ends with the best checked weights
+    (``stats["early_stopping"]``).
 
     LoRA adapters are merged into the weights before returning, so the result is a plain model
     of the input's class (the input module itself is trained in place and may be the result).
@@ -318,7 +319,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
         from fusion_prune.lm import perplexity
         from fusion_prune.training import EarlyStopping
 
-        stopper = EarlyStopping(model, lambda m: perplexity(m, validation, cfg.batch_size)["nll"], cfg.eval_every,
+        check = validation[: cfg.eval_windows]  # bounded: a check's cost does not grow with the corpus
+        stopper = EarlyStopping(model, lambda m: perplexity(m, check, cfg.batch_size)["nll"], cfg.eval_every,
                                 cfg.patience, "validation_nll", higher_is_better=False)
     loader = window_loader(windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
     cuda = device.type == "cuda"

@@ -365,7 +365,7 @@ class CausalLMTask(Task):
                      if replace_stats.get("added_layers") else "")
         guard = heal_guard(teacher, tok, step.guard, finish.heal.guard_samples, step.seed) if finish.heal.guard_weight else ()
         # the corpus's own validation windows (never the mix's): healing stops when it over-fits them
-        val_w = self.windows(tok, "validation", step, step.max_eval_tokens)[: finish.heal.eval_windows]
+        val_w = self.windows(tok, "validation", step, step.max_eval_tokens)
         with self.phase("healing"):
             student, heal_stats = heal(student, train_w, replace(finish.heal, seed=step.seed, progress=step.progress),
                                        teacher=teacher if finish.heal.kd_weight else None, guard=guard,
