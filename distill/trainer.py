@@ -83,27 +83,42 @@ def teacher_topk_logits(teacher, windows: torch.Tensor, k: int, batch_size: int,
     N * T * V * 4 for full logits (SmolLM2, V = 49,152, k = 64: about 500x smaller), so the
     teacher need not run beside each distillation step.
     """
+    from fusion_prune.logits import chunk_positions, forward_hidden, vocabulary
+
     n, length = windows.shape
-    values = torch.empty(n, length, k, dtype=torch.float16)
-    indices = torch.empty(n, length, k, dtype=torch.int32)
-    log_tail = torch.empty(n, length, dtype=torch.float32)
+    values = indices = log_tail = None  # (N, T, min(k, V)): the vocabulary is known after the first batch
     was_training = teacher.training
     teacher.eval()
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 ids = windows[start:start + batch_size].to(device)
-                logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
-                top = logits.topk(min(k, logits.shape[-1]), dim=-1)
-                z = logits / temperature
-                rest = torch.logsumexp(z.scatter(-1, top.indices, float("-inf")), -1) - torch.logsumexp(z, -1)
-                # clamped so that a near-certain teacher keeps a finite (negligible) tail; exact -inf at k = V
-                tail = rest if k >= logits.shape[-1] else rest.clamp_min(-80.0)
-                values[start:start + len(ids)] = top.values.half().cpu()
-                indices[start:start + len(ids)] = top.indices.int().cpu()
-                log_tail[start:start + len(ids)] = tail.cpu()
+                # final hidden states (B, T, H); the head runs a chunk of positions at a time, so no
+                # (B, T, V) logits (nor their log-softmax and scatter copies) are held for the batch
+                states, head, _ = forward_hidden(teacher, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+                flat = states.reshape(-1, states.shape[-1])
+                vocab = vocabulary(head, flat)
+                if values is None:
+                    kk = min(k, vocab)
+                    values = torch.empty(n, length, kk, dtype=torch.float16)
+                    indices = torch.empty(n, length, kk, dtype=torch.int32)
+                    log_tail = torch.empty(n, length, dtype=torch.float32)
+                rows = slice(start, start + len(ids))  # views of this batch's rows, (B * T, ...)
+                v, i, r = values[rows].view(-1, kk), indices[rows].view(-1, kk), log_tail[rows].view(-1)
+                step = chunk_positions(vocab)
+                for c in range(0, len(flat), step):
+                    logits = head(flat[c:c + step]).float()
+                    top = logits.topk(kk, dim=-1)
+                    z = logits / temperature
+                    rest = torch.logsumexp(z.scatter(-1, top.indices, float("-inf")), -1) - torch.logsumexp(z, -1)
+                    # clamped so that a near-certain teacher keeps a finite (negligible) tail; exact -inf at k = V
+                    v[c:c + step], i[c:c + step] = top.values.half().cpu(), top.indices.int().cpu()
+                    r[c:c + step] = (rest if kk >= vocab else rest.clamp_min(-80.0)).cpu()
     finally:
         teacher.train(was_training)
+    if values is None:  # no windows
+        values, indices, log_tail = (torch.empty(0, length, k, dtype=torch.float16),
+                                     torch.empty(0, length, k, dtype=torch.int32), torch.empty(0, length))
     return values, indices, log_tail
 
 

@@ -4,6 +4,7 @@ teacher's logits. One function, :func:`heal`, over token windows (:mod:`fusion_p
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -207,7 +208,8 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
     ``student``'s full-precision weights, as the QLoRA paper deploys; the merged model is not the
     one the adapters were trained against, so measure it after healing (``compress`` does).
     With ``cfg.kd_weight > 0`` the loss is ``(1 - w) * next-token CE + w * T^2 KL(teacher || student)``
-    over the vocabulary at every position, the teacher running beside each step; with
+    over the vocabulary at every position, the teacher running beside each step (both models' logits
+    are made a chunk of positions at a time, :func:`fusion_prune.logits.next_token_kd_sums`); with
     ``cfg.kd_top_k = k`` the teacher's top-k logits and its mass outside them are cached first and
     the KL is taken over those k + 1 bins (:func:`distill.losses.topk_next_token_kl`); with a time
     limit (``cfg.max_seconds``) as well, they are taken per batch beside each step instead.
@@ -216,11 +218,11 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
     verbalisers at each prompt's last token: the teacher's zero-shot answers are kept while the
     corpus heals.
     """
-    from distill.losses import next_token_kl, soft_kl, topk_next_token_kl
+    from distill.losses import soft_kl, teacher_kl, topk_kl_rows
     from distill.trainer import teacher_topk_logits
     from fusion_prune.training import loss_summary, make_accelerator, run_steps
     from fusion_prune.utils import set_seed
-    from fusion_prune.logits import causal_lm_of, next_token_loss
+    from fusion_prune.logits import causal_lm_of, forward_hidden, next_token_kd_sums
     from fusion_prune.surgery import checkpointed_layers, layer_list
     from signals.capture import task_loss
 
@@ -286,21 +288,21 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
         if not cfg.kd_weight:  # next-token loss alone: no (B, T, V) logits are held (fusion_prune.logits)
             res = task_loss(m, batch, batch)
             return res.loss_sum / max(res.count, 1)
-        out = m(**batch, use_cache=False)
-        logits = out.logits
-        loss = next_token_loss(logits, batch)
+        # with KD too: the student's and the teacher's (B, T, V) logits are made a chunk of positions
+        # at a time (fusion_prune.logits.next_token_kd_sums), never for the whole batch
+        states, head, _ = forward_hidden(m, batch)
         if cache is not None or per_step:
             # the cache lies on the CPU, the prepared batch (index too) on the accelerator
-            top = teacher_topk_logits(teacher, batch["input_ids"], cfg.kd_top_k, len(index), logits.device,
+            top = teacher_topk_logits(teacher, batch["input_ids"], cfg.kd_top_k, len(index), states.device,
                                       temperature=cfg.temperature) if per_step else (c[index.cpu()] for c in cache)
-            values, ids, tail = (c.to(logits.device) for c in top)
-            kd = topk_next_token_kl(logits, values, ids, cfg.temperature, teacher_log_tail=tail)
-            loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
-        elif cfg.kd_weight:
+            described = tuple(c.to(states.device) for c in top)  # values, ids (B, T, k), log tail (B, T)
+            kl = functools.partial(topk_kl_rows, temperature=cfg.temperature)
+        else:
             with torch.no_grad():
-                t = teacher(**batch, use_cache=False).logits
-            loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * next_token_kl(logits, t, cfg.temperature)
-        return loss
+                t_states, t_head, _ = forward_hidden(teacher, batch)
+            described, kl = (t_states,), teacher_kl(t_head, cfg.temperature)
+        nll, kd, count = next_token_kd_sums(states, head, batch, described, kl)
+        return ((1 - cfg.kd_weight) * nll + cfg.kd_weight * kd) / max(count, 1)
 
     guard_order = _cycle(len(guard), cfg.seed) if cfg.guard_weight else None
     guard_kl: list[float] = []

@@ -149,6 +149,22 @@ def _fall_back(lm, model, call: dict, why: str):
     return out.logits, _identity, out
 
 
+def vocabulary(head: Callable, states: torch.Tensor) -> int:
+    """The width of ``head``'s logits: the head on no rows, (0, V), costs nothing."""
+    with torch.no_grad():
+        return int(head(states.reshape(-1, states.shape[-1])[:0]).shape[-1])
+
+
+def _predicting(states: torch.Tensor, batch: dict, *per_position: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of the positions that predict a token: (B, T, ...) -> (N, ...), position t of each
+    window predicting token t + 1, padding (mask 0) predicting nothing; ``states`` first, then the
+    targets (N,), then each of ``per_position`` (B, T, ...) the same way."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = (mask[:, 1:] != 0).reshape(-1)
+    rows = [t[:, :-1].reshape(-1, *t.shape[2:])[real] for t in (states, *per_position)]
+    return rows[0], ids[:, 1:].reshape(-1)[real], *rows[1:]
+
+
 def _chunk_sums(head: Callable, states: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(states).float()
     nll = nn.functional.cross_entropy(logits, target, reduction="sum")
@@ -162,14 +178,9 @@ def next_token_sums(states: torch.Tensor, head: Callable, batch: dict, chunk_tok
     is not predicted. ``states``: (B, T, H) from :func:`forward_hidden`. The head runs on
     ``chunk_tokens`` positions at a time (default: :func:`chunk_positions` of the vocabulary); under
     autograd each chunk is checkpointed, so its logits are never kept."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    real = (mask[:, 1:] != 0).reshape(-1)
-    flat = states[:, :-1].reshape(-1, states.shape[-1])[real]  # (N, H): the predicting positions
-    target = ids[:, 1:].reshape(-1)[real]
+    flat, target = _predicting(states, batch)  # (N, H), (N,)
     grad = torch.is_grad_enabled() and states.requires_grad
-    if chunk_tokens is None:
-        with torch.no_grad():  # the head on no rows: (0, V), the vocabulary's width for nothing
-            chunk_tokens = chunk_positions(head(flat[:0]).shape[-1])
+    chunk_tokens = chunk_tokens or chunk_positions(vocabulary(head, flat))
     nll, correct = states.new_zeros((), dtype=torch.float32), 0
     for start in range(0, len(target), chunk_tokens):
         s, t = flat[start:start + chunk_tokens], target[start:start + chunk_tokens]
@@ -179,6 +190,37 @@ def next_token_sums(states: torch.Tensor, head: Callable, batch: dict, chunk_tok
             part, right = _chunk_sums(head, s, t)
         nll, correct = nll + part, correct + int(right)
     return nll, correct, int(len(target))
+
+
+def _chunk_kd_sums(head: Callable, kl: Callable, states: torch.Tensor, target: torch.Tensor,
+                   *teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(states).float()
+    return nn.functional.cross_entropy(logits, target, reduction="sum"), kl(logits, *teacher).sum()
+
+
+def next_token_kd_sums(states: torch.Tensor, head: Callable, batch: dict, teacher: tuple[torch.Tensor, ...],
+                       kl: Callable[..., torch.Tensor], chunk_tokens: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(summed next-token NLL, summed distillation term, predicted tokens) of one batch, with no
+    (B, T, V) logits held: a chunk of positions at a time, checkpointed under autograd.
+
+    ``states``: (B, T, H) from :func:`forward_hidden`; ``teacher``: per-position tensors (B, T, ...)
+    describing the teacher there (its final hidden states, or its top-k values, ids and tail);
+    ``kl(student_logits (n, V), *teacher_rows) -> (n,)`` the term per position, e.g.
+    :func:`distill.losses.topk_kl_rows`, or :func:`distill.losses.teacher_kl` for a teacher run beside
+    the step.
+    Divided by the count these are the means the full-logit losses take
+    (:func:`next_token_loss`, :func:`distill.losses.next_token_kl`)."""
+    flat, target, *rows = _predicting(states, batch, *teacher)
+    grad = torch.is_grad_enabled() and states.requires_grad
+    chunk_tokens = chunk_tokens or chunk_positions(vocabulary(head, flat))
+    nll, kd = (states.new_zeros((), dtype=torch.float32) for _ in range(2))
+    for start in range(0, len(target), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        args = (head, kl, flat[part], target[part], *(r[part] for r in rows))
+        a, b = checkpoint(_chunk_kd_sums, *args, use_reentrant=False) if grad else _chunk_kd_sums(*args)
+        nll, kd = nll + a, kd + b
+    return nll, kd, int(len(target))
 
 
 def next_token_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -189,6 +189,69 @@ def test_chunked_next_token_loss_equals_the_full_logits_one(mt):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mt", ["qwen3", "gemma2"])  # gemma2: a head with a softcap
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_chunked_distillation_equals_the_full_logits_one(mt, top_k):
+    """Healing's KD loss made a chunk of positions at a time (the student's logits, and the teacher's
+    from its hidden states or its top-k with the tail) has the full-logits loss's value and gradients,
+    and leaves the teacher's head untrained."""
+    from distill import next_token_kl, teacher_kl, teacher_topk_logits, topk_next_token_kl
+    from fusion_prune import logits as L
+    from fusion_prune.surgery import drop_layers, layer_list
+
+    teacher = _tiny(mt)
+    student = drop_layers(teacher, [1])
+    batch = {"input_ids": _padded_windows(6)["input_ids"]}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])  # healing's windows are full
+    temp = 2.0
+    params = list(layer_list(student).parameters())
+    logits = student(**batch, use_cache=False).logits
+    if top_k:
+        top = teacher_topk_logits(teacher, batch["input_ids"], top_k, 2, temperature=temp)
+        full_kd = topk_next_token_kl(logits, *top[:2], temp, teacher_log_tail=top[2])
+    else:
+        with torch.no_grad():
+            t_logits = teacher(**batch, use_cache=False).logits
+        full_kd = next_token_kl(logits, t_logits, temp)
+    want = (L.next_token_loss(logits, batch), full_kd)
+    want_grads = [torch.autograd.grad(w, params, retain_graph=True) for w in want]
+    states, head, _ = L.forward_hidden(student, batch)
+    if top_k:
+        from distill import topk_kl_rows
+
+        described, kl = top, lambda s, v, i, t: topk_kl_rows(s, v, i, t, temperature=temp)
+    else:
+        with torch.no_grad():
+            t_states, t_head, _ = L.forward_hidden(teacher, batch)
+        described, kl = (t_states,), teacher_kl(t_head, temp)
+    nll, kd, count = L.next_token_kd_sums(states, head, batch, described, kl, chunk_tokens=5)
+    assert count == 3 * 11 and float(kd.detach()) > 0
+    for got, w, w_grads in zip((nll / count, kd / count), want, want_grads):  # the CE, then the KL
+        assert float(got.detach()) == pytest.approx(float(w.detach()), rel=1e-5)
+        for g, wg in zip(torch.autograd.grad(got, params, retain_graph=True), w_grads):
+            torch.testing.assert_close(g, wg, atol=1e-7, rtol=1e-4)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_top_k_is_taken_a_chunk_of_positions_at_a_time(monkeypatch):
+    """The teacher's top-k cache equals the top k of its full logits (values, ids, tail) when its head
+    runs on a few positions at a time."""
+    from distill import teacher_topk_logits
+    from fusion_prune import logits as L
+
+    teacher = _tiny("qwen3")
+    ids = _padded_windows(7)["input_ids"]
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 7 * V)  # 7 positions per head call
+    values, idx, tail = teacher_topk_logits(teacher, ids, 4, batch_size=2, temperature=2.0)
+    with torch.no_grad():
+        logits = teacher(input_ids=ids, use_cache=False).logits.float()
+    ref = logits.topk(4, dim=-1)
+    torch.testing.assert_close(values.float(), ref.values, atol=1e-2, rtol=1e-2)
+    assert torch.equal(idx.long(), ref.indices)
+    rest = 1 - torch.softmax(logits / 2.0, -1).gather(-1, ref.indices).sum(-1)
+    torch.testing.assert_close(tail.exp(), rest, atol=1e-5, rtol=1e-4)
+
+
 def test_head_chunks_hold_the_same_number_of_logits_whatever_the_vocabulary(monkeypatch):
     """The default chunk is sized by logits, not positions: 512 positions of a 49,152-token vocabulary,
     96 of Gemma 3's 262,144, at least one; the loss splits into that many positions per head call."""
