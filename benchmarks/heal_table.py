@@ -175,7 +175,7 @@ def run_arm(args) -> dict:
     gone = [int(i) for i in args.removed.split(",")] if args.removed else \
         removed_set(args.corpus, args.depth, args.strategy, num_layers(teacher))
     control = "control" in spec["mods"]
-    tag = "removed-" + "-".join(map(str, gone)) if args.removed else args.strategy
+    tag = "removed-" + "-".join(map(str, gone))  # the set itself: a strategy's choice file may change
     student = teacher if control else drop_layers(teacher, gone)
     if not control:
         cached(out / f"pruned-{args.model}-{args.corpus}-{args.depth}-{tag}.json", lambda: {

@@ -116,11 +116,32 @@ def resolve_method(model: nn.Module, cfg: HealConfig) -> tuple[str, str]:
     return "lora", f"auto: full fine-tuning's {need / 2**30:.1f} GiB of training state exceeds half the {free / 2**30:.1f} GiB free"
 
 
+def lora_targets(cfg: HealConfig) -> str | list[str]:
+    """``cfg.target_modules`` as peft takes it: ``"all-linear"`` or a list of module names."""
+    return cfg.target_modules if cfg.target_modules == "all-linear" else \
+        [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+
+
+def check_lora_targets(model: nn.Module, cfg: HealConfig) -> None:
+    """Refuse ``--lora-targets`` naming a module ``model`` does not have, when healing may use LoRA:
+    called as the teacher loads, not when healing starts after the choice. A name matches a module
+    whose dotted name is it or ends with it, as peft matches."""
+    targets = lora_targets(cfg)
+    if cfg.method not in ("auto", "lora", "qlora") or targets == "all-linear":
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing or not targets:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise BadInputError(f"The '--lora-targets' option must name modules of {type(model).__name__} (or be "
+                            f"all-linear), such as {','.join(linear)}; {', '.join(missing) or 'nothing'} matches "
+                            f"none. Got {cfg.target_modules!r}.")
+
+
 def _lora(model, cfg: HealConfig):
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
-        [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    targets = lora_targets(cfg)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     try:

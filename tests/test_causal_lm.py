@@ -429,7 +429,7 @@ def test_cli_lm_compress_evaluate_and_bad_inputs(llama_dir, corpus_txt, sentimen
                   str(tmp_path / "z"), "--max-length", "16"], "below the model's depth 4"),
         "lora": (["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "3", "-o",
                   str(tmp_path / "w"), "--max-length", "16", "--max-eval-tokens", "64", "--lora-targets", "c_attn",
-                  "--heal", "lora", "--heal-steps", "1"], "does not match modules"),
+                  "--heal", "lora", "--heal-steps", "1"], "'--lora-targets' option must name modules of"),
         "position": (["evaluate", "-m", str(llama_dir), "-d", str(corpus_txt), "--max-length", "4096"],
                      "position limit 128"),
         "batch": (["evaluate", "-m", str(llama_dir), "-d", str(corpus_txt), "--batch-size", "0"], "'--batch-size' option must be an int >= 1. Got 0"),

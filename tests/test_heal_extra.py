@@ -304,3 +304,31 @@ def test_the_report_says_when_the_validation_check_ended_healing():
     rec = {"method": "full", "steps": 60, "stopped_by": "validation loss", "early_stopping": {"best_step": 40}}
     assert _heal_label(rec) == "full, 60 steps, stopped by the validation loss (weights of step 40 kept)"
     assert _heal_label({"method": "lora", "steps": 30, "stopped_by": "steps"}) == "lora, 30 steps"
+
+
+def test_lora_targets_are_checked_as_the_teacher_loads(llama_dir, corpus_txt, tmp_path, monkeypatch):  # noqa: F811
+    """A --lora-targets name the model lacks is refused in one line before the choice runs; names it
+    has, all-linear, and methods that use no adapters pass."""
+    from fusion_prune import loop
+    from fusion_prune.cli import main
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.heal import HealConfig, check_lora_targets
+    from fusion_prune.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(llama_dir))
+    for ok in ("q_proj,v_proj", "all-linear", "self_attn.o_proj", "mlp.down_proj"):
+        check_lora_targets(model, HealConfig(method="lora", target_modules=ok))
+    check_lora_targets(model, HealConfig(method="full", target_modules="nope"))  # full trains no adapters
+    with pytest.raises(BadInputError, match=r"'--lora-targets' option must name modules of LlamaForCausalLM .*"
+                                            r"such as .*q_proj.*; c_attn matches none. Got 'q_proj,c_attn'"):
+        check_lora_targets(model, HealConfig(method="auto", target_modules="q_proj,c_attn"))
+
+    def no_choice(*a, **k):
+        raise AssertionError("the choice ran before the bad --lora-targets was refused")
+
+    monkeypatch.setattr(loop, "measure_state", no_choice)
+    res = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--task", "causal-lm",
+                                    "--target-layers", "3", "-o", str(tmp_path / "o"), "--max-length", "16",
+                                    "--max-eval-tokens", "64", "--lora-targets", "qproj", "--heal", "lora"])
+    assert res.exit_code == 2 and "'--lora-targets' option must name modules" in res.output, res.output
+    assert "Traceback" not in res.output and "such as" in res.output

@@ -220,6 +220,11 @@ class CausalLMTask(Task):
         from fusion_prune.models import check_max_length
 
         check_max_length(model, step.max_length)
+        finish = getattr(step, "finish", None)
+        if finish is not None:  # a --lora-targets typo fails now, not when healing starts after the choice
+            from fusion_prune.heal import check_lora_targets
+
+            check_lora_targets(model, finish.heal)
         for split in ("train", "validation", "test"):  # refuse a corpus too short for one window, up front
             self.windows(tok, split, step, step.max_eval_tokens if split != "train" else None)
         return {"teacher_finetuned": False,
