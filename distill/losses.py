@@ -14,9 +14,7 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     ``student_logits``, ``teacher_logits``: (B, C). The T^2 factor keeps gradient magnitudes
     comparable across temperatures (Hinton et al., 2015).
     """
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
-                    reduction="batchmean", log_target=True) * t * t
+    return kl_rows(student_logits, teacher_logits, temperature).mean()
 
 
 def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -41,8 +39,8 @@ def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """Per-row ``KL(softmax(t / T) || softmax(s / T)) * T^2``: logits (N, V) -> (N,). The rows are
     what a chunked loss (:func:`fusion_prune.logits.next_token_kd_sums`) sums a chunk at a time."""
     t = temperature
-    s_log, t_log = F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1)
-    return (t_log.exp() * (t_log - s_log)).sum(-1) * t * t
+    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+                    reduction="none", log_target=True).sum(-1) * t * t
 
 
 def topk_kl_rows(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,

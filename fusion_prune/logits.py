@@ -165,6 +165,17 @@ def _predicting(states: torch.Tensor, batch: dict, *per_position: torch.Tensor) 
     return rows[0], ids[:, 1:].reshape(-1)[real], *rows[1:]
 
 
+def _sum_chunks(fn: Callable, rows: tuple[torch.Tensor, ...], chunk_tokens: int, grad: bool) -> list[torch.Tensor]:
+    """The sums ``fn(*chunk_rows)`` returns, over chunks of ``chunk_tokens`` rows of ``rows`` (N, ...);
+    each chunk checkpointed under autograd (``grad``), so what ``fn`` makes inside is never kept."""
+    totals: list[torch.Tensor] | None = None
+    for start in range(0, len(rows[0]), chunk_tokens):
+        part = [r[start:start + chunk_tokens] for r in rows]
+        sums = checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part)
+        totals = list(sums) if totals is None else [t + x for t, x in zip(totals, sums)]
+    return totals
+
+
 def _chunk_sums(head: Callable, states: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(states).float()
     nll = nn.functional.cross_entropy(logits, target, reduction="sum")
@@ -179,17 +190,12 @@ def next_token_sums(states: torch.Tensor, head: Callable, batch: dict, chunk_tok
     ``chunk_tokens`` positions at a time (default: :func:`chunk_positions` of the vocabulary); under
     autograd each chunk is checkpointed, so its logits are never kept."""
     flat, target = _predicting(states, batch)  # (N, H), (N,)
+    if not len(target):
+        return states.new_zeros((), dtype=torch.float32), 0, 0
     grad = torch.is_grad_enabled() and states.requires_grad
     chunk_tokens = chunk_tokens or chunk_positions(vocabulary(head, flat))
-    nll, correct = states.new_zeros((), dtype=torch.float32), 0
-    for start in range(0, len(target), chunk_tokens):
-        s, t = flat[start:start + chunk_tokens], target[start:start + chunk_tokens]
-        if grad:
-            part, right = checkpoint(_chunk_sums, head, s, t, use_reentrant=False)
-        else:
-            part, right = _chunk_sums(head, s, t)
-        nll, correct = nll + part, correct + int(right)
-    return nll, correct, int(len(target))
+    nll, correct = _sum_chunks(functools.partial(_chunk_sums, head), (flat, target), chunk_tokens, grad)
+    return nll, int(correct), int(len(target))
 
 
 def _chunk_kd_sums(head: Callable, kl: Callable, states: torch.Tensor, target: torch.Tensor,
@@ -212,14 +218,12 @@ def next_token_kd_sums(states: torch.Tensor, head: Callable, batch: dict, teache
     Divided by the count these are the means the full-logit losses take
     (:func:`next_token_loss`, :func:`distill.losses.next_token_kl`)."""
     flat, target, *rows = _predicting(states, batch, *teacher)
+    if not len(target):
+        zero = states.new_zeros((), dtype=torch.float32)
+        return zero, zero, 0
     grad = torch.is_grad_enabled() and states.requires_grad
     chunk_tokens = chunk_tokens or chunk_positions(vocabulary(head, flat))
-    nll, kd = (states.new_zeros((), dtype=torch.float32) for _ in range(2))
-    for start in range(0, len(target), chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        args = (head, kl, flat[part], target[part], *(r[part] for r in rows))
-        a, b = checkpoint(_chunk_kd_sums, *args, use_reentrant=False) if grad else _chunk_kd_sums(*args)
-        nll, kd = nll + a, kd + b
+    nll, kd = _sum_chunks(functools.partial(_chunk_kd_sums, head, kl), (flat, target, *rows), chunk_tokens, grad)
     return nll, kd, int(len(target))
 
 
