@@ -18,8 +18,8 @@ teacher-cache, the training steps). An arm is ``[REPLACE+]HEAL[/MOD...]``:
 - ``MOD``: ``kd[W]`` (the weight W, a half by default, of the loss is the KL to the teacher's
   logits, the teacher beside each step: over its top ``--kd-top-k`` logits and the mass outside
   them, or the full vocabulary at 0, as rows before 2026-12-04 had it), ``mix[S]`` (the share S,
-  ``--mix-share`` by default, a quarter, of the windows are general text, ``--mix-corpus``: the
-  zero-shot guard; the replacement is fitted on the same mixed windows), ``guard[W]`` (the weight
+  ``--mix-share`` by default, a quarter, of the windows are general text, ``--mix-corpus``, or
+  windows the teacher samples with ``--mix-corpus teacher``: the zero-shot guard; the replacement is fitted on the same mixed windows), ``guard[W]`` (the weight
   W, 1 by default, times the KL from the teacher's to the student's answers on ``--guard-samples``
   train prompts of each ``--guard`` dataset joins the loss: compress's ``--heal-guard-weight``),
   ``lrX`` (learning rate X instead of compress's), ``control`` (the *teacher* is healed instead,
@@ -143,15 +143,30 @@ def cached(path: Path, compute) -> dict:
     return value
 
 
+def cached_tensor(path: Path, make):
+    """``torch.load(path)``, or ``make()`` saved there first (atomically: a stopped arm leaves no half file)."""
+    import torch
+
+    if path.exists():
+        return torch.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = make()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
+
+
 def run_arm(args) -> dict:
     """One arm in this process: the row of the table."""
     sys.path.insert(0, str(HERE))
     import torch
     from signals_cost import PeakRSS
 
-    from fusion_prune.corpus import load_corpus, mix_windows, token_windows
+    from fusion_prune.cache import home
+    from fusion_prune.corpus import load_corpus, mix_count, mix_windows, token_windows
     from fusion_prune.heal import HealConfig, heal
-    from fusion_prune.lm import perplexity
+    from fusion_prune.lm import TEACHER_TEXT, perplexity, sample_windows, start_token
     from fusion_prune.models import load_causal_lm
     from fusion_prune.surgery import count_parameters, drop_layers, num_layers
 
@@ -188,11 +203,18 @@ def run_arm(args) -> dict:
         t0 = time.perf_counter()
         windows = train  # what the arm learns from: the replacement's fit and the healing
         if "mix" in spec["mods"]:
-            general = load_corpus(args.mix_corpus)
             share = args.mix_share if spec["mix_share"] is None else spec["mix_share"]
-            windows = mix_windows(train, token_windows(tok, general.train, args.max_length, None, what="mix corpus"),
-                                  share, seed=args.seed)
-            row["mix_share"] = share
+            if args.mix_corpus == TEACHER_TEXT:  # compress --heal-mix teacher; sampled once, then cached
+                n = mix_count(len(train), share)
+                general = cached_tensor(home() / "heal-table" / f"teacher-text-{args.model}-{n}x{args.max_length}"
+                                        f"-seed{args.seed}.pt", lambda: sample_windows(
+                                            teacher, n, args.max_length, start_token(tok), seed=args.seed))
+                t0 = time.perf_counter()  # sampling once for every arm and seed is not part of an arm's budget
+            else:
+                general = token_windows(tok, load_corpus(args.mix_corpus).train, args.max_length, None,
+                                        what="mix corpus")
+            windows = mix_windows(train, general, share, seed=args.seed)
+            row["mix_share"], row["mix_corpus"] = share, args.mix_corpus
         if spec["replace"] != "none":
             from fusion_prune.replace import replace_layers
 
@@ -306,7 +328,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
     ap.add_argument("--replace-samples", type=int, default=16)
-    ap.add_argument("--mix-corpus", default="book-excerpts")
+    ap.add_argument("--mix-corpus", default="book-excerpts", help="a /mix arm's general text: a corpus, or "
+                    "'teacher' (windows the teacher samples, as compress --heal-mix teacher; cached under "
+                    "$FUSIONPRUNE_HOME/heal-table, and the sampling is outside the arm's budget)")
     ap.add_argument("--mix-share", type=float, default=MIX_SHARE, help="share of the windows from --mix-corpus")
     ap.add_argument("--guard", default="rotten-tomatoes", help="a /guard arm's labelled datasets: the teacher's "
                     "answers on their train prompts join the healing loss (compress --heal-guard-weight)")

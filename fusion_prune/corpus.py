@@ -156,16 +156,21 @@ def token_windows(tokenizer, texts: Sequence[str], length: int, max_tokens: int 
     return torch.as_tensor(ids[: n * length], dtype=torch.long).view(n, length)
 
 
+def mix_count(n: int, share: float) -> int:
+    """How many general windows join ``n`` corpus windows to make ``share`` of the result."""
+    if not 0 <= share < 1:
+        raise BadInputError(f"The 'heal_mix_share' parameter must be in [0, 1). Got {share}.")
+    return round(n * share / (1 - share))
+
+
 def mix_windows(windows: torch.Tensor, general: torch.Tensor, share: float, seed: int = 0) -> torch.Tensor:
     """``windows`` (N, T) with windows of ``general`` (M, T) added so that they are ``share`` of the
     result: the zero-shot guard of healing (a narrow corpus alone costs general ability). The
     general windows are a seeded sample (without replacement while ``general`` has enough; all of
     them, then drawn again, when not)."""
-    if not 0 <= share < 1:
-        raise BadInputError(f"The 'heal_mix_share' parameter must be in [0, 1). Got {share}.")
+    n = mix_count(len(windows), share)
     if general.shape[1] != windows.shape[1]:
         raise ValueError(f"window lengths differ: {windows.shape[1]} and {general.shape[1]}")
-    n = round(len(windows) * share / (1 - share))
     if n == 0:
         return windows
     g = torch.Generator().manual_seed(seed)

@@ -255,3 +255,63 @@ def teacher_kl_scorer(verbaliser_ids: Sequence[int]):
         return (float((logp.argmax(-1) == gold).sum()), float((t.exp() * (t - logp)).sum()), len(gold))
 
     return score
+
+
+# --------------------------------------------------------------------------- the teacher's own text
+
+#: ``--heal-mix``'s word for text the teacher writes itself (self-data distillation: healing data
+#: from the model being recovered, when no general corpus is at hand). ``./teacher`` is a path.
+TEACHER_TEXT = "teacher"
+#: sequences sampled at a time: the KV cache of a batch is ``batch x length`` tokens of every layer
+SAMPLE_BATCH = 32
+
+
+def start_token(tokenizer) -> int:
+    """The token a sampled document starts from: BOS, else EOS (a document boundary either way)."""
+    for name in ("bos_token_id", "eos_token_id"):
+        if (tid := getattr(tokenizer, name, None)) is not None:
+            return int(tid)
+    raise BadInputError("The '--heal-mix teacher' option needs a tokenizer with a BOS or an EOS token to start "
+                        "sampling from; this tokenizer has neither. Expected a corpus spec instead.")
+
+
+@torch.no_grad()
+def sample_windows(model, n: int, length: int, start_id: int, seed: int = 0, batch_size: int = SAMPLE_BATCH,
+                   progress: bool = False) -> torch.Tensor:
+    """(n, length) token windows ``model`` writes itself, on the CPU: each is ``start_id`` and
+    ``length - 1`` tokens of ancestral sampling at temperature 1 with no top-k or top-p, so the text
+    follows the model's own distribution. End-of-text is an ordinary token (the model starts a new
+    document after it, as the corpus's joined windows do), not a stop: a loop of its own over the KV
+    cache, not ``generate``, which stops at the model's configured EOS whatever it is passed.
+    Seeded by a generator of its own (the global random state is untouched); the same seed and
+    ``batch_size`` give the same windows. The model is left in the mode it came in."""
+    from tqdm.auto import tqdm
+
+    if n < 0 or length < 2:
+        raise BadInputError(f"The 'n' and 'length' parameters must be at least 0 and 2. Got {n} and {length}.")
+    import inspect
+
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # transformers renamed the KV cache's argument and output (past_key_values -> cache) within 5.x
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = torch.empty(n, length, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=n * (length - 1), desc="teacher text", unit="tok", disable=not progress)
+        for i in range(0, n, batch_size):
+            seqs = torch.full((min(batch_size, n - i), 1), start_id, dtype=torch.long, device=device)
+            ids, past = seqs, None
+            for _ in range(length - 1):
+                o = model(input_ids=ids, attention_mask=torch.ones_like(seqs), use_cache=True, **{name: past})
+                past = getattr(o, name)
+                p = o.logits[:, -1].float().softmax(-1)  # (B, V): one position's logits only
+                ids = torch.multinomial(p, 1, generator=gen)
+                seqs = torch.cat([seqs, ids], 1)
+                bar.update(len(seqs))
+            out[i: i + len(seqs)] = seqs.cpu()
+        bar.close()
+    finally:
+        model.train(was_training)
+    return out

@@ -95,6 +95,12 @@ def test_compress_replace_layer_and_heal_mix(llama_dir, corpus_txt, tmp_path):  
     assert bad.exit_code != 0 and "'--heal-mix-share' option must be between 0 and 1 (exclusive). Got 1.5." in bad.output
 
 
+def load_causal_lm_dir(folder):
+    from fusion_prune.models import load_causal_lm
+
+    return load_causal_lm(str(folder))
+
+
 def _config(out):
     from transformers import AutoConfig
 
@@ -332,3 +338,80 @@ def test_lora_targets_are_checked_as_the_teacher_loads(llama_dir, corpus_txt, tm
                                     "--max-eval-tokens", "64", "--lora-targets", "qproj", "--heal", "lora"])
     assert res.exit_code == 2 and "'--lora-targets' option must name modules" in res.output, res.output
     assert "Traceback" not in res.output and "such as" in res.output
+
+
+def test_sampled_windows_follow_the_model_and_leave_its_state(llama_dir):  # noqa: F811
+    """--heal-mix teacher's text: seeded, from the start token, at temperature 1 with no top-k (the
+    first sampled token's frequencies match the model's softmax), end-of-text no stop, and neither
+    the global random state nor the model's mode changed."""
+    from fusion_prune.lm import sample_windows
+
+    model, _ = load_causal_lm_dir(llama_dir)
+    model.train()
+    rng_before = torch.get_rng_state()
+    w = sample_windows(model, 6, 12, start_id=3, seed=5, batch_size=4)
+    assert w.shape == (6, 12) and w.dtype == torch.long and (w[:, 0] == 3).all()
+    assert torch.equal(torch.get_rng_state(), rng_before) and model.training
+    assert torch.equal(sample_windows(model, 6, 12, start_id=3, seed=5, batch_size=4), w)
+    assert not torch.equal(sample_windows(model, 6, 12, start_id=3, seed=6, batch_size=4), w)
+    assert sample_windows(model, 0, 12, start_id=3).shape == (0, 12)
+    # a token the model's generation config calls end-of-text is sampled on, not stopped at
+    model.generation_config.eos_token_id = int(w[0, 5])
+    assert torch.equal(sample_windows(model, 6, 12, start_id=3, seed=5, batch_size=4), w)
+    # temperature 1, whole vocabulary: the first sampled token is drawn from softmax(logits)
+    first = sample_windows(model, 3000, 2, start_id=3, seed=0, batch_size=1000)[:, 1]
+    with torch.no_grad():
+        p = model(torch.tensor([[3]])).logits[0, -1].softmax(-1)
+    freq = torch.bincount(first, minlength=len(p)).double() / len(first)
+    assert 0.5 * (freq - p.double()).abs().sum() < 0.06  # total variation
+    assert (freq > 0).all()  # no top-k or top-p cut: every token of the vocabulary is drawn
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sampling_over_the_kv_cache_draws_what_whole_passes_draw(family):
+    """Replayed with the same generator, sampling from whole-sequence passes (no cache) draws the
+    same tokens: the cached loop's distributions are the model's (positions included)."""
+    from test_causal_lm import tiny_decoder
+
+    from fusion_prune.lm import sample_windows
+
+    model = tiny_decoder(family).eval()
+    w = sample_windows(model, 3, 9, start_id=3, seed=2, batch_size=3)
+    gen, seqs = torch.Generator().manual_seed(2), torch.full((3, 1), 3)
+    with torch.no_grad():
+        for _ in range(8):
+            p = model(seqs, attention_mask=torch.ones_like(seqs), use_cache=False).logits[:, -1].float().softmax(-1)
+            seqs = torch.cat([seqs, torch.multinomial(p, 1, generator=gen)], 1)
+    assert torch.equal(seqs, w)
+
+
+def test_compress_heals_on_the_teachers_own_text(llama_dir, corpus_txt, tmp_path, monkeypatch):  # noqa: F811
+    """--heal-mix teacher samples the mix from the teacher (its own memory phase); a tokenizer with
+    no BOS or EOS to start from is refused before the choice runs."""
+    import shutil
+
+    from fusion_prune import loop
+    from fusion_prune.cli import main
+    from fusion_prune.models import load_tokenizer
+
+    with_eos = tmp_path / "with-eos"
+    shutil.copytree(llama_dir, with_eos)
+    tok = load_tokenizer(str(with_eos))
+    tok.add_special_tokens({"eos_token": "[SEP]"})
+    tok.save_pretrained(with_eos)
+    args = ["--target-layers", "3", "--max-length", "16", "--heal-steps", "2", "--max-eval-tokens", "64",
+            "--signal-samples", "2", "--batch-size", "2", "--strategy", "deepest", "--heal", "full",
+            "--heal-mix", "teacher", "--heal-mix-share", "0.5"]
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compress", "-m", str(with_eos), "-d", str(corpus_txt), "-o", str(out), *args])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert "sampling" in r["info"]["peak_memory"] and "from the teacher" in res.output and "general text (teacher)" in res.output
+
+    def no_choice(*a, **k):
+        raise AssertionError("the choice ran before the tokenizer was refused")
+
+    monkeypatch.setattr(loop, "measure_state", no_choice)
+    bad = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "-o",
+                                    str(tmp_path / "bad"), *args])
+    assert bad.exit_code == 2 and "needs a tokenizer with a BOS or an EOS token" in bad.output, bad.output

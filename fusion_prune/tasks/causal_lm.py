@@ -19,6 +19,7 @@ from fusion_prune.config import opt
 from fusion_prune.dropone import next_token_score
 from fusion_prune.fusion import DEFAULT_BUNDLE
 from fusion_prune.heal import HealConfig
+from fusion_prune.lm import TEACHER_TEXT
 from fusion_prune.tasks.base import FinishConfig, Task, register_task
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class CausalLMFinish(FinishConfig):
     replace_samples: int = opt(16, help="Causal LM: training windows the --replace map or layer is fitted on.")
     heal_mix: str | None = opt(help="Causal LM: a general-text corpus mixed into the healing windows and those the "
                                     "--replace fit sees (a narrow corpus alone costs general ability); any corpus "
-                                    "spec.")
+                                    "spec, or 'teacher': text the teacher samples itself (self-data distillation, "
+                                    "when no general corpus is at hand).")
     heal_mix_share: float = opt(0.25, help="Causal LM: share of the healing windows that come from --heal-mix.")
     heal_teacher: bool = opt(False, help="Causal LM: also heal a copy of the teacher with the same method, steps and "
                                          "data, and report the student against it (the control that separates "
@@ -105,8 +107,8 @@ class CausalLMFinish(FinishConfig):
 
             raise BadInputError(f"The '--heal-mix-share' option must be between 0 and 1 (exclusive). "
                                 f"Got {self.heal_mix_share}.")
-        if self.heal_mix:  # a corpus that does not load fails now, not after the choice and the replacement
-            from fusion_prune.corpus import load_corpus
+        if self.heal_mix and self.heal_mix != TEACHER_TEXT:  # a corpus that does not load fails now, not after
+            from fusion_prune.corpus import load_corpus  # the choice and the replacement
 
             load_corpus(self.heal_mix)
         if self.lm_eval:  # a wrong name fails now, not after the hours the run takes to reach it
@@ -225,6 +227,10 @@ class CausalLMTask(Task):
             from fusion_prune.heal import check_lora_targets
 
             check_lora_targets(model, finish.heal)
+            if finish.heal_mix == TEACHER_TEXT:  # and a tokenizer with nothing to start the teacher's text from
+                from fusion_prune.lm import start_token
+
+                start_token(tok)
         for split in ("train", "validation", "test"):  # refuse a corpus too short for one window, up front
             self.windows(tok, split, step, step.max_eval_tokens if split != "train" else None)
         return {"teacher_finetuned": False,
@@ -354,7 +360,7 @@ class CausalLMTask(Task):
         train_w = self.windows(tok, "train", step)
         if finish.heal_mix:  # the replacement's fit and the healing alike (a map fitted on the corpus alone
             # cost more unseen-text perplexity: benchmarks/journal.md, "Linear replacement and general ability")
-            train_w = self._mixed(tok, train_w, step, finish)
+            train_w = self._mixed(teacher, tok, train_w, step, finish)
         replace_stats, replaced_ppl = None, None
         if finish.replace != "none":
             from fusion_prune.replace import replace_layers
@@ -422,14 +428,22 @@ class CausalLMTask(Task):
             "data": self.data.describe(),
         }
 
-    def _mixed(self, tok, train_w, step, finish):
-        """The healing windows with ``finish.heal_mix``'s train windows as ``heal_mix_share`` of them."""
-        from fusion_prune.corpus import load_corpus, mix_windows, token_windows
+    def _mixed(self, teacher, tok, train_w, step, finish):
+        """The healing windows with ``finish.heal_mix``'s train windows (or as many windows the teacher
+        samples, :data:`fusion_prune.lm.TEACHER_TEXT`) as ``heal_mix_share`` of them."""
+        from fusion_prune.corpus import load_corpus, mix_count, mix_windows, token_windows
+        from fusion_prune.lm import sample_windows, start_token
 
-        general = load_corpus(finish.heal_mix)
-        mixed = mix_windows(train_w, token_windows(tok, general.train, step.max_length, None,
-                                                   what=f"train split of --heal-mix {finish.heal_mix!r}"),
-                            finish.heal_mix_share, seed=step.seed)
+        if finish.heal_mix == TEACHER_TEXT:
+            n = mix_count(len(train_w), finish.heal_mix_share)
+            log.info("sampling %d windows of %d tokens from the teacher (--heal-mix teacher)", n, step.max_length)
+            with self.phase("sampling"):
+                general = sample_windows(teacher, n, step.max_length, start_token(tok), seed=step.seed,
+                                         progress=step.progress)
+        else:
+            general = token_windows(tok, load_corpus(finish.heal_mix).train, step.max_length, None,
+                                    what=f"train split of --heal-mix {finish.heal_mix!r}")
+        mixed = mix_windows(train_w, general, finish.heal_mix_share, seed=step.seed)
         log.info("training on %d windows: %d of them general text (%s)", len(mixed), len(mixed) - len(train_w),
                  finish.heal_mix)
         return mixed
