@@ -343,7 +343,7 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
         from fusion_prune.training import EarlyStopping
 
         check = validation[: cfg.eval_windows]  # bounded: a check's cost does not grow with the corpus
-        stopper = EarlyStopping(model, lambda m: perplexity(m, check, cfg.batch_size)["nll"], cfg.eval_every,
+        stopper = EarlyStopping(model, lambda m: perplexity(m, check, cfg.batch_size, finite=False)["nll"], cfg.eval_every,
                                 cfg.patience, "validation_nll", higher_is_better=False)
     loader = window_loader(windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
     cuda = device.type == "cuda"

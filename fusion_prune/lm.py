@@ -39,8 +39,11 @@ def zero_shot_defaults(dataset: str, prompt: str | None = None, verbalisers: str
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> dict:
-    """``{"perplexity", "nll", "tokens", "windows", "eval_seconds"}`` of ``model`` on windows (N, T)."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+               finite: bool = True) -> dict:
+    """``{"perplexity", "nll", "tokens", "windows", "eval_seconds"}`` of ``model`` on windows (N, T).
+    A non-finite NLL is refused unless ``finite`` is False (a check during training, which counts
+    it as no gain, rather than ending hours of work)."""
     from tqdm.auto import tqdm
 
     from fusion_prune.dropone import next_token_score
@@ -58,7 +61,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     finally:
         model.train(was_training)
     mean = nll / max(tokens, 1)
-    if not math.isfinite(mean):
+    if finite and not math.isfinite(mean):
         raise BadInputError("The model's next-token NLL is not finite; expected finite weights (check for NaN).")
     return {"perplexity": float(math.exp(min(mean, 700.0))), "nll": float(mean), "tokens": int(tokens),
             "windows": int(len(windows)), "eval_seconds": round(time.perf_counter() - t0, 2)}

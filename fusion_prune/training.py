@@ -127,14 +127,16 @@ class EarlyStopping:
             return False
         value = float(self.measure(self.model))
         self.curve.append((step, round(value, 5)))
-        if self.best is None or self.sign * (value - self.best) > self.min_delta:
+        # a diverged model (NaN or inf) is never the best: it counts as a check without a gain
+        if math.isfinite(value) and (self.best is None or self.sign * (value - self.best) > self.min_delta):
             self.best, self.best_step, self.bad = value, step, 0
             self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
                                if p.requires_grad}
         else:
             self.bad += 1
         what = self.what.replace("_", " ")
-        log.info("step %d: %s %.4f (best %.4f at step %d)", step, what, value, self.best, self.best_step)
+        log.info("step %d: %s %.4f (best %.4f at step %d)", step, what, value,
+                 math.nan if self.best is None else self.best, self.best_step)
         if self.stopped:
             log.info("early stop at step %d: no gain in %d checks; keeping the weights of step %d (%s %.4f)",
                      step, self.bad, self.best_step, what, self.best)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 
@@ -415,3 +416,35 @@ def test_compress_heals_on_the_teachers_own_text(llama_dir, corpus_txt, tmp_path
     bad = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "-o",
                                     str(tmp_path / "bad"), *args])
     assert bad.exit_code == 2 and "needs a tokenizer with a BOS or an EOS token" in bad.output, bad.output
+
+
+def test_a_diverged_check_counts_as_no_gain_and_the_best_weights_come_back(llama_dir):  # noqa: F811
+    """A validation check of a diverged model (NaN or inf NLL) stops nothing by raising: it is a
+    check without a gain, and the finite best weights are restored. Outside training a non-finite
+    NLL is still refused."""
+    from fusion_prune.errors import BadInputError
+    from fusion_prune.lm import perplexity
+    from fusion_prune.models import load_causal_lm
+    from fusion_prune.training import EarlyStopping
+
+    layer = torch.nn.Linear(2, 2)
+    values = iter([2.0, float("nan"), float("inf")])
+    stopper = EarlyStopping(layer, lambda m: next(values), every=1, patience=2, what="validation_nll",
+                            higher_is_better=False)
+    kept = layer.weight.detach().clone()
+    assert not stopper(1)
+    with torch.no_grad():
+        layer.weight.fill_(float("nan"))
+    assert not stopper(2) and stopper(3) and stopper.best == 2.0 and stopper.best_step == 1
+    stopper.restore(3)
+    assert torch.equal(layer.weight, kept)
+    model, _ = load_causal_lm(str(llama_dir))
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    windows = torch.randint(5, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+    from fusion_prune import logits
+
+    assert math.isnan(perplexity(model, windows, 2, finite=False)["nll"])
+    assert type(model) not in logits._FULL_LOGITS  # not taken for a family whose head the check cannot read
+    with pytest.raises(BadInputError, match="NLL is not finite"):
+        perplexity(model, windows, 2)
