@@ -343,8 +343,9 @@ def heal(student, windows: torch.Tensor, cfg: HealConfig, teacher=None,
         from fusion_prune.training import EarlyStopping
 
         check = validation[: cfg.eval_windows]  # bounded: a check's cost does not grow with the corpus
-        stopper = EarlyStopping(model, lambda m: perplexity(m, check, cfg.batch_size, finite=False)["nll"], cfg.eval_every,
-                                cfg.patience, "validation_nll", higher_is_better=False)
+        # finite=False: a diverged check is one without a gain (the best weights come back), not an error
+        stopper = EarlyStopping(model, lambda m: perplexity(m, check, cfg.batch_size, finite=False)["nll"],
+                                cfg.eval_every, cfg.patience, "validation_nll", higher_is_better=False)
     loader = window_loader(windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
     cuda = device.type == "cuda"
     if cuda:  # the training steps' peak: for QLoRA the 4-bit base, not the copy it was made from

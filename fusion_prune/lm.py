@@ -12,6 +12,7 @@ after the prompt, summed over the verbaliser's tokens; the highest wins.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Sequence
@@ -281,7 +282,7 @@ def start_token(tokenizer) -> int:
 @torch.no_grad()
 def sample_windows(model, n: int, length: int, start_id: int, seed: int = 0, batch_size: int = SAMPLE_BATCH,
                    progress: bool = False) -> torch.Tensor:
-    """(n, length) token windows ``model`` writes itself, on the CPU: each is ``start_id`` and
+    """(n, length) token windows ``model`` writes itself (returned on the CPU): each is ``start_id`` and
     ``length - 1`` tokens of ancestral sampling at temperature 1 with no top-k or top-p, so the text
     follows the model's own distribution. End-of-text is an ordinary token (the model starts a new
     document after it, as the corpus's joined windows do), not a stop: a loop of its own over the KV
@@ -292,8 +293,6 @@ def sample_windows(model, n: int, length: int, start_id: int, seed: int = 0, bat
 
     if n < 0 or length < 2:
         raise BadInputError(f"The 'n' and 'length' parameters must be at least 0 and 2. Got {n} and {length}.")
-    import inspect
-
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     # transformers renamed the KV cache's argument and output (past_key_values -> cache) within 5.x
