@@ -131,28 +131,22 @@ def zero_shot_all(model, tok, samples: int, seed: int = 0) -> dict:
     return out
 
 
-def cached(path: Path, compute) -> dict:
-    """The JSON at ``path``, computed and written (atomically) when missing; concurrent workers may
-    each compute it, and each writes its own temporary file."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
-    return value
-
-
-def cached_tensor(path: Path, make):
-    """``torch.load(path)``, or ``make()`` saved there first (atomically: a stopped arm leaves no half file)."""
+def cached(path: Path, compute):
+    """The JSON at ``path`` (a tensor for a ``.pt`` path), computed and written (atomically: a stopped
+    arm leaves no half file) when missing; concurrent workers may each compute it, and each writes
+    its own temporary file."""
     import torch
 
-    if path.exists():
-        return torch.load(path)
+    tensor = path.suffix == ".pt"
+    if path.is_file():
+        return torch.load(path) if tensor else json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
-    value = make()
+    value = compute()
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(value, tmp)
+    if tensor:
+        torch.save(value, tmp)
+    else:
+        tmp.write_text(json.dumps(value, indent=1))
     tmp.replace(path)
     return value
 
@@ -206,7 +200,7 @@ def run_arm(args) -> dict:
             share = args.mix_share if spec["mix_share"] is None else spec["mix_share"]
             if args.mix_corpus == TEACHER_TEXT:  # compress --heal-mix teacher; sampled once, then cached
                 n = mix_count(len(train), share)
-                general = cached_tensor(home() / "heal-table" / f"teacher-text-{args.model}-{n}x{args.max_length}"
+                general = cached(home() / "heal-table" / f"teacher-text-{args.model}-{n}x{args.max_length}"
                                         f"-seed{args.seed}.pt", lambda: sample_windows(
                                             teacher, n, args.max_length, start_token(tok), seed=args.seed))
                 t0 = time.perf_counter()  # sampling once for every arm and seed is not part of an arm's budget
