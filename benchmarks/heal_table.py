@@ -160,7 +160,7 @@ def run_arm(args) -> dict:
     from fusion_prune.cache import home
     from fusion_prune.corpus import load_corpus, mix_count, mix_windows, token_windows
     from fusion_prune.heal import HealConfig, heal
-    from fusion_prune.lm import TEACHER_TEXT, perplexity, sample_windows, start_token
+    from fusion_prune.lm import TEACHER_TEXT, general_windows, perplexity
     from fusion_prune.models import load_causal_lm
     from fusion_prune.surgery import count_parameters, drop_layers, num_layers
 
@@ -198,15 +198,14 @@ def run_arm(args) -> dict:
         windows = train  # what the arm learns from: the replacement's fit and the healing
         if "mix" in spec["mods"]:
             share = args.mix_share if spec["mix_share"] is None else spec["mix_share"]
+            n = mix_count(len(train), share)
+            make = lambda: general_windows(args.mix_corpus, teacher, tok, n, args.max_length, seed=args.seed)  # noqa: E731
             if args.mix_corpus == TEACHER_TEXT:  # compress --heal-mix teacher; sampled once, then cached
-                n = mix_count(len(train), share)
                 general = cached(home() / "heal-table" / f"teacher-text-{args.model}-{n}x{args.max_length}"
-                                        f"-seed{args.seed}.pt", lambda: sample_windows(
-                                            teacher, n, args.max_length, start_token(tok), seed=args.seed))
+                                 f"-seed{args.seed}.pt", make)
                 t0 = time.perf_counter()  # sampling once for every arm and seed is not part of an arm's budget
             else:
-                general = token_windows(tok, load_corpus(args.mix_corpus).train, args.max_length, None,
-                                        what="mix corpus")
+                general = make()
             windows = mix_windows(train, general, share, seed=args.seed)
             row["mix_share"], row["mix_corpus"] = share, args.mix_corpus
         if spec["replace"] != "none":

@@ -279,6 +279,18 @@ def start_token(tokenizer) -> int:
                         "sampling from; this tokenizer has neither. Expected a corpus spec instead.")
 
 
+def general_windows(spec: str, model, tokenizer, n: int, length: int, seed: int = 0,
+                    progress: bool = False) -> torch.Tensor:
+    """The general text ``--heal-mix`` names as windows (M, length): ``n`` windows ``model``
+    samples for :data:`TEACHER_TEXT`, else every window of the corpus ``spec``'s train split
+    (:func:`fusion_prune.corpus.mix_windows` then draws ``n`` of them)."""
+    from fusion_prune.corpus import load_corpus, token_windows
+
+    if spec == TEACHER_TEXT:
+        return sample_windows(model, n, length, start_token(tokenizer), seed=seed, progress=progress)
+    return token_windows(tokenizer, load_corpus(spec).train, length, None, what=f"train split of --heal-mix {spec!r}")
+
+
 @torch.no_grad()
 def sample_windows(model, n: int, length: int, start_id: int, seed: int = 0, batch_size: int = SAMPLE_BATCH,
                    progress: bool = False) -> torch.Tensor:

@@ -431,18 +431,18 @@ class CausalLMTask(Task):
     def _mixed(self, teacher, tok, train_w, step, finish):
         """The healing windows with ``finish.heal_mix``'s train windows (or as many windows the teacher
         samples, :data:`fusion_prune.lm.TEACHER_TEXT`) as ``heal_mix_share`` of them."""
-        from fusion_prune.corpus import load_corpus, mix_count, mix_windows, token_windows
-        from fusion_prune.lm import sample_windows, start_token
+        import contextlib
 
-        if finish.heal_mix == TEACHER_TEXT:
-            n = mix_count(len(train_w), finish.heal_mix_share)
+        from fusion_prune.corpus import mix_count, mix_windows
+        from fusion_prune.lm import general_windows
+
+        n = mix_count(len(train_w), finish.heal_mix_share)
+        sampled = finish.heal_mix == TEACHER_TEXT
+        if sampled:
             log.info("sampling %d windows of %d tokens from the teacher (--heal-mix teacher)", n, step.max_length)
-            with self.phase("sampling"):
-                general = sample_windows(teacher, n, step.max_length, start_token(tok), seed=step.seed,
-                                         progress=step.progress)
-        else:
-            general = token_windows(tok, load_corpus(finish.heal_mix).train, step.max_length, None,
-                                    what=f"train split of --heal-mix {finish.heal_mix!r}")
+        with self.phase("sampling") if sampled else contextlib.nullcontext():
+            general = general_windows(finish.heal_mix, teacher, tok, n, step.max_length, seed=step.seed,
+                                      progress=step.progress)
         mixed = mix_windows(train_w, general, finish.heal_mix_share, seed=step.seed)
         log.info("training on %d windows: %d of them general text (%s)", len(mixed), len(mixed) - len(train_w),
                  finish.heal_mix)
