@@ -89,6 +89,13 @@ class StepConfig:
                                             "teacher's answers over the verbalisers: any departure costs) or labels "
                                             "(cross-entropy of the gold class: a gain on one guarded task can pay "
                                             "for a loss on another).")
+    # self-calibration (Williams et al. 2025): the corpus's windows alone choose the layers its own
+    # text needs; windows the teacher writes are its general text, available offline
+    calibration: str | None = opt(help="Causal LM: the text the choice measures on (the signals, the drop-one "
+                                       "losses of oracle and fusion-verify, sleb's and evo-search's losses): the "
+                                       "dataset's own windows by default; another corpus's, or 'teacher' for windows "
+                                       "the teacher samples itself (self-calibration). The per-step perplexity, the "
+                                       "budget and healing stay on the dataset.")
     progress: bool = True
 
     def step(self) -> StepConfig:

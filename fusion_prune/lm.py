@@ -270,12 +270,13 @@ TEACHER_TEXT = "teacher"
 SAMPLE_BATCH = 32
 
 
-def start_token(tokenizer) -> int:
-    """The token a sampled document starts from: BOS, else EOS (a document boundary either way)."""
+def start_token(tokenizer, option: str = "--heal-mix") -> int:
+    """The token a sampled document starts from: BOS, else EOS (a document boundary either way);
+    ``option`` (which asked for teacher text) names the refusal."""
     for name in ("bos_token_id", "eos_token_id"):
         if (tid := getattr(tokenizer, name, None)) is not None:
             return int(tid)
-    raise BadInputError("The '--heal-mix teacher' option needs a tokenizer with a BOS or an EOS token to start "
+    raise BadInputError(f"The '{option} {TEACHER_TEXT}' option needs a tokenizer with a BOS or an EOS token to start "
                         "sampling from; this tokenizer has neither. Expected a corpus spec instead.")
 
 

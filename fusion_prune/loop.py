@@ -29,6 +29,7 @@ from fusion_prune.checkpoint import RunFolder, load_checkpoint_record
 from fusion_prune.config import TEACHER_OPTIONS, StepConfig, field_default, opt, with_paths
 from fusion_prune.errors import BadInputError, bad_choice
 from fusion_prune.finetune import FinetuneConfig, teacher_config
+from fusion_prune.lm import TEACHER_TEXT
 from fusion_prune.memory import PhasePeaks, fix_mmap_threshold
 from fusion_prune.params import validate
 from fusion_prune.report import REFERENCE, CompressReport, StepRecord
@@ -472,6 +473,8 @@ def _compress(model_spec: str, data, cfg: CompressConfig, output: Path, resume: 
         t_start -= info.get("wall_seconds_before", 0.0)
         done = f" (steps 0-{len(history) - 1} finished: {info['teacher_layers']} -> " if history else " ("
         log.info("resuming at step %d%s%d layers)", len(history), done, num_layers(student))
+        with task.phase("teacher"):  # the choice's own state (a guard, --calibration's text), rebuilt
+            task.prepare_choice(lambda: task.load_model(str(run.path / "teacher"))[0], tok, cfg)
         log.info("data %s", data.summary())
     else:
         with task.phase("load"):
@@ -602,6 +605,10 @@ def check_streamable(cfg) -> None:
     if cfg.guard:
         raise BadInputError(f"The 'guard' parameter is not supported when layers are streamed (max_memory) yet; "
                             f"expected no guard. Got {cfg.guard!r}.")
+    if cfg.calibration == TEACHER_TEXT:
+        raise BadInputError(f"The 'calibration' parameter cannot be {TEACHER_TEXT!r} when layers are streamed "
+                            f"(max_memory): sampling reads every layer once per token; expected a corpus name or "
+                            f"none. Got {cfg.calibration!r}.")
     if cfg.finetune_steps:
         raise BadInputError(f"The 'finetune_steps' parameter must be 0 when layers are streamed (max_memory): "
                             f"recovery trains the whole model. Got {cfg.finetune_steps}.")

@@ -56,6 +56,21 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def eos_llama_dir(llama_dir, tmp_path_factory):
+    """The tiny llama with an EOS token, which teacher text starts from."""
+    import shutil
+
+    from fusion_prune.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama-eos")
+    shutil.copytree(llama_dir, folder, dirs_exist_ok=True)
+    tok = load_tokenizer(str(folder))
+    tok.add_special_tokens({"eos_token": "[SEP]"})
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def corpus_txt(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "story.txt"
     path.write_text("\n\n".join(prose(60)))
@@ -368,17 +383,11 @@ def test_lm_distillation_after_healing_with_zero_shot(llama_dir, corpus_txt, sen
     assert "zero-shot accuracy" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_lm_compress_resumes(llama_dir, corpus_txt, tmp_path, monkeypatch):
+def _stop_after_one_step(monkeypatch, run) -> None:
+    """Call ``run()`` (a compress) with the run stopped by a KeyboardInterrupt after its first removal."""
     from fusion_prune import loop as greedy
-    from fusion_prune.tasks import get_task
 
-    cfg = _lm_cfg(strategy="block-influence", target_layers=1)
-    task = get_task("causal-lm")
-    data = task.load_data(str(corpus_txt))
-    full = greedy.compress_with_config(str(llama_dir), data, cfg, tmp_path / "full", task=task)
-
-    calls = {"n": 0}
-    real = greedy.apply_drop
+    real, calls = greedy.apply_drop, {"n": 0}
 
     def stop_after_one(*a, **k):
         if calls["n"] == 1:
@@ -388,8 +397,21 @@ def test_lm_compress_resumes(llama_dir, corpus_txt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(greedy, "apply_drop", stop_after_one)
     with pytest.raises(KeyboardInterrupt):
-        greedy.compress_with_config(str(llama_dir), data, cfg, tmp_path / "run", task=task)
+        run()
     monkeypatch.setattr(greedy, "apply_drop", real)
+
+
+def test_lm_compress_resumes(llama_dir, corpus_txt, tmp_path, monkeypatch):
+    from fusion_prune import loop as greedy
+    from fusion_prune.tasks import get_task
+
+    cfg = _lm_cfg(strategy="block-influence", target_layers=1)
+    task = get_task("causal-lm")
+    data = task.load_data(str(corpus_txt))
+    full = greedy.compress_with_config(str(llama_dir), data, cfg, tmp_path / "full", task=task)
+
+    _stop_after_one_step(monkeypatch, lambda: greedy.compress_with_config(str(llama_dir), data, cfg, tmp_path / "run",
+                                                                          task=task))
     resumed = greedy.compress_with_config(str(llama_dir), data, cfg, tmp_path / "run", resume=True, task=get_task("causal-lm"))
     assert resumed["kept_layers"] == full["kept_layers"]
     assert [h["dropped_orig"] for h in resumed["history"]] == [h["dropped_orig"] for h in full["history"]]
@@ -683,6 +705,91 @@ def test_guard_is_refused_where_it_cannot_apply(llama_dir, corpus_txt, sentiment
     assert res.exit_code != 0 and f"The 'guard' dataset {str(sentiment_csv_dir)!r}" in res.output
     assert "must start with distinct tokens" in res.output
     assert "Traceback" not in res.output
+
+
+# --------------------------------------------------------------------------- --calibration: the choice's text
+def test_calibration_text_is_what_the_choice_measures_on(eos_llama_dir, corpus_txt, tmp_path):
+    """--calibration CORPUS: the drop-one table and the calibration batches come from that corpus's
+    validation and train windows; --calibration teacher: from windows the teacher samples (seeded,
+    half each). The per-step perplexity stays the dataset's."""
+    from fusion_prune.corpus import load_corpus, token_windows
+    from fusion_prune.dropone import drop_one_nll
+    from fusion_prune.corpus import window_batches
+    from fusion_prune.lm import sample_windows, start_token
+    from fusion_prune.tasks import get_task
+
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(prose(60, seed=7)))
+    task = get_task("causal-lm")
+    task.load_data(str(corpus_txt))
+    model, tok, _ = task.load_model(str(eos_llama_dir))
+    plain = _lm_cfg(drop_one_samples=2)
+    task.prepare_teacher(model, tok, plain, None, 0.0, True, str(eos_llama_dir))
+    own = task.drop_one(model, tok, plain).table["loss_after_drop"].to_numpy()
+    metric = task.step_metric(model, tok, plain)
+
+    cfg = _lm_cfg(drop_one_samples=2, calibration=str(other))
+    info = task.prepare_teacher(model, tok, cfg, None, 0.0, True, str(eos_llama_dir))
+    data = load_corpus(str(other))
+    val = token_windows(tok, data.validation, 16, 64)
+    train = token_windows(tok, data.train, 16, None)
+    assert info["calibration"] == {"text": str(other), "train_windows": len(train), "validation_windows": len(val)}
+    got = task.drop_one(model, tok, cfg).table["loss_after_drop"].to_numpy()
+    want = drop_one_nll(model, window_batches(val[:2], 2, "cpu")).table["loss_after_drop"].to_numpy()
+    assert np.allclose(got, want) and not np.allclose(got, own)
+    rows = {tuple(r) for r in train.tolist()}
+    assert all(tuple(r) in rows for b in task.calibration_batches(model, tok, cfg, 0) for r in b["input_ids"].tolist())
+    assert task.step_metric(model, tok, cfg) == metric
+
+    sampled = _lm_cfg(drop_one_samples=2, calibration="teacher")
+    info = task.prepare_teacher(model, tok, sampled, None, 0.0, True, str(eos_llama_dir))
+    n = len(token_windows(tok, task.data.validation, 16, 64))
+    w = sample_windows(model, 2 * n, 16, start_token(tok), seed=sampled.seed)
+    assert info["calibration"] == {"text": "teacher", "train_windows": n, "validation_windows": n}
+    got = task.drop_one(model, tok, sampled).table["loss_after_drop"].to_numpy()
+    assert np.allclose(got, drop_one_nll(model, window_batches(w[:2], 2, "cpu")).table["loss_after_drop"].to_numpy())
+    rows = {tuple(r) for r in w[n:].tolist()}
+    assert all(tuple(r) in rows for b in task.calibration_batches(model, tok, sampled, 1) for r in b["input_ids"].tolist())
+    task.prepare_teacher(model, tok, plain, None, 0.0, True, str(eos_llama_dir))  # and back to the dataset's own
+    assert np.allclose(task.drop_one(model, tok, plain).table["loss_after_drop"].to_numpy(), own)
+
+
+def test_calibration_is_refused_where_it_cannot_apply(llama_dir, corpus_txt, tmp_path):
+    from fusion_prune.cli import main
+    from fusion_prune.loop import CompressConfig
+
+    with pytest.raises(BadInputError, match="The 'calibration' parameter names the text.*classification"):
+        CompressConfig.from_options(task="classification", target_layers=1, calibration="teacher")
+    with pytest.raises(BadInputError, match="The 'calibration' parameter cannot be 'teacher' when layers are streamed"):
+        CompressConfig.from_options(task="causal-lm", target_layers=2, strategy="sleb", max_memory="1GiB",
+                                    heal_method="none", calibration="teacher")
+    res = CliRunner().invoke(main, ["compress", "-m", str(llama_dir), "-d", str(corpus_txt), "--target-layers", "2",
+                                    "--max-length", "16", "--calibration", str(tmp_path / "missing.txt"),
+                                    "-o", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "missing.txt" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_resumed_run_measures_with_its_guard_and_calibration(eos_llama_dir, corpus_txt, word_labels_dir, tmp_path,
+                                                               monkeypatch):
+    """The guard's prompts and --calibration's sampled text are rebuilt when a stopped run resumes
+    (they are not saved): its steps measure what an uninterrupted run measures."""
+    from fusion_prune import loop as greedy
+    from fusion_prune.tasks import get_task
+
+    cfg = _lm_cfg(strategy="oracle", target_layers=1, drop_one_samples=2, guard=str(word_labels_dir),
+                  guard_samples=8, calibration="teacher")
+    data = get_task("causal-lm").load_data(str(corpus_txt))
+    full = greedy.compress_with_config(str(eos_llama_dir), data, cfg, tmp_path / "full", task=get_task("causal-lm"))
+    _stop_after_one_step(monkeypatch, lambda: greedy.compress_with_config(str(eos_llama_dir), data, cfg,
+                                                                          tmp_path / "run", task=get_task("causal-lm")))
+    resumed = greedy.compress_with_config(str(eos_llama_dir), data, cfg, tmp_path / "run", resume=True,
+                                          task=get_task("causal-lm"))  # a fresh task: nothing carried over
+    assert len(full["history"]) == 3
+    for a, b in zip(resumed["history"], full["history"]):
+        assert a["dropped_orig"] == b["dropped_orig"]
+        pd.testing.assert_frame_equal(pd.DataFrame(a["drop_one"]).sort_index(axis=1),
+                                      pd.DataFrame(b["drop_one"]).sort_index(axis=1))
 
 
 def test_healing_can_distil_from_the_teacher(llama_dir, corpus_txt, tmp_path):

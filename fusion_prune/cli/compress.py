@@ -42,6 +42,7 @@ def _strategies() -> str:
 @field_option("--guard-samples", source=RUN, type=int)
 @field_option("--guard-shortlist", source=RUN, type=int)
 @field_option("--guard-target", source=RUN, type=ParamChoice("guard_target"))
+@field_option("--calibration", source=RUN, type=str, metavar="CORPUS|teacher")
 @field_option("--finetune-steps", source=RUN, type=int, help_extra=task_defaults("finetune_steps"))
 @field_option("--signal-samples", source=RUN, type=int, help_extra=task_defaults("signal_samples"))
 @field_option("--drop-one-samples", "--label-samples", "drop_one_samples", source=RUN, path="drop_one_samples",

@@ -155,6 +155,11 @@ class Task:
             guarding = sorted(name for name, t in TASKS.items() if t.scores_zero_shot)
             raise BadInputError(f"The 'guard' parameter guards zero-shot accuracy, which task(s) {guarding} score; "
                                 f"expected no guard for task {self.name!r}. Got {cfg.guard!r}.")
+        if cfg.calibration and not self.needs_unlabelled_data:
+            texts = sorted(name for name, t in TASKS.items() if t.needs_unlabelled_data)
+            raise BadInputError(f"The 'calibration' parameter names the text the choice measures on, which task(s) "
+                                f"{texts} take; expected no calibration for task {self.name!r}. "
+                                f"Got {cfg.calibration!r}.")
 
     def check_finish(self, step: StepConfig, finish: FinishConfig) -> None:
         """Refuse finish options that the step's options make meaningless, before any work."""
@@ -171,6 +176,13 @@ class Task:
                         ready: bool, model_spec: str) -> dict:
         """Make ``model`` a teacher (in place) and return facts for the report's ``info``."""
         raise NotImplementedError
+
+    def prepare_choice(self, teacher: Callable[[], Any], tok, step: StepConfig) -> dict:
+        """Build what the choice measures with beyond the dataset (the causal LM's zero-shot guard,
+        its --calibration text) from the teacher, loaded by ``teacher()`` only when needed; facts for
+        the report's ``info``. Called as the teacher is prepared, and again when a stopped run
+        resumes (the state is rebuilt from the same seed, not saved)."""
+        return {}
 
     # ------------------------------------------------------------------ one pruning step
     #: ``score(model, inputs, batch) -> (correct, loss sum, count)``: the forward, the loss and the

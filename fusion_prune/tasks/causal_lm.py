@@ -179,6 +179,8 @@ class CausalLMTask(Task):
         #: the zero-shot guard of the choice: (dataset, batches, scorer) per --guard set, and its weight
         self._guards: list[tuple[str, list[dict], Any]] = []
         self._guard_weight, self._guard_shortlist = 1.0, 0
+        #: --calibration's windows {"train": (N, L), "validation": (M, L)}; {} for the dataset's own
+        self._calibration: dict[str, Any] = {}
 
     def budget_limit(self, info, budget):
         # Relative: 0.5 allows 1.5x the teacher's validation perplexity (same windows), before healing.
@@ -237,7 +239,14 @@ class CausalLMTask(Task):
                 "teacher_validation_perplexity": self._ppl(model, tok, "validation", step, step.step_eval_samples)[
                     "perplexity"],
                 "train_windows": int(len(self.windows(tok, "train", step))),
-                **self._prepare_guard(model, tok, step)}
+                **self.prepare_choice(lambda: model, tok, step)}
+
+    def prepare_choice(self, teacher, tok, step):
+        if not step.guard and not step.calibration:
+            self._guards, self._calibration = [], {}
+            return {}
+        model = teacher()
+        return {**self._prepare_guard(model, tok, step), **self._prepare_calibration(model, tok, step)}
 
     def check_finish(self, step, finish) -> None:
         if finish.heal.guard_weight and not step.guard:
@@ -271,17 +280,50 @@ class CausalLMTask(Task):
                      correct / count, loss / count)
         return {"guard": teacher}
 
+    def _prepare_calibration(self, model, tok, step) -> dict:
+        """The windows the choice measures on when ``step.calibration`` names other text than the
+        dataset: that corpus's train and (capped) validation windows, or for
+        :data:`fusion_prune.lm.TEACHER_TEXT` twice as many windows as the dataset's capped validation
+        split, written by the teacher (half each); ``{}`` without it."""
+        from fusion_prune.corpus import load_corpus, token_windows
+        from fusion_prune.lm import sample_windows, start_token
+
+        self._calibration = {}
+        if not step.calibration:
+            return {}
+        if step.calibration == TEACHER_TEXT:
+            n = len(self.windows(tok, "validation", step, step.max_eval_tokens))
+            log.info("sampling %d windows of %d tokens from the teacher for the choice (--calibration teacher)",
+                     2 * n, step.max_length)
+            w = sample_windows(model, 2 * n, step.max_length, start_token(tok, "--calibration"), seed=step.seed,
+                               progress=step.progress)
+            self._calibration = {"validation": w[:n], "train": w[n:]}
+        else:
+            data = load_corpus(step.calibration)
+            self._calibration = {
+                split: token_windows(tok, data.split(split), step.max_length, cap,
+                                     what=f"{split!r} split of --calibration {step.calibration!r}")
+                for split, cap in (("train", None), ("validation", step.max_eval_tokens))}
+        return {"calibration": {"text": step.calibration,
+                                **{f"{split}_windows": int(len(w)) for split, w in self._calibration.items()}}}
+
+    def _choice_windows(self, tok, split: str, step):
+        """The windows of ``split`` that the choice measures on (``--calibration``'s, else the dataset's)."""
+        if split in self._calibration:
+            return self._calibration[split]
+        return self.windows(tok, split, step, step.max_eval_tokens if split != "train" else None)
+
     def calibration_batches(self, model, tok, step, k):
         from fusion_prune.corpus import window_batches
 
-        w = self._sample(self.windows(tok, "train", step), step.signal_samples, step.seed + k)
+        w = self._sample(self._choice_windows(tok, "train", step), step.signal_samples, step.seed + k)
         return window_batches(w, step.batch_size, next(model.parameters()).device)
 
     def drop_one(self, model, tok, step, only=None):
         from fusion_prune.corpus import window_batches
         from fusion_prune.dropone import drop_one_nll
 
-        w = self.windows(tok, "validation", step, step.max_eval_tokens)[: step.drop_one_samples or None]
+        w = self._choice_windows(tok, "validation", step)[: step.drop_one_samples or None]
         return self._with_guard(model, drop_one_nll(model, window_batches(w, step.batch_size,
                                                                            next(model.parameters()).device),
                                                     progress=step.progress, only=only), only)
@@ -588,6 +630,12 @@ class CausalLMTask(Task):
                       "candidate's measured loss is its next-token NLL plus the weight times the guard's loss ("
                       + ("KL from the teacher's answers" if report.config.get("guard_target") == "teacher"
                          else "cross-entropy of the gold class") + ").", ""]
+        c = report.info.get("calibration")
+        if c:
+            text = "text the teacher sampled itself" if c["text"] == TEACHER_TEXT else f"the corpus {c['text']!r}"
+            lines += [f"The choice measured on {text} ({c['train_windows']} calibration and {c['validation_windows']} "
+                      "validation windows), not on the dataset's (`--calibration`); the per-step perplexity and "
+                      "healing are the dataset's.", ""]
         lines += [f"Wall time {report.wall_seconds:.0f} s; time spent choosing layers {report.selection_seconds:.1f} s.",
                   ""]
         return lines
