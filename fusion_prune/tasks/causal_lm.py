@@ -242,10 +242,8 @@ class CausalLMTask(Task):
                 **self.prepare_choice(lambda: model, tok, step)}
 
     def prepare_choice(self, teacher, tok, step):
-        if not step.guard and not step.calibration:
-            self._guards, self._calibration = [], {}
-            return {}
-        model = teacher()
+        # each part resets its own state and needs no model when unset (a resume then loads none)
+        model = teacher() if step.guard or step.calibration else None
         return {**self._prepare_guard(model, tok, step), **self._prepare_calibration(model, tok, step)}
 
     def check_finish(self, step, finish) -> None:
