@@ -741,6 +741,12 @@ def test_calibration_text_is_what_the_choice_measures_on(eos_llama_dir, corpus_t
     assert all(tuple(r) in rows for b in task.calibration_batches(model, tok, cfg, 0) for r in b["input_ids"].tolist())
     assert task.step_metric(model, tok, cfg) == metric
 
+    def no_teacher():
+        raise AssertionError("a corpus named by --calibration is read; a resume must not load the teacher for it")
+
+    assert task.prepare_choice(no_teacher, tok, cfg) == {"calibration": info["calibration"]}
+    assert np.allclose(task.drop_one(model, tok, cfg).table["loss_after_drop"].to_numpy(), want)
+
     sampled = _lm_cfg(drop_one_samples=2, calibration="teacher")
     info = task.prepare_teacher(model, tok, sampled, None, 0.0, True, str(eos_llama_dir))
     n = len(token_windows(tok, task.data.validation, 16, 64))

@@ -242,8 +242,9 @@ class CausalLMTask(Task):
                 **self.prepare_choice(lambda: model, tok, step)}
 
     def prepare_choice(self, teacher, tok, step):
-        # each part resets its own state and needs no model when unset (a resume then loads none)
-        model = teacher() if step.guard or step.calibration else None
+        # each part resets its own state and needs no model when unset; a corpus named by --calibration
+        # is read, not sampled, so a resume loads the teacher only for a guard or the teacher's own text
+        model = teacher() if step.guard or step.calibration == TEACHER_TEXT else None
         return {**self._prepare_guard(model, tok, step), **self._prepare_calibration(model, tok, step)}
 
     def check_finish(self, step, finish) -> None:
