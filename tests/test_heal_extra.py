@@ -404,10 +404,19 @@ def test_compress_heals_on_the_teachers_own_text(llama_dir, corpus_txt, tmp_path
             "--signal-samples", "2", "--batch-size", "2", "--strategy", "deepest", "--heal", "full",
             "--heal-mix", "teacher", "--heal-mix-share", "0.5"]
     out = tmp_path / "out"
+    from fusion_prune import lm
+
+    asked, sample = [], lm.sample_windows
+    monkeypatch.setattr(lm, "sample_windows", lambda model, n, *a, **k: asked.append(n) or sample(model, n, *a, **k))
     res = CliRunner().invoke(main, ["compress", "-m", str(with_eos), "-d", str(corpus_txt), "-o", str(out), *args])
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())
     assert "sampling" in r["info"]["peak_memory"] and "from the teacher" in res.output and "general text (teacher)" in res.output
+    # 2 steps of 2 windows read 4 windows: only the teacher's windows among those 4 are sampled, not
+    # as many as the corpus has train windows
+    assert "the steps read at most 4 of the" in res.output and "training on 4 windows" in res.output, res.output
+    assert len(asked) == 1 and asked[0] <= 4, asked
+    monkeypatch.setattr(lm, "sample_windows", sample)
 
     def no_choice(*a, **k):
         raise AssertionError("the choice ran before the tokenizer was refused")

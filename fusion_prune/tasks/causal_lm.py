@@ -470,21 +470,38 @@ class CausalLMTask(Task):
         }
 
     def _mixed(self, teacher, tok, train_w, step, finish):
-        """The healing windows with ``finish.heal_mix``'s train windows (or as many windows the teacher
-        samples, :data:`fusion_prune.lm.TEACHER_TEXT`) as ``heal_mix_share`` of them."""
+        """The healing windows with ``finish.heal_mix``'s train windows (or windows the teacher samples,
+        :data:`fusion_prune.lm.TEACHER_TEXT`) as ``heal_mix_share`` of them; the teacher's text is sampled
+        only for as many windows as the replacement's fit, healing and distillation can read."""
         import contextlib
+
+        import torch
 
         from fusion_prune.corpus import mix_count, mix_windows
         from fusion_prune.lm import general_windows
 
         n = mix_count(len(train_w), finish.heal_mix_share)
         sampled = finish.heal_mix == TEACHER_TEXT
+        heals = finish.heal.method != "none" and finish.heal.steps > 0
+        # Sampling is the costly part (seconds a window on a CPU) and the steps read at most `visit`
+        # windows: a seeded sample of that many positions of the mixed set, corpus and general alike,
+        # is what is built, so only the general windows it holds are sampled. Reading a random part
+        # of a random part of the set is reading a random part of it: the mix's share is unchanged.
+        visit = ((finish.heal.steps if heals else 0) + finish.lm_distill_steps) * finish.heal.batch_size \
+            + (finish.replace_samples or len(train_w) + n if finish.replace != "none" else 0)
+        capped = sampled and visit < len(train_w) + n
+        if capped:
+            pick = torch.randperm(len(train_w) + n, generator=torch.Generator().manual_seed(step.seed))[:visit]
+            log.info("the steps read at most %d of the %d mixed windows: sampling those", visit, len(train_w) + n)
+            train_w, n = train_w[pick[pick < len(train_w)].sort().values], int((pick >= len(train_w)).sum())
         if sampled:
             log.info("sampling %d windows of %d tokens from the teacher (--heal-mix teacher)", n, step.max_length)
         with self.phase("sampling") if sampled else contextlib.nullcontext():
             general = general_windows(finish.heal_mix, teacher, tok, n, step.max_length, seed=step.seed,
                                       progress=step.progress)
-        mixed = mix_windows(train_w, general, finish.heal_mix_share, seed=step.seed)
+        # capped: the sampled windows are already as many as the share asks of what is read
+        mixed = torch.cat([train_w, general]) if capped else mix_windows(train_w, general, finish.heal_mix_share,
+                                                                          seed=step.seed)
         log.info("training on %d windows: %d of them general text (%s)", len(mixed), len(mixed) - len(train_w),
                  finish.heal_mix)
         return mixed
