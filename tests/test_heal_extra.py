@@ -416,7 +416,6 @@ def test_compress_heals_on_the_teachers_own_text(llama_dir, corpus_txt, tmp_path
     # as many as the corpus has train windows
     assert "the steps read at most 4 of the" in res.output and "training on 4 windows" in res.output, res.output
     assert len(asked) == 1 and asked[0] <= 4, asked
-    monkeypatch.setattr(lm, "sample_windows", sample)
 
     def no_choice(*a, **k):
         raise AssertionError("the choice ran before the tokenizer was refused")
