@@ -401,7 +401,7 @@ class CausalLMTask(Task):
         train_w = self.windows(tok, "train", step)
         if finish.heal_mix:  # the replacement's fit and the healing alike (a map fitted on the corpus alone
             # cost more unseen-text perplexity: benchmarks/journal.md, "Linear replacement and general ability")
-            train_w = self._mixed(teacher, tok, train_w, step, finish)
+            train_w = self._mixed(teacher, tok, train_w, step, finish, heals)
         replace_stats, replaced_ppl = None, None
         if finish.replace != "none":
             from fusion_prune.replace import replace_layers
@@ -469,10 +469,10 @@ class CausalLMTask(Task):
             "data": self.data.describe(),
         }
 
-    def _mixed(self, teacher, tok, train_w, step, finish):
+    def _mixed(self, teacher, tok, train_w, step, finish, heals: bool):
         """The healing windows with ``finish.heal_mix``'s train windows (or windows the teacher samples,
         :data:`fusion_prune.lm.TEACHER_TEXT`) as ``heal_mix_share`` of them; the teacher's text is sampled
-        only for as many windows as the replacement's fit, healing and distillation can read."""
+        only for as many windows as the replacement's fit, healing (when ``heals``) and distillation can read."""
         import contextlib
 
         import torch
@@ -482,7 +482,6 @@ class CausalLMTask(Task):
 
         n = mix_count(len(train_w), finish.heal_mix_share)
         sampled = finish.heal_mix == TEACHER_TEXT
-        heals = finish.heal.method != "none" and finish.heal.steps > 0
         # Sampling is the costly part (seconds a window on a CPU) and the steps read at most `visit`
         # windows: a seeded sample of that many positions of the mixed set, corpus and general alike,
         # is what is built, so only the general windows it holds are sampled. Reading a random part
